@@ -1,0 +1,80 @@
+"""CPU templates over KVM_GET_SUPPORTED_CPUID.
+
+`host` passes through what KVM supports.  `minimal` also hides the features
+software KVM (kvm_pvm) cannot emulate in guest kernel mode, so a stock guest
+never uses them (see ../shared/notes/kvm-host.md): CMPXCHG16B, POPCNT, XSAVE
+and everything that needs it (AVX, AVX2, AVX-512, FMA, F16C, AMX, the XSAVE
+leaf 0xD), SMEP and SMAP.  `auto` is `minimal` on software KVM, else `host`.
+"""
+from vmm.kvm.system import software_kvm
+
+TEMPLATES = ("auto", "host", "minimal")
+
+# (leaf, subleaf or None for all, register) -> bits to clear, for `minimal`.
+_b = lambda *bits: sum(1 << b for b in bits)  # noqa: E731
+MINIMAL_MASKS = {
+    # leaf 1 ECX: FMA 12, CX16 13, POPCNT 23, XSAVE 26, OSXSAVE 27, AVX 28, F16C 29
+    (1, None, "ecx"): _b(12, 13, 23, 26, 27, 28, 29),
+    # leaf 7.0 EBX: AVX2 5, SMEP 7, AVX512F 16, DQ 17, SMAP 20, IFMA 21, PF 26,
+    # ER 27, CD 28, BW 30, VL 31
+    (7, 0, "ebx"): _b(5, 7, 16, 17, 20, 21, 26, 27, 28, 30, 31),
+    # leaf 7.0 ECX: AVX512_VBMI 1, VBMI2 6, GFNI 8, VAES 9, VPCLMULQDQ 10, VNNI 11,
+    # BITALG 12, VPOPCNTDQ 14
+    (7, 0, "ecx"): _b(1, 6, 8, 9, 10, 11, 12, 14),
+    # leaf 7.0 EDX: AVX512_4VNNIW 2, 4FMAPS 3, VP2INTERSECT 8, AMX_BF16 22, FP16 23,
+    # AMX_TILE 24, AMX_INT8 25
+    (7, 0, "edx"): _b(2, 3, 8, 22, 23, 24, 25),
+    # leaf 7.1 EAX: AVX_VNNI 4, AVX512_BF16 5
+    (7, 1, "eax"): _b(4, 5),
+    # leaf 0x80000001 ECX: XOP 11, FMA4 16, TBM 21 (AMD's AVX-era extensions)
+    (0x80000001, None, "ecx"): _b(11, 16, 21),
+}
+HIDDEN_LEAVES = {0xD}
+# Measured here: software KVM (kvm_pvm) does not apply KVM_SET_CPUID2 to the
+# guest's CPUID instruction in kernel mode (a guest given a table without
+# XSAVE, SMEP, SMAP or leaf 0xD still enumerated AVX-512 XSAVE state and set
+# CR4.SMEP/SMAP).  So `minimal` also tells Linux itself to leave them alone.
+MINIMAL_CMDLINE = "noxsave clearcpuid=smap,smep,popcnt,cx16"          # XSAVE state enumeration
+HYPERVISOR_BIT = 1 << 31       # leaf 1 ECX: running under a hypervisor
+
+
+class CpuidError(Exception):
+    pass
+
+
+def resolve(template):
+    if template not in TEMPLATES:
+        raise CpuidError(f"unknown CPU template {template!r} (choose from {', '.join(TEMPLATES)})")
+    if template == "auto":
+        return "minimal" if software_kvm() else "host"
+    return template
+
+
+def kernel_args(template):
+    """Kernel command-line parameters a template adds (see MINIMAL_CMDLINE)."""
+    return MINIMAL_CMDLINE if resolve(template) == "minimal" else ""
+
+
+def apply_template(supported, template, cpu_index, cpu_count):
+    """A fresh CPUID table for vCPU `cpu_index` from KVM's supported list."""
+    template = resolve(template)
+    out = []
+    for e in supported:
+        e = dict(e)
+        fn, idx = e["function"], e["index"]
+        if template == "minimal":
+            if fn in HIDDEN_LEAVES:
+                continue
+            for (leaf, sub, reg), mask in MINIMAL_MASKS.items():
+                if leaf == fn and (sub is None or sub == idx):
+                    e[reg] &= ~mask
+        if fn == 1:
+            # EBX[31:24] initial APIC ID, [23:16] logical processors per package.
+            e["ebx"] = (e["ebx"] & 0x0000FFFF) | (cpu_index << 24) | (min(cpu_count, 255) << 16)
+            e["ecx"] |= HYPERVISOR_BIT
+            if cpu_count > 1:
+                e["edx"] |= 1 << 28        # HTT: the count in EBX[23:16] is valid
+        elif fn in (0xB, 0x1F):
+            e["edx"] = cpu_index           # x2APIC ID of this logical processor
+        out.append(e)
+    return out

@@ -1,0 +1,143 @@
+"""Command line: `pyvmm run ...`.  Errors are one line on stderr and a
+non-zero exit status; no tracebacks for bad input."""
+import argparse
+import logging
+import os
+import re
+import sys
+
+from vmm import guest
+from vmm.arch.x86.cpuid import TEMPLATES, CpuidError
+from vmm.arch.x86.loader import KernelError
+from vmm.kvm.system import KvmUnavailable
+from vmm.machine import STATUS, Machine, MachineConfig
+from vmm.memory import GuestMemoryError
+from vmm.native import NativeError
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+STATUS_HELP = """exit status:
+  0    the guest powered off or rebooted, or the quit key was pressed
+  1    pyvmm could not start or run the VM (the reason is printed)
+  2    bad command line
+  3    the guest kernel panicked (pvpanic)
+  4    the guest crashed: triple fault, KVM internal error, entry failure
+  124  --timeout expired
+  130  pyvmm was stopped by SIGINT, SIGTERM or SIGHUP
+
+console: with stdin a terminal it is put in raw mode; type Ctrl-a x to quit,
+Ctrl-a Ctrl-a to send Ctrl-a to the guest."""
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_size(text):
+    """'256M', '1G', '512K' -> bytes; a bare number is MiB (as QEMU's -m)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 256M or 2G)")
+    return int(m.group(1)) << {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"pyvmm: {message}\n")
+
+
+def build_parser():
+    p = Parser(prog="pyvmm", description="A small virtual machine monitor on Linux KVM.",
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STATUS_HELP)
+    p.add_argument("--version", action="version", version="pyvmm 0.1.0")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    r = sub.add_parser("run", help="boot a Linux kernel",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STATUS_HELP,
+                       description="Boot a Linux kernel (bzImage or ELF vmlinux). Without "
+                                   "--kernel, boots the default guest built by `make guest`.")
+    r.add_argument("--kernel", metavar="PATH", help="kernel image: bzImage or ELF vmlinux")
+    r.add_argument("--initrd", metavar="PATH", help="initial ramdisk (cpio archive)")
+    r.add_argument("--cmdline", metavar="STRING",
+                   help=f"kernel command line (default: {guest.DEFAULT_CMDLINE!r}); "
+                        "device parameters such as virtio_mmio.device= are appended")
+    r.add_argument("--mem", metavar="SIZE", type=parse_size, default=256 << 20,
+                   help="guest RAM, e.g. 256M or 2G; a bare number means MiB (default 256M)")
+    r.add_argument("--cpus", metavar="N", type=int, default=1, help="number of vCPUs (default 1)")
+    r.add_argument("--cpu-template", choices=TEMPLATES, default="auto",
+                   help="CPUID template: host passes through KVM's CPUID, minimal hides "
+                        "CX16/POPCNT/XSAVE/SMEP/SMAP, auto picks minimal on software KVM "
+                        "(default auto)")
+    r.add_argument("--serial", metavar="stdio|file:PATH", default="stdio",
+                   help="where the guest's serial console goes (default stdio)")
+    r.add_argument("--timeout", metavar="SECONDS", type=float,
+                   help="stop the guest after this many seconds (exit status 124)")
+    r.add_argument("--debug", action="store_true",
+                   help="log unhandled port/MMIO accesses and VMM internals to stderr")
+    return p
+
+
+def config_from_args(args):
+    kernel, initrd = args.kernel, args.initrd
+    if kernel is None:
+        kernel, default_initrd = guest.default_guest()
+        if not os.path.exists(kernel):
+            raise UsageError("no --kernel given and no default guest built: run `make guest`")
+        initrd = initrd or default_initrd
+    for what, path in (("kernel", kernel), ("initrd", initrd)):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{what} {path}: no such file")
+    serial_out = None
+    if args.serial.startswith("file:"):
+        path = args.serial[5:]
+        try:
+            serial_out = open(path, "wb", buffering=0)
+        except OSError as e:
+            raise UsageError(f"cannot open serial output {path}: {e.strerror}") from None
+    elif args.serial != "stdio":
+        raise UsageError(f"--serial must be stdio or file:PATH, not {args.serial!r}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    return MachineConfig(kernel=kernel, initrd=initrd,
+                         cmdline=args.cmdline if args.cmdline is not None else guest.DEFAULT_CMDLINE,
+                         mem_size=args.mem, cpus=args.cpus, cpu_template=args.cpu_template,
+                         serial_out=serial_out, timeout=args.timeout)
+
+
+def run(args):
+    from vmm import console
+    config = config_from_args(args)
+    machine = Machine(config)
+    try:
+        with console.Console(machine):
+            status = machine.run()
+    finally:
+        machine.close()
+    if machine.stop_reason not in ("poweroff", "reset", "quit") or args.debug:
+        print(f"pyvmm: {machine.stop_message or machine.stop_reason}", file=sys.stderr)
+    return status
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="pyvmm: %(message)s")
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"pyvmm: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (KernelError, KvmUnavailable, CpuidError, GuestMemoryError, NativeError,
+            ValueError, MemoryError, OSError) as e:
+        print(f"pyvmm: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return STATUS["signal"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The serial console's input side: stdin (raw mode when it is a terminal)
+fed to the UART by a thread, with QEMU's escape: Ctrl-a x quits, Ctrl-a
+Ctrl-a sends a literal Ctrl-a."""
+import os
+import select
+import sys
+import termios
+import threading
+import time
+import tty
+
+ESCAPE = 0x01   # Ctrl-a
+QUIT = ord("x")
+
+
+class Console:
+    def __init__(self, machine, fd=None):
+        self.machine = machine
+        self.fd = sys.stdin.fileno() if fd is None else fd
+        self.saved = None
+        self.escape = False
+        self.thread = None
+
+    def __enter__(self):
+        try:
+            os.fstat(self.fd)
+        except OSError:
+            return self                      # no stdin at all (CI): output only
+        if os.isatty(self.fd):
+            self.saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd)
+        self.thread = threading.Thread(target=self._pump, name="console", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+        return False
+
+    def filter(self, data):
+        """Apply the escape sequence; returns the bytes for the guest."""
+        out = bytearray()
+        for b in data:
+            if self.escape:
+                self.escape = False
+                if b == QUIT:
+                    self.machine.stop("quit", "quit key")
+                    break
+                if b == ESCAPE:
+                    out.append(b)
+                continue
+            if b == ESCAPE and self.saved is not None:
+                self.escape = True
+                continue
+            out.append(b)
+        return bytes(out)
+
+    def _pump(self):
+        serial = self.machine.serial
+        while not self.machine.stopping:
+            r, _, _ = select.select([self.fd], [], [], 0.2)
+            if not r:
+                continue
+            try:
+                data = os.read(self.fd, 64)
+            except OSError:
+                return
+            if not data:
+                return                       # EOF: nothing more to send
+            data = self.filter(data)
+            while data and not self.machine.stopping:
+                room = serial.rx_space()
+                if room:
+                    serial.receive(data[:room])
+                    data = data[room:]
+                else:
+                    time.sleep(0.01)         # the guest has not drained its FIFO yet

@@ -1,0 +1,15 @@
+"""Where the default guest built by `make guest` (guests/build.sh) lives."""
+import os
+
+DEFAULT_CMDLINE = ("console=ttyS0 reboot=k panic=-1 pvpanic_mmio.ioport=0x505 "
+                   "8250.nr_uarts=1 i8042.noaux i8042.nokbd nopti")
+
+
+def cache_dir():
+    return os.environ.get("PYVMM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pyvmm")
+
+
+def default_guest():
+    """(kernel, initrd) paths of the current default guest build."""
+    d = os.path.join(cache_dir(), "guest")
+    return os.path.join(d, "vmlinux"), os.path.join(d, "initramfs.cpio")

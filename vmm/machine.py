@@ -1,0 +1,185 @@
+"""A VM built from a MachineConfig: memory, vCPUs, boot state, devices and the
+run loop.  `Machine(config).run()` returns the exit status (see STATUS)."""
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from vmm.arch.x86 import boot, cpuid, layout, loader, mptable, regs
+from vmm.bus import Bus
+from vmm.hw.i8042 import DATA_PORT, I8042
+from vmm.hw.pvpanic import PVPANIC_PORT, PvPanic
+from vmm.hw.serial import COM1_IRQ, COM1_PORT, Serial
+from vmm.kvm.system import Kvm
+from vmm.kvm.vcpu import Vcpu
+from vmm.kvm.vm import Vm
+from vmm.memory import GuestMemory
+from vmm.vcpu_thread import VcpuThread, install_kick_handler
+
+log = logging.getLogger("pyvmm")
+
+# Exit status of `pyvmm run` for each way a machine stops.
+STATUS = {
+    "poweroff": 0,   # guest powered off (halted with interrupts off, or system event)
+    "reset": 0,      # guest rebooted (i8042 reset, reboot=k)
+    "quit": 0,       # the user pressed the quit key
+    "error": 1,      # VMM error while running
+    "panic": 3,      # guest kernel panic (pvpanic)
+    "crash": 4,      # triple fault, KVM internal error or entry failure
+    "timeout": 124,  # --timeout expired (as timeout(1))
+    "signal": 130,   # SIGINT/SIGTERM/SIGHUP to the VMM
+}
+
+POWER_OFF_POLL = 0.5  # seconds between checks for all vCPUs halted with IF=0
+
+
+@dataclass
+class MachineConfig:
+    kernel: str
+    initrd: Optional[str] = None
+    cmdline: str = "console=ttyS0"
+    mem_size: int = 256 << 20
+    cpus: int = 1
+    cpu_template: str = "auto"
+    serial_out: Optional[object] = None      # binary file object; None = stdout
+    serial_in: Optional[int] = None          # fd to read console input from
+    timeout: Optional[float] = None
+    devices: List[object] = field(default_factory=list)
+
+
+class Machine:
+    def __init__(self, config):
+        self.config = config
+        self.stopping = False
+        self.stop_reason = None
+        self.stop_message = ""
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self.kvm = self.vm = self.memory = None
+        self.vcpus, self.threads = [], []
+        self.t_start = time.monotonic()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction --------------------------------------------------------
+    def _build(self):
+        c = self.config
+        if not 1 <= c.cpus <= mptable.MAX_CPUS:
+            raise ValueError(f"--cpus must be between 1 and {mptable.MAX_CPUS}")
+        template = cpuid.resolve(c.cpu_template)
+        self.memory = GuestMemory(c.mem_size)
+        kernel = loader.load_kernel(c.kernel, self.memory)
+        initrd = boot.load_initrd(c.initrd, self.memory, kernel) if c.initrd else None
+        self.kernel_image = kernel
+
+        self.kvm = Kvm()
+        self.vm = Vm(self.kvm)
+        self.vm.setup_platform()
+        self.vm.add_memory(self.memory)
+
+        self._add_legacy_devices()
+        cmdline = " ".join(filter(None, [c.cmdline, cpuid.kernel_args(template)]))
+        for dev in c.devices:          # devices may extend the command line
+            cmdline = dev.attach(self, cmdline) or cmdline
+        self.cmdline = cmdline
+        zero_page = boot.write_zero_page(self.memory, kernel, cmdline, initrd)
+        mptable.write(self.memory, c.cpus)
+        regs.write_gdt(self.memory)
+        regs.write_page_tables(self.memory)
+
+        supported = self.kvm.supported_cpuid()
+        for i in range(c.cpus):
+            vcpu = Vcpu(self.vm, i)
+            self.vcpus.append(vcpu)
+            vcpu.set_cpuid(cpuid.apply_template(supported, template, i, c.cpus))
+            vcpu.set_msrs(regs.boot_msrs())
+            regs.setup_lapic(vcpu)
+            if i == 0:   # APs wait for INIT/SIPI from the guest via the in-kernel LAPIC
+                regs.setup_sregs(vcpu)
+                regs.setup_regs(vcpu, kernel.entry, zero_page)
+                regs.setup_fpu(vcpu)
+
+    def _add_legacy_devices(self):
+        c = self.config
+        out = c.serial_out if c.serial_out is not None else os.fdopen(os.dup(1), "wb", buffering=0)
+        self._serial_out = out
+        self.serial = Serial(out, irq=lambda level: self.vm.set_irq_line(COM1_IRQ, level))
+        self.pio_bus.register(COM1_PORT, 8, self.serial)
+        self.pio_bus.register(DATA_PORT, 5, I8042(lambda: self.stop("reset", "guest reset (i8042)")))
+        self.pio_bus.register(PVPANIC_PORT, 1, PvPanic(
+            lambda ev: self.stop("panic", f"guest kernel panic (pvpanic event 0x{ev:x})")))
+
+    # -- stopping ------------------------------------------------------------
+    def stop(self, reason, message=""):
+        """First reason wins; later ones (a reset after a panic) are ignored."""
+        with self._lock:
+            if self.stop_reason is None:
+                self.stop_reason, self.stop_message = reason, message
+            self.stopping = True
+        self._stop_event.set()
+
+    def check_power_off(self):
+        if self.threads and all(t.halted_with_irqs_off for t in self.threads):
+            self.stop("poweroff", "guest halted with interrupts off (power off)")
+
+    # -- running -------------------------------------------------------------
+    def run(self):
+        """Run until the guest stops; returns the exit status."""
+        install_kick_handler()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            for vcpu in self.vcpus:
+                t = VcpuThread(self, vcpu)
+                self.threads.append(t)
+            for t in self.threads:
+                t.start()
+            deadline = None if self.config.timeout is None else time.monotonic() + self.config.timeout
+            while not self._stop_event.wait(POWER_OFF_POLL):
+                if deadline is not None and time.monotonic() > deadline:
+                    self.stop("timeout", f"timeout after {self.config.timeout:g} s")
+                    break
+                for t in self.threads:   # let each vCPU look at its halt state
+                    t.kick()
+        finally:
+            self.stopping = True
+            for t in self.threads:
+                t.kick()
+            for t in self.threads:
+                t.join(timeout=5)
+            for s, h in old.items():
+                signal.signal(s, h)
+        return STATUS[self.stop_reason or "error"]
+
+    def _on_signal(self, signum, frame):
+        self.stop("signal", f"stopped by {signal.Signals(signum).name}")
+
+    def close(self):
+        """Release everything; safe to call more than once and after errors."""
+        for dev in self.config.devices:
+            try:
+                dev.close()
+            except Exception:
+                log.exception("closing %s", dev)
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus = []
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.kvm is not None:
+            self.kvm.close()
+            self.kvm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+
+__all__ = ["Machine", "MachineConfig", "STATUS", "layout"]

@@ -1,0 +1,19 @@
+"""virtio 1.1: device contract, split virtqueues, virtio-mmio, virtio-blk.
+
+Wiring a disk into a VM (see VirtioMmio's docstring):
+
+    loop = IoLoop(); loop.start()
+    dev = BlkDevice(path, readonly=False, serial=None)
+    t = VirtioMmio(dev, mem, irq=irqfd, register_ioeventfd=cb, ioloop=loop)
+    bus.register(base, VirtioMmio.WINDOW, t)
+    ...
+    loop.stop(); t.close(); loop.close()
+"""
+from vmm.virtio.blk import BlkDevice, BlkError
+from vmm.virtio.device import VirtioDevice, VirtioError
+from vmm.virtio.ioloop import IoLoop
+from vmm.virtio.mmio import VirtioMmio
+from vmm.virtio.queue import QueueError, Virtqueue
+
+__all__ = ["BlkDevice", "BlkError", "IoLoop", "QueueError", "VirtioDevice", "VirtioError",
+           "VirtioMmio", "Virtqueue"]

@@ -1,0 +1,110 @@
+"""One epoll thread that services eventfds (KVM ioeventfds for QueueNotify,
+§4.2.3.3), so a queue kick never returns to Python on a vCPU thread.
+
+    loop = IoLoop(); loop.start()
+    loop.add(fd, callback)   # callback() runs on the loop thread when fd is readable
+    ...
+    loop.stop(); loop.close()
+
+Handlers must drain their fd (drain_eventfd); an exception in a handler is
+logged and the loop keeps running.
+"""
+import logging
+import os
+import select
+import threading
+
+log = logging.getLogger("pyvmm.virtio.io")
+
+
+def drain_eventfd(fd):
+    """Read (reset) an EFD_NONBLOCK eventfd; returns its counter (0 if none)."""
+    try:
+        return int.from_bytes(os.read(fd, 8), "little")
+    except BlockingIOError:
+        return 0
+
+
+def signal_eventfd(fd):
+    os.write(fd, (1).to_bytes(8, "little"))
+
+
+class IoLoop:
+    def __init__(self, name="pyvmm-io"):
+        self.name = name
+        self._ep = select.epoll()
+        self._handlers = {}
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._wake, select.EPOLLIN)
+        self._thread = None
+        self._stop = False
+        self.errors = 0      # handler exceptions seen (logged)
+
+    @property
+    def running(self):
+        return self._thread is not None and self._thread.is_alive()
+
+    def add(self, fd, callback):
+        if fd in self._handlers:
+            raise ValueError(f"fd {fd} is already in the I/O loop")
+        self._handlers[fd] = callback
+        self._ep.register(fd, select.EPOLLIN)
+
+    def remove(self, fd):
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def start(self):
+        if self.running:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout=5.0):
+        """Stop the thread after the handler in progress (if any) returns."""
+        if self._thread is None:
+            return
+        self._stop = True
+        signal_eventfd(self._wake)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise RuntimeError(f"{self.name}: I/O thread did not stop in {timeout} s")
+        self._thread = None
+        drain_eventfd(self._wake)
+
+    def close(self):
+        self.stop()
+        if self._ep is not None:
+            self._ep.close()
+            os.close(self._wake)
+            self._ep = None
+            self._handlers.clear()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _run(self):
+        while not self._stop:
+            try:
+                events = self._ep.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == self._wake or self._stop:
+                    continue
+                handler = self._handlers.get(fd)
+                if handler is None:
+                    continue
+                try:
+                    handler()
+                except Exception:
+                    self.errors += 1
+                    log.exception("%s: handler for fd %d failed", self.name, fd)
