@@ -1,4 +1,5 @@
 """One KVM vCPU: its mmap'd kvm_run, register access, and KVM_RUN."""
+import errno
 import mmap
 import os
 
@@ -22,7 +23,9 @@ class Vcpu:
         """KVM_RUN once; returns the exit reason, or KVM_EXIT_INTR when a
         signal interrupted it (how other threads kick a vCPU)."""
         r = lib.pv_ioctl_val(self.fd, lib.KVM_RUN, 0)
-        if r == -4:  # EINTR
+        # EINTR: a signal kicked us.  EAGAIN: an AP still waiting for
+        # INIT/SIPI woke up without starting; both mean "look around, re-run".
+        if r == -errno.EINTR or r == -errno.EAGAIN:
             return lib.KVM_EXIT_INTR
         check(r, "KVM_RUN")
         return self.run_struct.exit_reason

@@ -278,7 +278,7 @@ class VirtioMmio(vd.Interrupt):
                 self.reset()
                 return
             old = self.status & ~vd.DEVICE_NEEDS_RESET
-            value &= 0xFF
+            value &= 0xFF & ~vd.DEVICE_NEEDS_RESET      # only the device sets it
             if old & ~value:
                 log.warning("virtio-mmio: driver tried to clear status bits (0x%x -> 0x%x)", old, value)
                 return

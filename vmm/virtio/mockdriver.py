@@ -32,6 +32,8 @@ class DriverQueue:
         self.avail_idx = 0
         self.last_used = 0
         self.chains = {}              # head -> descriptor indexes to free
+        self.auto_used_event = True
+        self.event_idx = bool(drv.features >> vd.VIRTIO_F_RING_EVENT_IDX & 1)
 
     def write_desc(self, i, addr, length, flags=0, nxt=0, table=None):
         base = self.desc if table is None else table
@@ -79,7 +81,8 @@ class DriverQueue:
         return self.mem.read_int(self.used + 2, 2)
 
     def get_used(self):
-        """New used elements [(id, len)], freeing their descriptors."""
+        """New used elements [(id, len)], freeing their descriptors; with
+        EVENT_IDX, asks for an interrupt at the next one (as Linux does)."""
         out = []
         idx = self.used_idx
         while self.last_used != idx:
@@ -88,6 +91,8 @@ class DriverQueue:
             self.free.extend(self.chains.pop(head, []))
             out.append((head, length))
             self.last_used = (self.last_used + 1) & 0xFFFF
+        if self.event_idx and self.auto_used_event:
+            self.set_used_event(self.last_used)
         return out
 
     # §2.6.7 notification suppression fields

@@ -2,7 +2,7 @@
 follows the Linux boot protocol's "safe" areas and Firecracker's choices)."""
 
 GDT_ADDR = 0x500          # boot GDT (4 entries)
-IDT_ADDR = 0x520          # empty IDT until the kernel loads its own
+IDT_ADDR = 0x540          # empty IDT until the kernel loads its own (after the GDT)
 ZERO_PAGE = 0x7000        # struct boot_params ("zero page")
 BOOT_STACK = 0x8FF0       # initial RSP/RBP
 PML4_ADDR = 0x9000        # identity page tables: PML4, PDPT, 4 page directories

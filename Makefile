@@ -1,0 +1,36 @@
+# pyvmm: `make run` sets up and boots the default guest; `make test` runs the tests.
+PYTHON ?= python3
+APT_PACKAGES = build-essential python3-dev linux-libc-dev linux-source-6.1 busybox-static \
+               flex bison bc libelf-dev libssl-dev cpio file e2fsprogs iproute2 xz-utils
+
+.PHONY: setup deps install guest run test unit bench clean
+
+setup: deps install guest
+
+deps:
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+install:
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+guest:
+	bash guests/build.sh
+
+run: setup
+	$(PYTHON) -m vmm run
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+unit: install
+	$(PYTHON) -m pytest -q tests/unit tests/native
+
+bench: setup
+	$(PYTHON) -m bench
+
+clean:
+	rm -rf build *.egg-info vmm/_native*.so vmm/_native.c

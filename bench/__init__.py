@@ -1,0 +1,1 @@
+"""Benchmarks (figures, not asserts): python -m bench.<name>."""
