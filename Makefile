@@ -1,6 +1,10 @@
 # pyvmm: `make run` sets up and boots the default guest; `make test` runs the tests.
-PYTHON ?= python3
-APT_PACKAGES = build-essential python3-dev linux-libc-dev linux-source-6.1 busybox-static \
+# Python runs from a virtualenv in .venv (Debian 12's system Python refuses
+# `pip install` outside one).
+SYSTEM_PYTHON ?= python3
+VENV ?= .venv
+PYTHON = $(VENV)/bin/python
+APT_PACKAGES = build-essential python3-dev python3-venv linux-libc-dev linux-source-6.1 busybox-static \
                flex bison bc libelf-dev libssl-dev cpio file e2fsprogs iproute2 xz-utils
 
 .PHONY: setup deps install guest run test unit bench clean
@@ -14,7 +18,10 @@ deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-install:
+$(PYTHON):
+	$(SYSTEM_PYTHON) -m venv $(VENV)
+
+install: $(PYTHON)
 	$(PYTHON) -m pip install -q -e '.[test]'
 
 guest:
@@ -33,4 +40,4 @@ bench: setup
 	$(PYTHON) -m bench
 
 clean:
-	rm -rf build *.egg-info vmm/_native*.so vmm/_native.c
+	rm -rf $(VENV) build *.egg-info vmm/_native*.so vmm/_native.c

@@ -33,7 +33,7 @@ STATUS = {
     "signal": 130,   # SIGINT/SIGTERM/SIGHUP to the VMM
 }
 
-POWER_OFF_POLL = 0.5  # seconds between checks for all vCPUs halted with IF=0
+POWER_OFF_POLL = 0.25 # seconds between checks for all vCPUs halted with IF=0
 
 
 @dataclass

@@ -3,7 +3,7 @@ MMIO/PCI hole below 4 GiB, readable from Python (numpy) and from C (host
 addresses).  Every access is range-checked against the slots: a guest-provided
 address never reaches memory the guest does not own.
 """
-import numpy as np
+import functools
 
 from vmm.native import ffi, lib
 
@@ -27,7 +27,8 @@ class GuestMemory:
     """Guest RAM of `size` bytes.
 
     `regions` is a list of (gpa, size, host_offset) tuples, one per KVM slot.
-    `array` is a numpy uint8 view of the whole host mapping.
+    `array` is a numpy uint8 view of the whole host mapping (numpy is imported
+    on first use: it costs ~45 ms of VMM start-up that booting does not need).
     """
 
     def __init__(self, size):
@@ -41,15 +42,21 @@ class GuestMemory:
             raise MemoryError(f"cannot map {size} bytes of guest memory")
         self._ptr = ptr
         self.host_base = int(ffi.cast("uintptr_t", ptr))
-        self.array = np.frombuffer(ffi.buffer(ptr, size), dtype=np.uint8)
+        self._mv = memoryview(ffi.buffer(ptr, size))
         low = min(size, MMIO_HOLE_START)
         self.regions = [(0, low, 0)]
         if size > low:
             self.regions.append((MMIO_HOLE_END, size - low, low))
 
+    @functools.cached_property
+    def array(self):
+        import numpy as np
+        return np.frombuffer(self._mv, dtype=np.uint8)
+
     def close(self):
         if self._ptr is not None:
-            self.array = None
+            self.__dict__.pop("array", None)
+            self._mv.release()
             lib.pv_free_ram(self._ptr, self.size)
             self._ptr = None
 
@@ -75,14 +82,20 @@ class GuestMemory:
         return self.array[off:off + length]
 
     def read(self, gpa, length):
-        return self.view(gpa, length).tobytes()
+        off = self.offset(gpa, length)
+        return bytes(self._mv[off:off + length])
 
     def write(self, gpa, data):
-        data = bytes(data)
-        self.view(gpa, len(data))[:] = np.frombuffer(data, dtype=np.uint8)
+        data = memoryview(data).cast("B")
+        off = self.offset(gpa, len(data))
+        self._mv[off:off + len(data)] = data
+
+    def fill(self, gpa, length, byte=0):
+        off = self.offset(gpa, length)
+        self._mv[off:off + length] = bytes([byte]) * length
 
     def read_int(self, gpa, size):
-        return int.from_bytes(self.view(gpa, size).tobytes(), "little")
+        return int.from_bytes(self.read(gpa, size), "little")
 
     def write_int(self, gpa, value, size):
         self.write(gpa, int(value).to_bytes(size, "little"))

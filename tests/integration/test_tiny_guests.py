@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-import tinyguest as T
+import vmm.tinyguest as T
 from vmm.machine import STATUS
 
 pytestmark = pytest.mark.usefixtures("needs_kvm")

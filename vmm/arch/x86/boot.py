@@ -67,7 +67,7 @@ def write_cmdline(memory, cmdline, kernel):
 def write_zero_page(memory, kernel, cmdline, initrd=None):
     """Fill struct boot_params at ZERO_PAGE; returns its address (for RSI)."""
     size = ffi.sizeof("struct boot_params")
-    memory.view(L.ZERO_PAGE, size)[:] = 0
+    memory.fill(L.ZERO_PAGE, size)
     bp = ffi.cast("struct boot_params *", memory.host_addr(L.ZERO_PAGE, size))
     hdr = bp.hdr
     if kernel.setup_header:

@@ -123,6 +123,6 @@ def _load_elf(path, data, memory):
         raise KernelError(f"{path}: ELF entry point 0x{e_entry:x} is outside the image")
     for paddr, payload, memsz in segments:
         memory.write(paddr, payload)
-        memory.view(paddr + len(payload), memsz - len(payload))[:] = 0
+        memory.fill(paddr + len(payload), memsz - len(payload))
     return KernelImage(kind="elf", entry=e_entry, start=start, end=end, setup_header=b"",
                        initrd_addr_max=0x7FFFFFFF, cmdline_max=2048)

@@ -1,0 +1,77 @@
+"""Helpers shared by the benchmarks: repeated timing with min/median/max,
+spawning a VMM and waiting for a marker on its console, QEMU command lines."""
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+QEMU = "qemu-system-x86_64"
+
+
+def stats(samples):
+    return {"min": min(samples), "median": statistics.median(samples), "max": max(samples),
+            "n": len(samples)}
+
+
+def fmt(s, unit="", scale=1.0, digits=3):
+    return (f"{s['min'] * scale:.{digits}g} / {s['median'] * scale:.{digits}g} / "
+            f"{s['max'] * scale:.{digits}g}{unit}")
+
+
+def have_qemu():
+    return shutil.which(QEMU) is not None
+
+
+def qemu_cmd(kernel, initrd=None, cmdline=None, mem="256M"):
+    cmd = [QEMU, "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities",
+           "-m", mem, "-nographic", "-nodefaults", "-serial", "stdio", "-no-reboot",
+           "-kernel", kernel]
+    if initrd:
+        cmd += ["-initrd", initrd]
+    if cmdline:
+        cmd += ["-append", cmdline]
+    return cmd
+
+
+def pyvmm_cmd(kernel, initrd=None, cmdline=None, mem="256M"):
+    cmd = [sys.executable, "-m", "vmm", "run", "--kernel", kernel, "--mem", mem]
+    if initrd:
+        cmd += ["--initrd", initrd]
+    if cmdline is not None:
+        cmd += ["--cmdline", cmdline]
+    return cmd
+
+
+def time_to_marker(cmd, marker, timeout):
+    """Seconds from spawning `cmd` until `marker` (bytes) appears on its
+    stdout; the process is killed afterwards.  None on timeout."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         stdin=subprocess.DEVNULL)
+    buf = b""
+    try:
+        os.set_blocking(p.stdout.fileno(), True)
+        while time.monotonic() - t0 < timeout:
+            chunk = os.read(p.stdout.fileno(), 4096)
+            if not chunk:
+                return None
+            buf += chunk
+            if marker in buf:
+                return time.monotonic() - t0
+            buf = buf[-len(marker):] if len(buf) > 65536 else buf
+        return None
+    finally:
+        p.kill()
+        p.wait()
+
+
+def save(name, data):
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    return path
