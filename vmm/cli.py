@@ -9,6 +9,7 @@ import sys
 from vmm import guest
 from vmm.arch.x86.cpuid import TEMPLATES, CpuidError
 from vmm.arch.x86.loader import KernelError
+from vmm.devices import DeviceSpecError, DriveSpec
 from vmm.kvm.system import KvmUnavailable
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.memory import GuestMemoryError
@@ -72,6 +73,11 @@ def build_parser():
                    help="where the guest's serial console goes (default stdio)")
     r.add_argument("--timeout", metavar="SECONDS", type=float,
                    help="stop the guest after this many seconds (exit status 124)")
+    r.add_argument("--drive", metavar="file=PATH[,readonly=on][,serial=S][,transport=mmio]",
+                   action="append", default=[],
+                   help="a virtio-blk disk backed by a raw image file (repeatable; the first "
+                        "is /dev/vda); the image is locked against a second VMM and flushed "
+                        "and closed on every exit")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
     return p
@@ -98,7 +104,8 @@ def config_from_args(args):
         raise UsageError(f"--serial must be stdio or file:PATH, not {args.serial!r}")
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be positive")
-    return MachineConfig(kernel=kernel, initrd=initrd,
+    devices = [DriveSpec(d) for d in args.drive]
+    return MachineConfig(kernel=kernel, initrd=initrd, devices=devices,
                          cmdline=args.cmdline if args.cmdline is not None else guest.DEFAULT_CMDLINE,
                          mem_size=args.mem, cpus=args.cpus, cpu_template=args.cpu_template,
                          serial_out=serial_out, timeout=args.timeout)
@@ -128,7 +135,7 @@ def main(argv=None):
                         format="pyvmm: %(message)s")
     try:
         return run(args)
-    except UsageError as e:
+    except (UsageError, DeviceSpecError) as e:
         print(f"pyvmm: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (KernelError, KvmUnavailable, CpuidError, GuestMemoryError, NativeError,
@@ -137,6 +144,12 @@ def main(argv=None):
         return EXIT_ERROR
     except KeyboardInterrupt:
         return STATUS["signal"]
+    except Exception as e:
+        from vmm.virtio.device import VirtioError   # imported late: start-up cost
+        if isinstance(e, VirtioError):
+            print(f"pyvmm: {e}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
 
 
 if __name__ == "__main__":

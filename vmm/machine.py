@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from vmm.arch.x86 import boot, cpuid, layout, loader, mptable, regs
 from vmm.bus import Bus
+from vmm.devices import Slots
 from vmm.hw.i8042 import DATA_PORT, I8042
 from vmm.hw.pvpanic import PVPANIC_PORT, PvPanic
 from vmm.hw.serial import COM1_IRQ, COM1_PORT, Serial
@@ -62,6 +63,10 @@ class Machine:
         self.mmio_bus = Bus("mmio")
         self.kvm = self.vm = self.memory = None
         self.vcpus, self.threads = [], []
+        self.slots = Slots()
+        self._ioloop = None
+        self._attached = []
+        self.pci_irqs = []      # (device number, pin, IOAPIC pin) for the MP table
         self.t_start = time.monotonic()
         try:
             self._build()
@@ -88,10 +93,11 @@ class Machine:
         self._add_legacy_devices()
         cmdline = " ".join(filter(None, [c.cmdline, cpuid.kernel_args(template)]))
         for dev in c.devices:          # devices may extend the command line
+            self._attached.append(dev)
             cmdline = dev.attach(self, cmdline) or cmdline
         self.cmdline = cmdline
         zero_page = boot.write_zero_page(self.memory, kernel, cmdline, initrd)
-        mptable.write(self.memory, c.cpus)
+        mptable.write(self.memory, c.cpus, pci_irqs=self.pci_irqs)
         regs.write_gdt(self.memory)
         regs.write_page_tables(self.memory)
 
@@ -116,6 +122,14 @@ class Machine:
         self.pio_bus.register(DATA_PORT, 5, I8042(lambda: self.stop("reset", "guest reset (i8042)")))
         self.pio_bus.register(PVPANIC_PORT, 1, PvPanic(
             lambda ev: self.stop("panic", f"guest kernel panic (pvpanic event 0x{ev:x})")))
+
+    def ioloop(self):
+        """The I/O thread servicing device eventfds (created on first use)."""
+        if self._ioloop is None:
+            from vmm.virtio import IoLoop
+            self._ioloop = IoLoop()
+            self._ioloop.start()
+        return self._ioloop
 
     # -- stopping ------------------------------------------------------------
     def stop(self, reason, message=""):
@@ -163,11 +177,17 @@ class Machine:
 
     def close(self):
         """Release everything; safe to call more than once and after errors."""
-        for dev in self.config.devices:
+        if self._ioloop is not None:
+            self._ioloop.stop()
+        for dev in self._attached:      # flush and close disk images first
             try:
                 dev.close()
-            except Exception:
-                log.exception("closing %s", dev)
+            except Exception as e:
+                log.error("closing %s: %s", dev, e)
+        self._attached = []
+        if self._ioloop is not None:
+            self._ioloop.close()
+            self._ioloop = None
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus = []

@@ -1,0 +1,120 @@
+"""Command-line device specs and how they attach to a Machine.
+
+`--drive file=PATH[,readonly=on][,serial=S][,transport=mmio]` becomes a
+DriveSpec; `attach()` opens the device, puts its transport window on the
+MMIO bus, wires its interrupt as a KVM irqfd and its queue notifications as
+KVM ioeventfds, and returns the kernel parameter that announces it.
+"""
+import os
+
+from vmm.arch.x86 import layout as L
+
+# ISA IRQs free for devices (4 is COM1; 1, 8, 12 and 13 are taken on a PC),
+# in the order kvmtool and Firecracker hand them out.
+DEVICE_IRQS = (5, 6, 7, 9, 10, 11, 14, 15, 3)
+TRANSPORTS = ("mmio",)
+
+
+class DeviceSpecError(ValueError):
+    pass
+
+
+def parse_options(text, what, known):
+    """'k=v,k=v' -> dict, rejecting unknown keys and repeats."""
+    opts = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise DeviceSpecError(f"{what}: expected key=value, got {part!r}")
+        if key not in known:
+            raise DeviceSpecError(f"{what}: unknown option {key!r} (known: {', '.join(known)})")
+        if key in opts:
+            raise DeviceSpecError(f"{what}: {key} given twice")
+        opts[key] = value
+    return opts
+
+
+def parse_bool(value, what):
+    if value in ("on", "yes", "true", "1"):
+        return True
+    if value in ("off", "no", "false", "0"):
+        return False
+    raise DeviceSpecError(f"{what}: expected on or off, got {value!r}")
+
+
+class Slots:
+    """MMIO windows and IRQ lines handed out to devices in order."""
+
+    def __init__(self):
+        self.next_window = 0
+        self.next_irq = 0
+
+    def take_irq(self):
+        if self.next_irq >= len(DEVICE_IRQS):
+            raise DeviceSpecError(f"too many devices (at most {len(DEVICE_IRQS)})")
+        self.next_irq += 1
+        return DEVICE_IRQS[self.next_irq - 1]
+
+    def take(self):
+        """(window base, irq) for a virtio-mmio device."""
+        irq = self.take_irq()
+        base = L.VIRTIO_MMIO_BASE + self.next_window * L.VIRTIO_MMIO_SIZE
+        self.next_window += 1
+        return base, irq
+
+
+class VirtioMmioAttachment:
+    """Shared wiring for every virtio device on the mmio transport."""
+
+    def __init__(self):
+        self.transport = None
+        self._irq_fd = None
+
+    def open_device(self):
+        raise NotImplementedError
+
+    def attach(self, machine, cmdline):
+        from vmm.virtio import VirtioMmio
+        device = self.open_device()
+        base, irq = machine.slots.take()
+        vm = machine.vm
+        self._irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        vm.irqfd(self._irq_fd, irq)
+        self.transport = VirtioMmio(
+            device, machine.memory, irq=self._irq_fd, ioloop=machine.ioloop(),
+            register_ioeventfd=lambda fd, off, n, dm: vm.ioeventfd(fd, base + off, n, datamatch=dm))
+        machine.mmio_bus.register(base, VirtioMmio.WINDOW, self.transport)
+        return f"{cmdline} {VirtioMmio.cmdline(base, irq)}"
+
+    def close(self):
+        if self.transport is not None:
+            self.transport.close()          # flushes and closes the backend
+            self.transport = None
+        if self._irq_fd is not None:
+            os.close(self._irq_fd)
+            self._irq_fd = None
+
+
+class DriveSpec(VirtioMmioAttachment):
+    KEYS = ("file", "readonly", "serial", "transport")
+
+    def __init__(self, text):
+        super().__init__()
+        opts = parse_options(text, "--drive", self.KEYS)
+        if "file" not in opts:
+            raise DeviceSpecError("--drive: file=PATH is required")
+        self.path = opts["file"]
+        self.readonly = parse_bool(opts.get("readonly", "off"), "--drive readonly")
+        self.serial = opts.get("serial")
+        if self.serial is not None and len(self.serial.encode()) > 20:
+            raise DeviceSpecError("--drive: serial is at most 20 bytes (virtio-blk GET_ID)")
+        self.transport_name = opts.get("transport", "mmio")
+        if self.transport_name not in TRANSPORTS:
+            raise DeviceSpecError(f"--drive: unknown transport {self.transport_name!r} "
+                                  f"(available: {', '.join(TRANSPORTS)})")
+        if not os.path.isfile(self.path):
+            raise DeviceSpecError(f"--drive: disk image {self.path}: no such file")
+
+    def open_device(self):
+        from vmm.virtio import BlkDevice
+        return BlkDevice(self.path, readonly=self.readonly, serial=self.serial)
