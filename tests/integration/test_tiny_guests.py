@@ -78,3 +78,28 @@ def test_smp_vcpus_created(tmp_path):
     rc, out, err = boot(tmp_path, T.serial_text("smp") + T.CLI_HLT, "--cpus", "4")
     # APs wait for INIT/SIPI (never sent here) and count as halted.
     assert (rc, out) == (0, b"smp"), err
+
+
+def test_sigterm_stops_cleanly_and_releases_the_disk(tmp_path):
+    import fcntl
+    import signal
+    import time
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    k = T.make_elf(T.serial_text("up\n") + b"\xeb\xfe", str(tmp_path / "spin.elf"))
+    p = subprocess.Popen([sys.executable, "-m", "vmm", "run", "--kernel", k, "--mem", "32M",
+                          "--drive", f"file={img}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline() == b"up\n"
+        with open(img, "rb") as f:             # the VMM holds the image lock
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == STATUS["signal"]
+        assert b"SIGTERM" in p.stderr.read()
+        with open(img, "rb") as f:             # ... and released it on the way out
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        p.kill()
+        p.wait()

@@ -21,7 +21,7 @@ BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 INIT = """#!/bin/sh
 mount -t proc proc /proc
 echo "disk-root: init running"
-grep vda /proc/mounts
+cat /proc/mounts
 echo "written by the guest" > /written-by-guest
 sync
 echo "disk-root: done"
