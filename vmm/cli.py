@@ -9,7 +9,7 @@ import sys
 from vmm import guest
 from vmm.arch.x86.cpuid import TEMPLATES, CpuidError
 from vmm.arch.x86.loader import KernelError
-from vmm.devices import DeviceSpecError, DriveSpec
+from vmm.devices import DeviceSpecError, DriveSpec, NetSpec
 from vmm.kvm.system import KvmUnavailable
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.memory import GuestMemoryError
@@ -78,6 +78,11 @@ def build_parser():
                    help="a virtio-blk disk backed by a raw image file (repeatable; the first "
                         "is /dev/vda); the image is locked against a second VMM and flushed "
                         "and closed on every exit")
+    r.add_argument("--net", metavar="tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=mmio]",
+                   action="append", default=[],
+                   help="a virtio-net NIC on a tap interface (repeatable; the first is eth0); "
+                        "the tap is created if absent and then removed on exit; nothing is "
+                        "configured on the host side")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
     return p
@@ -104,7 +109,7 @@ def config_from_args(args):
         raise UsageError(f"--serial must be stdio or file:PATH, not {args.serial!r}")
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be positive")
-    devices = [DriveSpec(d) for d in args.drive]
+    devices = [DriveSpec(d) for d in args.drive] + [NetSpec(n) for n in args.net]
     return MachineConfig(kernel=kernel, initrd=initrd, devices=devices,
                          cmdline=args.cmdline if args.cmdline is not None else guest.DEFAULT_CMDLINE,
                          mem_size=args.mem, cpus=args.cpus, cpu_template=args.cpu_template,

@@ -118,3 +118,42 @@ class DriveSpec(VirtioMmioAttachment):
     def open_device(self):
         from vmm.virtio import BlkDevice
         return BlkDevice(self.path, readonly=self.readonly, serial=self.serial)
+
+
+class NetSpec(VirtioMmioAttachment):
+    """`--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=mmio]`: virtio-net on a tap."""
+    KEYS = ("tap", "mac", "transport")
+
+    def __init__(self, text):
+        super().__init__()
+        from vmm.tap import check_name, parse_mac
+        opts = parse_options(text, "--net", self.KEYS)
+        if "tap" not in opts:
+            raise DeviceSpecError("--net: tap=NAME is required")
+        try:
+            self.tap_name = check_name(opts["tap"])
+            self.mac = parse_mac(opts["mac"]) if "mac" in opts else None
+        except ValueError as e:
+            raise DeviceSpecError(f"--net: {e}") from None
+        self.transport_name = opts.get("transport", "mmio")
+        if self.transport_name not in TRANSPORTS:
+            raise DeviceSpecError(f"--net: unknown transport {self.transport_name!r} "
+                                  f"(available: {', '.join(TRANSPORTS)})")
+        self._ioloop = None
+
+    def attach(self, machine, cmdline):
+        self._ioloop = machine.ioloop()     # the tap is polled by the I/O thread
+        return super().attach(machine, cmdline)
+
+    def open_device(self):
+        from vmm.tap import Tap
+        from vmm.virtio.net import NetDevice, NetError
+        try:
+            tap = Tap(self.tap_name)
+        except OSError as e:
+            raise NetError(e.strerror or str(e)) from None
+        try:
+            return NetDevice(tap, mac=self.mac, ioloop=self._ioloop)
+        except BaseException:
+            tap.close()
+            raise

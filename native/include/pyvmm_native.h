@@ -16,5 +16,6 @@ int pv_free_ram(void *addr, size_t size);
 size_t pv_kvm_run_offset(int which);
 
 #include "pyvmm_virtq.h"
+#include "pyvmm_net.h"
 
 #endif
