@@ -1,0 +1,72 @@
+"""The interactive console: with stdin a terminal, pyvmm puts it in raw mode,
+the guest's busybox shell answers typed commands, and Ctrl-a x quits (exit 0)
+with the terminal restored.  Also boots the bzImage form of the default guest."""
+import os
+import pty
+import select
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+
+from vmm import guest
+from vmm.machine import STATUS
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm")]
+TIMEOUT = 240
+
+
+def read_until(fd, marker, timeout, buf=b""):
+    deadline = time.monotonic() + timeout
+    while marker not in buf and time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 1)
+        if r:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+def test_interactive_shell_and_quit_key():
+    kernel, initrd = guest.default_guest()
+    if not os.path.exists(kernel):
+        pytest.fail("default guest not built: run `make guest`")
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    p = subprocess.Popen([sys.executable, "-m", "vmm", "run", "--timeout", str(TIMEOUT)],
+                         stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+    try:
+        out = read_until(master, b"shell ready", TIMEOUT)
+        assert b"shell ready" in out, out[-2000:]
+        out = read_until(master, b"/ # ", 60, out)
+        assert termios.tcgetattr(slave)[3] & termios.ECHO == 0     # raw mode while running
+        os.write(master, b"echo $((6*7))-marker\r")
+        out = read_until(master, b"42-marker", 60, out)
+        assert b"42-marker" in out, out[-2000:]
+        os.write(master, b"\x01x")                                  # Ctrl-a x
+        assert p.wait(timeout=30) == STATUS["quit"] == 0
+        assert termios.tcgetattr(slave) == before                   # terminal restored
+    finally:
+        p.kill()
+        p.wait()
+        os.close(master)
+        os.close(slave)
+
+
+def test_bzimage_boots_to_init():
+    kernel, initrd = guest.default_guest()
+    bzimage = os.path.join(os.path.dirname(kernel), "bzImage")
+    p = subprocess.run([sys.executable, "-m", "vmm", "run", "--kernel", bzimage, "--initrd", initrd,
+                        "--timeout", str(TIMEOUT),
+                        "--cmdline", guest.DEFAULT_CMDLINE + " pyvmm.test=poweroff"],
+                       capture_output=True, timeout=TIMEOUT + 60, stdin=subprocess.DEVNULL)
+    out = p.stdout.decode(errors="replace")
+    assert "Run /init as init process" in out, out[-3000:]
+    assert "pyvmm-guest: done" in out
+    assert p.returncode == STATUS["poweroff"], p.stderr.decode()
