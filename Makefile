@@ -3,6 +3,8 @@
 # `pip install` outside one).
 SYSTEM_PYTHON ?= python3
 VENV ?= .venv
+# make bench BENCH_ARGS="--quick --only boot,exits" (see python -m bench --help)
+BENCH_ARGS ?=
 PYTHON = $(VENV)/bin/python
 APT_PACKAGES = build-essential python3-dev python3-venv linux-libc-dev linux-source-6.1 busybox-static \
                flex bison bc libelf-dev libssl-dev cpio file e2fsprogs iproute2 xz-utils
@@ -37,7 +39,8 @@ unit: install
 	$(PYTHON) -m pytest -q tests/unit tests/native
 
 bench: setup
-	$(PYTHON) -m bench
+	$(PYTHON) -m pip install -q -e '.[test,bench]'
+	$(PYTHON) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info vmm/_native*.so vmm/_native.c
