@@ -1,9 +1,10 @@
 """Command-line device specs and how they attach to a Machine.
 
-`--drive file=PATH[,readonly=on][,serial=S][,transport=mmio]` becomes a
-DriveSpec; `attach()` opens the device, puts its transport window on the
-MMIO bus, wires its interrupt as a KVM irqfd and its queue notifications as
-KVM ioeventfds, and returns the kernel parameter that announces it.
+`--drive file=PATH[,readonly=on][,serial=S][,transport=mmio|pci]` becomes a
+DriveSpec, `--net tap=NAME[,mac=M][,transport=mmio|pci]` a NetSpec; attach()
+opens the device and wires it on its transport (vmm.devices for mmio,
+vmm.virtio.pci_legacy for legacy virtio-pci), returning the kernel command
+line with whatever the transport needs announced.
 """
 import os
 
@@ -12,7 +13,7 @@ from vmm.arch.x86 import layout as L
 # ISA IRQs free for devices (4 is COM1; 1, 8, 12 and 13 are taken on a PC),
 # in the order kvmtool and Firecracker hand them out.
 DEVICE_IRQS = (5, 6, 7, 9, 10, 11, 14, 15, 3)
-TRANSPORTS = ("mmio",)
+TRANSPORTS = ("mmio", "pci")
 
 
 class DeviceSpecError(ValueError):
@@ -64,25 +65,31 @@ class Slots:
 
 
 class VirtioMmioAttachment:
-    """Shared wiring for every virtio device on the mmio transport."""
+    """A virtio device on a virtio-mmio window: the window on the MMIO bus,
+    the interrupt as a KVM irqfd, queue notifications as ioeventfds, and a
+    virtio_mmio.device= kernel parameter to announce it (the counterpart of
+    vmm.virtio.pci_legacy.VirtioPciAttachment)."""
 
-    def __init__(self):
+    def __init__(self, open_device):
+        self.open_device = open_device
         self.transport = None
         self._irq_fd = None
 
-    def open_device(self):
-        raise NotImplementedError
-
     def attach(self, machine, cmdline):
         from vmm.virtio import VirtioMmio
-        device = self.open_device()
         base, irq = machine.slots.take()
+        device = self.open_device()
         vm = machine.vm
-        self._irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        vm.irqfd(self._irq_fd, irq)
-        self.transport = VirtioMmio(
-            device, machine.memory, irq=self._irq_fd, ioloop=machine.ioloop(),
-            register_ioeventfd=lambda fd, off, n, dm: vm.ioeventfd(fd, base + off, n, datamatch=dm))
+        try:
+            self._irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            vm.irqfd(self._irq_fd, irq)
+            self.transport = VirtioMmio(
+                device, machine.memory, irq=self._irq_fd, ioloop=machine.ioloop(),
+                register_ioeventfd=lambda fd, off, n, dm: vm.ioeventfd(fd, base + off, n,
+                                                                      datamatch=dm))
+        except BaseException:
+            device.close()
+            raise
         machine.mmio_bus.register(base, VirtioMmio.WINDOW, self.transport)
         return f"{cmdline} {VirtioMmio.cmdline(base, irq)}"
 
@@ -95,12 +102,46 @@ class VirtioMmioAttachment:
             self._irq_fd = None
 
 
-class DriveSpec(VirtioMmioAttachment):
+class VirtioSpec:
+    """A virtio device given on the command line, attached on the transport
+    its `transport=` option names (mmio by default: no bus enumeration, the
+    fastest boot, what the default guest and microVM kernels use; pci for
+    guests that only have virtio-pci drivers)."""
+
+    def __init__(self, opts, what):
+        self.transport_name = opts.get("transport", "mmio")
+        if self.transport_name not in TRANSPORTS:
+            raise DeviceSpecError(f"{what}: unknown transport {self.transport_name!r} "
+                                  f"(available: {', '.join(TRANSPORTS)})")
+        self._attachment = None
+
+    @property
+    def transport(self):
+        return None if self._attachment is None else self._attachment.transport
+
+    def open_device(self):
+        raise NotImplementedError
+
+    def attach(self, machine, cmdline):
+        if self.transport_name == "pci":
+            from vmm.virtio.pci_legacy import VirtioPciAttachment
+            self._attachment = VirtioPciAttachment(self.open_device)
+        else:
+            self._attachment = VirtioMmioAttachment(self.open_device)
+        return self._attachment.attach(machine, cmdline)
+
+    def close(self):
+        if self._attachment is not None:
+            self._attachment.close()
+            self._attachment = None
+
+
+class DriveSpec(VirtioSpec):
     KEYS = ("file", "readonly", "serial", "transport")
 
     def __init__(self, text):
-        super().__init__()
         opts = parse_options(text, "--drive", self.KEYS)
+        super().__init__(opts, "--drive")
         if "file" not in opts:
             raise DeviceSpecError("--drive: file=PATH is required")
         self.path = opts["file"]
@@ -108,10 +149,6 @@ class DriveSpec(VirtioMmioAttachment):
         self.serial = opts.get("serial")
         if self.serial is not None and len(self.serial.encode()) > 20:
             raise DeviceSpecError("--drive: serial is at most 20 bytes (virtio-blk GET_ID)")
-        self.transport_name = opts.get("transport", "mmio")
-        if self.transport_name not in TRANSPORTS:
-            raise DeviceSpecError(f"--drive: unknown transport {self.transport_name!r} "
-                                  f"(available: {', '.join(TRANSPORTS)})")
         if not os.path.isfile(self.path):
             raise DeviceSpecError(f"--drive: disk image {self.path}: no such file")
 
@@ -120,14 +157,14 @@ class DriveSpec(VirtioMmioAttachment):
         return BlkDevice(self.path, readonly=self.readonly, serial=self.serial)
 
 
-class NetSpec(VirtioMmioAttachment):
+class NetSpec(VirtioSpec):
     """`--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=mmio]`: virtio-net on a tap."""
     KEYS = ("tap", "mac", "transport")
 
     def __init__(self, text):
-        super().__init__()
         from vmm.tap import check_name, parse_mac
         opts = parse_options(text, "--net", self.KEYS)
+        super().__init__(opts, "--net")
         if "tap" not in opts:
             raise DeviceSpecError("--net: tap=NAME is required")
         try:
@@ -135,10 +172,6 @@ class NetSpec(VirtioMmioAttachment):
             self.mac = parse_mac(opts["mac"]) if "mac" in opts else None
         except ValueError as e:
             raise DeviceSpecError(f"--net: {e}") from None
-        self.transport_name = opts.get("transport", "mmio")
-        if self.transport_name not in TRANSPORTS:
-            raise DeviceSpecError(f"--net: unknown transport {self.transport_name!r} "
-                                  f"(available: {', '.join(TRANSPORTS)})")
         self._ioloop = None
 
     def attach(self, machine, cmdline):

@@ -63,7 +63,8 @@ class Console:
         return self.buf.decode(errors="replace")
 
 
-def test_ping_guest_through_tap():
+@pytest.mark.parametrize("transport", ["mmio", "pci"])
+def test_ping_guest_through_tap(transport):
     kernel, initrd = guest.default_guest()
     if not os.path.exists(kernel):
         pytest.fail("default guest not built: run `make guest`")
@@ -73,7 +74,7 @@ def test_ping_guest_through_tap():
     try:
         p = subprocess.Popen(
             ns.exec_cmd([sys.executable, "-m", "vmm", "run", "--kernel", kernel, "--initrd", initrd,
-                         "--net", f"tap={TAP},mac=52:54:00:77:00:02", "--cmdline", cmdline,
+                         "--net", f"tap={TAP},mac=52:54:00:77:00:02,transport={transport}", "--cmdline", cmdline,
                          "--timeout", str(TIMEOUT)]),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         console = Console(p.stdout)

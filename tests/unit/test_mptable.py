@@ -44,10 +44,11 @@ def test_cpus_ioapic_and_routing(cpus):
 
 
 def test_pci_routing_entries():
+    """PCI bus 0 is MP bus 0 (Linux matches the bus number); more in tests/unit/pci."""
     entries = parse(mptable.build(1, pci_irqs=[(1, 0, 10), (2, 0, 11)]))
-    buses = [e[2:8] for e in entries if e[0] == 1]
-    assert buses == [b"ISA   ", b"PCI   "]
-    pci = [struct.unpack("<BBHBBBB", e) for e in entries if e[0] == 3 and e[4] == 1]
+    buses = [(e[1], e[2:8]) for e in entries if e[0] == 1]
+    assert buses == [(0, b"PCI   "), (1, b"ISA   ")]
+    pci = [struct.unpack("<BBHBBBB", e) for e in entries if e[0] == 3 and e[4] == 0]
     assert [(p[4], p[6]) for p in pci] == [((1 << 2) | 0, 10), ((2 << 2) | 0, 11)]
 
 

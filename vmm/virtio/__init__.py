@@ -1,4 +1,5 @@
-"""virtio 1.1: device contract, split virtqueues, virtio-mmio, virtio-blk.
+"""virtio 1.1: device contract, split virtqueues, the virtio-mmio and legacy
+virtio-pci transports (shared logic in transport.py), virtio-blk.
 
 Wiring a disk into a VM (see VirtioMmio's docstring):
 
@@ -8,12 +9,16 @@ Wiring a disk into a VM (see VirtioMmio's docstring):
     bus.register(base, VirtioMmio.WINDOW, t)
     ...
     loop.stop(); t.close(); loop.close()
+
+On legacy virtio-pci (pci_legacy.py) the same device sits behind a PCI
+function: `VirtioPciAttachment(open_device)` wires it into a Machine.
 """
 from vmm.virtio.blk import BlkDevice, BlkError
 from vmm.virtio.device import VirtioDevice, VirtioError
 from vmm.virtio.ioloop import IoLoop
 from vmm.virtio.mmio import VirtioMmio
+from vmm.virtio.pci_legacy import VirtioPciAttachment, VirtioPciLegacy
 from vmm.virtio.queue import QueueError, Virtqueue
 
 __all__ = ["BlkDevice", "BlkError", "IoLoop", "QueueError", "VirtioDevice", "VirtioError",
-           "VirtioMmio", "Virtqueue"]
+           "VirtioMmio", "VirtioPciAttachment", "VirtioPciLegacy", "Virtqueue"]

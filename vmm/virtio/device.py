@@ -1,7 +1,7 @@
 """The device contract every virtio device implements (virtio 1.1 §2).
 
-Transports (vmm/virtio/mmio.py) decode registers and run the status state
-machine; a device only sees:
+Transports (vmm/virtio/mmio.py, pci_legacy.py; shared logic in transport.py)
+decode registers and run the status state machine; a device only sees:
 
 - `device_type` (§5: 2 = block), `features` (offered bits, §2.2 and §6),
   `queue_max_sizes` (one entry per queue),
@@ -44,7 +44,7 @@ class VirtioError(Exception):
 
 
 class Interrupt:
-    """What a device may ask of its transport (implemented by VirtioMmio)."""
+    """What a device may ask of its transport (implemented by transport.Transport)."""
 
     def used(self, queue_index=0):
         """Used buffer notification (§2.6.7.2)."""

@@ -1,7 +1,11 @@
 """A virtio driver in Python, for tests and benchmarks: it lays out
-descriptor tables and rings in a GuestMemory and talks to a VirtioMmio only
+descriptor tables and rings in a GuestMemory and talks to a transport only
 through its register read/write methods, as a guest would (virtio 1.1 §3.1.1
-initialization, §2.6.13 supplying buffers, §4.2.3 mmio specifics).
+initialization, §2.6.13 supplying buffers).  Register access goes through an
+adapter: MmioRegs (§4.2.3, VirtioMmio) or PciLegacyRegs (§4.1.4.8 legacy
+header in BAR0: any object with read/write at BAR offsets, such as a
+VirtioPciLegacy or a PortWindow on a port bus; legacy initialization per
+§7.2, no FEATURES_OK, rings in the legacy layout at a page frame).
 
 Every buffer it allocates can be fenced by guard bytes; `check_guards()`
 reports any guard a device overwrote.
@@ -10,6 +14,7 @@ import struct
 
 from vmm.virtio import device as vd
 from vmm.virtio import mmio as m
+from vmm.virtio import pci_legacy as pl
 from vmm.virtio.queue import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 
 GUARD = 0xA5
@@ -23,11 +28,17 @@ class DriverError(Exception):
 class DriverQueue:
     """The driver's side of one split virtqueue (§2.6)."""
 
-    def __init__(self, drv, index, size):
+    def __init__(self, drv, index, size, legacy_align=None):
         self.drv, self.mem, self.index, self.size = drv, drv.mem, index, size
-        self.desc = drv.alloc(16 * size, 16)
-        self.avail = drv.alloc(6 + 2 * size, 2)
-        self.used = drv.alloc(6 + 8 * size, 4)
+        if legacy_align:      # §2.6.2 legacy layout: one block, used ring aligned
+            a = legacy_align
+            used_off = (16 * size + 6 + 2 * size + a - 1) // a * a
+            self.desc = drv.alloc(used_off + 6 + 8 * size, a)
+            self.avail, self.used = self.desc + 16 * size, self.desc + used_off
+        else:
+            self.desc = drv.alloc(16 * size, 16)
+            self.avail = drv.alloc(6 + 2 * size, 2)
+            self.used = drv.alloc(6 + 8 * size, 4)
         self.free = list(range(size))
         self.avail_idx = 0
         self.last_used = 0
@@ -107,26 +118,28 @@ class DriverQueue:
         self.mem.write_int(self.avail, 1 if on else 0, 2)
 
 
-class MockDriver:
-    def __init__(self, transport, mem, arena=0x10000, arena_size=8 << 20):
-        self.t, self.mem = transport, mem
-        self._next, self._end = arena, arena + arena_size
-        self.guards = []              # (gpa, length) filled with GUARD
-        self.queues = []
-        self.features = 0
+class MmioRegs:
+    """virtio-mmio registers (§4.2.2) for a MockDriver."""
+    features_ok = True
 
-    # --- registers ---
+    def __init__(self, t):
+        self.t = t
+
     def rd(self, off):
         return self.t.read(off, 4)
 
     def wr(self, off, value):
         self.t.write(off, 4, value)
 
+    def check(self):
+        if self.rd(m.MAGIC_VALUE) != m.MAGIC or self.rd(m.VERSION) != 2:
+            raise DriverError("not a virtio-mmio version 2 device")
+
     def status(self):
         return self.rd(m.STATUS)
 
-    def set_status(self, bits):
-        self.wr(m.STATUS, self.status() | bits)
+    def write_status(self, value):
+        self.wr(m.STATUS, value)
 
     def device_features(self):
         f = 0
@@ -135,16 +148,139 @@ class MockDriver:
             f |= self.rd(m.DEVICE_FEATURES) << (32 * sel)
         return f
 
-    def config(self, offset, size=4):
+    def write_features(self, features):
+        for sel in (0, 1):
+            self.wr(m.DRIVER_FEATURES_SEL, sel)
+            self.wr(m.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFFFFFF)
+
+    def config(self, offset, size):
         return self.t.read(m.CONFIG + offset, size)
 
-    def kick(self, q=0):
+    def kick(self, q):
         self.wr(m.QUEUE_NOTIFY, q)
 
     def ack_interrupt(self):
         isr = self.rd(m.INTERRUPT_STATUS)
         self.wr(m.INTERRUPT_ACK, isr)
         return isr
+
+    def setup_queues(self, drv, queue_sizes):
+        queues = []
+        for i in range(len(self.t.queues)):
+            self.wr(m.QUEUE_SEL, i)
+            if self.rd(m.QUEUE_READY):
+                raise DriverError(f"queue {i} already live")
+            qmax = self.rd(m.QUEUE_NUM_MAX)
+            size = min(qmax, queue_sizes[i]) if queue_sizes else qmax
+            q = DriverQueue(drv, i, size)
+            self.wr(m.QUEUE_NUM, size)
+            for reg, addr in ((m.QUEUE_DESC_LOW, q.desc), (m.QUEUE_DRIVER_LOW, q.avail),
+                              (m.QUEUE_DEVICE_LOW, q.used)):
+                self.wr(reg, addr & 0xFFFFFFFF)
+                self.wr(reg + 4, addr >> 32)
+            self.wr(m.QUEUE_READY, 1)
+            queues.append(q)
+        return queues
+
+
+class PciLegacyRegs:
+    """Legacy virtio-pci header in BAR0 (§4.1.4.8), accessed with the sizes
+    Linux's virtio_pci_legacy uses (ioread/iowrite 8, 16 and 32)."""
+    features_ok = False         # §7.2: legacy drivers do not set FEATURES_OK
+    MAX_QUEUES = 64
+
+    def __init__(self, t):
+        self.t = t
+
+    def check(self):
+        pass                    # identification is by PCI IDs, not in BAR0
+
+    def status(self):
+        return self.t.read(pl.STATUS, 1)
+
+    def write_status(self, value):
+        self.t.write(pl.STATUS, 1, value)
+
+    def device_features(self):
+        return self.t.read(pl.HOST_FEATURES, 4)
+
+    def write_features(self, features):
+        self.t.write(pl.GUEST_FEATURES, 4, features & 0xFFFFFFFF)
+
+    def config(self, offset, size):
+        return self.t.read(pl.CONFIG + offset, size)
+
+    def kick(self, q):
+        self.t.write(pl.QUEUE_NOTIFY, 2, q)
+
+    def ack_interrupt(self):
+        return self.t.read(pl.ISR, 1)
+
+    def setup_queues(self, drv, queue_sizes):
+        """Every queue whose QUEUE_NUM is non-zero; the size is the device's."""
+        queues = []
+        for i in range(self.MAX_QUEUES):
+            self.t.write(pl.QUEUE_SEL, 2, i)
+            size = self.t.read(pl.QUEUE_NUM, 2)
+            if size == 0:
+                break
+            if self.t.read(pl.QUEUE_PFN, 4):
+                raise DriverError(f"queue {i} already live")
+            q = DriverQueue(drv, i, size, legacy_align=1 << pl.QUEUE_ADDR_SHIFT)
+            self.t.write(pl.QUEUE_PFN, 4, q.desc >> pl.QUEUE_ADDR_SHIFT)
+            queues.append(q)
+        return queues
+
+
+class PortWindow:
+    """BAR-relative read/write over a port (or memory) bus, so a driver can
+    reach a device through the same dispatch a guest's `in`/`out` take."""
+
+    def __init__(self, bus, base):
+        self.bus, self.base = bus, base
+
+    def read(self, offset, size):
+        return self.bus.read(self.base + offset, size)
+
+    def write(self, offset, size, value):
+        self.bus.write(self.base + offset, size, value)
+
+
+class MockDriver:
+    def __init__(self, transport, mem, arena=0x10000, arena_size=8 << 20, regs=None):
+        self.t, self.mem = transport, mem
+        if regs is None:
+            regs = PciLegacyRegs if isinstance(transport, pl.VirtioPciLegacy) else MmioRegs
+        self.regs = regs(transport)
+        self._next, self._end = arena, arena + arena_size
+        self.guards = []              # (gpa, length) filled with GUARD
+        self.queues = []
+        self.features = 0
+
+    # --- registers (rd/wr: raw 4-byte transport accesses) ---
+    def rd(self, off):
+        return self.t.read(off, 4)
+
+    def wr(self, off, value):
+        self.t.write(off, 4, value)
+
+    def status(self):
+        return self.regs.status()
+
+    def set_status(self, bits):
+        self.regs.write_status(self.status() | bits)
+
+    def device_features(self):
+        return self.regs.device_features()
+
+    def config(self, offset, size=4):
+        return self.regs.config(offset, size)
+
+    def kick(self, q=0):
+        self.regs.kick(q)
+
+    def ack_interrupt(self):
+        return self.regs.ack_interrupt()
 
     # --- guest memory ---
     def alloc(self, size, align=16, guard=0, fill=0):
@@ -168,38 +304,23 @@ class MockDriver:
                 bad.append(gpa)
         return bad
 
-    # --- §3.1.1 device initialization ---
+    # --- §3.1.1 device initialization (§7.2 for legacy interfaces) ---
     def init(self, features=None, queue_sizes=None):
         """Reset, negotiate (`features` masks what the device offers), set up
         every queue, DRIVER_OK.  Returns False if FEATURES_OK was refused."""
-        if self.rd(m.MAGIC_VALUE) != m.MAGIC or self.rd(m.VERSION) != 2:
-            raise DriverError("not a virtio-mmio version 2 device")
-        self.wr(m.STATUS, 0)
+        r = self.regs
+        r.check()
+        r.write_status(0)
         self.set_status(vd.ACKNOWLEDGE)
         self.set_status(vd.DRIVER)
         offered = self.device_features()
         self.features = offered if features is None else offered & features
-        for sel in (0, 1):
-            self.wr(m.DRIVER_FEATURES_SEL, sel)
-            self.wr(m.DRIVER_FEATURES, (self.features >> (32 * sel)) & 0xFFFFFFFF)
-        self.set_status(vd.FEATURES_OK)
-        if not self.status() & vd.FEATURES_OK:
-            return False
-        self.queues = []
-        for i in range(len(self.t.queues)):
-            self.wr(m.QUEUE_SEL, i)
-            if self.rd(m.QUEUE_READY):
-                raise DriverError(f"queue {i} already live")
-            qmax = self.rd(m.QUEUE_NUM_MAX)
-            size = min(qmax, queue_sizes[i]) if queue_sizes else qmax
-            q = DriverQueue(self, i, size)
-            self.wr(m.QUEUE_NUM, size)
-            for reg, addr in ((m.QUEUE_DESC_LOW, q.desc), (m.QUEUE_DRIVER_LOW, q.avail),
-                              (m.QUEUE_DEVICE_LOW, q.used)):
-                self.wr(reg, addr & 0xFFFFFFFF)
-                self.wr(reg + 4, addr >> 32)
-            self.wr(m.QUEUE_READY, 1)
-            self.queues.append(q)
+        r.write_features(self.features)
+        if r.features_ok:
+            self.set_status(vd.FEATURES_OK)
+            if not self.status() & vd.FEATURES_OK:
+                return False
+        self.queues = r.setup_queues(self, queue_sizes)
         self.set_status(vd.DRIVER_OK)
         return True
 

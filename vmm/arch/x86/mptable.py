@@ -16,8 +16,19 @@ IOAPIC_PINS = 24
 PROCESSOR, BUS, IOAPIC, IO_INTERRUPT, LOCAL_INTERRUPT = 0, 1, 2, 3, 4
 INT_VECTORED, INT_NMI, INT_EXTINT = 0, 1, 3
 CPU_ENABLED, CPU_BSP = 1, 2
+# I/O interrupt entry flags (MP spec 4.3.4, table 4-11): polarity bits 1:0,
+# trigger mode bits 3:2.  PCI INTx lines are level-triggered, active low
+# (PCI 3.0 §2.2.6); KVM's in-kernel IOAPIC ignores the polarity bit and takes
+# KVM_IRQ_LINE level 1 as "asserted" whichever the guest programs.
+POLARITY_ACTIVE_LOW, TRIGGER_LEVEL = 0x3, 0x3 << 2
+PCI_INT_FLAGS = POLARITY_ACTIVE_LOW | TRIGGER_LEVEL
+# Bus IDs.  Linux matches a PCI interrupt entry's source bus ID against the
+# PCI bus number (IO_APIC_get_PCI_irq_vector), so PCI bus 0 must be MP bus 0;
+# the ISA bus then takes ID 1, as in SeaBIOS's tables.  Without PCI the ISA
+# bus is bus 0.
+PCI_BUS_ID = 0
+ISA_BUS_ID_WITH_PCI = 1
 ISA_BUS_ID = 0
-PCI_BUS_ID = 1
 
 
 def checksum(data):
@@ -42,8 +53,8 @@ def _io_int(kind, bus, src_irq, ioapic_id, pin, flags=0):
     return struct.pack("<BBHBBBB", IO_INTERRUPT, kind, flags, bus, src_irq, ioapic_id, pin)
 
 
-def _local_int(kind, lint):
-    return struct.pack("<BBHBBBB", LOCAL_INTERRUPT, kind, 0, ISA_BUS_ID, 0, 0xFF, lint)
+def _local_int(kind, lint, bus):
+    return struct.pack("<BBHBBBB", LOCAL_INTERRUPT, kind, 0, bus, 0, 0xFF, lint)
 
 
 def build(cpu_count, signature=0x600, features=0x201, pci_irqs=()):
@@ -54,20 +65,25 @@ def build(cpu_count, signature=0x600, features=0x201, pci_irqs=()):
         raise ValueError(f"--cpus must be between 1 and {MAX_CPUS}")
     ioapic_id = cpu_count      # after the LAPIC IDs 0..n-1
     entries = [_processor(i, i == 0, signature, features) for i in range(cpu_count)]
-    entries.append(_bus(ISA_BUS_ID, "ISA"))
+    isa = ISA_BUS_ID_WITH_PCI if pci_irqs else ISA_BUS_ID
     if pci_irqs:
         entries.append(_bus(PCI_BUS_ID, "PCI"))
+    entries.append(_bus(isa, "ISA"))
     entries.append(_ioapic(ioapic_id))
     # ISA IRQ 0 is wired to the PIC's output (ExtINT) as well as pin 0, as the
-    # KVM in-kernel IOAPIC routes GSI n to pin n.
+    # KVM in-kernel IOAPIC routes GSI n to pin n.  An IOAPIC input given to a
+    # PCI device loses its ISA entry (as SeaBIOS does), so the guest never
+    # sees one pin described as both edge/high (ISA) and level/low (PCI).
+    pci_pins = {ioapic_pin for _, _, ioapic_pin in pci_irqs}
     for irq in range(ISA_IRQS):
-        entries.append(_io_int(INT_VECTORED, ISA_BUS_ID, irq, ioapic_id, irq))
+        if irq not in pci_pins:
+            entries.append(_io_int(INT_VECTORED, isa, irq, ioapic_id, irq))
     for dev, pin, ioapic_pin in pci_irqs:
-        # PCI source IRQ encoding (MP spec 4.3.4): device << 2 | pin; level,
-        # active low is what "conforms to bus" means for PCI.
-        entries.append(_io_int(INT_VECTORED, PCI_BUS_ID, (dev << 2) | pin, ioapic_id, ioapic_pin))
-    entries.append(_local_int(INT_EXTINT, 0))
-    entries.append(_local_int(INT_NMI, 1))
+        # PCI source IRQ encoding (MP spec 4.3.4): device << 2 | pin.
+        entries.append(_io_int(INT_VECTORED, PCI_BUS_ID, (dev << 2) | pin, ioapic_id, ioapic_pin,
+                               PCI_INT_FLAGS))
+    entries.append(_local_int(INT_EXTINT, 0, isa))
+    entries.append(_local_int(INT_NMI, 1, isa))
 
     body = b"".join(entries)
     table_addr = L.EBDA_START + 16

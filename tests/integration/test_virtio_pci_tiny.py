@@ -1,0 +1,55 @@
+"""Legacy virtio-pci seen from a tiny ring-0 guest (milliseconds): a
+configuration read through 0xCF8/0xCFC, QUEUE_NOTIFY writes that KVM's PIO
+ioeventfd consumes without an exit, and a register write that does exit."""
+import struct
+import threading
+
+import pytest
+
+import vmm.tinyguest as T
+from vmm.machine import STATUS, Machine, MachineConfig
+from vmm.pci import bus as pb
+from vmm.virtio import pci_legacy as pl
+from vmm.virtio.blk import BlkDevice
+
+pytestmark = pytest.mark.usefixtures("needs_kvm")
+
+MOV_DX = b"\x66\xba"                    # mov dx, imm16
+OUT_DX_AL, OUT_DX_AX, OUT_DX_EAX, IN_EAX_DX = b"\xee", b"\x66\xef", b"\xef", b"\xed"
+
+
+def guest_code(slot, port):
+    code = b"\xb8" + struct.pack("<I", pb.ENABLE | slot << 11)     # mov eax, CONFIG_ADDRESS
+    code += MOV_DX + struct.pack("<H", 0xCF8) + OUT_DX_EAX
+    code += MOV_DX + struct.pack("<H", 0xCFC) + IN_EAX_DX          # vendor | device << 16
+    code += MOV_DX + struct.pack("<H", 0x3F8)
+    code += (OUT_DX_AL + b"\xc1\xe8\x08") * 4                      # 4 bytes to the UART
+    code += b"\x31\xc0"                                            # xor eax, eax
+    code += MOV_DX + struct.pack("<H", port + pl.QUEUE_NOTIFY) + OUT_DX_AX * 3
+    code += MOV_DX + struct.pack("<H", port + pl.QUEUE_SEL) + OUT_DX_AX
+    return code + T.RESET
+
+
+def test_config_read_ioeventfd_and_exit(tmp_path):
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    att = pl.VirtioPciAttachment(lambda: BlkDevice(str(img)))
+    out = open(tmp_path / "serial.out", "wb", buffering=0)
+    kernel = T.make_elf(guest_code(1, pb.IO_BASE), str(tmp_path / "guest.elf"))
+    m = Machine(MachineConfig(kernel=kernel, mem_size=32 << 20, serial_out=out, timeout=30,
+                              devices=[att]))
+    try:
+        t = att.transport
+        assert att.slot == 1 and t.port == pb.IO_BASE and m.pci_irqs == [(1, 0, att.irq)]
+        assert pb.get_or_create(m) is m.pci_bus
+        writes, notifies = [], []
+        real_write, real_notify = t.write, t.notify
+        t.write = lambda off, size, v: writes.append((off, size, v)) or real_write(off, size, v)
+        t.notify = lambda i: notifies.append(threading.current_thread().name) or real_notify(i)
+        assert m.run() == STATUS["reset"]
+    finally:
+        m.close()
+        out.close()
+    assert (tmp_path / "serial.out").read_bytes() == struct.pack("<HH", 0x1AF4, 0x1001)
+    assert writes == [(pl.QUEUE_SEL, 2, 0)]            # the notifies never exited
+    assert notifies and set(notifies) == {"pyvmm-io"}  # eventfd -> I/O thread (coalesced)

@@ -1,0 +1,8 @@
+"""PCI: configuration space of a function (device.py) and bus 0 behind
+configuration mechanism #1 at 0xCF8 (bus.py).  virtio devices reach it through
+vmm/virtio/pci_legacy.py (the transport) and VirtioPciAttachment (wiring into
+a Machine)."""
+from vmm.pci.bus import PciBus, get_or_create
+from vmm.pci.device import PciDevice
+
+__all__ = ["PciBus", "PciDevice", "get_or_create"]

@@ -1,0 +1,226 @@
+"""What every virtio transport shares (virtio 1.1 §4): the queues, the device
+status state machine (§2.1, §3.1.1), feature negotiation for modern and
+legacy drivers (§6.1, §7.2), activation, driver notifications (directly or
+through eventfds serviced by an IoLoop), the interrupt status (ISR) bits and
+the legacy ring layout (§2.6.2).
+
+Subclasses decode their registers (VirtioMmio: §4.2; VirtioPciLegacy:
+§4.1.4.8) and may override `_raise_irq()` / `ack_interrupt()` to change how
+an interrupt reaches the driver (an edge through a KVM irqfd for mmio, a
+level-triggered INTx line for PCI).
+"""
+import logging
+import os
+import threading
+
+from vmm.virtio import device as vd
+from vmm.virtio.ioloop import drain_eventfd
+from vmm.virtio.queue import Virtqueue
+
+log = logging.getLogger("pyvmm.virtio")
+
+_ONE = (1).to_bytes(8, "little")
+LEGACY_PAGE = 4096          # §2.6.2 / §4.1.4.8: legacy queue alignment and PFN unit
+
+
+class Transport(vd.Interrupt):
+    NAME = "virtio"
+
+    def __init__(self, device, mem, irq=None, ioloop=None, legacy=False):
+        self.device = device
+        self.mem = mem
+        self.legacy = legacy
+        self._irq = irq
+        self._ioloop = ioloop
+        self._lock = threading.RLock()      # status, activation and queue processing
+        self._isr_lock = threading.Lock()
+        self.queues = [Virtqueue(i, n) for i, n in enumerate(device.queue_max_sizes)]
+        self._notify_fds = []
+        self.interrupts = 0                 # interrupts signalled (for tests and stats)
+        self.config_generation = 0
+        self.needs_reset_reason = None
+        self._reset_state()
+
+    def _make_notify_fds(self, register=None):
+        """One eventfd per queue, serviced by the I/O loop; `register(fd,
+        queue_index)` hands each to KVM (KVM_IOEVENTFD)."""
+        if self._ioloop is None:
+            raise ValueError("queue notify eventfds need an ioloop to service them")
+        for q in self.queues:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._notify_fds.append(fd)
+            if register is not None:
+                register(fd, q.index)
+            self._ioloop.add(fd, self._eventfd_handler(fd, q.index))
+
+    @property
+    def notify_fds(self):
+        return list(self._notify_fds)
+
+    def _reset_state(self):
+        self.status = 0
+        self.interrupt_status = 0
+        self.driver_features = 0
+        self.queue_sel = 0
+        self.activated = False
+        self._pfn = [0] * len(self.queues)
+        for q in self.queues:
+            q.reset()
+
+    def reset(self):
+        """§2.1.1 status write of 0: device and transport to initial state."""
+        with self._lock:
+            self.device.reset()
+            self._reset_state()
+            self.needs_reset_reason = None
+        self.ack_interrupt()
+
+    def close(self):
+        """Detach the notify eventfds and close the device (after the VM stopped)."""
+        for fd in self._notify_fds:
+            if self._ioloop is not None:
+                self._ioloop.remove(fd)
+            os.close(fd)
+        self._notify_fds = []
+        with self._lock:
+            self.device.close()
+
+    # --- Interrupt (called by the device, possibly on the I/O thread) ---
+    def _signal(self, bit):
+        with self._isr_lock:
+            self.interrupt_status |= bit
+            self.interrupts += 1
+            self._raise_irq()
+
+    def _raise_irq(self):
+        """Tell the driver (called with the ISR lock held): an 8-byte 1 to an
+        eventfd such as a KVM irqfd, or a call."""
+        irq = self._irq
+        if irq is None:
+            return
+        if callable(irq):
+            irq()
+        else:
+            os.write(irq, _ONE)
+
+    def ack_interrupt(self, bits=0xFFFFFFFF):
+        """Clear ISR `bits`; returns the bits that were set."""
+        with self._isr_lock:
+            old = self.interrupt_status
+            self.interrupt_status = old & ~bits
+        return old
+
+    def used(self, queue_index=0):
+        self._signal(vd.INT_USED)
+
+    def config(self):
+        self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+        self._signal(vd.INT_CONFIG)
+
+    def needs_reset(self, reason):
+        log.warning("%s %s: device needs reset: %s", self.NAME, type(self.device).__name__, reason)
+        self.needs_reset_reason = str(reason)
+        self.status |= vd.DEVICE_NEEDS_RESET
+        if self.status & vd.DRIVER_OK:          # §2.1.2
+            self._signal(vd.INT_CONFIG)
+
+    # --- notifications ---
+    def _eventfd_handler(self, fd, index):
+        def handler():
+            drain_eventfd(fd)
+            self.notify(index)
+        return handler
+
+    def notify(self, index):
+        """A driver notification for queue `index` (any thread)."""
+        with self._lock:
+            if (not self.activated or self.status & vd.DEVICE_NEEDS_RESET
+                    or not 0 <= index < len(self.queues)):
+                return
+            try:
+                self.device.queue_notify(index)
+            except Exception as e:   # a device bug must not take the VMM down
+                log.exception("virtio device %s: queue %d", type(self.device).__name__, index)
+                self.needs_reset(f"internal error: {e}")
+
+    # --- features and queues ---
+    def _offered(self):
+        f = self.device.features
+        if self.legacy:      # §7.2 / §4.2.4: a legacy interface does not offer VERSION_1
+            f &= ~vd.bit(vd.VIRTIO_F_VERSION_1)
+        return f
+
+    def _queue(self):
+        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    def _queue_writable(self, q, what):
+        if self.status & vd.DRIVER_OK:
+            log.debug("%s: queue %d %s write while live ignored", self.NAME, q.index, what)
+            return False
+        return True
+
+    def set_queue_pfn(self, q, pfn, page_size=LEGACY_PAGE, align=LEGACY_PAGE):
+        """§2.6.2 legacy layout, the whole ring from page `pfn`: descriptors,
+        the available ring right after, the used ring at the next `align`
+        boundary.  PFN 0 releases the queue (§4.1.4.8)."""
+        if not self._queue_writable(q, "PFN"):
+            return
+        self._pfn[q.index] = pfn
+        if pfn == 0:
+            q.ready = False
+            q.desc = q.driver = q.device = 0
+            return
+        align = align or LEGACY_PAGE
+        q.desc = pfn * page_size
+        q.driver = q.desc + 16 * q.size
+        q.device = (q.driver + 6 + 2 * q.size + align - 1) // align * align
+        q.ready = True
+
+    # --- §2.1 / §3.1.1 status state machine ---
+    def _write_status(self, value):
+        with self._lock:
+            if value == 0:
+                self.reset()
+                return
+            old = self.status & ~vd.DEVICE_NEEDS_RESET
+            value &= 0xFF & ~vd.DEVICE_NEEDS_RESET      # only the device sets it
+            if old & ~value:
+                log.warning("%s: driver tried to clear status bits (0x%x -> 0x%x)", self.NAME, old, value)
+                return
+            new = value & ~old
+            if new & vd.FEATURES_OK and not self.legacy and not self._features_ok(value):
+                value &= ~vd.FEATURES_OK        # §3.1.1 step 6: driver re-reads, sees it unset
+            if new & vd.DRIVER_OK:
+                if not self.legacy and not value & vd.FEATURES_OK:
+                    log.warning("%s: DRIVER_OK without FEATURES_OK ignored", self.NAME)
+                    value &= ~vd.DRIVER_OK
+                else:
+                    if self.legacy:     # §7.2: no FEATURES_OK, features are final now
+                        self.device.acked_features = self.driver_features & self._offered()
+                    self.status = value | (self.status & vd.DEVICE_NEEDS_RESET)
+                    self._activate()
+                    return
+            self.status = value | (self.status & vd.DEVICE_NEEDS_RESET)
+
+    def _features_ok(self, value):
+        need = vd.ACKNOWLEDGE | vd.DRIVER
+        offered = self._offered()
+        drv = self.driver_features
+        if value & need != need:
+            log.warning("%s: FEATURES_OK before ACKNOWLEDGE|DRIVER", self.NAME)
+            return False
+        if drv & ~offered:
+            log.warning("%s: driver accepted unoffered features 0x%x", self.NAME, drv & ~offered)
+            return False
+        if not drv & vd.bit(vd.VIRTIO_F_VERSION_1):
+            log.warning("%s: driver did not accept VIRTIO_F_VERSION_1", self.NAME)
+            return False
+        self.device.acked_features = drv
+        return True
+
+    def _activate(self):
+        try:
+            self.device.activate(self.mem, self.queues, self)
+            self.activated = True
+        except Exception as e:
+            self.needs_reset(e)
