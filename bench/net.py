@@ -152,7 +152,6 @@ def run(args):
         try:
             for kind, n in (("small", args.small), ("64k", args.big)):
                 b.setup(kind)
-                flen = SIZES[kind]
                 for label, fn, rx in (("TX device", b.device_tx, False),
                                       ("TX plain write()", lambda k: b.plain(k, True), False),
                                       ("RX device", b.device_rx, True),

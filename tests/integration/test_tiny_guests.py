@@ -83,7 +83,6 @@ def test_smp_vcpus_created(tmp_path):
 def test_sigterm_stops_cleanly_and_releases_the_disk(tmp_path):
     import fcntl
     import signal
-    import time
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(1 << 20))
     k = T.make_elf(T.serial_text("up\n") + b"\xeb\xfe", str(tmp_path / "spin.elf"))

@@ -70,13 +70,18 @@ def test_ext4_root_mounted_and_written(tmp_path):
     before = superblock(img)
     assert before["Mount count"] == "0" and before["Last mount time"] == "n/a"
     rc, out, err = pyvmm("--drive", f"file={img}", "--cmdline", BASE + " root=/dev/vda rw")
+    assert_root_written(img, rc, out, err)
+
+
+def assert_root_written(img, rc, out, err):
+    """The guest mounted `img` as its ext4 root, ran INIT from it and
+    rebooted; check what it wrote: the superblock's mount count and time (the
+    kernel's own witness) and the file its init wrote through the device."""
     assert "virtio_blk virtio0: [vda]" in out, out[-3000:] + err
     assert "EXT4-fs (vda): mounted filesystem" in out
     assert "disk-root: init running" in out and "/dev/root / ext4 rw" in out
     assert "disk-root: done" in out, out[-2000:]
     assert rc == STATUS["reset"], err
-    # What the guest kernel wrote: the superblock's mount count and time, and
-    # the file its init wrote through the page cache and the device.
     after = superblock(img)
     assert after["Mount count"] == "1"
     assert after["Last mount time"] != "n/a"

@@ -11,7 +11,7 @@ import pytest
 
 from vmm.machine import STATUS
 
-from test_virtio_blk_guest import BASE, TIMEOUT, kernel, make_ext4, superblock
+from test_virtio_blk_guest import BASE, TIMEOUT, assert_root_written, kernel, make_ext4
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm")]
 
@@ -33,17 +33,7 @@ def test_ext4_root_on_legacy_virtio_pci(tmp_path):
     assert "PCI: Using configuration type 1" in out, out[-3000:] + err
     assert "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000" in out
     assert "pci 0000:00:01.0: [1af4:1001] type 00 class 0x010000" in out
-    assert "virtio_blk virtio0: [vda]" in out, out[-3000:] + err
-    assert "EXT4-fs (vda): mounted filesystem" in out
-    assert "disk-root: init running" in out and "/dev/root / ext4 rw" in out
-    assert "disk-root: done" in out, out[-2000:]
-    assert rc == STATUS["reset"], err
-    after = superblock(img)
-    assert after["Mount count"] == "1"
-    cat = subprocess.run(["debugfs", "-R", "cat /written-by-guest", img], capture_output=True, text=True)
-    assert cat.stdout == "written by the guest\n"
-    fsck = subprocess.run(["e2fsck", "-fn", img], capture_output=True, text=True)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert_root_written(img, rc, out, err)
 
 
 def test_one_disk_on_each_transport(tmp_path):
