@@ -4,7 +4,7 @@
 
 On a page-cached raw image: 4 KiB random reads per second and 64 KiB
 sequential MB/s through VirtioMmio + BlkDevice (C engine and pure-Python
-engine), and the same reads done directly: os.preadv from Python, and a C
+engine; the C engine also through legacy virtio-pci), and the same reads done directly: os.preadv from Python, and a C
 pread loop (the physical limit).  Each figure is min / median / max over
 --reps repetitions; ratios use medians.  The driver side is vectorized
 (numpy writes a whole batch of headers and avail entries, one QueueNotify per
@@ -22,7 +22,9 @@ from vmm.memory import GuestMemory, MiB
 from vmm.native import ffi, lib
 from vmm.virtio import mmio as m
 from vmm.virtio.blk import BlkDevice
+from vmm.virtio import pci_legacy as pl
 from vmm.virtio.mmio import VirtioMmio
+from vmm.virtio.pci_legacy import VirtioPciLegacy
 from vmm.virtio.mockdriver import MockDriver
 from vmm.virtio.queue import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 
@@ -33,9 +35,14 @@ HDR = np.dtype([("type", "<u4"), ("reserved", "<u4"), ("sector", "<u8")])
 class FastDriver:
     """Fixed request slots, so a batch costs a few numpy operations."""
 
-    def __init__(self, dev, mem, req_len):
+    def __init__(self, dev, mem, req_len, transport="mmio"):
         self.mem = mem
-        self.t = VirtioMmio(dev, mem)
+        if transport == "pci":
+            self.t = VirtioPciLegacy(dev, mem)
+            self.notify = lambda: self.t.write(pl.QUEUE_NOTIFY, 2, 0)
+        else:
+            self.t = VirtioMmio(dev, mem)
+            self.notify = lambda: self.t.write(m.QUEUE_NOTIFY, 4, 0)
         self.d = MockDriver(self.t, mem, arena=0x10000, arena_size=48 * MiB)
         if not self.d.init():
             raise RuntimeError("feature negotiation failed")
@@ -75,7 +82,7 @@ class FastDriver:
             self.idx = (self.idx + BATCH) & 0xFFFF
             self.used_event[0] = self.idx
             self.avail_idx[0] = self.idx
-            self.t.write(m.QUEUE_NOTIFY, 4, 0)
+            self.notify()
             if self.used_idx[0] != self.idx or self.status.any():
                 raise RuntimeError(f"batch failed: used {self.used_idx[0]} != {self.idx}, "
                                    f"device status 0x{self.t.status:x}")
@@ -137,10 +144,11 @@ def bench(args):
                 os.preadv(fd, [mv], off)
         runs = {"preadv (C loop)": (n_fast, lambda: lib.pv_bench_pread(fd, bufp, length, offs_c, n_fast)),
                 "os.preadv (Python)": (n_fast, py_preadv)}
-        for label, native, n in (("device, C engine", True, n_fast),
-                                 ("device, Python engine", False, n_slow)):
+        for label, native, n, transport in (("device, C engine", True, n_fast, "mmio"),
+                                            ("device, C engine, legacy virtio-pci", True, n_fast, "pci"),
+                                            ("device, Python engine", False, n_slow, "mmio")):
             dev = BlkDevice(args.image, readonly=True, native=native)
-            drv = FastDriver(dev, mem, length)
+            drv = FastDriver(dev, mem, length, transport)
             drv.run(sectors[:BATCH])                 # warm up
             runs[label] = (n, lambda drv=drv, n=n: drv.run(sectors[:n]))
             results[(kind, label)] = (n, time_reps(runs[label][1], args.reps))
@@ -161,7 +169,8 @@ def report(results, args):
     for kind, unit in (("rand4k", "4 KiB random reads, requests/s"),
                        ("seq64k", "64 KiB sequential reads, MB/s")):
         print(f"{unit:<44} {'min':>10} {'median':>10} {'max':>10}")
-        for label in ("device, C engine", "device, Python engine", "preadv (C loop)", "os.preadv (Python)"):
+        for label in ("device, C engine", "device, C engine, legacy virtio-pci", "device, Python engine",
+                      "preadv (C loop)", "os.preadv (Python)"):
             n, times = results[(kind, label)]
             rates = [n / t if kind == "rand4k" else n * 65536 / t / 1e6 for t in times]
             medians[(kind, label)] = statistics.median(rates)
@@ -169,7 +178,9 @@ def report(results, args):
         dev = medians[(kind, "device, C engine")]
         print(f"  ratio device(C) / preadv(C loop):      {dev / medians[(kind, 'preadv (C loop)')]:.2f}")
         print(f"  ratio device(C) / os.preadv(Python):   {dev / medians[(kind, 'os.preadv (Python)')]:.2f}")
-        print(f"  ratio device(C) / device(Python):      {dev / medians[(kind, 'device, Python engine')]:.1f}\n")
+        print(f"  ratio device(C) / device(Python):      {dev / medians[(kind, 'device, Python engine')]:.1f}")
+        pci = medians[(kind, "device, C engine, legacy virtio-pci")]
+        print(f"  ratio device(C, pci) / preadv(C loop): {pci / medians[(kind, 'preadv (C loop)')]:.2f}\n")
 
 
 def main(argv=None):
