@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 
-from bench.common import fmt, have_qemu, pyvmm_cmd, qemu_cmd, save, stats, time_to_marker
+from bench.common import compare, have_qemu, pyvmm_cmd, qemu_cmd, save, stats, time_to_marker
 from vmm import guest, tinyguest
 from vmm.arch.x86 import cpuid
 
@@ -66,14 +66,9 @@ def main(argv=None):
            "boot_to_init_s": boot_to_init(args.init_reps)}
     for key, label, scale, unit in (("first_instruction_s", "start -> first instruction", 1000, " ms"),
                                     ("boot_to_init_s", "start -> Run /init", 1, " s")):
-        print(f"{label} (min / median / max)")
-        r = res[key]
-        for vmm_name, s in r.items():
-            print(f"  {vmm_name:6s} {fmt(s, unit, scale)}")
-        if "pyvmm" in r and "qemu" in r:
-            ratio = r["pyvmm"]["median"] / r["qemu"]["median"]
+        ratio = compare(res[key], label, unit, scale)
+        if ratio is not None:
             res[key + "_ratio"] = ratio
-            print(f"  pyvmm/qemu median ratio: {ratio:.2f}")
     print("saved", save("boot", res))
     return res
 

@@ -2,6 +2,7 @@
 spawning a VMM and waiting for a marker on its console, QEMU command lines."""
 import json
 import os
+import select
 import shutil
 import statistics
 import subprocess
@@ -54,9 +55,11 @@ def time_to_marker(cmd, marker, timeout):
                          stdin=subprocess.DEVNULL)
     buf = b""
     try:
-        os.set_blocking(p.stdout.fileno(), True)
+        fd = p.stdout.fileno()
         while time.monotonic() - t0 < timeout:
-            chunk = os.read(p.stdout.fileno(), 4096)
+            if not select.select([fd], [], [], max(0.0, t0 + timeout - time.monotonic()))[0]:
+                return None
+            chunk = os.read(fd, 4096)
             if not chunk:
                 return None
             buf += chunk
@@ -67,6 +70,21 @@ def time_to_marker(cmd, marker, timeout):
     finally:
         p.kill()
         p.wait()
+
+
+def compare(results, title, unit, scale=1.0, detail=None):
+    """Print {"pyvmm": stats, "qemu": stats} under `title`; returns the
+    pyvmm/qemu median ratio (None without both).  `detail(stats)` may add a
+    note after each line."""
+    print(f"{title} (min / median / max)")
+    for name, s in results.items():
+        extra = f"   ({detail(s)})" if detail else ""
+        print(f"  {name:6s} {fmt(s, unit, scale)}{extra}")
+    if "pyvmm" in results and "qemu" in results:
+        ratio = results["pyvmm"]["median"] / results["qemu"]["median"]
+        print(f"  pyvmm/qemu median ratio: {ratio:.2f}")
+        return ratio
+    return None
 
 
 def save(name, data):

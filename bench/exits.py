@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 
-from bench.common import fmt, have_qemu, pyvmm_cmd, qemu_cmd, save, stats
+from bench.common import compare, have_qemu, pyvmm_cmd, qemu_cmd, save, stats
 from vmm import tinyguest
 
 ADDR = 0xC0000000          # unassigned in both VMMs (pyvmm PCI memory starts at 0xE0000000)
@@ -96,18 +96,10 @@ def main(argv=None):
         rates = measure(cmd, args.count, args.reps)
         if rates:
             res["mmio_exits_per_s"][name] = stats(rates)
-    r = res["mmio_exits_per_s"]
-    print(f"MMIO exits/s ({args.count} writes to 0x{ADDR:x}; min / median / max)")
-    for name, s in r.items():
-        print(f"  {name:6s} {fmt(s, ' exits/s')}   ({1e6 / s['median']:.1f} us per exit)")
-    if "pyvmm" in r and "qemu" in r:
-        res["mmio_exits_per_s_ratio"] = r["pyvmm"]["median"] / r["qemu"]["median"]
-        print(f"  pyvmm/qemu median ratio: {res['mmio_exits_per_s_ratio']:.2f}")
-    try:
-        os.unlink(elf)
-        os.rmdir(d)
-    except OSError:
-        pass
+    ratio = compare(res["mmio_exits_per_s"], f"MMIO exits/s ({args.count} writes to 0x{ADDR:x})",
+                    " exits/s", detail=lambda s: f"{1e6 / s['median']:.1f} us per exit")
+    if ratio is not None:
+        res["mmio_exits_per_s_ratio"] = ratio
     print("saved", save("exits", res))
     return res
 

@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 
-from bench.common import fmt, have_qemu, pyvmm_cmd, qemu_cmd, save, stats
+from bench.common import compare, have_qemu, pyvmm_cmd, qemu_cmd, save, stats
 from bench.exits import RESET
 from vmm import tinyguest
 
@@ -53,18 +53,10 @@ def main(argv=None):
         res["failed_batches"][name] = failed
         if rates:
             res["vms_per_s"][name] = stats(rates)
-    r = res["vms_per_s"]
-    print(f"VMs started and stopped per second ({args.vms} in a row; min / median / max)")
-    for name, s in r.items():
-        print(f"  {name:6s} {fmt(s, ' VMs/s')}   ({1000 / s['median']:.0f} ms per VM)")
-    if "pyvmm" in r and "qemu" in r:
-        res["vms_per_s_ratio"] = r["pyvmm"]["median"] / r["qemu"]["median"]
-        print(f"  pyvmm/qemu median ratio: {res['vms_per_s_ratio']:.2f}")
-    try:
-        os.unlink(elf)
-        os.rmdir(d)
-    except OSError:
-        pass
+    ratio = compare(res["vms_per_s"], f"VMs started and stopped per second ({args.vms} in a row)",
+                    " VMs/s", detail=lambda s: f"{1000 / s['median']:.0f} ms per VM")
+    if ratio is not None:
+        res["vms_per_s_ratio"] = ratio
     print("saved", save("startstop", res))
     return res
 
