@@ -72,6 +72,7 @@ int pv_vq_pop(struct pv_vq *vq, struct pv_chain *c);
 void pv_vq_push(struct pv_vq *vq, uint16_t head, uint32_t len);
 int pv_vq_need_interrupt(struct pv_vq *vq);
 int pv_vq_enable_notify(struct pv_vq *vq);
+int pv_vq_notify_on_next(struct pv_vq *vq);
 uint16_t pv_vq_avail_idx(struct pv_vq *vq);
 
 /* virtio-blk (§5.2) */

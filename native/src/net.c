@@ -131,6 +131,19 @@ static int rx_deliver_held(struct pv_vq *vq, struct pv_net *net, struct pv_chain
     return 1;
 }
 
+/* rx_deliver_held, and when the ring holds too few buffers for the frame,
+ * ask the driver to kick at its next addition (with EVENT_IDX the kick
+ * would otherwise never come: avail_event is behind the driver's index) and
+ * retry if buffers arrived meanwhile. */
+static int rx_deliver_held_or_wait(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c)
+{
+    for (;;) {
+        int r = rx_deliver_held(vq, net, c);
+        if (r != 0 || !pv_vq_notify_on_next(vq))
+            return r;
+    }
+}
+
 /* One frame into the chain just popped.  Returns 1 delivered (or dropped
  * and counted: go on), 0 nothing to read / no buffers (chain given back,
  * *state set), -PV_VQ_E_* malformed. */
@@ -150,11 +163,14 @@ static int rx_one(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c, uint
     while (n < 0 && errno == EINTR);
     if (n < 0) {
         unpop(vq, 1);
+        *state = PV_NET_RX_IDLE;
         if (errno != EAGAIN) {               /* e.g. EBADFD: tap detached */
             net->rx_errors++;
             net->last_errno = errno;
+            /* stop polling (level-triggered EPOLLERR would spin the I/O
+             * thread) until the guest kicks the receive queue again */
+            *state = PV_NET_RX_NOBUF;
         }
-        *state = PV_NET_RX_IDLE;
         return 0;
     }
     if ((uint64_t)n <= c->write_len) {       /* fits: the common case */
@@ -180,7 +196,7 @@ static int rx_one(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c, uint
     memmove(net->sink + c->write_len, net->sink, over);
     chain_get(c, net->sink, c->write_len);
     net->pending = (uint32_t)n;
-    int r = rx_deliver_held(vq, net, c);
+    int r = rx_deliver_held_or_wait(vq, net, c);
     if (r == 0)
         *state = PV_NET_RX_NOBUF;
     return r;
@@ -199,7 +215,7 @@ int pv_net_rx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c,
         return res->error;
     }
     if (net->pending) {
-        r = rx_deliver_held(vq, net, c);
+        r = rx_deliver_held_or_wait(vq, net, c);
         if (r == 0)
             res->state = PV_NET_RX_NOBUF;
     }

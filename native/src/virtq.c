@@ -186,6 +186,19 @@ int pv_vq_need_interrupt(struct pv_vq *vq)
     return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
 }
 
+/* Like pv_vq_enable_notify, but for a device that has looked at the entries
+ * already available and needs more than them (a frame spread over mergeable
+ * buffers): ask to be kicked when the driver adds the next one beyond the
+ * current avail index.  Returns 1 if the index moved meanwhile. */
+int pv_vq_notify_on_next(struct pv_vq *vq)
+{
+    uint16_t idx = pv_vq_avail_idx(vq);
+    if (vq->flags & PV_VQ_F_EVENT_IDX)
+        st16(vq->used + 4 + 8 * (size_t)vq->size, idx);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return ld16(vq->avail + 2) != idx;
+}
+
 /* §2.6.7.1 (driver notification suppression): ask to be kicked for the next
  * entry (avail_event = last_avail), then re-check the ring so a request added
  * just before the store is not missed.  Returns 1 if more work is there. */

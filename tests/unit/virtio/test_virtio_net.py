@@ -153,6 +153,10 @@ def test_rx_mergeable_waits_for_buffers(rig):
     r.dev.poll_rx()
     assert r.d.received(mrg=True) == [] and not r.dev.polling
     assert r.dev.stats["rx_drops"] == 0
+    # §2.6.7.1: with EVENT_IDX the device must ask for a kick at the driver's
+    # next addition, or the buffers added below would never be announced.
+    q = r.d.queues[RX]
+    assert q.event_idx and q.avail_event == q.avail_idx
     for _ in range(50):
         r.d.add_rx(1526)
     r.d.kick(RX)
