@@ -8,7 +8,7 @@
 # script does not rebuild the kernel; $PYVMM_CACHE/guest points at the
 # current pair.  Anything missing from the cache is rebuilt from scratch.
 #
-# Needs: linux-source-6.1 busybox-static flex bison bc libelf-dev libssl-dev cpio gcc
+# Needs: linux-source-6.1 busybox-static flex bison bc libelf-dev libssl-dev cpio lz4 gcc
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${PYVMM_CACHE:-$HOME/.cache/pyvmm}

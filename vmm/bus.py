@@ -7,6 +7,7 @@ reads return all ones, as on real hardware with nothing decoding the address.
 """
 import bisect
 import logging
+import threading
 
 log = logging.getLogger("pyvmm.bus")
 
@@ -18,29 +19,37 @@ class BusError(Exception):
 class Bus:
     def __init__(self, name):
         self.name = name
-        self._starts = []      # sorted base addresses
-        self._ranges = []      # (base, end, device) in the same order
+        # (sorted base addresses, [(base, end, device)] in the same order):
+        # replaced as a whole on every change, so a vCPU thread looking up an
+        # address while another one moves a PCI BAR sees one version or the
+        # other, never half of each.
+        self._table = ([], [])
+        self._lock = threading.Lock()   # serializes writers
         self.unhandled = 0     # accesses that hit no device
 
     def register(self, base, size, device):
         end = base + size
-        i = bisect.bisect_left(self._starts, base)
-        if (i > 0 and self._ranges[i - 1][1] > base) or (i < len(self._starts) and self._starts[i] < end):
-            raise BusError(f"{self.name}: 0x{base:x}+0x{size:x} overlaps another device")
-        self._starts.insert(i, base)
-        self._ranges.insert(i, (base, end, device))
+        with self._lock:
+            starts, ranges = self._table
+            i = bisect.bisect_left(starts, base)
+            if (i > 0 and ranges[i - 1][1] > base) or (i < len(starts) and starts[i] < end):
+                raise BusError(f"{self.name}: 0x{base:x}+0x{size:x} overlaps another device")
+            self._table = (starts[:i] + [base] + starts[i:],
+                           ranges[:i] + [(base, end, device)] + ranges[i:])
 
     def unregister(self, base):
-        i = bisect.bisect_left(self._starts, base)
-        if i < len(self._starts) and self._starts[i] == base:
-            del self._starts[i]
-            del self._ranges[i]
+        with self._lock:
+            starts, ranges = self._table
+            i = bisect.bisect_left(starts, base)
+            if i < len(starts) and starts[i] == base:
+                self._table = (starts[:i] + starts[i + 1:], ranges[:i] + ranges[i + 1:])
 
     def find(self, addr):
         """(device, offset) for `addr`, or (None, 0)."""
-        i = bisect.bisect_right(self._starts, addr) - 1
+        starts, ranges = self._table
+        i = bisect.bisect_right(starts, addr) - 1
         if i >= 0:
-            base, end, dev = self._ranges[i]
+            base, end, dev = ranges[i]
             if addr < end:
                 return dev, addr - base
         return None, 0

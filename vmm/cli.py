@@ -120,12 +120,16 @@ def config_from_args(args):
 def run(args):
     from vmm import console
     config = config_from_args(args)
-    machine = Machine(config)
     try:
-        with console.Console(machine):
-            status = machine.run()
+        machine = Machine(config)
+        try:
+            with console.Console(machine):
+                status = machine.run()
+        finally:
+            machine.close()
     finally:
-        machine.close()
+        if config.serial_out is not None:
+            config.serial_out.close()
     if machine.stop_reason not in ("poweroff", "reset", "quit") or args.debug:
         print(f"pyvmm: {machine.stop_message or machine.stop_reason}", file=sys.stderr)
     return status

@@ -34,6 +34,8 @@ class Console:
         return self
 
     def __exit__(self, *exc):
+        if self.thread is not None:      # it sees machine.stopping within 0.2 s
+            self.thread.join(timeout=1)
         if self.saved is not None:
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
         return False

@@ -7,6 +7,7 @@ vmm.virtio.pci_legacy for legacy virtio-pci), returning the kernel command
 line with whatever the transport needs announced.
 """
 import os
+import stat
 
 from vmm.arch.x86 import layout as L
 
@@ -41,6 +42,13 @@ def parse_bool(value, what):
     if value in ("off", "no", "false", "0"):
         return False
     raise DeviceSpecError(f"{what}: expected on or off, got {value!r}")
+
+
+def is_block_device(path):
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class Slots:
@@ -149,7 +157,7 @@ class DriveSpec(VirtioSpec):
         self.serial = opts.get("serial")
         if self.serial is not None and len(self.serial.encode()) > 20:
             raise DeviceSpecError("--drive: serial is at most 20 bytes (virtio-blk GET_ID)")
-        if not os.path.isfile(self.path):
+        if not (os.path.isfile(self.path) or is_block_device(self.path)):
             raise DeviceSpecError(f"--drive: disk image {self.path}: no such file")
 
     def open_device(self):

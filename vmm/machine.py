@@ -67,6 +67,8 @@ class Machine:
         self._ioloop = None
         self._attached = []
         self.pci_irqs = []      # (device number, pin, IOAPIC pin) for the MP table
+        self._serial_out = None
+        self._stuck_vcpus = []
         self.t_start = time.monotonic()
         try:
             self._build()
@@ -117,7 +119,7 @@ class Machine:
         c = self.config
         out = c.serial_out if c.serial_out is not None else os.fdopen(os.dup(1), "wb", buffering=0)
         self._serial_out = out
-        self.serial = Serial(out, irq=lambda level: self.vm.set_irq_line(COM1_IRQ, level))
+        self.serial = Serial(out, irq=self._serial_irq)
         self.pio_bus.register(COM1_PORT, 8, self.serial)
         self.pio_bus.register(DATA_PORT, 5, I8042(lambda: self.stop("reset", "guest reset (i8042)")))
         self.pio_bus.register(PVPANIC_PORT, 1, PvPanic(
@@ -130,6 +132,11 @@ class Machine:
             self._ioloop = IoLoop()
             self._ioloop.start()
         return self._ioloop
+
+    def _serial_irq(self, level):
+        vm = self.vm
+        if vm is not None and not self.stopping:   # input can still arrive while we stop
+            vm.set_irq_line(COM1_IRQ, level)
 
     # -- stopping ------------------------------------------------------------
     def stop(self, reason, message=""):
@@ -168,6 +175,10 @@ class Machine:
                 t.kick()
             for t in self.threads:
                 t.join(timeout=5)
+            # A vCPU thread can be stuck outside KVM_RUN (e.g. writing console
+            # output to a pipe nobody reads); then guest RAM and kvm_run must
+            # stay mapped, or that thread would fault when it resumes.
+            self._stuck_vcpus = [t.name for t in self.threads if t.is_alive()]
             for s, h in old.items():
                 signal.signal(s, h)
         return STATUS[self.stop_reason or "error"]
@@ -178,7 +189,9 @@ class Machine:
     def close(self):
         """Release everything; safe to call more than once and after errors."""
         if self._ioloop is not None:
-            self._ioloop.stop()
+            # Wait for the handler in progress (a long fdatasync, say): the
+            # devices below must not be closed under the I/O thread's feet.
+            self._ioloop.stop(timeout=None)
         for dev in self._attached:      # flush and close disk images first
             try:
                 dev.close()
@@ -188,6 +201,12 @@ class Machine:
         if self._ioloop is not None:
             self._ioloop.close()
             self._ioloop = None
+        if self._serial_out is not None and self.config.serial_out is None:
+            self._serial_out.close()    # our dup of stdout (a --serial file is the caller's)
+        self._serial_out = None
+        if self._stuck_vcpus:
+            log.error("%s did not stop; leaving guest memory mapped", ", ".join(self._stuck_vcpus))
+            return
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus = []

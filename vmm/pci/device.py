@@ -143,9 +143,10 @@ class PciDevice:
     def write_config(self, offset, size, value):
         end = min(offset + size, 256)
         cfg, wm, w1c = self.config, self.wmask, self.w1cmask
-        for off in range(offset, end):
-            b = (value >> (8 * (off - offset))) & 0xFF
-            cfg[off] = ((cfg[off] & ~wm[off]) | (b & wm[off])) & ~(b & w1c[off]) & 0xFF
+        with self._intx_lock:       # set_intx updates the status byte from the I/O thread
+            for off in range(offset, end):
+                b = (value >> (8 * (off - offset))) & 0xFF
+                cfg[off] = ((cfg[off] & ~wm[off]) | (b & wm[off])) & ~(b & w1c[off]) & 0xFF
         if offset < BAR0 + 4 * BAR_COUNT and end > COMMAND:     # command or a BAR
             if offset < COMMAND + 2:
                 self._drive_line()
