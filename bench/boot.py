@@ -22,8 +22,8 @@ INIT_MARKER = b"Run /init as init process"
 
 
 def first_instruction(reps):
-    d = tempfile.mkdtemp()
-    elf = tinyguest.make_elf(tinyguest.serial_text("!") + tinyguest.CLI_HLT, os.path.join(d, "t.elf"))
+    tmp = tempfile.TemporaryDirectory(prefix="pyvmm-bench-")
+    elf = tinyguest.make_elf(tinyguest.serial_text("!") + tinyguest.CLI_HLT, os.path.join(tmp.name, "t.elf"))
     out = {}
     for name, cmd in (("pyvmm", pyvmm_cmd(elf, mem="64M")), ("qemu", qemu_cmd(elf, mem="64M"))):
         if name == "qemu" and not have_qemu():
@@ -32,6 +32,7 @@ def first_instruction(reps):
         samples = [s for s in samples if s is not None]
         if samples:
             out[name] = stats(samples)
+    tmp.cleanup()
     return out
 
 

@@ -47,29 +47,47 @@ def pyvmm_cmd(kernel, initrd=None, cmdline=None, mem="256M"):
     return cmd
 
 
-def time_to_marker(cmd, marker, timeout):
-    """Seconds from spawning `cmd` until `marker` (bytes) appears on its
-    stdout; the process is killed afterwards.  None on timeout."""
+def read_markers(fd, markers, t0, timeout):
+    """Read `fd` (a VMM's console) until each byte string of `markers` has
+    appeared, in order, or `timeout` seconds after `t0` (a monotonic time)
+    pass or the output ends.  Returns ({marker: seconds since t0 when it
+    arrived}, the last 300 bytes read)."""
+    seen, want, buf, tail = {}, list(markers), b"", b""
+    while want:
+        left = t0 + timeout - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        now = time.monotonic() - t0
+        buf += chunk
+        tail = (tail + chunk)[-300:]
+        while want and want[0] in buf:
+            buf = buf[buf.index(want[0]) + len(want[0]):]
+            seen[want.pop(0)] = now
+        if want:
+            buf = buf[-len(want[0]):]          # enough to catch a marker split across reads
+    return seen, tail
+
+
+def spawn_markers(cmd, markers, timeout):
+    """Spawn `cmd`, return read_markers()'s times for its stdout; the process
+    is killed afterwards.  Missing markers are absent."""
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                          stdin=subprocess.DEVNULL)
-    buf = b""
     try:
-        fd = p.stdout.fileno()
-        while time.monotonic() - t0 < timeout:
-            if not select.select([fd], [], [], max(0.0, t0 + timeout - time.monotonic()))[0]:
-                return None
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                return None
-            buf += chunk
-            if marker in buf:
-                return time.monotonic() - t0
-            buf = buf[-len(marker):] if len(buf) > 65536 else buf
-        return None
+        return read_markers(p.stdout.fileno(), markers, t0, timeout)[0]
     finally:
         p.kill()
         p.wait()
+
+
+def time_to_marker(cmd, marker, timeout):
+    """Seconds from spawning `cmd` until `marker` (bytes) appears on its
+    stdout; None on timeout."""
+    return spawn_markers(cmd, [marker], timeout).get(marker)
 
 
 def compare(results, title, unit, scale=1.0, detail=None):

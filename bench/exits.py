@@ -16,13 +16,10 @@ are a small part of the figure there and nothing on hardware KVM.
 """
 import argparse
 import os
-import select
 import struct
-import subprocess
 import tempfile
-import time
 
-from bench.common import compare, have_qemu, pyvmm_cmd, qemu_cmd, save, stats
+from bench.common import compare, have_qemu, pyvmm_cmd, qemu_cmd, save, spawn_markers, stats
 from vmm import tinyguest
 
 ADDR = 0xC0000000          # unassigned in both VMMs (pyvmm PCI memory starts at 0xE0000000)
@@ -46,36 +43,10 @@ def guest_elf(path, count, addr=ADDR):
     return tinyguest.make_elf(code, path)
 
 
-def marker_times(cmd, markers, timeout):
-    """Spawn `cmd`; return {marker: monotonic seconds since spawn} for each
-    single-byte marker as it arrives on stdout (the process is killed after
-    the last one, or at EOF / timeout).  Missing markers are absent."""
-    t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                         stdin=subprocess.DEVNULL)
-    seen, want = {}, list(markers)
-    try:
-        fd = p.stdout.fileno()
-        while want and time.monotonic() - t0 < timeout:
-            if not select.select([fd], [], [], max(0.0, t0 + timeout - time.monotonic()))[0]:
-                break
-            chunk = os.read(fd, 4096)
-            now = time.monotonic() - t0
-            if not chunk:
-                break
-            while want and want[0] in chunk:
-                chunk = chunk[chunk.index(want[0]) + 1:]
-                seen[want.pop(0)] = now
-        return seen
-    finally:
-        p.kill()
-        p.wait()
-
-
 def measure(cmd, count, reps, timeout=120):
     rates = []
     for _ in range(reps):
-        t = marker_times(cmd, [OPEN, CLOSE], timeout)
+        t = spawn_markers(cmd, [OPEN, CLOSE], timeout)
         if OPEN in t and CLOSE in t and t[CLOSE] > t[OPEN]:
             rates.append(count / (t[CLOSE] - t[OPEN]))
     return rates
@@ -86,7 +57,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--count", type=int, default=60000, help="MMIO writes per repetition")
     args = ap.parse_args(argv)
-    d = tempfile.mkdtemp(prefix="pyvmm-bench-")
+    tmp = tempfile.TemporaryDirectory(prefix="pyvmm-bench-")
+    d = tmp.name
     elf = guest_elf(os.path.join(d, "mmio.elf"), args.count)
     res = {"what": f"MMIO write exits/s to unassigned 0x{ADDR:x}", "count": args.count,
            "mmio_exits_per_s": {}}
@@ -100,6 +72,7 @@ def main(argv=None):
                     " exits/s", detail=lambda s: f"{1e6 / s['median']:.1f} us per exit")
     if ratio is not None:
         res["mmio_exits_per_s_ratio"] = ratio
+    tmp.cleanup()
     print("saved", save("exits", res))
     return res
 

@@ -24,14 +24,13 @@ Guests (same file and command line for both VMMs):
 import argparse
 import os
 import re
-import select
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 
-from bench.common import have_qemu, pyvmm_cmd, qemu_cmd, save, stats
+from bench.common import have_qemu, pyvmm_cmd, qemu_cmd, read_markers, save, stats
 from vmm import guest, tinyguest
 from vmm.arch.x86 import cpuid
 
@@ -88,23 +87,14 @@ def sample(cmd, ready, timeout, settle, stdin=subprocess.DEVNULL):
     stdout in order, wait `settle` seconds, return overhead(); None on failure."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                          stdin=subprocess.PIPE if stdin is None else stdin)
-    t0, buf, want, seen = time.monotonic(), b"", list(ready), b""
+    t0 = time.monotonic()
     try:
         fd = p.stdout.fileno()
-        while want and time.monotonic() - t0 < timeout:
-            if not select.select([fd], [], [], max(0.0, t0 + timeout - time.monotonic()))[0]:
-                break
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                return None
-            buf += chunk
-            seen = (seen + chunk)[-300:]
-            while want and want[0] in buf:
-                buf = buf[buf.index(want[0]) + len(want[0]):]
-                want.pop(0)
-        if want:
-            print(f"memory: {cmd[0]}: no {want[0]!r} within {timeout} s; console ends with "
-                  f"{seen[-200:]!r}", file=sys.stderr)
+        seen, tail = read_markers(fd, ready, t0, timeout)
+        missing = [m for m in ready if m not in seen]
+        if missing:
+            print(f"memory: {cmd[0]}: no {missing[0]!r} within {timeout} s; console ends with "
+                  f"{tail[-200:]!r}", file=sys.stderr)
             return None
         # keep draining the console while settling, so the VMM never blocks on it
         end = time.monotonic() + settle
@@ -136,14 +126,14 @@ def run_pair(cmds, ready, reps, timeout, settle, stdin):
 
 
 def tiny(reps):
-    d = tempfile.mkdtemp(prefix="pyvmm-bench-")
+    tmp = tempfile.TemporaryDirectory(prefix="pyvmm-bench-")
+    d = tmp.name
     elf = touch_guest(os.path.join(d, "touch.elf"))
     try:
         return run_pair((("pyvmm", pyvmm_cmd(elf, mem="256M")), ("qemu", qemu_cmd(elf, mem="256M"))),
                         [READY], reps, 60, 1.0, subprocess.DEVNULL)
     finally:
-        os.unlink(elf)
-        os.rmdir(d)
+        tmp.cleanup()
 
 
 def linux(reps):

@@ -36,7 +36,8 @@ def main(argv=None):
     ap.add_argument("--vms", type=int, default=10, help="VMs in a row per batch")
     ap.add_argument("--mem", default="256M", help="guest RAM of each VM")
     args = ap.parse_args(argv)
-    d = tempfile.mkdtemp(prefix="pyvmm-bench-")
+    tmp = tempfile.TemporaryDirectory(prefix="pyvmm-bench-")
+    d = tmp.name
     elf = tinyguest.make_elf(RESET, os.path.join(d, "reset.elf"))
     res = {"vms_per_batch": args.vms, "mem": args.mem, "vms_per_s": {}, "failed_batches": {}}
     for name, cmd in (("pyvmm", pyvmm_cmd(elf, mem=args.mem)), ("qemu", qemu_cmd(elf, mem=args.mem))):
@@ -57,6 +58,7 @@ def main(argv=None):
                     " VMs/s", detail=lambda s: f"{1000 / s['median']:.0f} ms per VM")
     if ratio is not None:
         res["vms_per_s_ratio"] = ratio
+    tmp.cleanup()
     print("saved", save("startstop", res))
     return res
 
