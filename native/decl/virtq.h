@@ -89,4 +89,6 @@ struct pv_blk_result {
 int pv_blk_process(struct pv_vq *vq, struct pv_blk *blk, struct pv_chain *scratch,
                    struct pv_blk_result *res);
 int pv_blk_request(struct pv_blk *blk, struct pv_chain *c, uint32_t *used_len);
+extern void (*pv_blk_seg_hook)(void *arg);
+extern void *pv_blk_seg_hook_arg;
 long pv_bench_pread(int fd, void *buf, uint64_t len, const uint64_t *offsets, uint32_t n);

@@ -76,6 +76,8 @@ int pv_vq_notify_on_next(struct pv_vq *vq);
 uint16_t pv_vq_avail_idx(struct pv_vq *vq);
 
 /* virtio-blk (§5.2) */
+#define PV_BLK_MAX_SEGS 256          /* discard/write-zeroes segments per request */
+#define PV_BLK_MAX_SECTOR (UINT64_MAX / 512 / 2) /* byte offsets stay below 2^63 */
 struct pv_blk {
     int fd;
     int readonly;
@@ -99,6 +101,9 @@ int pv_blk_process(struct pv_vq *vq, struct pv_blk *blk, struct pv_chain *scratc
                    struct pv_blk_result *res);
 int pv_blk_request(struct pv_blk *blk, struct pv_chain *c, uint32_t *used_len);
 /* the physical limit for bench/blk.py: n preads of `len` at the given offsets */
+/* test seam, NULL in production: see discard_wz() in native/src/blk.c */
+extern void (*pv_blk_seg_hook)(void *arg);
+extern void *pv_blk_seg_hook_arg;
 long pv_bench_pread(int fd, void *buf, uint64_t len, const uint64_t *offsets, uint32_t n);
 
 #endif

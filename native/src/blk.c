@@ -128,58 +128,78 @@ static int write_zeros(int fd, uint64_t off, uint64_t len)
     return 0;
 }
 
-/* §5.2.6.2: an array of {le64 sector; le32 num_sectors; le32 flags}.  All
- * segments are checked before any is applied. */
+/* Test seam: called once the segments are checked and before any is applied
+ * (NULL in production).  tests/native uses it to rewrite guest memory at the
+ * moment a second vCPU could, and shows the checked copy is what is used. */
+void (*pv_blk_seg_hook)(void *arg);
+void *pv_blk_seg_hook_arg;
+
+struct blk_seg {
+    uint64_t sector;
+    uint32_t num;
+    uint32_t flags;
+};
+
+/* §5.2.6.2: an array of {le64 sector; le32 num_sectors; le32 flags}.
+ * SAFETY: `iov` points into guest memory that other vCPUs may change at any
+ * time, so the segments are copied out exactly once into `segs` and only
+ * that private copy is checked and then applied: a guest cannot swap in an
+ * out-of-range sector after the check (which would grow the image file).
+ * All segments are checked before any is applied. */
 static int discard_wz(struct pv_blk *blk, const struct iovec *iov, int n, uint64_t len, int type)
 {
-    uint8_t seg[16];
+    struct blk_seg segs[PV_BLK_MAX_SEGS];
     uint32_t max_seg = type == T_DISCARD ? blk->max_discard_seg : blk->max_write_zeroes_seg;
     uint32_t max_sec = type == T_DISCARD ? blk->max_discard_sectors : blk->max_write_zeroes_sectors;
     if (blk->readonly || len % 16)
         return S_IOERR;
-    if (len / 16 > max_seg)
+    uint64_t nseg = len / 16;
+    if (nseg > max_seg || nseg > PV_BLK_MAX_SEGS)
         return S_IOERR;
+    uint8_t raw[16];
     struct iovec tmp[PV_VQ_MAX_SIZE];
-    for (int pass = 0; pass < 2; pass++) {
-        for (uint64_t s = 0; s < len / 16; s++) {
-            int k = iov_slice(iov, (uint32_t)n, 16 * s, 16, tmp);
-            iov_copy_out(tmp, k, seg, 16);
-            uint64_t sector, num, flags;
-            memcpy(&sector, seg, 8);
-            num = *(uint32_t *)(seg + 8);
-            flags = *(uint32_t *)(seg + 12);
-            if (pass == 0) {
-                if (flags & ~(uint64_t)WZ_F_UNMAP)
-                    return S_UNSUPP;
-                if (type == T_DISCARD && (flags & WZ_F_UNMAP))
-                    return S_UNSUPP;
-                if (num > max_sec || !in_range(blk, sector, num))
-                    return S_IOERR;
-                continue;
-            }
-            off_t off = (off_t)(sector * SECTOR), l = (off_t)(num * SECTOR);
-            if (!l)
-                continue;
-            if (type == T_DISCARD) {
-                /* advisory: a file system without punch-hole still succeeds */
-                if (fallocate(blk->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, l) < 0 &&
-                    errno != EOPNOTSUPP && errno != ENOSYS)
-                    return S_IOERR;
-                continue;
-            }
-            if ((flags & WZ_F_UNMAP) &&
-                fallocate(blk->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, l) == 0)
-                continue;
-            if (!blk->no_zero_range) {
-                if (fallocate(blk->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, l) == 0)
-                    continue;
-                if (errno != EOPNOTSUPP && errno != ENOSYS && errno != EINVAL)
-                    return S_IOERR;
-                blk->no_zero_range = 1;
-            }
-            if (write_zeros(blk->fd, (uint64_t)off, (uint64_t)l) < 0)
+    for (uint64_t s = 0; s < nseg; s++) {
+        int k = iov_slice(iov, (uint32_t)n, 16 * s, 16, tmp);
+        iov_copy_out(tmp, k, raw, 16);
+        memcpy(&segs[s].sector, raw, 8);
+        memcpy(&segs[s].num, raw + 8, 4);
+        memcpy(&segs[s].flags, raw + 12, 4);
+        const struct blk_seg *g = &segs[s];
+        if (g->flags & ~WZ_F_UNMAP)
+            return S_UNSUPP;
+        if (type == T_DISCARD && (g->flags & WZ_F_UNMAP))
+            return S_UNSUPP;
+        /* in_range bounds sector + num by the capacity, which the Python
+         * side keeps below 2^63 / 512, so the byte offsets cannot overflow */
+        if (g->num > max_sec || !in_range(blk, g->sector, g->num) || g->sector > PV_BLK_MAX_SECTOR)
+            return S_IOERR;
+    }
+    if (pv_blk_seg_hook)
+        pv_blk_seg_hook(pv_blk_seg_hook_arg);
+    for (uint64_t s = 0; s < nseg; s++) {
+        const struct blk_seg *g = &segs[s];
+        off_t off = (off_t)(g->sector * SECTOR), l = (off_t)((uint64_t)g->num * SECTOR);
+        if (!l)
+            continue;
+        if (type == T_DISCARD) {
+            /* advisory: a file system without punch-hole still succeeds */
+            if (fallocate(blk->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, l) < 0 &&
+                errno != EOPNOTSUPP && errno != ENOSYS)
                 return S_IOERR;
+            continue;
         }
+        if ((g->flags & WZ_F_UNMAP) &&
+            fallocate(blk->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, l) == 0)
+            continue;
+        if (!blk->no_zero_range) {
+            if (fallocate(blk->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, l) == 0)
+                continue;
+            if (errno != EOPNOTSUPP && errno != ENOSYS && errno != EINVAL)
+                return S_IOERR;
+            blk->no_zero_range = 1;
+        }
+        if (write_zeros(blk->fd, (uint64_t)off, (uint64_t)l) < 0)
+            return S_IOERR;
     }
     return S_OK;
 }

@@ -252,3 +252,42 @@ def test_config_space(rig):
                 vd.VIRTIO_F_VERSION_1, vd.VIRTIO_F_RING_EVENT_IDX, vd.VIRTIO_F_RING_INDIRECT_DESC):
         assert d.features >> bit & 1, bit
     assert not d.features >> b.VIRTIO_BLK_F_RO & 1
+
+
+@pytest.mark.parametrize("typ", [T_WRITE_ZEROES, T_DISCARD])
+# Cheap even when the bug is present (a regression must not fill the disk):
+# past the end, straddling the end, and an unchecked in-range sector.
+@pytest.mark.parametrize("evil", [seg(CAP + 1024, 8), seg(CAP - 8, 2048), seg(0, 8)],
+                         ids=["past-end", "straddle", "other-sector"])
+def test_segment_swapped_after_check_is_not_used(rig, typ, evil):
+    """Issue #14: a second vCPU rewrites the segment between the device's
+    check and its use.  The device must act on the copy it checked: the image
+    keeps its size and nothing outside the checked range changes."""
+    from vmm.native import ffi, lib
+    r = rig()
+    if not r.dev.native:
+        pytest.skip("the hook is in the C engine; the Python engine copies the payload once")
+    before = r.disk()
+    req = r.d.submit(typ, data=seg(8, 8))
+    (gpa, n), = req.data
+    fired = []
+
+    @ffi.callback("void(void *)")
+    def swap(_arg):
+        r.d.mem.write(gpa, evil)
+        fired.append(1)
+    lib.pv_blk_seg_hook = swap
+    try:
+        r.d.kick()
+    finally:
+        lib.pv_blk_seg_hook = ffi.NULL
+    assert fired
+    assert dict(r.d.queues[0].get_used())[req.head] == 1
+    assert r.d.result(req)[0] == b.S_OK
+    st = os.stat(r.image)
+    assert st.st_size == IMAGE_SIZE
+    assert st.st_blocks * 512 <= IMAGE_SIZE           # nothing allocated past the end
+    after = r.disk()
+    assert after[:8 * 512] == before[:8 * 512] and after[16 * 512:] == before[16 * 512:]
+    if typ == T_WRITE_ZEROES:
+        assert after[8 * 512:16 * 512] == bytes(4096)
