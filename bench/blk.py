@@ -25,7 +25,7 @@ from vmm.virtio.blk import BlkDevice
 from vmm.virtio import pci_legacy as pl
 from vmm.virtio.mmio import VirtioMmio
 from vmm.virtio.pci_legacy import VirtioPciLegacy
-from vmm.virtio.mockdriver import MockDriver
+from vmm.testing.mockdriver import MockDriver
 from vmm.virtio.queue import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 
 BATCH = 128

@@ -1,6 +1,6 @@
 """Boot figures, pyvmm side by side with `qemu-system-x86_64 -M microvm`:
 
-- start to first guest instruction: a tiny ELF (vmm.tinyguest) whose first
+- start to first guest instruction: a tiny ELF (vmm.testing.tinyguest) whose first
   instruction writes a byte to the UART; time from spawning the VMM until the
   byte reaches its stdout;
 - start to "Run /init as init process" for the default guest, with the same
@@ -15,7 +15,8 @@ import sys
 import tempfile
 
 from bench.common import compare, have_qemu, pyvmm_cmd, qemu_cmd, save, stats, time_to_marker
-from vmm import guest, tinyguest
+from vmm import guest
+from vmm.testing import tinyguest
 from vmm.arch.x86 import cpuid
 
 INIT_MARKER = b"Run /init as init process"

@@ -1,5 +1,5 @@
 """MMIO exits per second on the vCPU thread, pyvmm side by side with
-`qemu-system-x86_64 -M microvm` on the same tiny ring-0 guest (vmm.tinyguest).
+`qemu-system-x86_64 -M microvm` on the same tiny ring-0 guest (vmm.testing.tinyguest).
 
 The guest writes "{" to the UART, then does --count 4-byte writes to a
 guest-physical address where no device sits (ADDR, in the MMIO hole below
@@ -20,7 +20,7 @@ import struct
 import tempfile
 
 from bench.common import compare, have_qemu, pyvmm_cmd, qemu_cmd, save, spawn_markers, stats
-from vmm import tinyguest
+from vmm.testing import tinyguest
 
 ADDR = 0xC0000000          # unassigned in both VMMs (pyvmm PCI memory starts at 0xE0000000)
 OPEN, CLOSE = b"{", b"}"

@@ -13,7 +13,7 @@ Private_Clean/Private_Dirty or Pss it does not change when another process
 happens to map the same binary or libraries.
 
 Guests (same file and command line for both VMMs):
-- tiny: a ring-0 ELF (vmm.tinyguest) that touches 128 MiB of its RAM, one
+- tiny: a ring-0 ELF (vmm.testing.tinyguest) that touches 128 MiB of its RAM, one
   byte per 4 KiB page, writes "M" to the UART and waits in sti; hlt;
 - linux: the default guest (`make guest`) at its busybox shell, measured
   once "shell ready" and the prompt are on the console (about 40 s to boot
@@ -31,7 +31,8 @@ import tempfile
 import time
 
 from bench.common import have_qemu, pyvmm_cmd, qemu_cmd, read_markers, save, stats
-from vmm import guest, tinyguest
+from vmm import guest
+from vmm.testing import tinyguest
 from vmm.arch.x86 import cpuid
 
 MiB = 1 << 20

@@ -25,11 +25,11 @@ import numpy as np
 
 from vmm.memory import GuestMemory, MiB
 from vmm.native import ffi, lib
-from vmm.netns import NetNs, packet_socket
+from vmm.testing.netns import NetNs, packet_socket
 from vmm.tap import Tap
 from vmm.virtio import mmio as m
 from vmm.virtio.mmio import VirtioMmio
-from vmm.virtio.mockdriver import MockDriver
+from vmm.testing.mockdriver import MockDriver
 from vmm.virtio.net import NetDevice
 from vmm.virtio.queue import VRING_DESC_F_WRITE
 

@@ -3,7 +3,7 @@
 
     python -m bench.pio [--reps 5] [--exits 200000]
 
-The guest (vmm.tinyguest, an ELF with a PVH note so both VMMs boot it) runs
+The guest (vmm.testing.tinyguest, an ELF with a PVH note so both VMMs boot it) runs
 `mov ecx, N; mov dx, PORT; xor eax, eax; 1: out dx, al|ax; dec ecx; jnz 1b`
 and then ends the VM: pyvmm through an i8042 reset (0xFE to port 0x64),
 QEMU through its isa-debug-exit device (microvm has no i8042).
@@ -36,7 +36,7 @@ import tempfile
 import time
 
 from bench.common import QEMU, fmt, have_qemu, save, stats
-from vmm import tinyguest
+from vmm.testing import tinyguest
 
 UNUSED_PORT = 0x5F0
 UART_SCR = 0x3FF

@@ -1,6 +1,6 @@
 """VMs started and stopped per second, pyvmm side by side with
 `qemu-system-x86_64 -M microvm`: ten VMs in a row, each a fresh VMM process
-running a tiny guest (vmm.tinyguest) that resets at its first instruction;
+running a tiny guest (vmm.testing.tinyguest) that resets at its first instruction;
 the next starts when the previous has exited.  One repetition = ten VMs;
 VMs/s = 10 / wall time of the ten.  A VM counts only if its VMM exits with
 status 0 (pyvmm: i8042 reset; QEMU: triple fault under -no-reboot, microvm
@@ -16,7 +16,7 @@ import time
 
 from bench.common import compare, have_qemu, pyvmm_cmd, qemu_cmd, save, stats
 from bench.exits import RESET
-from vmm import tinyguest
+from vmm.testing import tinyguest
 
 
 def batch(cmd, vms, timeout=60):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-import vmm.tinyguest as T
+import vmm.testing.tinyguest as T
 from vmm.machine import STATUS
 
 pytestmark = pytest.mark.usefixtures("needs_kvm")

@@ -16,7 +16,7 @@ import pytest
 
 from vmm import guest
 from vmm.machine import STATUS
-from vmm.netns import NetNs, ping
+from vmm.testing.netns import NetNs, ping
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm"),
               pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-import vmm.tinyguest as T
+import vmm.testing.tinyguest as T
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.pci import bus as pb
 from vmm.virtio import pci_legacy as pl

@@ -3,7 +3,7 @@ import struct
 
 import pytest
 
-from vmm.tinyguest import make_elf, HLT_LOOP, LOAD_ADDR
+from vmm.testing.tinyguest import make_elf, HLT_LOOP, LOAD_ADDR
 from vmm.arch.x86 import boot, layout as L, loader
 from vmm.memory import GiB, MiB, GuestMemory, GuestMemoryError
 from vmm.native import ffi

@@ -58,7 +58,7 @@ def test_bad_values(args, text):
 
 
 def test_memory_out_of_range(tmp_path):
-    from vmm.tinyguest import make_elf, HLT_LOOP
+    from vmm.testing.tinyguest import make_elf, HLT_LOOP
     k = make_elf(HLT_LOOP, str(tmp_path / "k"))
     rc, _, err = run("run", "--kernel", k, "--mem", "4")
     assert rc == cli.EXIT_ERROR and "memory size" in one_line(err)

@@ -14,7 +14,7 @@ from vmm.virtio import device as vd
 from vmm.virtio import pci_legacy as pl
 from vmm.virtio.blk import BlkDevice
 from vmm.virtio.ioloop import IoLoop, signal_eventfd
-from vmm.virtio.mockdriver import BlkDriver, PciLegacyRegs, PortWindow, T_IN, T_OUT
+from vmm.testing.mockdriver import BlkDriver, PciLegacyRegs, PortWindow, T_IN, T_OUT
 
 V1 = 1 << vd.VIRTIO_F_VERSION_1
 

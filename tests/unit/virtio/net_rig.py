@@ -4,7 +4,7 @@ tap (each message is one frame with its virtio_net_hdr, as on a tap)."""
 import socket
 
 from vmm.virtio.mmio import VirtioMmio
-from vmm.virtio.mocknet import NetDriver
+from vmm.testing.mocknet import NetDriver
 from vmm.virtio.net import NetDevice
 
 

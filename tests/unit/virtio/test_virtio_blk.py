@@ -10,7 +10,7 @@ import pytest
 from vmm.virtio import blk as b
 from vmm.virtio import device as vd
 from vmm.virtio.blk import BlkDevice, BlkError
-from vmm.virtio.mockdriver import T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES
+from vmm.testing.mockdriver import T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES
 
 from virtio_rig import IMAGE_SIZE
 

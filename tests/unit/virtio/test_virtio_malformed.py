@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from vmm.virtio import device as vd
-from vmm.virtio.mockdriver import T_IN, T_OUT
+from vmm.testing.mockdriver import T_IN, T_OUT
 from vmm.virtio.queue import (E_AVAIL_IDX, E_HEAD, E_INDIRECT, E_LOOP, E_NEXT, E_ORDER, E_RANGE,
                               E_REQ, VRING_DESC_F_INDIRECT as IND, VRING_DESC_F_NEXT as NXT,
                               VRING_DESC_F_WRITE as W)

@@ -5,7 +5,7 @@ import pytest
 from vmm.virtio import device as vd
 from vmm.virtio import mmio as m
 from vmm.virtio.mmio import VirtioMmio
-from vmm.virtio.mockdriver import BlkDriver, DriverQueue, T_IN, T_OUT
+from vmm.testing.mockdriver import BlkDriver, DriverQueue, T_IN, T_OUT
 
 from virtio_rig import Rig
 

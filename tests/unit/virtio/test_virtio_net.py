@@ -13,7 +13,7 @@ from vmm.native import lib
 from vmm.virtio import device as vd
 from vmm.virtio import mmio as m
 from vmm.virtio.ioloop import IoLoop
-from vmm.virtio.mocknet import HDR_LEN, RX, TX, net_hdr
+from vmm.testing.mocknet import HDR_LEN, RX, TX, net_hdr
 from vmm.virtio.net import F_MAC, F_MRG_RXBUF, F_STATUS, NetDevice, NetError, default_mac
 from vmm.virtio.queue import VRING_DESC_F_NEXT as NXT, VRING_DESC_F_WRITE as W
 

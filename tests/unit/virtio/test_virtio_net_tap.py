@@ -13,9 +13,9 @@ import pytest
 
 from vmm import guest
 from vmm.memory import GuestMemory, MiB
-from vmm.netns import NetNs, packet_socket
+from vmm.testing.netns import NetNs, packet_socket
 from vmm.tap import Tap, TapError, parse_mac
-from vmm.virtio.mocknet import HDR_LEN, RX, net_hdr
+from vmm.testing.mocknet import HDR_LEN, RX, net_hdr
 from vmm.virtio.net import F_GUEST_CSUM, F_GUEST_TSO4, F_HOST_TSO4
 
 from net_rig import NetRig

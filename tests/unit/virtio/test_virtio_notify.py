@@ -11,7 +11,7 @@ import pytest
 from vmm.virtio import device as vd
 from vmm.virtio import mmio as m
 from vmm.virtio.ioloop import IoLoop, drain_eventfd, signal_eventfd
-from vmm.virtio.mockdriver import BlkDriver, T_IN, T_OUT
+from vmm.testing.mockdriver import BlkDriver, T_IN, T_OUT
 from vmm.virtio.mmio import VirtioMmio
 from vmm.virtio.blk import BlkDevice
 

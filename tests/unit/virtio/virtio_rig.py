@@ -3,7 +3,7 @@ never collides with another directory's conftest)."""
 from vmm.memory import MiB
 from vmm.virtio.blk import BlkDevice
 from vmm.virtio.mmio import VirtioMmio
-from vmm.virtio.mockdriver import BlkDriver
+from vmm.testing.mockdriver import BlkDriver
 
 IMAGE_SIZE = 1 * MiB
 

@@ -3,7 +3,7 @@ receive buffers and transmit chains from guard-fenced guest memory, through
 the same register interface as a guest (see mockdriver.MockDriver)."""
 import struct
 
-from vmm.virtio.mockdriver import DriverError, MockDriver
+from vmm.testing.mockdriver import DriverError, MockDriver
 
 RX, TX = 0, 1
 HDR_LEN = 12
