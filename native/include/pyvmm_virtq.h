@@ -29,6 +29,10 @@
 #define PV_VQ_E_INDIRECT 7           /* bad indirect descriptor */
 #define PV_VQ_E_ORDER 8              /* readable descriptor after a writable one */
 #define PV_VQ_E_REQ 9                /* request framing (too short, wrong direction) */
+#define PV_VQ_E_TOO_BIG 10           /* chain's buffers total 4 GiB or more */
+
+/* A chain's buffers total at most this (the used ring's len is 32 bits) */
+#define PV_VQ_MAX_CHAIN_BYTES 0xFFFFFFFFull
 
 struct pv_region {
     uint64_t gpa;

@@ -237,7 +237,7 @@ int pv_blk_request(struct pv_blk *blk, struct pv_chain *c, uint32_t *used_len)
         }
         k = iov_slice(wr, nwr, 0, out_len, tmp);
         s = rw_all(blk->fd, tmp, k, sector * SECTOR, 0) < 0 ? S_IOERR : S_OK;
-        if (s == S_OK)
+        if (s == S_OK)      /* exact: pv_vq_pop bounds a chain below 2^32 bytes */
             *used_len = (uint32_t)(out_len + 1);
         break;
     case T_OUT:
