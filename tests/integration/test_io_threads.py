@@ -74,3 +74,25 @@ def test_blocked_flush_does_not_stall_other_disk_and_close_is_bounded(tmp_path, 
     m.close()                                                  # now everything goes
     assert m._stuck_io == [] and specs[0].transport is None and m.memory is None
     serial.close()
+
+
+def test_stop_is_reentrant_for_signal_handlers(tmp_path):
+    """Machine.stop() runs in signal handlers on the main thread, which may
+    be inside stop() already (the --timeout path): it must not deadlock, and
+    the first reason wins."""
+    kernel = T.make_elf(T.CLI_HLT, str(tmp_path / "guest.elf"))
+    serial = open(tmp_path / "serial", "wb")
+    m = Machine(MachineConfig(kernel=kernel, mem_size=32 << 20, serial_out=serial))
+    try:
+        def interrupted_stop():       # a handler's stop() while stop() holds the lock
+            with m._lock:
+                m.stop("timeout", "timeout after 1 s")
+                m._on_signal(15, None)
+        th = threading.Thread(target=interrupted_stop, daemon=True)
+        th.start()
+        th.join(5)
+        assert not th.is_alive(), "stop() deadlocked when re-entered"
+        assert m.stop_reason == "timeout" and m.stopping
+    finally:
+        m.close()
+        serial.close()
