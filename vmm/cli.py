@@ -15,6 +15,7 @@ from vmm.kvm.system import KvmUnavailable
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.memory import GuestMemoryError
 from vmm.native import NativeError
+from vmm.seccomp import SeccompError
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -85,6 +86,9 @@ def build_parser():
                    help="a virtio-net NIC on a tap interface (repeatable; the first is eth0); "
                         "the tap is created if absent and then removed on exit; nothing is "
                         "configured on the host side; transport as for --drive")
+    r.add_argument("--no-seccomp", action="store_true",
+                   help="do not confine the VMM's threads with seccomp filters (for debugging; "
+                        "see README, Security)")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
     return p
@@ -115,7 +119,8 @@ def config_from_args(args):
     return MachineConfig(kernel=kernel, initrd=initrd, devices=devices,
                          cmdline=args.cmdline if args.cmdline is not None else guest.DEFAULT_CMDLINE,
                          mem_size=args.mem, cpus=args.cpus, cpu_template=args.cpu_template,
-                         serial_out=serial_out, timeout=args.timeout)
+                         serial_out=serial_out, timeout=args.timeout,
+                         seccomp=not args.no_seccomp)
 
 
 def run(args):
@@ -150,7 +155,7 @@ def main(argv=None):
         print(f"pyvmm: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (KernelError, KvmUnavailable, CpuidError, GuestMemoryError, NativeError,
-            ValueError, MemoryError, OSError) as e:
+            SeccompError, ValueError, MemoryError, OSError) as e:
         print(f"pyvmm: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
