@@ -29,12 +29,23 @@ struct desc {
 static inline uint16_t ld16(const volatile uint8_t *p) { return *(const volatile uint16_t *)p; }
 static inline void st16(volatile uint8_t *p, uint16_t v) { *(volatile uint16_t *)p = v; }
 
+/* Unaligned-safe loads: an indirect table (§2.6.5.3) is wherever the guest
+ * says, and nothing requires it to be aligned, so a descriptor may sit at
+ * any byte address (a plain uint64_t load there is undefined behaviour;
+ * found by the fuzz corpus replayed under UBSan). */
+typedef uint64_t __attribute__((aligned(1))) u64_any;
+typedef uint32_t __attribute__((aligned(1))) u32_any;
+typedef uint16_t __attribute__((aligned(1))) u16_any;
+
+/* SAFETY: p points at 16 bytes inside one guest RAM region (the checked
+ * descriptor table or indirect table), at any alignment; each field is read
+ * exactly once into *d. */
 static inline void read_desc(const volatile uint8_t *p, struct desc *d)
 {
-    d->addr = *(const volatile uint64_t *)p;
-    d->len = *(const volatile uint32_t *)(p + 8);
-    d->flags = *(const volatile uint16_t *)(p + 12);
-    d->next = *(const volatile uint16_t *)(p + 14);
+    d->addr = *(const volatile u64_any *)p;
+    d->len = *(const volatile u32_any *)(p + 8);
+    d->flags = *(const volatile u16_any *)(p + 12);
+    d->next = *(const volatile u16_any *)(p + 14);
 }
 
 /* [gpa, gpa+len) must lie entirely inside one region (no overflow possible). */
