@@ -74,8 +74,7 @@ $(FUZZ_BIN)/net: native/fuzz/fuzz_net.c native/fuzz/fuzz_common.h native/src/vir
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_net.c native/src/virtq.c native/src/net.c -o $@
 
-fuzz-build: fuzz-deps $(FUZZ_BIN)/virtq $(FUZZ_BIN)/blk $(FUZZ_BIN)/net
-	$(MAKE) --no-print-directory install
+fuzz-build: fuzz-deps $(FUZZ_BIN)/virtq $(FUZZ_BIN)/blk $(FUZZ_BIN)/net $(PYTHON)
 	$(PYTHON) -m pip install -q -e '.[test,fuzz]'
 
 fuzz: fuzz-build
