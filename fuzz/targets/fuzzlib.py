@@ -23,7 +23,7 @@ import tempfile
 from vmm.memory import GuestMemory, MiB
 from vmm.pci import bus as pci_bus
 from vmm.pci import device as pd
-from vmm.testing.mockdriver import BlkDriver, DriverError, PciLegacyRegs
+from vmm.testing.mockdriver import BlkDriver, DriverError, DriverQueue, MmioRegs, PciLegacyRegs
 from vmm.testing.mocknet import NetDriver
 from vmm.virtio import device as vd
 from vmm.virtio import mmio as m
@@ -154,6 +154,33 @@ class SockBackend:
         self.peer.close()
 
 
+class LegacyMmioRegs(MmioRegs):
+    """Legacy virtio-mmio (version 1, §4.2.4) for the mock driver: no
+    FEATURES_OK, GuestPageSize, rings at QueuePFN with QueueAlign."""
+    features_ok = False
+    PAGE = 4096
+
+    def check(self):
+        if self.rd(m.MAGIC_VALUE) != m.MAGIC or self.rd(m.VERSION) != 1:
+            raise DriverError("not a legacy virtio-mmio device")
+
+    def setup_queues(self, drv, queue_sizes):
+        self.wr(m.GUEST_PAGE_SIZE, self.PAGE)
+        queues = []
+        for i in range(len(self.t.queues)):
+            self.wr(m.QUEUE_SEL, i)
+            if self.rd(m.QUEUE_PFN):
+                raise DriverError(f"queue {i} already live")
+            qmax = self.rd(m.QUEUE_NUM_MAX)
+            size = min(qmax, queue_sizes[i]) if queue_sizes else qmax
+            q = DriverQueue(drv, i, size, legacy_align=self.PAGE)
+            self.wr(m.QUEUE_NUM, size)
+            self.wr(m.QUEUE_ALIGN, self.PAGE)
+            self.wr(m.QUEUE_PFN, q.desc // self.PAGE)
+            queues.append(q)
+        return queues
+
+
 # --- one fuzzed guest against one transport ---
 class Guest:
     """The device under test, its transport, a mock driver to take the
@@ -198,8 +225,8 @@ class Guest:
                                 legacy=transport_kind == "mmio-legacy")
             self.window = m.VirtioMmio.WINDOW
         drv = BlkDriver if device_kind == "blk" else NetDriver
-        self.d = drv(self.t, self.mem, arena=ARENA, arena_size=ARENA_SIZE,
-                     regs=PciLegacyRegs if self.pci else None)
+        regs = {"pci": PciLegacyRegs, "mmio-legacy": LegacyMmioRegs}.get(transport_kind, MmioRegs)
+        self.d = drv(self.t, self.mem, arena=ARENA, arena_size=ARENA_SIZE, regs=regs)
         self.tainted = False          # the guest scribbled on its rings: guards may go
         self.ready = False
 
