@@ -3,7 +3,7 @@
  * for the tap (each datagram is one frame with its virtio_net_hdr).
  *
  * Header bytes 0..11 set up the queue (fz_setup_vq); byte 12: bit0
- * MRG_RXBUF, bit1 the 10-byte legacy header (else 12), bit2 the queue is
+ * MRG_RXBUF, bit1 the 10-byte legacy header (without MRG_RXBUF), bit2 the queue is
  * the transmit queue (else receive); byte 13: the per-call budget (0: the
  * default).  Ops: inject a frame from the peer (any length up to 128 KiB),
  * run the engine (rx or tx), or rewrite guest memory.
@@ -59,7 +59,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     memset(&net, 0, sizeof(net));
     net.fd = sv[0];
     net.mrg_rxbuf = f & 1;
-    net.hdr_len = f & 2 ? 10 : 12;
+    /* as NetDevice.activate: 12 with VERSION_1 or MRG_RXBUF, else 10 */
+    net.hdr_len = (f & 2) && !net.mrg_rxbuf ? 10 : 12;
     net.budget = (uint32_t)fz_hdr(data, size, 13, 1);
     net.sink = sink;
     uint32_t budget = net.budget ? net.budget : PV_NET_BUDGET;
