@@ -86,6 +86,14 @@ def build_parser():
                         "configured on the host side; transport as for --drive")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
+    r.add_argument("--api-sock", metavar="PATH",
+                   help="also serve the Firecracker-compatible control API on this Unix socket "
+                        "(pause/resume, inspect, swap drives of this VM)")
+    from vmm.api.cli import API_HELP, add_api_arguments
+    a = sub.add_parser("api", help="run a VM driven by the Firecracker-compatible API",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=API_HELP, epilog=STATUS_HELP)
+    add_api_arguments(a)
     return p
 
 
@@ -120,12 +128,17 @@ def config_from_args(args):
 def run(args):
     from vmm import console
     config = config_from_args(args)
+    server = None
     try:
         machine = Machine(config)
         try:
+            if args.api_sock:
+                server = _serve_api(args.api_sock, machine)
             with console.Console(machine):
                 status = machine.run()
         finally:
+            if server is not None:
+                server.close()
             machine.close()
     finally:
         if config.serial_out is not None:
@@ -135,21 +148,43 @@ def run(args):
     return status
 
 
+def _serve_api(path, machine):
+    """The control API for a VM started with `pyvmm run` flags."""
+    from vmm.api.controller import Controller
+    from vmm.api.server import ApiServer
+    from vmm.vmconfig import VmConfig
+    ctl = Controller(config=VmConfig.from_machine_config(machine.config))
+    ctl.attach(machine)
+    server = ApiServer(path, ctl.handle, tick=ctl.tick)
+    server.start()
+    return server
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if args.command == "api":
+        from vmm.api.cli import run_api
+        return guarded(run_api, args)
+    return guarded(run, args)
+
+
+def guarded(fn, args):
+    """Run a command; bad input and VMM errors become one line on stderr."""
+    from vmm.api.server import ApiSocketError
+    from vmm.vmconfig import ConfigError
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="pyvmm: %(message)s")
     try:
-        return run(args)
-    except (UsageError, DeviceSpecError) as e:
+        return fn(args)
+    except (UsageError, DeviceSpecError, ConfigError) as e:
         print(f"pyvmm: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (KernelError, KvmUnavailable, CpuidError, GuestMemoryError, NativeError,
-            ValueError, MemoryError, OSError) as e:
+            ValueError, MemoryError, OSError, ApiSocketError) as e:
         print(f"pyvmm: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
