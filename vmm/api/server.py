@@ -132,7 +132,7 @@ class ApiServer:
             raise ApiSocketError(f"cannot create API socket {self.path}: {e.strerror}") from None
         finally:
             os.umask(old)
-        sock.listen(128)
+        sock.listen(MAX_CONNECTIONS)
         sock.setblocking(False)
         self._sock = sock
 
