@@ -174,27 +174,32 @@ def main(argv=None):
 
 def guarded(fn, args):
     """Run a command; bad input and VMM errors become one line on stderr."""
-    from vmm.api.server import ApiSocketError
-    from vmm.vmconfig import ConfigError
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="pyvmm: %(message)s")
     try:
         return fn(args)
-    except (UsageError, DeviceSpecError, ConfigError) as e:
-        print(f"pyvmm: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (KernelError, KvmUnavailable, CpuidError, GuestMemoryError, NativeError,
-            ValueError, MemoryError, OSError, ApiSocketError) as e:
-        print(f"pyvmm: {e}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         return STATUS["signal"]
     except Exception as e:
-        from vmm.virtio.device import VirtioError   # imported late: start-up cost
-        if isinstance(e, VirtioError):
-            print(f"pyvmm: {e}", file=sys.stderr)
-            return EXIT_ERROR
-        raise
+        code = error_status(e)
+        if code is None:
+            raise
+        print(f"pyvmm: {e}", file=sys.stderr)
+        return code
+
+
+def error_status(e):
+    """The exit status for an expected error (printed as one line), or None
+    for a bug (shown with its traceback)."""
+    from vmm.api.server import ApiSocketError
+    from vmm.virtio.device import VirtioError   # imported late: start-up cost
+    from vmm.vmconfig import ConfigError
+    if isinstance(e, (UsageError, DeviceSpecError, ConfigError)):
+        return EXIT_USAGE
+    if isinstance(e, (KernelError, KvmUnavailable, CpuidError, GuestMemoryError, NativeError,
+                      ValueError, MemoryError, OSError, ApiSocketError, VirtioError)):
+        return EXIT_ERROR
+    return None
 
 
 if __name__ == "__main__":

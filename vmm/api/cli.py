@@ -66,9 +66,44 @@ def version_text():
     return f"Firecracker v{API_VERSION}\npyvmm {VMM_VERSION} (Firecracker API v{API_VERSION})\n"
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def guarded(fn, args):
+    """As vmm.cli.guarded, without importing the VMM before the socket is up."""
+    import logging
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="pyvmm: %(message)s")
+    try:
+        return fn(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        from vmm.cli import error_status
+        code = error_status(e)
+        if code is None:
+            raise
+        print(f"pyvmm: {e}", file=sys.stderr)
+        return code
+
+
+STATUS_NOTE = ("exit status: as `pyvmm run` (0 guest powered off or rebooted, 1 VMM error, "
+               "2 bad input,\n3 guest panic, 4 guest crash, 130 stopped by a signal)")
+
+
+def api_main(argv):
+    """`pyvmm api ...` (dispatched by vmm.__main__ before vmm.cli is imported:
+    the socket is up before the VMM's modules are loaded)."""
+    p = Parser(prog="pyvmm api", description=API_HELP, epilog=STATUS_NOTE,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_api_arguments(p)
+    return guarded(run_api, p.parse_args(argv))
+
+
 def firecracker_main(argv=None):
     """Entry point of `pyvmm-firecracker`."""
-    from vmm import cli
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--version" in argv or "-V" in argv:
         sys.stdout.write(version_text())
@@ -85,13 +120,13 @@ def firecracker_main(argv=None):
             continue
         kept.append(a)
         i += 1
-    p = cli.Parser(prog="pyvmm-firecracker", description=API_HELP,
-                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                   epilog="Accepted and ignored (Firecracker flags without meaning for pyvmm): "
-                          + ", ".join(IGNORED_FLAGS) + "\n\n" + cli.STATUS_HELP)
+    p = Parser(prog="pyvmm-firecracker", description=API_HELP,
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="Accepted and ignored (Firecracker flags without meaning for pyvmm): "
+                      + ", ".join(IGNORED_FLAGS) + "\n\n" + STATUS_NOTE)
     add_api_arguments(p)
     args = p.parse_args(kept)
-    return cli.guarded(run_api, args)
+    return guarded(run_api, args)
 
 
 if __name__ == "__main__":

@@ -99,8 +99,6 @@ class _Signals:
 def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log_path=None,
           level=None, metrics_path=None, debug=False, stdin_console=True):
     """Run one microVM under the control API; returns the exit status."""
-    from vmm import console
-    from vmm.machine import STATUS, Machine
     ctl = Controller(instance_id, metrics=Metrics())
     logger = {}
     if log_path is not None:
@@ -121,6 +119,10 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
             ctl.metrics.startup.update(zip(("process_startup_time_us",
                                             "process_startup_time_cpu_us"),
                                            process_start_times()))
+            # The VMM's modules (KVM, cffi, devices) load now, after the socket
+            # is accepting, while the client configures the VM.
+            from vmm import console
+            from vmm.machine import STATUS, Machine
             if config_file is not None:
                 apply_config_file(ctl, config_file)
                 machine = Machine(ctl.config.to_machine_config())
