@@ -173,6 +173,30 @@ class BlkDevice(vd.VirtioDevice):
             return False
         return bool(more)
 
+    def replace_image(self, path):
+        """Back the disk by another image (Firecracker's PATCH /drives path_on_host;
+        the caller holds the device quiescent, e.g. the VM paused, and then
+        raises a configuration-change interrupt, §5.2.4: capacity may change).
+        On error the old image stays in use."""
+        old_path, old_fd = self.path, self.fd
+        self.path = os.fspath(path)
+        try:
+            fd = self._open()
+        except BaseException:
+            self.path = old_path
+            raise
+        self.fd = fd
+        self.size = os.lseek(fd, 0, os.SEEK_END)
+        self.capacity = self.size // SECTOR
+        self._blk.fd = fd
+        self._blk.capacity = self.capacity
+        if old_fd >= 0:
+            try:
+                if not self.readonly:
+                    os.fdatasync(old_fd)
+            finally:
+                os.close(old_fd)
+
     def close(self):
         """Flush and close the image (idempotent)."""
         fd, self.fd = self.fd, -1

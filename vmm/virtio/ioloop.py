@@ -44,6 +44,11 @@ class IoLoop:
         self._thread = None
         self._stop = False
         self.errors = 0      # handler exceptions seen (logged)
+        # pause(): the thread parks between handlers until resume(); fds stay
+        # readable (epoll is level-triggered), so nothing is lost meanwhile.
+        self._pause_req = False
+        self._parked = threading.Event()
+        self._resume = threading.Event()
 
     @property
     def running(self):
@@ -73,7 +78,28 @@ class IoLoop:
         """Ask the thread to stop after the handler in progress (no wait)."""
         if self._thread is not None:
             self._stop = True
+            self._resume.set()          # a paused loop wakes up to stop
             signal_eventfd(self._wake)
+
+    def pause(self, timeout=5.0):
+        """Park the thread once the handler in progress (if any) has returned;
+        no handler runs until resume()."""
+        if not self.running:
+            return
+        self._parked.clear()
+        self._resume.clear()
+        self._pause_req = True
+        signal_eventfd(self._wake)
+        if not self._parked.wait(timeout):
+            raise RuntimeError(f"{self.name}: I/O thread did not pause in {timeout} s")
+
+    def resume(self):
+        self._pause_req = False
+        self._resume.set()
+
+    @property
+    def paused(self):
+        return self._pause_req and self._parked.is_set()
 
     def stop(self, timeout=5.0):
         """Stop the thread after the handler in progress (if any) returns.
@@ -109,12 +135,18 @@ class IoLoop:
 
     def _run(self):
         while not self._stop:
+            if self._pause_req:
+                drain_eventfd(self._wake)
+                self._parked.set()
+                self._resume.wait()
+                self._parked.clear()
+                continue
             try:
                 events = self._ep.poll()
             except InterruptedError:
                 continue
             for fd, _ in events:
-                if fd == self._wake or self._stop:
+                if fd == self._wake or self._stop or self._pause_req:
                     continue
                 handler = self._handlers.get(fd)
                 if handler is None:
