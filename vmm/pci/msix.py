@@ -92,8 +92,9 @@ class Msix:
 
     def notify(self, vector):
         """Send `vector`'s message, or set its pending bit while masked.
-        Returns True if the message went out."""
-        if not 0 <= vector < self.vectors:
+        Returns True if the message went out.  With MSI-X disabled the
+        function does not use it (the owner signals INTx instead)."""
+        if not 0 <= vector < self.vectors or not self.enabled:
             return False
         with self._lock:
             if self.function_masked or self.masked[vector]:
