@@ -18,7 +18,8 @@ from vmm.virtio import pci_modern as pm
 from vmm.virtio.blk import VIRTIO_BLK_F_MQ, BlkDevice
 from vmm.virtio.ioloop import IoLoop
 from vmm.testing.fakevm import FakeVm
-from vmm.testing.mockdriver import BlkDriver, PciLegacyRegs, PciModernRegs, T_IN, T_OUT
+from vmm.testing.mockdriver import BlkDriver, PciLegacyRegs, T_IN, T_OUT
+from vmm.testing.pcimodern_regs import PciModernRegs
 
 V1 = 1 << vd.VIRTIO_F_VERSION_1
 

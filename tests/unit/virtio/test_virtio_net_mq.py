@@ -10,7 +10,7 @@ import pytest
 
 from net_rig import SockBackend
 from vmm.testing.fakevm import FakeVm
-from vmm.testing.mockdriver import PciModernRegs
+from vmm.testing.pcimodern_regs import PciModernRegs
 from vmm.testing.mocknet import NetDriver, net_hdr
 from vmm.virtio import net as vn
 from vmm.virtio import net_ctrl as nc
