@@ -112,6 +112,7 @@ class VirtioPciModern(Transport):
                                wmask=b"\0\0\xff\0\0\0" + b"\xff" * 8)
         self.pci.config_window(self.pci_cfg_cap + 16, 4, self._cfg_data_read, self._cfg_data_write)
         self.msix = Msix(self.pci, len(self.queues) + 1, BAR_MODERN, MSIX_TABLE, MSIX_PBA, vm=vm)
+        self.pci.watch_config(self.msix.cap + 2, 2, self._msix_switched)
         self.pci.bar_moved = self._bar_moved
         self._ioeventfd = ioeventfd
         self.bar_address = None         # where the modern BAR decodes now
@@ -160,6 +161,12 @@ class VirtioPciModern(Transport):
             if not self.interrupt_status:
                 self.pci.set_intx(0)
         return old
+
+    def _msix_switched(self):
+        """A function using MSI-X does not drive INTx (PCI 3.0 §6.8.2); a
+        line left asserted from before would stay up forever."""
+        with self._isr_lock:
+            self.pci.set_intx(0 if self.msix.enabled else int(bool(self.interrupt_status)))
 
     def _vector(self, value):
         """What a vector register reads after the driver wrote `value`."""

@@ -179,3 +179,32 @@ def test_vm_routing_owner_keeps_other_routes():
     a.m.close()
     assert [r for r in vm.tables[-1] if r[1] == "msi"] == [(b.m.gsi(0), "msi", ADDR, 0x40)]
     b.m.close()
+
+
+@pytest.mark.usefixtures("needs_kvm")
+def test_real_kvm_routes_and_irqfds():
+    """The same vectors on a real VM: KVM takes the whole table each time
+    (defaults + MSI routes), the irqfds bind, and a vector fires without error."""
+    from vmm.kvm.system import Kvm
+    from vmm.kvm.vcpu import Vcpu
+    from vmm.kvm.vm import Vm
+    kvm = Kvm()
+    vm = Vm(kvm)
+    vm.setup_platform()
+    vcpu = Vcpu(vm, 0)
+    try:
+        f = Fn(vm)
+        f.control(mx.CTRL_ENABLE)
+        for v in range(4):
+            f.entry(v)
+        assert vm.routing_updates == 4
+        assert vm.routing_table()[-4:] == [(24 + v, "msi", ADDR, 0x40 + v) for v in range(4)]
+        assert all(f.m.notify(v) for v in range(4))
+        vm.set_irq_line(5, 1)                           # the PIC/IOAPIC routes still work
+        vm.set_irq_line(5, 0)
+        f.m.close()
+        assert vm.routing_table() == default_routes()
+    finally:
+        vcpu.close()
+        vm.close()
+        kvm.close()

@@ -245,6 +245,12 @@ def test_intx_fallback_without_msix(rig):
     assert r.d.ack_interrupt() == vd.INT_USED and r.levels == [1, 0]
     assert r.d.ack_interrupt() == 0
     r.t.read(pm.ISR + 1, 1)                                         # only offset 0 is ISR
+    r.t.config()                                                    # line up, then MSI-X on: down
+    assert r.levels[-1] == 1
+    r.d.regs.enable_msix(1)
+    assert r.levels[-1] == 0
+    r.t.pci.write_config(r.t.msix.cap + 2, 2, 0)                    # off again: ISR still set
+    assert r.levels[-1] == 1
 
 
 def test_config_change_sets_isr_and_uses_config_vector(rig):
