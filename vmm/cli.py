@@ -2,6 +2,7 @@
 non-zero exit status; no tracebacks for bad input."""
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -102,18 +103,18 @@ def config_from_args(args):
     for what, path in (("kernel", kernel), ("initrd", initrd)):
         if path is not None and not os.path.isfile(path):
             raise UsageError(f"{what} {path}: no such file")
-    serial_out = None
+    if not (args.serial.startswith("file:") or args.serial == "stdio"):
+        raise UsageError(f"--serial must be stdio or file:PATH, not {args.serial!r}")
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    devices = [DriveSpec(d) for d in args.drive] + [NetSpec(n) for n in args.net]
+    serial_out = None       # opened last: nothing after it can fail and leak it
     if args.serial.startswith("file:"):
         path = args.serial[5:]
         try:
             serial_out = open(path, "wb", buffering=0)
         except OSError as e:
             raise UsageError(f"cannot open serial output {path}: {e.strerror}") from None
-    elif args.serial != "stdio":
-        raise UsageError(f"--serial must be stdio or file:PATH, not {args.serial!r}")
-    if args.timeout is not None and args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
-    devices = [DriveSpec(d) for d in args.drive] + [NetSpec(n) for n in args.net]
     return MachineConfig(kernel=kernel, initrd=initrd, devices=devices,
                          cmdline=args.cmdline if args.cmdline is not None else guest.DEFAULT_CMDLINE,
                          mem_size=args.mem, cpus=args.cpus, cpu_template=args.cpu_template,
@@ -162,7 +163,13 @@ def main(argv=None):
         if isinstance(e, VirtioError):
             print(f"pyvmm: {e}", file=sys.stderr)
             return EXIT_ERROR
-        raise
+        # a bug of ours: one line for users, the traceback with --debug
+        if args.debug:
+            import traceback
+            traceback.print_exc()
+        print(f"pyvmm: internal error: {type(e).__name__}: {e}"
+              + ("" if args.debug else " (--debug shows the traceback)"), file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -158,24 +158,40 @@ class BlkDevice(vd.VirtioDevice):
         self._rings = []
         self._interrupt = None
 
+    @property
+    def budget(self):
+        """Requests done per queue_notify() call at most (issue #14: a guest
+        must not keep the device's thread busy for as long as it likes)."""
+        return self._blk.budget or lib.PV_BLK_BUDGET
+
+    @budget.setter
+    def budget(self, n):
+        self._blk.budget = n
+
     def queue_notify(self, index):
+        """Process up to `budget` requests; returns True if the budget ran
+        out (the transport then calls again later: no request is lost, and
+        none is done twice since the ring's position is kept)."""
         rings = self._rings
         ring = rings[index] if 0 <= index < len(rings) else None
         if ring is None or ring.broken:
-            return
+            return False
         self.stats["kicks"] += 1
         if self.native:
             res = self._res
             lib.pv_blk_process(ring.vq, self._blk, ring.chain, res)
-            completed, irq, err, ioerr = res.completed, res.interrupt, -res.error, res.ioerr
+            completed, irq, err, ioerr, more = (res.completed, res.interrupt, -res.error,
+                                                res.ioerr, res.more)
         else:
-            completed, irq, err, ioerr = self._process_py(ring)
+            completed, irq, err, ioerr, more = self._process_py(ring)
         self.stats["requests"] += completed
         self.stats["ioerr"] += ioerr
         if irq:
             self._interrupt.used(index)
         if err:
             self._interrupt.needs_reset(QueueError(err, index))
+            return False
+        return bool(more)
 
     def close(self):
         """Flush and close the image (idempotent)."""
@@ -190,23 +206,27 @@ class BlkDevice(vd.VirtioDevice):
 
     # --- the same engine in Python ---
     def _process_py(self, ring):
-        completed = ioerr = err = 0
+        completed = ioerr = err = more = 0
+        budget = self.budget
         try:
             while True:
-                chain = ring.pop()
+                chain = ring.pop() if completed < budget else None
                 while chain is not None:
                     status, used_len = self._request_py(chain)
                     ioerr += status == S_IOERR
                     ring.push(chain.head, used_len)
                     completed += 1
-                    chain = ring.pop()
+                    chain = ring.pop() if completed < budget else None
+                if completed >= budget:
+                    more = 1
+                    break
                 if not ring.enable_notify():
                     break
         except QueueError as e:
             ring.fail(e.code)
             err = e.code
         irq = bool(completed) and ring.need_interrupt()
-        return completed, irq, err, ioerr
+        return completed, irq, err, ioerr, more
 
     def _request_py(self, chain):
         rd, wr = chain.readable, chain.writable
