@@ -74,17 +74,20 @@ def build_parser():
                    help="where the guest's serial console goes (default stdio)")
     r.add_argument("--timeout", metavar="SECONDS", type=float,
                    help="stop the guest after this many seconds (exit status 124)")
-    r.add_argument("--drive", metavar="file=PATH[,readonly=on][,serial=S][,transport=mmio|pci]",
+    r.add_argument("--drive", metavar="file=PATH[,readonly=on][,serial=S][,transport=T][,queues=N]",
                    action="append", default=[],
                    help="a virtio-blk disk backed by a raw image file (repeatable; the first "
                         "is /dev/vda); the image is locked against a second VMM and flushed "
                         "and closed on every exit; transport=mmio (default, announced on "
-                        "the kernel command line) or pci (legacy virtio-pci, found by bus scan)")
-    r.add_argument("--net", metavar="tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=mmio|pci]",
+                        "the kernel command line), pci (modern virtio-pci with MSI-X, found by "
+                        "bus scan), pci-legacy (legacy virtio-pci, INTx) or pci-transitional "
+                        "(both on one function); queues=N (1-8) request queues (VIRTIO_BLK_F_MQ)")
+    r.add_argument("--net", metavar="tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=T][,queues=N]",
                    action="append", default=[],
                    help="a virtio-net NIC on a tap interface (repeatable; the first is eth0); "
                         "the tap is created if absent and then removed on exit; nothing is "
-                        "configured on the host side; transport as for --drive")
+                        "configured on the host side; transport as for --drive; queues=N (1-8) "
+                        "queue pairs on a multi-queue tap (VIRTIO_NET_F_MQ, control queue)")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
     r.add_argument("--api-sock", metavar="PATH",
