@@ -47,7 +47,7 @@ class VsockDriver(MockDriver):
         ok = super().init(features, queue_sizes)
         if ok:
             self.cid = self.config(0, 8)
-            for _ in range(min(self.rx_buffers, self.queues[RX].size)):
+            for _ in range(min(self.rx_buffers, self.queues[RX].size // 2)):
                 self._add_rx(publish=False)
             self.queues[RX].publish()
             for _ in range(4):
