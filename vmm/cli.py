@@ -9,7 +9,7 @@ import sys
 from vmm import guest
 from vmm.arch.x86.cpuid import TEMPLATES, CpuidError
 from vmm.arch.x86.loader import KernelError
-from vmm.devices import DeviceSpecError, DriveSpec, NetSpec
+from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, VsockSpec
 from vmm.kvm.system import KvmUnavailable
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.memory import GuestMemoryError
@@ -84,6 +84,11 @@ def build_parser():
                    help="a virtio-net NIC on a tap interface (repeatable; the first is eth0); "
                         "the tap is created if absent and then removed on exit; nothing is "
                         "configured on the host side; transport as for --drive")
+    r.add_argument("--vsock", metavar="cid=N,uds=PATH[,transport=mmio|pci]", action="append",
+                   default=[],
+                   help="a virtio-vsock device (guest CID default 3) with Firecracker's host "
+                        "side: host programs connect to the Unix socket PATH and write "
+                        "'CONNECT <port>\\n'; guest connections to CID 2 port P go to PATH_P")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
     return p
@@ -111,6 +116,9 @@ def config_from_args(args):
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be positive")
     devices = [DriveSpec(d) for d in args.drive] + [NetSpec(n) for n in args.net]
+    if len(args.vsock) > 1:
+        raise UsageError("--vsock: at most one vsock device")
+    devices += [VsockSpec(v) for v in args.vsock]
     return MachineConfig(kernel=kernel, initrd=initrd, devices=devices,
                          cmdline=args.cmdline if args.cmdline is not None else guest.DEFAULT_CMDLINE,
                          mem_size=args.mem, cpus=args.cpus, cpu_template=args.cpu_template,
