@@ -10,7 +10,7 @@ import sys
 from vmm import guest
 from vmm.arch.x86.cpuid import TEMPLATES, CpuidError
 from vmm.arch.x86.loader import KernelError
-from vmm.devices import DeviceSpecError, DriveSpec, NetSpec
+from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, VsockSpec
 from vmm.kvm.system import KvmUnavailable
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.memory import GuestMemoryError
@@ -88,6 +88,11 @@ def build_parser():
                         "the tap is created if absent and then removed on exit; nothing is "
                         "configured on the host side; transport as for --drive; queues=N (1-8) "
                         "queue pairs on a multi-queue tap (VIRTIO_NET_F_MQ, control queue)")
+    r.add_argument("--vsock", metavar="cid=N,uds=PATH[,transport=mmio|pci|pci-legacy]", action="append",
+                   default=[],
+                   help="a virtio-vsock device (guest CID default 3) with Firecracker's host "
+                        "side: host programs connect to the Unix socket PATH and write "
+                        "'CONNECT <port>\\n'; guest connections to CID 2 port P go to PATH_P")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
     r.add_argument("--api-sock", metavar="PATH",
@@ -116,6 +121,9 @@ def config_from_args(args):
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     devices = [DriveSpec(d) for d in args.drive] + [NetSpec(n) for n in args.net]
+    if len(args.vsock) > 1:
+        raise UsageError("--vsock: at most one vsock device")
+    devices += [VsockSpec(v) for v in args.vsock]
     serial_out = None       # opened last: nothing after it can fail and leak it
     if args.serial.startswith("file:"):
         path = args.serial[5:]

@@ -251,3 +251,35 @@ class NetSpec(VirtioSpec):
         except BaseException:
             tap.close()
             raise
+
+
+class VsockSpec(VirtioSpec):
+    """`--vsock cid=3,uds=PATH[,transport=mmio|pci]`: virtio-vsock with
+    Firecracker's hybrid host side (host programs connect to PATH; guest
+    connections to CID 2 port P go to PATH_P)."""
+    KEYS = ("cid", "uds", "transport")
+
+    def __init__(self, text):
+        opts = parse_options(text, "--vsock", self.KEYS)
+        super().__init__(opts, "--vsock")
+        if "uds" not in opts or not opts["uds"]:
+            raise DeviceSpecError("--vsock: uds=PATH is required")
+        try:
+            self.cid = int(opts.get("cid", "3"), 0)
+        except ValueError:
+            raise DeviceSpecError(f"--vsock: cid must be a number, not {opts['cid']!r}") from None
+        if not 3 <= self.cid < 0xFFFFFFFF:
+            raise DeviceSpecError("--vsock: cid must be from 3 to 4294967294 (0-2 are reserved)")
+        self.uds_path = opts["uds"]
+        parent = os.path.dirname(os.path.abspath(self.uds_path))
+        if not os.path.isdir(parent):
+            raise DeviceSpecError(f"--vsock: directory {parent} for uds={self.uds_path} does not exist")
+        self._ioloop = None
+
+    def attach(self, machine, cmdline):
+        self._ioloop = machine.ioloop()     # host sockets are polled by the I/O thread
+        return super().attach(machine, cmdline)
+
+    def open_device(self):
+        from vmm.virtio.vsock import VsockDevice
+        return VsockDevice(self.uds_path, guest_cid=self.cid, ioloop=self._ioloop)
