@@ -9,7 +9,7 @@ import sys
 from vmm import guest
 from vmm.arch.x86.cpuid import TEMPLATES, CpuidError
 from vmm.arch.x86.loader import KernelError
-from vmm.devices import DeviceSpecError, DriveSpec, NetSpec
+from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, RngSpec
 from vmm.kvm.system import KvmUnavailable
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.memory import GuestMemoryError
@@ -84,6 +84,13 @@ def build_parser():
                    help="a virtio-net NIC on a tap interface (repeatable; the first is eth0); "
                         "the tap is created if absent and then removed on exit; nothing is "
                         "configured on the host side; transport as for --drive")
+    r.add_argument("--rng", metavar="[bw=SIZE:REFILL_MS][,ops=N:REFILL_MS][,transport=mmio|pci]",
+                   nargs="?", const="", default=None,
+                   help="a virtio-rng entropy device fed by getrandom(2), optionally rate "
+                        "limited (token buckets, Firecracker semantics)")
+    r.add_argument("--trace-exits", metavar="FILE",
+                   help="write every port I/O and MMIO exit (address, size, direction, "
+                        "device) as one JSON line to FILE")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
     return p
@@ -111,6 +118,8 @@ def config_from_args(args):
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be positive")
     devices = [DriveSpec(d) for d in args.drive] + [NetSpec(n) for n in args.net]
+    if args.rng is not None:
+        devices.append(RngSpec(args.rng))
     return MachineConfig(kernel=kernel, initrd=initrd, devices=devices,
                          cmdline=args.cmdline if args.cmdline is not None else guest.DEFAULT_CMDLINE,
                          mem_size=args.mem, cpus=args.cpus, cpu_template=args.cpu_template,

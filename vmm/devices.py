@@ -127,6 +127,12 @@ class VirtioSpec:
     def transport(self):
         return None if self._attachment is None else self._attachment.transport
 
+    @property
+    def device(self):
+        """The attached VirtioDevice (None before attach): what the API changes."""
+        t = self.transport
+        return None if t is None else t.device
+
     def open_device(self):
         raise NotImplementedError
 
@@ -198,3 +204,27 @@ class NetSpec(VirtioSpec):
         except BaseException:
             tap.close()
             raise
+
+
+class RngSpec(VirtioSpec):
+    """`--rng [bw=SIZE:REFILL_MS[:BURST]][,ops=...][,transport=mmio|pci]`:
+    virtio-rng fed by getrandom(2), optionally rate limited (ratelimit.py)."""
+    KEYS = ("bw", "ops", "transport")
+
+    def __init__(self, text=""):
+        from vmm.virtio.ratelimit import RateLimiter, RateLimitError
+        opts = parse_options(text or "", "--rng", self.KEYS)
+        super().__init__(opts, "--rng")
+        try:
+            self.rate_limiter = RateLimiter.from_options(opts.get("bw"), opts.get("ops"), "--rng")
+        except RateLimitError as e:
+            raise DeviceSpecError(str(e)) from None
+        self._ioloop = None
+
+    def attach(self, machine, cmdline):
+        self._ioloop = machine.ioloop()     # rate-limiter timers run on the I/O thread
+        return super().attach(machine, cmdline)
+
+    def open_device(self):
+        from vmm.virtio.rng import RngDevice
+        return RngDevice(rate_limiter=self.rate_limiter, ioloop=self._ioloop)
