@@ -95,6 +95,8 @@ class BlkDevice(vd.VirtioDevice):
         self._ring = None
         self._interrupt = None
         self.stats = {"kicks": 0, "requests": 0, "ioerr": 0}
+        self.ioloop = None        # for timers of the slow path (set by the owner)
+        self.intercept = None     # limiter/faults/trace/hook: vmm/virtio/intercept.py
 
     def _open(self):
         flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC
@@ -138,13 +140,23 @@ class BlkDevice(vd.VirtioDevice):
         super().reset()
         self._ring = None
         self._interrupt = None
+        if self.intercept is not None:
+            self.intercept.paused = False
+
+    def configure(self, **changes):
+        """limiter=, faults=, tracer=, hook= (None removes), also while running:
+        see vmm/virtio/intercept.py."""
+        from vmm.virtio.intercept import configure_blk
+        configure_blk(self, **changes)
 
     def queue_notify(self, index):
         ring = self._ring
         if index != 0 or ring is None or ring.broken:
             return
         self.stats["kicks"] += 1
-        if self.native:
+        if self.intercept is not None and self.native:      # the slow path, off by default
+            completed, irq, err, ioerr = self.intercept.process(self, ring)
+        elif self.native:
             res = self._res
             lib.pv_blk_process(ring.vq, self._blk, ring.chain, res)
             completed, irq, err, ioerr = res.completed, res.interrupt, -res.error, res.ioerr
@@ -161,6 +173,9 @@ class BlkDevice(vd.VirtioDevice):
         """Flush and close the image (idempotent)."""
         fd, self.fd = self.fd, -1
         self._ring = None
+        icpt, self.intercept = self.intercept, None
+        if icpt is not None:
+            icpt.close()          # stops its timers, closes its trace file
         if fd >= 0:
             try:
                 if not self.readonly:

@@ -88,12 +88,14 @@ class NetDevice(vd.VirtioDevice):
         self._rx = self._tx = None
         self._interrupt = None
         self._polling = False
+        self.intercept = None             # limiters/faults/pcap/hook: vmm/virtio/intercept.py
         self.polling_changes = 0          # times the tap left/rejoined the poll set
         self.kicks = [0, 0]
 
     # --- configuration (§5.1.4: mac, status, max_virtqueue_pairs, mtu) ---
     def config_bytes(self):
-        return struct.pack("<6sHHH", self.mac, S_LINK_UP, 1, 0)
+        link = S_LINK_UP if self.intercept is None or self.intercept.link_up else 0
+        return struct.pack("<6sHHH", self.mac, link, 1, 0)
 
     @property
     def stats(self):
@@ -145,6 +147,14 @@ class NetDevice(vd.VirtioDevice):
                 self._net.pending = 0
             self._rx = self._tx = None
             self._interrupt = None
+            if self.intercept is not None:
+                self.intercept.reset()
+
+    def configure(self, **changes):
+        """rx_limiter=, tx_limiter=, faults=, pcap=, hook= (None removes), also
+        while running (a link change raises a config interrupt): intercept.py."""
+        from vmm.virtio.intercept import configure_net
+        configure_net(self, **changes)
 
     def queue_notify(self, index):
         if index not in (RX, TX):
@@ -176,6 +186,9 @@ class NetDevice(vd.VirtioDevice):
             self._set_polling(False)
             self._rx = self._tx = None
             backend, self.backend = self.backend, None
+            icpt, self.intercept = self.intercept, None
+        if icpt is not None:
+            icpt.close()
         if backend is not None:
             backend.close()
 
@@ -207,7 +220,10 @@ class NetDevice(vd.VirtioDevice):
         if ring is None:
             return lib.PV_NET_RX_IDLE
         res = self._res
-        lib.pv_net_rx(ring.vq, self._net, ring.chain, res)
+        if self.intercept is not None:                 # the slow path, off by default
+            self.intercept.rx(self, ring, res)
+        else:
+            lib.pv_net_rx(ring.vq, self._net, ring.chain, res)
         state = res.state
         if not self._finish(RX, res):
             return lib.PV_NET_RX_IDLE
@@ -219,6 +235,9 @@ class NetDevice(vd.VirtioDevice):
         """Drain the transmit queue; True if the budget ran out (more to do)."""
         ring = self._tx
         res = self._res
-        lib.pv_net_tx(ring.vq, self._net, ring.chain, res)
+        if self.intercept is not None:
+            self.intercept.tx(self, ring, res)
+        else:
+            lib.pv_net_tx(ring.vq, self._net, ring.chain, res)
         more = bool(res.state)
         return self._finish(TX, res) and more

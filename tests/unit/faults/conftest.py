@@ -17,3 +17,36 @@ def loop():
     lp.start()
     yield lp
     lp.close()
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A 1 MiB image of random bytes: (path, original bytes)."""
+    import os
+    path = tmp_path / "disk.img"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    return str(path), data
+
+
+@pytest.fixture
+def blk(gmem, disk):
+    """make(**configure) -> (dev, transport, BlkDriver) on the disk image."""
+    from vmm.testing.mockdriver import BlkDriver
+    from vmm.virtio.blk import BlkDevice
+    from vmm.virtio.mmio import VirtioMmio
+    made = []
+
+    def make(ioloop=None, **conf):
+        dev = BlkDevice(disk[0])
+        dev.ioloop = ioloop
+        if conf:
+            dev.configure(**conf)
+        t = VirtioMmio(dev, gmem)
+        d = BlkDriver(t, gmem, arena_size=24 << 20)
+        assert d.init()
+        made.append(t)
+        return dev, t, d
+    yield make
+    for t in made:
+        t.close()
