@@ -143,6 +143,11 @@ class BlkDevice(vd.VirtioDevice):
         if self.intercept is not None:
             self.intercept.paused = False
 
+    def faults_counts(self):
+        """{rule: times fired} of the installed fault rules ({} if none)."""
+        f = self.intercept and self.intercept.faults
+        return f.counts() if f else {}
+
     def configure(self, **changes):
         """limiter=, faults=, tracer=, hook= (None removes), also while running:
         see vmm/virtio/intercept.py."""

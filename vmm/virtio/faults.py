@@ -4,7 +4,7 @@
     --net tap=tap0,faults='rx.drop=30%;tx.dup=1%;corrupt=0.5%;delay=10ms:20%;seed=7'
 
 SPEC is RULE;RULE;...  (no commas: they separate --drive/--net options).
-A RULE is NAME[@SECTORS][=ARG[:ARG...]] where
+A RULE is NAME[@SECTORS][=ARG[:ARG...]] (or NAME[@SECTORS]:ARG:...) where
 
   SECTORS  S (one sector), S-E (inclusive), or S- (to the end of the disk)
   ARG      a probability: 30%, 0.3 (default 100%)
@@ -148,6 +148,13 @@ def _parse_seed(text, value):
         raise FaultSpecError(f"faults: {text!r}: seed must be an integer") from None
 
 
+def _split_rule(text):
+    """NAME[@RANGE] and its ARGs: NAME[@RANGE]=A:B or NAME[@RANGE]:A:B."""
+    cut = min((i for i in (text.find("="), text.find(":")) if i >= 0), default=len(text))
+    rest = text[cut + 1:]
+    return text[:cut], rest.split(":") if rest else []
+
+
 class DiskFaults:
     """Parsed disk rules; decide() is called once per request, in order."""
 
@@ -156,10 +163,10 @@ class DiskFaults:
         self.rules = []
         self.seed = 0
         for text in _split_rules(spec):
-            head, _, arg = text.partition("=")
+            head, args = _split_rule(text)
             name, at, rng_text = head.partition("@")
             if name == "seed":
-                self.seed = _parse_seed(text, arg)
+                self.seed = _parse_seed(text, ":".join(args))
                 continue
             if name not in DISK_KINDS:
                 raise FaultSpecError(f"faults: {text!r}: unknown disk rule {name!r} "
@@ -167,7 +174,7 @@ class DiskFaults:
             rule = Rule(text, name)
             if at:
                 _parse_range(rule, rng_text)
-            _parse_args(rule, arg.split(":") if arg else [], name == "delay")
+            _parse_args(rule, args, name == "delay")
             self.rules.append(rule)
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
@@ -216,7 +223,8 @@ class NetFaults:
         self.seed = 0
         self.link_up = True
         for text in _split_rules(spec):
-            head, _, arg = text.partition("=")
+            head, args = _split_rule(text)
+            arg = ":".join(args)
             direction, dot, name = head.partition(".")
             if not dot:
                 direction, name = None, head
@@ -237,7 +245,7 @@ class NetFaults:
             if "@" in name:
                 raise FaultSpecError(f"faults: {text!r}: net rules take no sector range")
             rule = Rule(text, name, direction)
-            _parse_args(rule, arg.split(":") if arg else [], name == "delay")
+            _parse_args(rule, args, name == "delay")
             self.rules.append(rule)
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
