@@ -120,6 +120,9 @@ def config_from_args(args):
     devices = [DriveSpec(d) for d in args.drive] + [NetSpec(n) for n in args.net]
     if args.rng is not None:
         devices.append(RngSpec(args.rng))
+    if args.trace_exits:
+        from vmm.virtio.trace import ExitTraceSpec
+        devices.append(ExitTraceSpec(args.trace_exits))
     return MachineConfig(kernel=kernel, initrd=initrd, devices=devices,
                          cmdline=args.cmdline if args.cmdline is not None else guest.DEFAULT_CMDLINE,
                          mem_size=args.mem, cpus=args.cpus, cpu_template=args.cpu_template,

@@ -36,12 +36,13 @@ def _number(text, what):
 
 
 class TokenBucket:
-    def __init__(self, size, refill_time, one_time_burst=0, clock=time.monotonic):
-        if not isinstance(size, int) or not isinstance(refill_time, int) \
-                or not isinstance(one_time_burst, int):
-            raise RateLimitError("token bucket: size, refill_time and one_time_burst are integers")
+    def __init__(self, size, refill_time, one_time_burst=0, clock=time.monotonic,
+                 what="token bucket"):
+        if any(not isinstance(v, int) or isinstance(v, bool)
+               for v in (size, refill_time, one_time_burst)):
+            raise RateLimitError(f"{what}: size, refill_time and one_time_burst are integers")
         if size <= 0 or refill_time <= 0 or one_time_burst < 0:
-            raise RateLimitError("token bucket: size and refill_time must be positive, "
+            raise RateLimitError(f"{what}: size and refill_time must be positive, "
                                  "one_time_burst not negative")
         self.size = size
         self.refill_time = refill_time          # ms
@@ -94,7 +95,7 @@ class TokenBucket:
         size = _number(parts[0], what)
         refill = _number(parts[1].lower().removesuffix("ms"), what)
         burst = _number(parts[2], what) if len(parts) == 3 else 0
-        return cls(size, refill, burst)
+        return cls(size, refill, burst, what=what)
 
     @classmethod
     def from_dict(cls, d, what="bucket"):
@@ -107,7 +108,7 @@ class TokenBucket:
             raise RateLimitError(f"{what}: unknown field {sorted(unknown)[0]!r}")
         if "size" not in d or "refill_time" not in d:
             raise RateLimitError(f"{what}: size and refill_time are required")
-        return cls(d["size"], d["refill_time"], d.get("one_time_burst", 0) or 0)
+        return cls(d["size"], d["refill_time"], d.get("one_time_burst", 0) or 0, what=what)
 
 
 class RateLimiter:
@@ -170,8 +171,8 @@ class RateLimiter:
         return lim if lim.active else None
 
     @classmethod
-    def from_options(cls, bw=None, ops=None, what="rate limiter"):
+    def from_options(cls, bw=None, ops=None):
         """From the CLI's bw=/ops= strings (either may be None)."""
-        lim = cls(TokenBucket.parse(bw, f"{what} bw") if bw else None,
-                  TokenBucket.parse(ops, f"{what} ops") if ops else None)
+        lim = cls(TokenBucket.parse(bw, "bw") if bw else None,
+                  TokenBucket.parse(ops, "ops") if ops else None)
         return lim if lim.active else None

@@ -32,11 +32,15 @@ BLK_TYPES = {0: "read", 1: "write", 4: "flush", 8: "get-id", 11: "discard",
 BLK_STATUS = {0: "ok", 1: "ioerr", 2: "unsupp"}
 
 
+class TraceError(ValueError):
+    """A trace file that cannot be written (one line)."""
+
+
 def _open(path, what):
     try:
         return open(path, "wb")
     except OSError as e:
-        raise OSError(e.errno, f"cannot open {what} {path}: {e.strerror}") from None
+        raise TraceError(f"cannot open {what} {path}: {e.strerror}") from None
 
 
 class PcapWriter:
@@ -142,9 +146,14 @@ class TracedBus:
 
     def _log(self, addr, size, direction, value):
         dev, _ = self.bus.find(addr)
+        name = None
+        if dev is not None:
+            name = type(dev).__name__
+            inner = getattr(dev, "device", None)     # a virtio transport: name the device
+            if inner is not None:
+                name = f"{name}:{type(inner).__name__}"
         self.out.write({"t": round(time.time(), 6), "kind": self.kind, "addr": addr,
-                        "size": size, "dir": direction, "value": value,
-                        "device": type(dev).__name__ if dev is not None else None})
+                        "size": size, "dir": direction, "value": value, "device": name})
 
     def read(self, addr, size):
         value = self.bus.read(addr, size)
@@ -156,5 +165,21 @@ class TracedBus:
         self.bus.write(addr, size, value)
 
 
-def exit_tracer(path):
-    return JsonLines(path, "exit trace file")
+class ExitTraceSpec:
+    """`--trace-exits FILE`, carried in the machine's device list: attach()
+    opens the file and hands it to the vCPU threads (machine.exit_tracer),
+    close() closes it after they stopped."""
+
+    def __init__(self, path):
+        self.path = path
+        self.out = None
+
+    def attach(self, machine, cmdline):
+        self.out = JsonLines(self.path, "exit trace file")
+        machine.exit_tracer = self.out
+        return cmdline
+
+    def close(self):
+        if self.out is not None:
+            self.out.close()
+            self.out = None
