@@ -448,6 +448,8 @@ def _apply(dev, icpt, changes, keys):
 def configure_blk(dev, **changes):
     """Set any of limiter, faults, tracer, hook on a BlkDevice (None removes
     one).  With all removed, the C fast path is back."""
+    if not dev.native:
+        raise ValueError("the request slow path needs the C ring walker (native=True)")
     icpt = dev.intercept
     if icpt is None:
         icpt = BlkIntercept(dev.ioloop)

@@ -158,3 +158,29 @@ def test_tx_rate_limit_ops(net, loop):
         time.sleep(0.01)
         got += len(b.peer_frames())
     assert got == 60 and 0.15 < time.monotonic() - t0 < 0.6
+
+
+def test_tx_bandwidth_10MiB_s_within_10pct(net, loop):
+    MiB = 1 << 20
+    lim = RateLimiter(bandwidth=TokenBucket(MiB // 2, 50))   # 10 MiB/s
+    dev, t, d, b = net(ioloop=loop, tx_limiter=lim)
+    data = net_hdr() + frame(5, 9000)
+    free = [d.alloc(len(data)) for _ in range(64)]
+    for g in free:
+        d.mem.write(g, data)
+    q, owner = d.queues[TX], {}
+    got, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < 2.5:
+        if free:
+            while free:
+                g = free.pop()
+                owner[q.add([(g, len(data), False)], publish=False)] = g
+            q.publish()
+            d.kick(TX)
+        for h, _ in q.get_used():
+            free.append(owner.pop(h))
+        got += sum(len(f) - HDR_LEN for f in b.peer_frames())
+        time.sleep(0.002)
+    secs = time.monotonic() - t0
+    rate = got / secs / MiB
+    assert 9.0 <= rate <= 11.0, rate
