@@ -21,7 +21,7 @@ from vmm.testing.netns import NetNs, ping
 import vmm.testing.tinyguest as T
 from vmm.virtio.trace import read_pcap
 
-TIMEOUT = 600
+TIMEOUT = 1200
 BASE = "console=ttyS0 reboot=k panic=-1 pvpanic_mmio.ioport=0x505 rodata=off 8250.nr_uarts=1 nopti"
 GUEST_IP, HOST_IP = "10.78.0.2", "10.78.0.1"
 TAP, TAP2 = "pvflt0", "pvflt1"
@@ -141,7 +141,8 @@ def test_faults_rng_pcap_one_boot(tmp_path):
     icmp = [f for f in frames if f[12:14] == b"\x08\x00" and f[23] == 1]
     requests = [f for f in icmp if f[34] == 8]
     replies = [f for f in icmp if f[34] == 0]
-    assert requests and replies and len(replies) == len(rtts), (len(requests), len(replies))
+    # requests as delivered (after the drops), replies as sent: one per delivered request
+    assert len(requests) == len(replies) >= len(rtts) > 0, (len(requests), len(replies))
     if shutil.which("tcpdump"):
         r = subprocess.run(["tcpdump", "-nr", str(pcap), "icmp"], capture_output=True, text=True)
         assert r.returncode == 0 and "ICMP echo re" in r.stdout
