@@ -106,6 +106,8 @@ class BlkDevice(vd.VirtioDevice):
         self._rings = []
         self._interrupt = None
         self.stats = {"kicks": 0, "requests": 0, "ioerr": 0}
+        self.ioloop = None        # for timers of the slow path (set by the owner)
+        self.intercept = None     # limiter/faults/trace/hook: vmm/virtio/intercept.py
 
     @property
     def _ring(self):
@@ -157,6 +159,19 @@ class BlkDevice(vd.VirtioDevice):
         super().reset()
         self._rings = []
         self._interrupt = None
+        if self.intercept is not None:
+            self.intercept.paused = False
+
+    def faults_counts(self):
+        """{rule: times fired} of the installed fault rules ({} if none)."""
+        f = self.intercept and self.intercept.faults
+        return f.counts() if f else {}
+
+    def configure(self, **changes):
+        """limiter=, faults=, tracer=, hook= (None removes), also while running:
+        see vmm/virtio/intercept.py."""
+        from vmm.virtio.intercept import configure_blk
+        configure_blk(self, **changes)
 
     @property
     def budget(self):
@@ -177,7 +192,9 @@ class BlkDevice(vd.VirtioDevice):
         if ring is None or ring.broken:
             return False
         self.stats["kicks"] += 1
-        if self.native:
+        if self.intercept is not None and self.native:      # the slow path, off by default
+            completed, irq, err, ioerr, more = self.intercept.process(self, ring)
+        elif self.native:
             res = self._res
             lib.pv_blk_process(ring.vq, self._blk, ring.chain, res)
             completed, irq, err, ioerr, more = (res.completed, res.interrupt, -res.error,
@@ -221,6 +238,9 @@ class BlkDevice(vd.VirtioDevice):
         """Flush and close the image (idempotent)."""
         fd, self.fd = self.fd, -1
         self._rings = []
+        icpt, self.intercept = self.intercept, None
+        if icpt is not None:
+            icpt.close()          # stops its timers, closes its trace file
         if fd >= 0:
             try:
                 if not self.readonly:
