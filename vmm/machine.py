@@ -11,7 +11,7 @@ from typing import List, Optional
 from vmm.arch.x86 import boot, cpuid, layout, loader, mptable, regs
 from vmm.bus import Bus
 from vmm.devices import Slots
-from vmm.hw.i8042 import DATA_PORT, I8042
+from vmm.hw.i8042 import DATA_PORT, I8042, KBD_IRQ
 from vmm.hw.pvpanic import PVPANIC_PORT, PvPanic
 from vmm.hw.serial import COM1_IRQ, COM1_PORT, Serial
 from vmm.kvm.system import Kvm
@@ -63,6 +63,10 @@ class Machine:
         # stop() runs in signal handlers too, on the main thread, possibly
         # while the main thread is inside stop() already: reentrant.
         self._lock = threading.RLock()
+        self.run_gate = threading.Event()    # cleared by pause(): vCPUs park
+        self.run_gate.set()
+        self._pause_lock = threading.Lock()
+        self._paused = False
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self.kvm = self.vm = self.memory = None
@@ -131,7 +135,8 @@ class Machine:
         self._serial_out = out
         self.serial = Serial(out, irq=self._serial_irq)
         self.pio_bus.register(COM1_PORT, 8, self.serial)
-        self.pio_bus.register(DATA_PORT, 5, I8042(lambda: self.stop("reset", "guest reset (i8042)")))
+        self.i8042 = I8042(lambda: self.stop("reset", "guest reset (i8042)"), irq=self._kbd_irq)
+        self.pio_bus.register(DATA_PORT, 5, self.i8042)
         self.pio_bus.register(PVPANIC_PORT, 1, PvPanic(
             lambda ev: self.stop("panic", f"guest kernel panic (pvpanic event 0x{ev:x})")))
 
@@ -150,6 +155,13 @@ class Machine:
         loop.start()
         return loop
 
+    def _kbd_irq(self):
+        """IRQ 1, edge (the i8042 keyboard line)."""
+        vm = self.vm
+        if vm is not None and not self.stopping:
+            vm.set_irq_line(KBD_IRQ, 1)
+            vm.set_irq_line(KBD_IRQ, 0)
+
     def _serial_irq(self, level):
         vm = self.vm
         if vm is not None and not self.stopping:   # input can still arrive while we stop
@@ -163,6 +175,53 @@ class Machine:
                 self.stop_reason, self.stop_message = reason, message
             self.stopping = True
         self._stop_event.set()
+        self.run_gate.set()          # parked vCPUs see `stopping` and leave
+
+    # -- pause / resume --------------------------------------------------------
+    @property
+    def paused(self):
+        return self._paused
+
+    def pause(self, timeout=5.0):
+        """Stop the guest: every vCPU out of KVM_RUN and parked, then the I/O
+        thread parked after the handler in progress.  Returns when nothing of
+        the guest runs any more (guest memory and disks are then quiescent,
+        as a snapshot needs).  Raises RuntimeError if a vCPU does not park."""
+        with self._pause_lock:
+            if self._paused or self.stopping:
+                return
+            self.run_gate.clear()
+            self._paused = True
+            deadline = time.monotonic() + timeout
+            for t in self.threads:
+                t.kick()
+            for t in self.threads:
+                # kick again until parked: a kick can land between two KVM_RUNs
+                while not t.parked.wait(0.01):
+                    if not t.is_alive() or self.stopping:
+                        break
+                    if time.monotonic() > deadline:
+                        self.run_gate.set()
+                        self._paused = False
+                        raise RuntimeError(f"{t.name} did not pause in {timeout:g} s")
+                    t.kick()
+            for _, loop in self._ioloops:    # one I/O thread per device
+                loop.pause(timeout=max(0.1, deadline - time.monotonic()))
+
+    def resume(self):
+        with self._pause_lock:
+            if not self._paused:
+                return
+            for _, loop in self._ioloops:
+                loop.resume()
+            self._paused = False
+            self.run_gate.set()
+
+    # -- control-plane operations ----------------------------------------------
+    def send_ctrl_alt_del(self):
+        """Ctrl-Alt-Del through the i8042, as Firecracker does: the guest's
+        keyboard driver (atkbd) gets the scancodes and init decides."""
+        self.i8042.trigger_ctrl_alt_del()
 
     def check_power_off(self):
         if self.threads and all(t.halted_with_irqs_off for t in self.threads):
@@ -176,6 +235,7 @@ class Machine:
         try:
             if self.config.seccomp:     # before any guest I/O can reach them
                 from vmm import seccomp
+                seccomp.enable()
                 for _, loop in self._ioloops:
                     seccomp.apply_in(loop, "io")
             for vcpu in self.vcpus:

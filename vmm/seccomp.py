@@ -61,12 +61,17 @@ ALLOW = {
     # Reads stdin (select with a timeout) and feeds the UART: its interrupt
     # is KVM_IRQ_LINE on the VM fd.
     "console": COMMON + ("select", "pselect6", "poll", "read", "ioctl"),
-    # The API server (vmm/api): accepts and serves HTTP over a Unix socket.
+    # The API server thread (vmm/api/server.py) of `pyvmm run --api-sock`:
+    # serves HTTP over its Unix socket; pause/resume (vCPU kicks, I/O thread
+    # wake-ups) and inspection; PATCH /drives swaps a disk image (open, lock,
+    # size, flush and close the old one).  (`pyvmm api` builds the VM on the
+    # main thread; its API thread starts unconfined, see README, Security.)
     "api": COMMON + (
         "accept4", "accept", "recvfrom", "recvmsg", "sendto", "sendmsg", "read", "close",
         "shutdown", "getsockopt", "setsockopt", "getsockname", "poll", "ppoll", "select",
         "pselect6", "epoll_wait", "epoll_pwait", "epoll_ctl", "fstat", "newfstatat",
-        "fcntl", "ioctl", "lseek",
+        "fcntl", "ioctl", "lseek", "openat", "flock", "fdatasync", "fsync", "statx",
+        "unlink",
     ),
 }
 
@@ -83,12 +88,31 @@ class SeccompError(Exception):
     """The filter could not be installed (one line)."""
 
 
+_enabled = False
+
+
+def enable():
+    """Turn confinement on for this process (pyvmm run without --no-seccomp;
+    Machine.run with MachineConfig.seccomp).  Until then apply() does
+    nothing, so a library user or a test process is never confined by a
+    thread that calls apply() unconditionally (the API server)."""
+    global _enabled
+    _enabled = True
+
+
+def enabled():
+    return _enabled
+
+
 def apply(kind):
-    """Confine the calling thread to ALLOW[kind]; cannot be undone."""
+    """Confine the calling thread to ALLOW[kind] if enable() was called;
+    cannot be undone."""
     import os
     from vmm.native import ffi, lib
     if kind not in ALLOW:
         raise SeccompError(f"seccomp: unknown thread kind {kind!r}")
+    if not _enabled:
+        return
     names = sorted(set(ALLOW[kind]))
     cnames = [ffi.new("char[]", n.encode()) for n in names]
     arr = ffi.new("const char *[]", cnames)

@@ -55,7 +55,10 @@ static inline void st32(volatile uint8_t *p, uint32_t v)
     barrier();
 }
 
-/* SAFETY: p points at 16 bytes inside a checked descriptor table; the guest
+/* An indirect table (§2.6.5.3) may sit at any byte address, so descriptors
+ * may be unaligned: memcpy is safe there too (found by the fuzz corpus under
+ * UBSan, when these were plain loads).
+ * SAFETY: p points at 16 bytes inside a checked descriptor table; the guest
  * may rewrite them at any time, so they are copied once and only the copy
  * is used. */
 static inline void read_desc(const volatile uint8_t *p, struct desc *d)

@@ -46,6 +46,11 @@ class IoLoop:
         self._stop = False
         self._calls = collections.deque()    # call_soon() functions for the thread
         self.errors = 0      # handler exceptions seen (logged)
+        # pause(): the thread parks between handlers until resume(); fds stay
+        # readable (epoll is level-triggered), so nothing is lost meanwhile.
+        self._pause_req = False
+        self._parked = threading.Event()
+        self._resume = threading.Event()
 
     @property
     def running(self):
@@ -80,7 +85,28 @@ class IoLoop:
         """Ask the thread to stop after the handler in progress (no wait)."""
         if self._thread is not None:
             self._stop = True
+            self._resume.set()          # a paused loop wakes up to stop
             signal_eventfd(self._wake)
+
+    def pause(self, timeout=5.0):
+        """Park the thread once the handler in progress (if any) has returned;
+        no handler runs until resume()."""
+        if not self.running:
+            return
+        self._parked.clear()
+        self._resume.clear()
+        self._pause_req = True
+        signal_eventfd(self._wake)
+        if not self._parked.wait(timeout):
+            raise RuntimeError(f"{self.name}: I/O thread did not pause in {timeout} s")
+
+    def resume(self):
+        self._pause_req = False
+        self._resume.set()
+
+    @property
+    def paused(self):
+        return self._pause_req and self._parked.is_set()
 
     def stop(self, timeout=5.0):
         """Stop the thread after the handler in progress (if any) returns.
@@ -116,22 +142,32 @@ class IoLoop:
 
     def _run(self):
         while not self._stop:
+            if self._pause_req:
+                drain_eventfd(self._wake)
+                self._run_calls()
+                self._parked.set()
+                self._resume.wait()
+                self._parked.clear()
+                continue
             try:
                 events = self._ep.poll()
             except InterruptedError:
                 continue
             for fd, _ in events:
-                if self._stop:
+                if self._stop or self._pause_req:
                     break
                 if fd == self._wake:
                     drain_eventfd(self._wake)
-                    while self._calls:
-                        self._call(self._calls.popleft())
+                    self._run_calls()
                     continue
                 handler = self._handlers.get(fd)
                 if handler is None:
                     continue
                 self._call(handler, fd)
+
+    def _run_calls(self):
+        while self._calls:
+            self._call(self._calls.popleft())
 
     def _call(self, handler, fd=None):
         try:
