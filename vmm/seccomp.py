@@ -36,11 +36,11 @@ ALLOW = {
     # Waits for the vCPUs and the stop event, handles SIGINT/SIGTERM/SIGHUP,
     # kicks vCPUs; then tears down: stops the I/O threads (eventfd write,
     # epoll_ctl), flushes and closes the disk images, closes the KVM fds and
-    # unmaps guest memory, restores the terminal (ioctl TCSETS*), exits.
+    # unmaps guest memory, restores the terminal (ioctl TCSETS*), removes
+    # the API socket (unlink), exits.
     "main": COMMON + (
         "read", "close", "ioctl", "fdatasync", "fsync", "epoll_ctl", "flock",
-        "fstat", "newfstatat", "lseek", "dup", "fcntl", "set_robust_list",
-        "wait4", "sysinfo", "getcwd", "readlink", "openat", "getdents64",
+        "fstat", "newfstatat", "lseek", "fcntl", "unlink",
     ),
     # KVM_RUN and the register/state ioctls of a vCPU fd; port and MMIO
     # exits: the serial console's output (write), interrupts through KVM
