@@ -1,0 +1,107 @@
+"""pyvmm runs as an ordinary user given access to /dev/kvm (issue #14): no
+root for a VM without a NIC, and a NIC on a tap that root created for that
+user beforehand.  The tests grant a spare uid rw on /dev/kvm with an ACL
+(and on /dev/net/tun where it is not world-usable; removed again afterwards) and run the VMM under it with setpriv, seccomp
+filters on."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+import vmm.testing.tinyguest as T
+from vmm import guest
+
+pytestmark = pytest.mark.usefixtures("needs_kvm")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+UID = 61234                     # no passwd entry: nothing else runs as it
+
+
+@pytest.fixture
+def user():
+    """(uid, a directory it owns): /dev/kvm rw for uid through an ACL."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to grant a test uid access to /dev/kvm")
+    if not shutil.which("setfacl") or not shutil.which("setpriv"):
+        pytest.skip("needs setfacl (acl) and setpriv (util-linux)")
+    d = tempfile.mkdtemp(prefix="pyvmm-unpriv-")
+    os.chmod(d, 0o755)
+    os.chown(d, UID, UID)
+    granted = []
+    try:
+        # /dev/net/tun is 0666 on most distributions, 0600 in some containers
+        for dev in ("/dev/kvm", "/dev/net/tun"):
+            subprocess.run(["setfacl", "-m", f"u:{UID}:rw", dev], check=True)
+            granted.append(dev)
+        yield UID, d
+    finally:
+        for dev in granted:
+            subprocess.run(["setfacl", "-x", f"u:{UID}", dev], check=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def as_user(uid, home, args, timeout):
+    env = {"PATH": "/usr/bin:/bin", "HOME": home, "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": ROOT}
+    cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+           "--", sys.executable, "-m", "vmm", "run", *args]
+    return subprocess.run(cmd, capture_output=True, timeout=timeout, env=env,
+                          stdin=subprocess.DEVNULL, cwd=home)
+
+
+def user_file(uid, d, name, data=None, src=None):
+    path = os.path.join(d, name)
+    if src is not None:
+        shutil.copyfile(src, path)
+    else:
+        with open(path, "wb") as f:
+            f.write(data)
+    os.chown(path, uid, uid)
+    return path
+
+
+def test_tiny_guest_with_disk_and_precreated_tap_as_user(user):
+    uid, d = user
+    kernel = T.make_elf(T.serial_text("unprivileged\n") + T.CLI_HLT, os.path.join(d, "g.elf"))
+    img = user_file(uid, d, "disk.img", bytes(1 << 20))
+    tap = f"pvu{os.getpid() % 10000}"
+    subprocess.run(["ip", "tuntap", "add", "dev", tap, "mode", "tap", "user", str(uid), "vnet_hdr"],
+                   check=True)
+    try:
+        p = as_user(uid, d, ["--kernel", kernel, "--mem", "32M", "--timeout", "30",
+                             "--drive", f"file={img}", "--net", f"tap={tap}"], 60)
+        assert p.returncode == 0, p.stderr.decode()
+        assert p.stdout == b"unprivileged\n"
+        assert os.path.exists(f"/sys/class/net/{tap}")      # the user's tap is left in place
+    finally:
+        subprocess.run(["ip", "link", "del", tap], check=False)
+
+
+def test_without_kvm_access_one_line_error(user):
+    uid, d = user
+    subprocess.run(["setfacl", "-x", f"u:{uid}", "/dev/kvm"], check=True)
+    try:
+        kernel = T.make_elf(T.CLI_HLT, os.path.join(d, "g.elf"))
+        p = as_user(uid, d, ["--kernel", kernel, "--mem", "32M", "--timeout", "10"], 30)
+        err = p.stderr.decode()
+        assert p.returncode == 1 and err.count("\n") == 1 and "/dev/kvm" in err, err
+    finally:
+        subprocess.run(["setfacl", "-m", f"u:{uid}:rw", "/dev/kvm"], check=True)
+
+
+@pytest.mark.integration
+def test_default_guest_boots_to_done_as_user(user):
+    uid, d = user
+    kernel, initrd = guest.default_guest()
+    if not (os.path.exists(kernel) and os.path.exists(initrd)):
+        pytest.fail("default guest not built: run `make guest`")
+    k = user_file(uid, d, "vmlinux", src=kernel)
+    i = user_file(uid, d, "initramfs.cpio", src=initrd)
+    p = as_user(uid, d, ["--kernel", k, "--initrd", i, "--timeout", "400", "--cmdline",
+                         guest.DEFAULT_CMDLINE + " pyvmm.test=poweroff"], 460)
+    out = p.stdout.decode(errors="replace")
+    assert "pyvmm-guest: done" in out, out[-2000:] + p.stderr.decode()
+    assert p.returncode == 0, p.stderr.decode()
