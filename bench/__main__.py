@@ -17,6 +17,7 @@ figures are pyvmm-only.
 """
 import argparse
 import datetime
+import glob
 import importlib
 import json
 import os
@@ -90,11 +91,11 @@ def child(name, status_path, argv):
         call = ADAPTERS.get(name, lambda m, a: m.main(a))
         try:
             res = call(mod, argv)
-        except SystemExit as e:       # argparse rejected the arguments: try its defaults
-            if e.code != 2 or not argv:
+        except SystemExit as e:       # argparse rejected the arguments: the module failed
+            if e.code in (0, None):
                 raise
-            st["note"] = f"rejected {' '.join(argv)}; ran with its defaults"
-            res = call(mod, [])
+            st["error"] = f"exited with status {e.code} (arguments: {' '.join(argv) or 'none'})"
+            return 0
         path = os.path.join(common.RESULTS, f"{name}.json")
         if os.path.exists(path) and os.path.getmtime(path) >= t0 - 1:
             st["status"] = "ok"
@@ -154,7 +155,13 @@ def host_info():
 
 
 def run_module(name, argv, limit):
-    """Run one module in a child process group; returns its status dict."""
+    """Run one module in a child process group; returns its status dict.
+    Its previous result file is removed first, so a module that fails leaves
+    no figures behind (the report would otherwise show an old run's)."""
+    try:
+        os.unlink(os.path.join(common.RESULTS, f"{name}.json"))
+    except FileNotFoundError:
+        pass
     fd, status_path = tempfile.mkstemp(prefix=f"pyvmm-bench-{name}-", suffix=".json")
     os.close(fd)
     os.unlink(status_path)
@@ -208,9 +215,12 @@ def main(argv=None):
         if bad:
             ap.error(f"unknown module(s) {','.join(bad)}; choose from {','.join(MODULES)}")
     os.makedirs(common.RESULTS, exist_ok=True)
+    if not args.only:           # a full run starts from nothing: no figure of an older run
+        for path in glob.glob(os.path.join(common.RESULTS, "*.json")):
+            os.unlink(path)
     ensure_qemu()
     run = {}
-    if os.path.exists(RUN_JSON):
+    if args.only and os.path.exists(RUN_JSON):   # a partial run keeps the others' status
         try:
             with open(RUN_JSON) as f:
                 run = json.load(f)

@@ -86,7 +86,7 @@ class FastDriver:
             if self.used_idx[0] != self.idx or self.status.any():
                 raise RuntimeError(f"batch failed: used {self.used_idx[0]} != {self.idx}, "
                                    f"device status 0x{self.t.status:x}")
-            self.t.write(m.INTERRUPT_ACK, 4, self.t.read(m.INTERRUPT_STATUS, 4))
+            self.d.ack_interrupt()          # the transport's own ISR access (mmio or pci)
 
     def close(self):
         self.t.close()

@@ -120,9 +120,11 @@ def run_pair(cmds, ready, reps, timeout, settle, stdin):
         if name == "qemu" and not have_qemu():
             continue
         got = [sample(cmd, ready, timeout, settle, stdin) for _ in range(reps)]
-        got = [g for g in got if g]
-        if got:
-            out[name] = {k: stats([g[k] / MiB for g in got]) for k in got[0]}
+        keys = next((list(g) for g in got if g), None)
+        if keys is None:
+            out[name] = {"failed": reps}
+            continue
+        out[name] = {k: stats([g[k] / MiB if g else None for g in got]) for k in keys}
     return out
 
 

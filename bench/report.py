@@ -36,8 +36,13 @@ def as_stats(v, scale=1.0):
     number; None if `v` is none of those."""
     if isinstance(v, dict) and "median" in v:
         med = v["median"]
-        return {"min": v.get("min", med) * scale, "median": med * scale,
-                "max": v.get("max", med) * scale, "n": v.get("n", 1)}
+        out = {"min": v.get("min", med) * scale, "median": med * scale,
+               "max": v.get("max", med) * scale, "n": v.get("n", 1)}
+        if v.get("failed"):
+            out["failed"] = v["failed"]
+        return out
+    if isinstance(v, dict) and v.get("failed"):      # every sample failed
+        return {"all_failed": v["failed"]}
     if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v):
         return {"min": min(v) * scale, "median": statistics.median(v) * scale,
                 "max": max(v) * scale, "n": len(v)}
@@ -51,10 +56,22 @@ def row(module, family, figure, unit, pyvmm, ref_name=None, ref=None, higher_is_
     """goal: (op, value) on the ratio pyvmm/ref, op '>=' or '<='."""
     if pyvmm is None:
         return None
+    failed = []
+    if "all_failed" in pyvmm:
+        failed.append(f"pyvmm: all {pyvmm['all_failed']} samples failed")
+        pyvmm = None
+    if ref and "all_failed" in ref:
+        failed.append(f"{ref_name}: all {ref['all_failed']} samples failed")
+        ref = None
+    for who, s in (("pyvmm", pyvmm), (ref_name, ref)):
+        if s and s.get("failed"):
+            failed.append(f"{who}: {s['failed']} of {s['failed'] + s['n']} samples failed")
+    if failed:
+        note = "; ".join(filter(None, [note] + failed))
     r = {"module": module, "family": family, "figure": figure, "unit": unit,
          "pyvmm": pyvmm, "ref_name": ref_name if ref else None, "ref": ref,
          "ratio": None, "higher_is_better": higher_is_better, "goal": None, "goal_met": None}
-    if ref and ref["median"]:
+    if pyvmm and ref and ref["median"]:
         r["ratio"] = pyvmm["median"] / ref["median"]
         if goal:
             op, val = goal
@@ -252,8 +269,14 @@ def collect(results=RESULTS):
              for p in glob.glob(os.path.join(results, "*.json"))}
     names = [n for n in ORDER if n in files] + sorted(n for n in files if n not in ORDER
                                                       and n not in RESERVED)
+    status = run.get("modules", {})
     for name in names:
         path = files[name]
+        if name in status and status[name].get("status") != "ok":
+            # the run says this module failed: a file left by an earlier run is not its figure
+            sources[name] = {"file": os.path.relpath(path, os.path.dirname(results)),
+                             "error": "ignored: the module failed in the last run"}
+            continue
         d = load_json(path)
         src = {"file": os.path.relpath(path, os.path.dirname(results)), "measured": iso(os.path.getmtime(path))}
         if not isinstance(d, dict):
@@ -303,14 +326,16 @@ def markdown(rep):
         goal = "–"
         if r["goal"]:
             goal = f"{r['goal'].replace('<=', '≤').replace('>=', '≥')} {'✅' if r['goal_met'] else '❌'}"
-        lines.append(f"| {r['family']}: {r['figure']} | {r['unit']} {arrow} | {trio(r['pyvmm'])} | "
+        fig = f"{r['family']}: {r['figure']}" + (f" ({r['note']})" if r.get("note") else "")
+        py = trio(r["pyvmm"]) if r["pyvmm"] else "**failed**"
+        lines.append(f"| {fig} | {r['unit']} {arrow} | {py} | "
                      f"{r['ref_name'] or '–'} | {ref} | {ratio} | {goal} |")
     notes = []
     for name, m in sorted(rep["modules"].items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else 99):
-        if m.get("status") != "ok":
-            src = rep["sources"].get(name)
-            tail = f"; figures shown are from {src['measured']}" if src and src.get("rows") else ""
-            notes.append(f"- `{name}`: {m.get('status')}: {m.get('error', '')}".rstrip(": ") + tail)
+        if m.get("status") != "ok":     # a failed module is a row of its own, never old figures
+            why = f"{m.get('status')}: {m.get('error', '')}".rstrip(": ").replace("|", "/")
+            lines.append(f"| **{name}: FAILED, not measured** ({why}) | | | | | | |")
+            notes.append(f"- `{name}`: {why}")
     for name, src in rep["sources"].items():
         if src.get("error"):
             notes.append(f"- `{name}`: {src['error']}")
@@ -342,7 +367,7 @@ def chart(rep, path):
 
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    rows = rep["rows"]
+    rows = [r for r in rep["rows"] if r["pyvmm"]]      # failed figures are in the table only
     if not rows:
         return None
     ncol = 4
