@@ -1,6 +1,7 @@
 """Command-line device specs and how they attach to a Machine.
 
-`--drive file=PATH[,readonly=on][,serial=S][,transport=mmio|pci]` becomes a
+`--drive file=PATH[,readonly=on][,serial=S][,transport=mmio|pci][,io_engine=sync|io_uring]`
+becomes a
 DriveSpec, `--net tap=NAME[,mac=M][,transport=mmio|pci]` a NetSpec; attach()
 opens the device and wires it on its transport (vmm.devices for mmio,
 vmm.virtio.pci_legacy for legacy virtio-pci), returning the kernel command
@@ -145,7 +146,8 @@ class VirtioSpec:
 
 
 class DriveSpec(VirtioSpec):
-    KEYS = ("file", "readonly", "serial", "transport")
+    KEYS = ("file", "readonly", "serial", "transport", "io_engine")
+    IO_ENGINES = ("sync", "io_uring")   # Firecracker's io_engine Sync / Async
 
     def __init__(self, text):
         opts = parse_options(text, "--drive", self.KEYS)
@@ -159,10 +161,21 @@ class DriveSpec(VirtioSpec):
             raise DeviceSpecError("--drive: serial is at most 20 bytes (virtio-blk GET_ID)")
         if not (os.path.isfile(self.path) or is_block_device(self.path)):
             raise DeviceSpecError(f"--drive: disk image {self.path}: no such file")
+        self.io_engine = opts.get("io_engine", "sync")
+        if self.io_engine not in self.IO_ENGINES:
+            raise DeviceSpecError(f"--drive: unknown io_engine {self.io_engine!r} "
+                                  f"(available: {', '.join(self.IO_ENGINES)})")
+        self._ioloop = None
+
+    def attach(self, machine, cmdline):
+        if self.io_engine == "io_uring":
+            self._ioloop = machine.ioloop()     # completions are reaped by the I/O thread
+        return super().attach(machine, cmdline)
 
     def open_device(self):
         from vmm.virtio import BlkDevice
-        return BlkDevice(self.path, readonly=self.readonly, serial=self.serial)
+        return BlkDevice(self.path, readonly=self.readonly, serial=self.serial,
+                         io_engine=self.io_engine, ioloop=self._ioloop)
 
 
 class NetSpec(VirtioSpec):
