@@ -95,9 +95,11 @@ long bd_run(struct bd_ring *r, struct bd_work *w)
     uint32_t depth = w->depth < r->size ? w->depth : r->size;
     uint16_t old = r->avail_idx;
     w->done = w->bytes = w->errors = 0;
-    /* net RX: every buffer posted, each re-posted when used; blk / net TX:
-     * `depth` requests in flight, a new one for each completed */
-    for (uint32_t s = 0; s < depth && (w->mode == 2 || submitted < w->n); s++, submitted++) {
+    /* `depth` requests (blk), frames (TX) or buffers (RX) in flight, a new
+     * one for each completed */
+    /* RX: exactly n buffers are ever posted, so none is left for frames that
+     * arrive before the next run (they wait in the tap until the clock runs) */
+    for (uint32_t s = 0; s < depth && submitted < w->n; s++, submitted++) {
         if (w->mode == 0)
             submit_blk(r, w, s, submitted);
         else
@@ -144,7 +146,7 @@ long bd_run(struct bd_ring *r, struct bd_work *w)
                         w->errors++;
                     if (submitted < w->n)
                         submit_blk(r, w, id, submitted++);
-                } else if (w->mode == 2 || submitted < w->n) {
+                } else if (submitted < w->n) {
                     put(r, (uint16_t)id);      /* RX: the buffer goes back; TX: next frame */
                     submitted++;
                 }
