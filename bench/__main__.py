@@ -34,6 +34,7 @@ from bench import common
 # name: (full argv, quick argv, time limit in seconds)
 MODULES = {
     "boot": (["--reps", "5", "--init-reps", "3"], ["--reps", "3", "--init-reps", "1"], 900),
+    "startup": (["--reps", "7"], ["--reps", "3"], 240),
     "exits": (["--reps", "5"], ["--reps", "3", "--count", "30000"], 180),
     "pio": (["--reps", "5"], ["--reps", "3"], 300),
     "blk": (["--reps", "5"], ["--reps", "3", "--size-mib", "64", "--requests", "4096"], 600),
@@ -41,6 +42,7 @@ MODULES = {
     "memory": (["--guest", "both", "--reps", "5", "--linux-reps", "2"],
                ["--guest", "tiny", "--reps", "3"], 900),
     "startstop": (["--reps", "5"], ["--reps", "3"], 240),
+    "inguest": (["--reps", "1"], ["--reps", "1", "--vmms", "pyvmm-mmio,qemu"], 1500),
     "guest": (["--reps", "2"], ["--reps", "1"], 1200),
 }
 RUN_JSON = os.path.join(common.RESULTS, "run.json")

@@ -26,7 +26,7 @@ import sys
 from bench.common import RESULTS
 
 RESERVED = ("latest", "run")          # files in RESULTS that are not module results
-ORDER = ["boot", "exits", "pio", "blk", "net", "memory", "startstop", "guest"]
+ORDER = ["boot", "startup", "exits", "pio", "blk", "net", "inguest", "memory", "startstop", "guest"]
 QEMU = "QEMU microvm"
 
 
@@ -192,7 +192,43 @@ def norm_memory(d):
             py, q = v.get("pyvmm", {}).get(k), v.get("qemu", {}).get(k)
             rows.append(row("memory", "Memory", f"VMM overhead, {what} ({gname})", "MiB",
                             as_stats(py), QEMU, as_stats(q), False,
-                            ("<=", 1 / 3) if k == "rss" else None))
+                            ("<=", 0.5) if k == "rss" else ("<=", 1.0)))
+    return rows
+
+
+def norm_startup(d):
+    """bench/startup.py: {"steps": {step: stats s}, "qemu_total": stats s}."""
+    rows = []
+    steps = d.get("steps", {})
+    for k, st in steps.items():
+        if k == "total":
+            rows.append(row("startup", "Start-up", "pyvmm run → first guest instruction (total)", "ms",
+                            as_stats(st, 1000), QEMU, as_stats(d.get("qemu_total"), 1000), False,
+                            ("<=", 1.0)))
+        else:
+            rows.append(row("startup", "Start-up step (pyvmm only)", k, "ms", as_stats(st, 1000),
+                            higher_is_better=False))
+    return rows
+
+
+def norm_inguest(d):
+    """bench/inguest.py: {"figures": {figure: {"pyvmm-mmio"|"pyvmm-pci"|"qemu": stats}},
+    "units": {figure: unit}}; ping is a latency (lower is better)."""
+    rows = []
+    units = d.get("units", {})
+    for fig, per in d.get("figures", {}).items():
+        lower = fig.startswith("ping")
+        q = as_stats(per.get("qemu"))
+        for vmm in ("pyvmm-mmio", "pyvmm-pci"):
+            if vmm not in per:
+                continue
+            label = {"disk read 4k": "O_DIRECT 4 KiB reads", "disk write 4k": "O_DIRECT 4 KiB writes",
+                     "disk read 1m": "O_DIRECT 1 MiB reads", "disk write 1m": "O_DIRECT 1 MiB writes",
+                     "tcp guest->host": "TCP guest → host", "ping rtt": "ping guest → host, average RTT"
+                     }.get(fig, fig)
+            rows.append(row("inguest", f"In guest ({vmm.split('-')[1]} transport)", label,
+                            units.get(fig, ""), as_stats(per[vmm]), QEMU + " (virtio-mmio)", q,
+                            not lower, ("<=", 1.0) if lower else (">=", 1.0)))
     return rows
 
 
@@ -237,7 +273,7 @@ def norm_generic(module, d):
 
 NORMALIZERS = {"boot": norm_boot, "exits": norm_exits, "pio": norm_pio, "blk": norm_blk,
                "net": norm_net, "memory": norm_memory, "startstop": norm_startstop,
-               "guest": norm_guest}
+               "guest": norm_guest, "startup": norm_startup, "inguest": norm_inguest}
 
 
 # -- collecting --------------------------------------------------------------------
@@ -255,7 +291,7 @@ def iso(ts):
 
 def collect(results=RESULTS):
     run = load_json(os.path.join(results, "run.json")) or {}
-    sources, rows = {}, []
+    sources, rows, details = {}, [], {}
     files = {os.path.splitext(os.path.basename(p))[0]: p
              for p in glob.glob(os.path.join(results, "*.json"))}
     names = [n for n in ORDER if n in files] + sorted(n for n in files if n not in ORDER
@@ -284,9 +320,15 @@ def collect(results=RESULTS):
         src["rows"] = len(got)
         sources[name] = src
         rows += got
+        if name == "startup":
+            details["startup"] = {"steps": d.get("steps"), "imports": d.get("imports")}
+        if name == "memory" and isinstance(d.get("tiny"), dict):
+            details["memory"] = {k: d["tiny"].get(k) for k in ("pyvmm_breakdown_mib",
+                                                              "pyvmm_python_allocations")}
     return {"generated": iso(datetime.datetime.now().timestamp()), "host": run.get("host", {}),
             "run": {k: run.get(k) for k in ("started", "finished", "quick") if k in run},
-            "modules": run.get("modules", {}), "sources": sources, "rows": rows}
+            "modules": run.get("modules", {}), "sources": sources, "rows": rows,
+            "details": details}
 
 
 # -- Markdown --------------------------------------------------------------------
@@ -343,7 +385,35 @@ def markdown(rep):
         out.append("Host: " + ", ".join(f"{k} {v}" for k, v in h.items() if v) + ".")
     if notes:
         out += ["", "Notes:"] + notes
+    out += details_md(rep.get("details") or {})
     return "\n".join(out) + "\n"
+
+
+def details_md(det):
+    """The start-up and memory breakdowns, as small tables."""
+    out = []
+    st = det.get("startup") or {}
+    if st.get("steps"):
+        out += ["", "Where `pyvmm run`'s time to the first guest instruction goes (median of the "
+                "runs, ms; bench/startup.py):", "", "| Step | ms |", "|---|---|"]
+        out += [f"| {k} | {v['median'] * 1000:.1f} |" for k, v in st["steps"].items() if v]
+    if st.get("imports"):
+        out += ["", "Import self time by package, one `python -X importtime -c 'import vmm.cli'` (ms): "
+                + ", ".join(f"{k} {v * 1000:.1f}" for k, v in st["imports"].items())]
+    mem = det.get("memory") or {}
+    bd = mem.get("pyvmm_breakdown_mib")
+    if bd:
+        out += ["", "pyvmm's own memory with the tiny guest, by kind of mapping (guest RAM left out; "
+                "MiB; bench/memory.py):", "", "| Mapping | RSS | anonymous |", "|---|---|---|"]
+        out += [f"| {k} | {v['rss']:.2f} | {v['anon']:.2f} |" for k, v in bd.items() if v["rss"] >= 0.01]
+    pa = mem.get("pyvmm_python_allocations")
+    if pa:
+        per = pa.get("per_module_bytes", {})
+        out += ["", "Python allocations still live when the vCPU starts, by module (tracemalloc, "
+                "KiB; code objects of every module are counted under the interpreter's importer): "
+                + ", ".join(f"{k} {v / 1024:.0f}" for k, v in list(per.items())[:15])
+                + f". numpy loaded: {'yes' if any(m.startswith('numpy') for m in pa.get('numpy_or_cffi_modules', [])) else 'no'}."]
+    return out
 
 
 # -- chart ----------------------------------------------------------------------------
@@ -451,6 +521,8 @@ def chart(rep, path):
 
 
 def short_ref(name):
+    if name == QEMU + " (virtio-mmio)":
+        return "QEMU"
     if name and name.startswith("plain ") and name.endswith(" (limit)"):
         return "limit"
     return {"QEMU microvm": "QEMU", "QEMU microvm (UART register)": "QEMU UART",
