@@ -39,6 +39,7 @@ MODULES = {
     "pio": (["--reps", "5"], ["--reps", "3"], 300),
     "blk": (["--reps", "5"], ["--reps", "3", "--size-mib", "64", "--requests", "4096"], 600),
     "net": (["--reps", "5"], ["--reps", "3"], 400),
+    "starve": (["--pings", "200"], ["--pings", "60"], 300),
     "memory": (["--guest", "both", "--reps", "5", "--linux-reps", "2"],
                ["--guest", "tiny", "--reps", "3"], 900),
     "startstop": (["--reps", "5"], ["--reps", "3"], 240),

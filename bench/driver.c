@@ -39,6 +39,7 @@ struct bd_work {
     int timeout_ms;                  /* give up when no interrupt comes this long */
     int (*ack)(void);                /* acknowledge the interrupt (transport registers) */
     uint64_t done, bytes, errors;
+    uint32_t base;                   /* slots are descriptors base .. base+depth-1 */
 };
 
 #define AVAIL_IDX(r) ((volatile uint16_t *)((r)->avail + 2))
@@ -84,7 +85,7 @@ static void submit_blk(struct bd_ring *r, struct bd_work *w, uint32_t slot, uint
     memset(h + 4, 0, 4);
     memcpy(h + 8, &w->sectors[i], 8);
     w->status[slot] = 0xFF;
-    put(r, (uint16_t)slot);
+    put(r, (uint16_t)(slot + w->base));
 }
 
 /* Returns 0 when w->n requests (frames) completed, -ETIMEDOUT if the device
@@ -103,7 +104,7 @@ long bd_run(struct bd_ring *r, struct bd_work *w)
         if (w->mode == 0)
             submit_blk(r, w, s, submitted);
         else
-            put(r, (uint16_t)s);
+            put(r, (uint16_t)(s + w->base));
     }
     if (r->event_idx)
         *USED_EVENT(r) = r->last_used;
@@ -135,7 +136,7 @@ long bd_run(struct bd_ring *r, struct bd_work *w)
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
             while (r->last_used != used) {
                 volatile uint32_t *el = USED_ELEM(r, r->last_used % r->size);
-                uint32_t id = el[0], len = el[1];
+                uint32_t id = el[0] - w->base, len = el[1];
                 r->last_used++;
                 w->done++;
                 w->bytes += len;
@@ -147,7 +148,7 @@ long bd_run(struct bd_ring *r, struct bd_work *w)
                     if (submitted < w->n)
                         submit_blk(r, w, id, submitted++);
                 } else if (submitted < w->n) {
-                    put(r, (uint16_t)id);      /* RX: the buffer goes back; TX: next frame */
+                    put(r, (uint16_t)(id + w->base));  /* RX: the buffer goes back; TX: next frame */
                     submitted++;
                 }
             }

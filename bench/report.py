@@ -26,7 +26,8 @@ import sys
 from bench.common import RESULTS
 
 RESERVED = ("latest", "run")          # files in RESULTS that are not module results
-ORDER = ["boot", "startup", "exits", "pio", "blk", "net", "inguest", "memory", "startstop", "guest"]
+ORDER = ["boot", "startup", "exits", "pio", "blk", "net", "starve", "inguest", "memory", "startstop",
+         "guest"]
 QEMU = "QEMU microvm"
 
 
@@ -232,6 +233,18 @@ def norm_inguest(d):
     return rows
 
 
+def norm_starve(d):
+    """bench/starve.py: NIC RX latency (median, p99 in us) idle and during a disk flush storm."""
+    rows = []
+    idle, busy = d.get("idle"), d.get("flush storm")
+    if not (isinstance(idle, dict) and isinstance(busy, dict)):
+        return rows
+    for k, what in (("median_us", "median"), ("p99_us", "99th percentile")):
+        rows.append(row("starve", "Isolation", f"NIC RX latency during a disk flush storm, {what}",
+                        "µs", as_stats(busy.get(k)), "same, disk idle", as_stats(idle.get(k)), False))
+    return rows
+
+
 def norm_startstop(d):
     return [vs_qemu(d, "vms_per_s", "startstop", "Start/stop", "VMs started and stopped (10 in a row)",
                     "VMs/s")]
@@ -273,7 +286,8 @@ def norm_generic(module, d):
 
 NORMALIZERS = {"boot": norm_boot, "exits": norm_exits, "pio": norm_pio, "blk": norm_blk,
                "net": norm_net, "memory": norm_memory, "startstop": norm_startstop,
-               "guest": norm_guest, "startup": norm_startup, "inguest": norm_inguest}
+               "guest": norm_guest, "startup": norm_startup, "inguest": norm_inguest,
+               "starve": norm_starve}
 
 
 # -- collecting --------------------------------------------------------------------
