@@ -2,13 +2,16 @@
 
     python -m bench [--quick] [--only NAME[,NAME...]] [--budget MINUTES]
 
-Modules, in order: boot, exits, pio, blk, net, memory, startstop, guest.  Each
+Modules, in order: boot, startup, exits, pio, blk, net, starve, inguest,
+memory, startstop, guest.  Each
 runs in a child process (`python -m bench --child ...`, which imports the
 module and calls its main(argv)) with a time limit, so a missing, failing or
 hanging module is recorded in bench/results/run.json and the report, and the
 run goes on.  The whole run stops starting modules when --budget is used up
-(default 27 minutes; a full run takes about 15 minutes on an idle 2-core
-software-KVM host, --quick about 5).
+(default 60 minutes; a full run takes about 30 minutes on an idle 2-core
+software-KVM host, much longer when the machine is shared, --quick about 12).
+A full run first removes every result file of an earlier run; --only keeps
+the other modules' files and status.
 
 QEMU (`qemu-system-x86_64`, Debian package qemu-system-x86) is the
 side-by-side reference; if it is absent it is installed with apt-get when
@@ -33,18 +36,18 @@ from bench import common
 
 # name: (full argv, quick argv, time limit in seconds)
 MODULES = {
-    "boot": (["--reps", "5", "--init-reps", "3"], ["--reps", "3", "--init-reps", "1"], 900),
+    "boot": (["--reps", "5", "--init-reps", "2"], ["--reps", "3", "--init-reps", "1"], 900),
     "startup": (["--reps", "7"], ["--reps", "3"], 240),
     "exits": (["--reps", "5"], ["--reps", "3", "--count", "30000"], 180),
     "pio": (["--reps", "5"], ["--reps", "3"], 300),
     "blk": (["--reps", "5"], ["--reps", "3", "--size-mib", "64", "--requests", "4096"], 600),
     "net": (["--reps", "5"], ["--reps", "3"], 400),
     "starve": (["--pings", "200"], ["--pings", "60"], 300),
-    "memory": (["--guest", "both", "--reps", "5", "--linux-reps", "2"],
+    "memory": (["--guest", "both", "--reps", "5", "--linux-reps", "1"],
                ["--guest", "tiny", "--reps", "3"], 900),
     "startstop": (["--reps", "5"], ["--reps", "3"], 240),
     "inguest": (["--reps", "1"], ["--reps", "1", "--vmms", "pyvmm-mmio,qemu"], 1500),
-    "guest": (["--reps", "2"], ["--reps", "1"], 1200),
+    "guest": (["--reps", "1"], ["--reps", "1"], 1200),
 }
 RUN_JSON = os.path.join(common.RESULTS, "run.json")
 
@@ -187,8 +190,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (about 5 minutes)")
     ap.add_argument("--only", metavar="NAME[,NAME]",
                     help=f"run only these modules ({','.join(MODULES)})")
-    ap.add_argument("--budget", type=float, default=27, metavar="MINUTES",
-                    help="stop starting modules after this many minutes (default 27)")
+    ap.add_argument("--budget", type=float, default=60, metavar="MINUTES",
+                    help="stop starting modules after this many minutes (default 60)")
     args = ap.parse_args(argv)
     names = list(MODULES)
     if args.only:
