@@ -7,7 +7,7 @@ VENV ?= .venv
 BENCH_ARGS ?=
 PYTHON = $(VENV)/bin/python
 APT_PACKAGES = build-essential python3-dev python3-venv linux-libc-dev linux-source-6.1 busybox-static \
-               flex bison bc libelf-dev libssl-dev cpio lz4 file e2fsprogs iproute2 xz-utils
+               flex bison bc libelf-dev libssl-dev cpio lz4 file e2fsprogs iproute2 xz-utils libseccomp-dev acl
 
 .PHONY: setup deps install guest run test unit bench clean fuzz fuzz-deps fuzz-build
 
