@@ -12,7 +12,7 @@ import random
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = [f[:-3] for f in os.listdir(os.path.join(HERE, "targets"))
-           if f.endswith(".py") and f != "fuzzlib.py"]
+           if f.endswith(".py") and f not in ("fuzzlib.py", "blk_engines.py")]
 INIT = bytes([3]) + b"\xff" * 8 + bytes([2, 0])     # op 3: features all ones, queue size 256
 
 
@@ -25,7 +25,22 @@ def seed(rng, with_init=True):
     return head + (INIT if with_init else b"") + ops
 
 
+def blk_engines_seeds():
+    """blk_engines reads a 9-byte header then RAM from gpa 0: the native blk
+    seeds (native/fuzz/make_seeds.py) converted, regions 0 and 1 in place."""
+    src = os.path.join(os.path.dirname(HERE), "native", "fuzz", "corpus", "blk")
+    d = os.path.join(HERE, "corpus", "blk_engines")
+    os.makedirs(d, exist_ok=True)
+    for name in sorted(os.listdir(src)):
+        raw = open(os.path.join(src, name), "rb").read()
+        hdr, ram = raw[:32], raw[32:]
+        out = hdr[:8] + bytes([2]) + ram[:0x1000].ljust(0x3000, b"\0") + ram[0x1000:0x2000]
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(out.rstrip(b"\0"))
+
+
 def main():
+    blk_engines_seeds()
     for t in TARGETS:
         d = os.path.join(HERE, "corpus", t)
         os.makedirs(d, exist_ok=True)
