@@ -127,6 +127,12 @@ class VirtioSpec:
     def transport(self):
         return None if self._attachment is None else self._attachment.transport
 
+    @property
+    def device(self):
+        """The open virtio device once attached (None before)."""
+        t = self.transport
+        return None if t is None else t.device
+
     def open_device(self):
         raise NotImplementedError
 
@@ -160,6 +166,19 @@ class DriveSpec(VirtioSpec):
         if not (os.path.isfile(self.path) or is_block_device(self.path)):
             raise DeviceSpecError(f"--drive: disk image {self.path}: no such file")
 
+    @classmethod
+    def from_fields(cls, path, readonly=False, serial=None, transport="mmio"):
+        """The same spec from separate values (the control API, --config-file):
+        no option-string parsing, so a path may contain commas."""
+        self = cls.__new__(cls)
+        VirtioSpec.__init__(self, {"transport": transport}, "drive")
+        self.path, self.readonly, self.serial = path, bool(readonly), serial
+        if serial is not None and len(serial.encode()) > 20:
+            raise DeviceSpecError("drive: serial is at most 20 bytes (virtio-blk GET_ID)")
+        if not (os.path.isfile(path) or is_block_device(path)):
+            raise DeviceSpecError(f"drive: disk image {path}: no such file")
+        return self
+
     def open_device(self):
         from vmm.virtio import BlkDevice
         return BlkDevice(self.path, readonly=self.readonly, serial=self.serial)
@@ -181,6 +200,20 @@ class NetSpec(VirtioSpec):
         except ValueError as e:
             raise DeviceSpecError(f"--net: {e}") from None
         self._ioloop = None
+
+    @classmethod
+    def from_fields(cls, tap_name, mac=None, transport="mmio"):
+        """The same spec from separate values (control API, --config-file)."""
+        from vmm.tap import check_name, parse_mac
+        self = cls.__new__(cls)
+        VirtioSpec.__init__(self, {"transport": transport}, "network interface")
+        try:
+            self.tap_name = check_name(tap_name)
+            self.mac = parse_mac(mac) if mac is not None else None
+        except ValueError as e:
+            raise DeviceSpecError(f"network interface: {e}") from None
+        self._ioloop = None
+        return self
 
     def attach(self, machine, cmdline):
         self._ioloop = machine.ioloop()     # the tap is polled by the I/O thread

@@ -139,23 +139,63 @@ class BlkDevice(vd.VirtioDevice):
         self._ring = None
         self._interrupt = None
 
+    @property
+    def budget(self):
+        """Requests done per queue_notify() call at most (issue #14: a guest
+        must not keep the device's thread busy for as long as it likes)."""
+        return self._blk.budget or lib.PV_BLK_BUDGET
+
+    @budget.setter
+    def budget(self, n):
+        self._blk.budget = n
+
     def queue_notify(self, index):
+        """Process up to `budget` requests; returns True if the budget ran
+        out (the transport then calls again later: no request is lost, and
+        none is done twice since the ring's position is kept)."""
         ring = self._ring
         if index != 0 or ring is None or ring.broken:
-            return
+            return False
         self.stats["kicks"] += 1
         if self.native:
             res = self._res
             lib.pv_blk_process(ring.vq, self._blk, ring.chain, res)
-            completed, irq, err, ioerr = res.completed, res.interrupt, -res.error, res.ioerr
+            completed, irq, err, ioerr, more = (res.completed, res.interrupt, -res.error,
+                                                res.ioerr, res.more)
         else:
-            completed, irq, err, ioerr = self._process_py(ring)
+            completed, irq, err, ioerr, more = self._process_py(ring)
         self.stats["requests"] += completed
         self.stats["ioerr"] += ioerr
         if irq:
             self._interrupt.used(0)
         if err:
             self._interrupt.needs_reset(QueueError(err, 0))
+            return False
+        return bool(more)
+
+    def replace_image(self, path):
+        """Back the disk by another image (Firecracker's PATCH /drives path_on_host;
+        the caller holds the device quiescent, e.g. the VM paused, and then
+        raises a configuration-change interrupt, §5.2.4: capacity may change).
+        On error the old image stays in use."""
+        old_path, old_fd = self.path, self.fd
+        self.path = os.fspath(path)
+        try:
+            fd = self._open()
+        except BaseException:
+            self.path = old_path
+            raise
+        self.fd = fd
+        self.size = os.lseek(fd, 0, os.SEEK_END)
+        self.capacity = self.size // SECTOR
+        self._blk.fd = fd
+        self._blk.capacity = self.capacity
+        if old_fd >= 0:
+            try:
+                if not self.readonly:
+                    os.fdatasync(old_fd)
+            finally:
+                os.close(old_fd)
 
     def close(self):
         """Flush and close the image (idempotent)."""
@@ -170,23 +210,27 @@ class BlkDevice(vd.VirtioDevice):
 
     # --- the same engine in Python ---
     def _process_py(self, ring):
-        completed = ioerr = err = 0
+        completed = ioerr = err = more = 0
+        budget = self.budget
         try:
             while True:
-                chain = ring.pop()
+                chain = ring.pop() if completed < budget else None
                 while chain is not None:
                     status, used_len = self._request_py(chain)
                     ioerr += status == S_IOERR
                     ring.push(chain.head, used_len)
                     completed += 1
-                    chain = ring.pop()
+                    chain = ring.pop() if completed < budget else None
+                if completed >= budget:
+                    more = 1
+                    break
                 if not ring.enable_notify():
                     break
         except QueueError as e:
             ring.fail(e.code)
             err = e.code
         irq = bool(completed) and ring.need_interrupt()
-        return completed, irq, err, ioerr
+        return completed, irq, err, ioerr, more
 
     def _request_py(self, chain):
         rd, wr = chain.readable, chain.writable
