@@ -3,7 +3,7 @@
 BlkDevice runs requests in C (native/src/blk.c + virtq.c) or, with
 native=False, in Python (PyRing + BlkDevice._request_py), "decision for
 decision" the same algorithm.  The input is the guest: a header (queue size,
-EVENT_IDX / INDIRECT_DESC, ring addresses, number of kicks) and guest RAM
+EVENT_IDX / INDIRECT_DESC, per-call budget, ring addresses, number of kicks) and guest RAM
 from gpa 0.  Both engines run the same kicks on the same memory and image;
 afterwards guest memory, the image, the interrupts signalled, the requests
 and I/O errors counted and the queue error (DEVICE_NEEDS_RESET reason) must
@@ -61,6 +61,7 @@ def run(native, data, size, flags, addrs, kicks):
     mem.write(0, data[:RAM])
     image = disk_image()
     dev = BlkDevice(image, native=native, serial=b"diff", queue_size=max(size, 4))
+    dev.budget = flags >> 2         # 0: the default
     try:
         dev.acked_features = ((vd.bit(vd.VIRTIO_F_RING_EVENT_IDX) if flags & 1 else 0)
                               | (vd.bit(vd.VIRTIO_F_RING_INDIRECT_DESC) if flags & 2 else 0))
