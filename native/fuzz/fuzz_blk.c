@@ -9,6 +9,7 @@
  * or rewrite guest memory (between kicks, and at the seam inside a
  * discard/write-zeroes request where a second vCPU could swap a segment).
  * Invariants, besides fuzz_common.h's pop/push tracking:
+ * - every completed request has its status (0, 1 or 2) in its last byte;
  * - the image never changes size (no guest-chosen growth of a host file);
  * - used.idx advances by exactly res.completed; an error leaves the queue
  *   broken and later kicks complete nothing; a kick completes at most the
@@ -90,6 +91,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     reset_image();
     fz_load_mem(data, size);
     fz_track_reset();
+    fz_tr.status_last = 1;
     if (fz_setup_vq(&vq, data, size) < 0)
         return 0;
     uint32_t f = (uint32_t)fz_hdr(data, size, 12, 1);

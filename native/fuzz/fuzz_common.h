@@ -287,6 +287,8 @@ struct fz_track {
     uint32_t outstanding[PV_VQ_MAX_SIZE];      /* per head: popped - pushed */
     uint64_t write_len[PV_VQ_MAX_SIZE];        /* of the last chain popped at that head */
     uint32_t pops, pushes;
+    int status_last;                           /* blk: last writable byte is a status */
+    uint8_t *last_byte[PV_VQ_MAX_SIZE];        /* of the last chain popped at that head */
 };
 static struct fz_track fz_tr;
 
@@ -305,6 +307,12 @@ int __wrap_pv_vq_pop(struct pv_vq *vq, struct pv_chain *c)
     fz_tr.pops++;
     fz_tr.outstanding[c->head]++;
     fz_tr.write_len[c->head] = c->write_len;
+    fz_tr.last_byte[c->head] = NULL;
+    for (uint32_t i = c->nseg; i > c->nread; i--)
+        if (c->iov[i - 1].iov_len) {
+            fz_tr.last_byte[c->head] = (uint8_t *)c->iov[i - 1].iov_base + c->iov[i - 1].iov_len - 1;
+            break;
+        }
     for (uint32_t i = c->nread; i < c->nseg; i++) {
         if (fz_tr.nranges == FZ_MAX_RANGES) {
             fz_tr.overflow = 1;
@@ -323,6 +331,12 @@ void __wrap_pv_vq_push(struct pv_vq *vq, uint16_t head, uint32_t len)
              "completion of head %u which the device does not hold", head);
     FZ_CHECK(len <= fz_tr.write_len[head], "used len %u > chain's writable %llu", len,
              (unsigned long long)fz_tr.write_len[head]);
+    /* virtio 1.1 §5.2.6: the device wrote the request's status (OK, IOERR
+     * or UNSUPP) into the chain's last byte before completing it */
+    if (fz_tr.status_last)
+        FZ_CHECK(fz_tr.last_byte[head] && *fz_tr.last_byte[head] <= 2,
+                 "completed head %u with status byte %d", head,
+                 fz_tr.last_byte[head] ? *fz_tr.last_byte[head] : -1);
     fz_tr.outstanding[head]--;
     fz_tr.pushes++;
     __real_pv_vq_push(vq, head, len);
