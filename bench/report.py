@@ -26,7 +26,7 @@ import sys
 from bench.common import RESULTS
 
 RESERVED = ("latest", "run")          # files in RESULTS that are not module results
-ORDER = ["boot", "exits", "pio", "blk", "net", "memory", "startstop", "guest"]
+ORDER = ["boot", "exits", "pio", "blk", "net", "memory", "startstop", "guest", "vsock"]
 QEMU = "QEMU microvm"
 
 
@@ -250,9 +250,25 @@ def norm_generic(module, d):
     return rows
 
 
+def norm_vsock(d):
+    """bench/vsock.py: {"host_to_guest"|"guest_to_host": {"device", "socketpair"} in
+    MB/s, "idle_cpu_fraction": stats}."""
+    rows = []
+    for key, label in (("host_to_guest", "host → guest"), ("guest_to_host", "guest → host")):
+        v = d.get(key)
+        if isinstance(v, dict):
+            rows.append(row("vsock", "virtio-vsock", f"stream {label} via device (mock driver)",
+                            "MB/s", as_stats(v.get("device")), "Unix socketpair",
+                            as_stats(v.get("socketpair")), True, (">=", 0.8)))
+    rows.append(row("vsock", "virtio-vsock", "CPU of an idle device (one idle connection)",
+                    "% of a core", as_stats(d.get("idle_cpu_fraction"), 100),
+                    higher_is_better=False))
+    return rows
+
+
 NORMALIZERS = {"boot": norm_boot, "exits": norm_exits, "pio": norm_pio, "blk": norm_blk,
                "net": norm_net, "memory": norm_memory, "startstop": norm_startstop,
-               "guest": norm_guest, "api": norm_api}
+               "guest": norm_guest, "api": norm_api, "vsock": norm_vsock}
 
 
 # -- collecting --------------------------------------------------------------------

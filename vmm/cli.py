@@ -10,7 +10,7 @@ import sys
 from vmm import guest
 from vmm.arch.x86.cpuid import TEMPLATES, CpuidError
 from vmm.arch.x86.loader import KernelError
-from vmm.devices import DeviceSpecError, DriveSpec, NetSpec
+from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, RngSpec, VsockSpec
 from vmm.kvm.system import KvmUnavailable
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.memory import GuestMemoryError
@@ -74,17 +74,32 @@ def build_parser():
                    help="where the guest's serial console goes (default stdio)")
     r.add_argument("--timeout", metavar="SECONDS", type=float,
                    help="stop the guest after this many seconds (exit status 124)")
-    r.add_argument("--drive", metavar="file=PATH[,readonly=on][,serial=S][,transport=mmio|pci]",
+    r.add_argument("--drive", metavar="file=PATH[,readonly=on][,serial=S][,transport=T][,queues=N]",
                    action="append", default=[],
                    help="a virtio-blk disk backed by a raw image file (repeatable; the first "
                         "is /dev/vda); the image is locked against a second VMM and flushed "
                         "and closed on every exit; transport=mmio (default, announced on "
-                        "the kernel command line) or pci (legacy virtio-pci, found by bus scan)")
-    r.add_argument("--net", metavar="tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=mmio|pci]",
+                        "the kernel command line), pci (modern virtio-pci with MSI-X, found by "
+                        "bus scan), pci-legacy (legacy virtio-pci, INTx) or pci-transitional "
+                        "(both on one function); queues=N (1-8) request queues (VIRTIO_BLK_F_MQ)")
+    r.add_argument("--net", metavar="tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=T][,queues=N]",
                    action="append", default=[],
                    help="a virtio-net NIC on a tap interface (repeatable; the first is eth0); "
                         "the tap is created if absent and then removed on exit; nothing is "
-                        "configured on the host side; transport as for --drive")
+                        "configured on the host side; transport as for --drive; queues=N (1-8) "
+                        "queue pairs on a multi-queue tap (VIRTIO_NET_F_MQ, control queue)")
+    r.add_argument("--vsock", metavar="cid=N,uds=PATH[,transport=mmio|pci|pci-legacy]", action="append",
+                   default=[],
+                   help="a virtio-vsock device (guest CID default 3) with Firecracker's host "
+                        "side: host programs connect to the Unix socket PATH and write "
+                        "'CONNECT <port>\\n'; guest connections to CID 2 port P go to PATH_P")
+    r.add_argument("--rng", metavar="[bw=SIZE:REFILL_MS][,ops=N:REFILL_MS][,transport=mmio|pci]",
+                   nargs="?", const="", default=None,
+                   help="a virtio-rng entropy device fed by getrandom(2), optionally rate "
+                        "limited (token buckets, Firecracker semantics)")
+    r.add_argument("--trace-exits", metavar="FILE",
+                   help="write every port I/O and MMIO exit (address, size, direction, "
+                        "device) as one JSON line to FILE")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
     r.add_argument("--api-sock", metavar="PATH",
@@ -113,6 +128,14 @@ def config_from_args(args):
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     devices = [DriveSpec(d) for d in args.drive] + [NetSpec(n) for n in args.net]
+    if len(args.vsock) > 1:
+        raise UsageError("--vsock: at most one vsock device")
+    devices += [VsockSpec(v) for v in args.vsock]
+    if args.rng is not None:
+        devices.append(RngSpec(args.rng))
+    if args.trace_exits:
+        from vmm.virtio.trace import ExitTraceSpec
+        devices.append(ExitTraceSpec(args.trace_exits))
     serial_out = None       # opened last: nothing after it can fail and leak it
     if args.serial.startswith("file:"):
         path = args.serial[5:]
