@@ -213,41 +213,56 @@ class Guest:
         from vmm.virtio.mmio import VirtioMmio
         from vmm.virtio.pci_legacy import VirtioPciLegacy
         self.pci = None
-        if transport_kind == "pci":
+        self.bar, self.bus = 0, None
+        regs = {"pci": PciLegacyRegs, "mmio-legacy": LegacyMmioRegs}.get(transport_kind, MmioRegs)
+        if transport_kind == "pci-modern":    # modern virtio-pci + MSI-X, BAR4 on the MMIO bus
+            from vmm.testing.fakevm import FakeVm
+            from vmm.testing.pcimodern_regs import PciModernRegs
+            from vmm.virtio import pci_modern as pm
+            self.pio, self.bus = Bus("pio"), Bus("mmio")
+            self.pci = pci_bus.PciBus(self.pio, self.bus, ram=self.mem.regions)
+            self.pio.register(pci_bus.CONFIG_ADDRESS, pci_bus.PORTS, self.pci)
+            self.t = pm.VirtioPciModern(self.dev, self.mem, vm=FakeVm(), irq_line=lambda level: None,
+                                        transitional=bool(p.byte() & 1))
+            self.slot = self.pci.add(self.t.pci, irq=5)
+            self.window, self.bar = pm.BAR_SIZE, pm.BAR_MODERN
+            msix = bool(p.byte() & 1)
+            regs = lambda t: PciModernRegs(t, msix=msix)
+        elif transport_kind == "pci":
             self.pio = Bus("pio")
             self.pci = pci_bus.PciBus(self.pio, Bus("mmio"))
             self.pio.register(pci_bus.CONFIG_ADDRESS, pci_bus.PORTS, self.pci)
             self.t = VirtioPciLegacy(self.dev, self.mem, irq_line=lambda level: None)
             self.slot = self.pci.add(self.t.pci, irq=5)
             self.window = pl.region_size(len(self.dev.config_bytes()))
+            self.bus = self.pio
         else:
             self.t = VirtioMmio(self.dev, self.mem, irq=lambda: None,
                                 legacy=transport_kind == "mmio-legacy")
             self.window = m.VirtioMmio.WINDOW
         drv = BlkDriver if device_kind == "blk" else NetDriver
-        regs = {"pci": PciLegacyRegs, "mmio-legacy": LegacyMmioRegs}.get(transport_kind, MmioRegs)
         self.d = drv(self.t, self.mem, arena=ARENA, arena_size=ARENA_SIZE, regs=regs)
         self.tainted = False          # the guest scribbled on its rings: guards may go
         self.ready = False
 
-    # register access as the guest does it: PCI through BAR0 where it decodes now
+    # register access as the guest does it: PCI through the BAR where it decodes now
     def bar_base(self):
-        bar = self.t.pci.bars[0]
+        bar = self.t.pci.bars[self.bar]
         return bar.mapped
 
     def reg_read(self, off, size):
         if self.pci is not None:
             base = self.bar_base()
             if base is None:
-                return self.pio.read(0xC000 + off, size)   # nothing there: all ones
-            return self.pio.read(base + off, size)
+                return self.bus.read(0xC000 + off, size)   # nothing there: all ones
+            return self.bus.read(base + off, size)
         return self.t.read(off, size)
 
     def reg_write(self, off, size, value):
         if self.pci is not None:
             base = self.bar_base()
             if base is not None:
-                self.pio.write(base + off, size, value)
+                self.bus.write(base + off, size, value)
             return
         self.t.write(off, size, value)
 
