@@ -1,10 +1,11 @@
 """Command-line device specs and how they attach to a Machine.
 
-`--drive file=PATH[,readonly=on][,serial=S][,transport=mmio|pci]` becomes a
-DriveSpec, `--net tap=NAME[,mac=M][,transport=mmio|pci]` a NetSpec; attach()
-opens the device and wires it on its transport (vmm.devices for mmio,
-vmm.virtio.pci_legacy for legacy virtio-pci), returning the kernel command
-line with whatever the transport needs announced.
+`--drive file=PATH[,readonly=on][,serial=S][,transport=T][,queues=N]` becomes
+a DriveSpec, `--net tap=NAME[,mac=M][,transport=T][,queues=N]` a NetSpec
+(T: mmio, pci, pci-legacy or pci-transitional); attach() opens the device and
+wires it on its transport (vmm.devices for mmio, vmm.virtio.pci_legacy for
+legacy virtio-pci, vmm.virtio.pci_attach for modern and transitional),
+returning the kernel command line with whatever the transport needs announced.
 """
 import os
 import stat
@@ -14,7 +15,10 @@ from vmm.arch.x86 import layout as L
 # ISA IRQs free for devices (4 is COM1; 1, 8, 12 and 13 are taken on a PC),
 # in the order kvmtool and Firecracker hand them out.
 DEVICE_IRQS = (5, 6, 7, 9, 10, 11, 14, 15, 3)
-TRANSPORTS = ("mmio", "pci")
+# pci: modern virtio-pci with MSI-X (virtio 1.1 §4.1); pci-legacy: the 0.9.5
+# interface with INTx; pci-transitional: both on one function (QEMU's default).
+TRANSPORTS = ("mmio", "pci", "pci-legacy", "pci-transitional")
+MAX_QUEUES = 8          # queues=N: virtio-blk queues / virtio-net queue pairs
 
 
 class DeviceSpecError(ValueError):
@@ -49,6 +53,16 @@ def is_block_device(path):
         return stat.S_ISBLK(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+def parse_queues(value, what):
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_QUEUES:
+        raise DeviceSpecError(f"{what}: queues must be a number from 1 to {MAX_QUEUES}, not {value!r}")
+    return n
 
 
 class Slots:
@@ -121,19 +135,30 @@ class VirtioSpec:
         if self.transport_name not in TRANSPORTS:
             raise DeviceSpecError(f"{what}: unknown transport {self.transport_name!r} "
                                   f"(available: {', '.join(TRANSPORTS)})")
+        self.queues = parse_queues(opts.get("queues", "1"), what)
         self._attachment = None
 
     @property
     def transport(self):
         return None if self._attachment is None else self._attachment.transport
 
+    @property
+    def device(self):
+        """The open virtio device once attached (None before)."""
+        t = self.transport
+        return None if t is None else t.device
+
     def open_device(self):
         raise NotImplementedError
 
     def attach(self, machine, cmdline):
-        if self.transport_name == "pci":
+        if self.transport_name == "pci-legacy":
             from vmm.virtio.pci_legacy import VirtioPciAttachment
             self._attachment = VirtioPciAttachment(self.open_device)
+        elif self.transport_name in ("pci", "pci-transitional"):
+            from vmm.virtio.pci_attach import VirtioPciModernAttachment
+            self._attachment = VirtioPciModernAttachment(
+                self.open_device, transitional=self.transport_name == "pci-transitional")
         else:
             self._attachment = VirtioMmioAttachment(self.open_device)
         return self._attachment.attach(machine, cmdline)
@@ -145,7 +170,7 @@ class VirtioSpec:
 
 
 class DriveSpec(VirtioSpec):
-    KEYS = ("file", "readonly", "serial", "transport")
+    KEYS = ("file", "readonly", "serial", "transport", "queues")
 
     def __init__(self, text):
         opts = parse_options(text, "--drive", self.KEYS)
@@ -160,14 +185,28 @@ class DriveSpec(VirtioSpec):
         if not (os.path.isfile(self.path) or is_block_device(self.path)):
             raise DeviceSpecError(f"--drive: disk image {self.path}: no such file")
 
+    @classmethod
+    def from_fields(cls, path, readonly=False, serial=None, transport="mmio"):
+        """The same spec from separate values (the control API, --config-file):
+        no option-string parsing, so a path may contain commas."""
+        self = cls.__new__(cls)
+        VirtioSpec.__init__(self, {"transport": transport}, "drive")
+        self.path, self.readonly, self.serial = path, bool(readonly), serial
+        if serial is not None and len(serial.encode()) > 20:
+            raise DeviceSpecError("drive: serial is at most 20 bytes (virtio-blk GET_ID)")
+        if not (os.path.isfile(path) or is_block_device(path)):
+            raise DeviceSpecError(f"drive: disk image {path}: no such file")
+        return self
+
     def open_device(self):
         from vmm.virtio import BlkDevice
-        return BlkDevice(self.path, readonly=self.readonly, serial=self.serial)
+        return BlkDevice(self.path, readonly=self.readonly, serial=self.serial,
+                         num_queues=self.queues)
 
 
 class NetSpec(VirtioSpec):
     """`--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=mmio]`: virtio-net on a tap."""
-    KEYS = ("tap", "mac", "transport")
+    KEYS = ("tap", "mac", "transport", "queues")
 
     def __init__(self, text):
         from vmm.tap import check_name, parse_mac
@@ -182,6 +221,20 @@ class NetSpec(VirtioSpec):
             raise DeviceSpecError(f"--net: {e}") from None
         self._ioloop = None
 
+    @classmethod
+    def from_fields(cls, tap_name, mac=None, transport="mmio"):
+        """The same spec from separate values (control API, --config-file)."""
+        from vmm.tap import check_name, parse_mac
+        self = cls.__new__(cls)
+        VirtioSpec.__init__(self, {"transport": transport}, "network interface")
+        try:
+            self.tap_name = check_name(tap_name)
+            self.mac = parse_mac(mac) if mac is not None else None
+        except ValueError as e:
+            raise DeviceSpecError(f"network interface: {e}") from None
+        self._ioloop = None
+        return self
+
     def attach(self, machine, cmdline):
         self._ioloop = machine.ioloop()     # the tap is polled by the I/O thread
         return super().attach(machine, cmdline)
@@ -190,11 +243,11 @@ class NetSpec(VirtioSpec):
         from vmm.tap import Tap
         from vmm.virtio.net import NetDevice, NetError
         try:
-            tap = Tap(self.tap_name)
+            tap = Tap(self.tap_name, queues=self.queues)
         except OSError as e:
             raise NetError(e.strerror or str(e)) from None
         try:
-            return NetDevice(tap, mac=self.mac, ioloop=self._ioloop)
+            return NetDevice(tap, mac=self.mac, ioloop=self._ioloop, queue_pairs=self.queues)
         except BaseException:
             tap.close()
             raise
