@@ -653,12 +653,14 @@ int pv_vsock_event(struct pv_vq *vq, struct pv_chain *c, uint32_t id)
     return 1;
 }
 
-long pv_bench_stream(int fd, void *buf, uint64_t len, uint64_t total, int write_)
+long pv_bench_stream(int fd, void *buf, uint64_t len, uint64_t total, int write_,
+                      uint64_t stride, uint32_t nslots)
 {
     uint64_t done = 0;
-    while (done < total) {
+    for (uint32_t i = 0; done < total; i++) {
         uint64_t want = total - done < len ? total - done : len;
-        ssize_t r = write_ ? write(fd, buf, want) : read(fd, buf, want);
+        uint8_t *p = (uint8_t *)buf + (uint64_t)(i % (nslots ? nslots : 1)) * stride;
+        ssize_t r = write_ ? write(fd, p, want) : read(fd, p, want);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
