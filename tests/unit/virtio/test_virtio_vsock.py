@@ -516,3 +516,28 @@ def test_with_io_loop(tmp_path):
         r.close()
     finally:
         loop.close()
+
+
+def test_host_connect_times_out_when_guest_does_not_answer(rig, monkeypatch):
+    from vmm.virtio import vsock_mux
+    monkeypatch.setattr(vsock_mux, "CONNECT_TIMEOUT", 0.2)
+    r = rig()
+    h = r.host_connect(82)
+    pk = r.pump()
+    assert ops(pk) == [OP_REQUEST]
+    h2 = r.host_connect(83)                           # answered in time: survives
+    pk2 = r.pump()
+    r.d.packet(83, pk2[0].src_port, OP_RESPONSE, buf_alloc=4096)
+    deadline = time.monotonic() + 5
+    got = []
+    while time.monotonic() < deadline and OP_RST not in ops(got):
+        import select
+        select.select([r.dev.fileno], [], [], 0.5)
+        got += r.pump(1)
+    assert [(p.op, p.dst_port) for p in got] == [(OP_RST, 82)], got
+    h.settimeout(5)
+    assert h.recv(10) == b""
+    h2.settimeout(5)
+    assert h2.recv(64).startswith(b"OK ")
+    c = r.dev.counters()
+    assert c["connect_timeouts"] == 1 and c["connections"] == 1
