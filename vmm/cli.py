@@ -10,7 +10,7 @@ import sys
 from vmm import guest
 from vmm.arch.x86.cpuid import TEMPLATES, CpuidError
 from vmm.arch.x86.loader import KernelError
-from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, VsockSpec
+from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, RngSpec, VsockSpec
 from vmm.kvm.system import KvmUnavailable
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.memory import GuestMemoryError
@@ -93,6 +93,13 @@ def build_parser():
                    help="a virtio-vsock device (guest CID default 3) with Firecracker's host "
                         "side: host programs connect to the Unix socket PATH and write "
                         "'CONNECT <port>\\n'; guest connections to CID 2 port P go to PATH_P")
+    r.add_argument("--rng", metavar="[bw=SIZE:REFILL_MS][,ops=N:REFILL_MS][,transport=mmio|pci]",
+                   nargs="?", const="", default=None,
+                   help="a virtio-rng entropy device fed by getrandom(2), optionally rate "
+                        "limited (token buckets, Firecracker semantics)")
+    r.add_argument("--trace-exits", metavar="FILE",
+                   help="write every port I/O and MMIO exit (address, size, direction, "
+                        "device) as one JSON line to FILE")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
     r.add_argument("--api-sock", metavar="PATH",
@@ -124,6 +131,11 @@ def config_from_args(args):
     if len(args.vsock) > 1:
         raise UsageError("--vsock: at most one vsock device")
     devices += [VsockSpec(v) for v in args.vsock]
+    if args.rng is not None:
+        devices.append(RngSpec(args.rng))
+    if args.trace_exits:
+        from vmm.virtio.trace import ExitTraceSpec
+        devices.append(ExitTraceSpec(args.trace_exits))
     serial_out = None       # opened last: nothing after it can fail and leak it
     if args.serial.startswith("file:"):
         path = args.serial[5:]

@@ -1,6 +1,6 @@
 """Command-line device specs and how they attach to a Machine.
 
-`--drive file=PATH[,readonly=on][,serial=S][,transport=T][,queues=N]` becomes
+`--drive file=PATH[,readonly=on][,serial=S][,transport=T][,queues=N][,io_engine=E]` becomes
 a DriveSpec, `--net tap=NAME[,mac=M][,transport=T][,queues=N]` a NetSpec
 (T: mmio, pci, pci-legacy or pci-transitional); attach() opens the device and
 wires it on its transport (vmm.devices for mmio, vmm.virtio.pci_legacy for
@@ -130,6 +130,8 @@ class VirtioSpec:
     fastest boot, what the default guest and microVM kernels use; pci for
     guests that only have virtio-pci drivers)."""
 
+    slow = {}       # slow-path settings (faults, tracing, hooks, limiters): none
+
     def __init__(self, opts, what):
         self.transport_name = opts.get("transport", "mmio")
         if self.transport_name not in TRANSPORTS:
@@ -170,7 +172,13 @@ class VirtioSpec:
 
 
 class DriveSpec(VirtioSpec):
-    KEYS = ("file", "readonly", "serial", "transport", "queues")
+    """`--drive file=PATH[,readonly=on][,serial=S][,transport=...][,queues=N]` plus the
+    slow-path options (README "Fault injection and tracing", "Entropy and
+    rate limiters"): faults=SPEC, trace=FILE, hook=SOURCE:NAME,
+    bw=SIZE:REFILL_MS[:BURST], ops=N:REFILL_MS[:BURST]."""
+    KEYS = ("file", "readonly", "serial", "transport", "queues", "faults", "trace", "hook", "bw", "ops",
+            "io_engine")
+    IO_ENGINES = ("sync", "io_uring")   # Firecracker's io_engine Sync / Async
 
     def __init__(self, text):
         opts = parse_options(text, "--drive", self.KEYS)
@@ -184,6 +192,21 @@ class DriveSpec(VirtioSpec):
             raise DeviceSpecError("--drive: serial is at most 20 bytes (virtio-blk GET_ID)")
         if not (os.path.isfile(self.path) or is_block_device(self.path)):
             raise DeviceSpecError(f"--drive: disk image {self.path}: no such file")
+        self.slow = _slow_options(opts, "--drive", faults="disk", limiters=(("bw", "ops"),))
+        _single_queue(self, "--drive")
+        self.io_engine = opts.get("io_engine", "sync")
+        if self.io_engine not in self.IO_ENGINES:
+            raise DeviceSpecError(f"--drive: unknown io_engine {self.io_engine!r} "
+                                  f"(available: {', '.join(self.IO_ENGINES)})")
+        if self.io_engine != "sync" and (self.slow or self.queues > 1):
+            raise DeviceSpecError(f"--drive: io_engine={self.io_engine} needs queues=1 and no "
+                                  "faults=, trace=, hook= or rate limits")
+        self._ioloop = None
+
+    def attach(self, machine, cmdline):
+        if self.slow or self.io_engine != "sync":
+            self._ioloop = machine.ioloop()   # limiter/delay timers, io_uring completions
+        return super().attach(machine, cmdline)
 
     @classmethod
     def from_fields(cls, path, readonly=False, serial=None, transport="mmio"):
@@ -192,6 +215,7 @@ class DriveSpec(VirtioSpec):
         self = cls.__new__(cls)
         VirtioSpec.__init__(self, {"transport": transport}, "drive")
         self.path, self.readonly, self.serial = path, bool(readonly), serial
+        self.io_engine, self._ioloop = "sync", None
         if serial is not None and len(serial.encode()) > 20:
             raise DeviceSpecError("drive: serial is at most 20 bytes (virtio-blk GET_ID)")
         if not (os.path.isfile(path) or is_block_device(path)):
@@ -200,13 +224,25 @@ class DriveSpec(VirtioSpec):
 
     def open_device(self):
         from vmm.virtio import BlkDevice
-        return BlkDevice(self.path, readonly=self.readonly, serial=self.serial,
-                         num_queues=self.queues)
+        dev = BlkDevice(self.path, readonly=self.readonly, serial=self.serial,
+                        num_queues=self.queues, io_engine=self.io_engine,
+                        ioloop=self._ioloop)
+        if self.slow:
+            dev.ioloop = self._ioloop
+            try:
+                dev.configure(**_open_writers(self.slow, "tracer"))
+            except BaseException:
+                dev.close()
+                raise
+        return dev
 
 
 class NetSpec(VirtioSpec):
-    """`--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=mmio]`: virtio-net on a tap."""
-    KEYS = ("tap", "mac", "transport", "queues")
+    """`--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=mmio]`: virtio-net on a tap;
+    slow-path options faults=SPEC, pcap=FILE, hook=SOURCE:NAME, rx-bw=, rx-ops=,
+    tx-bw=, tx-ops= (as --drive's bw=/ops=)."""
+    KEYS = ("tap", "mac", "transport", "queues", "faults", "pcap", "hook",
+            "rx-bw", "rx-ops", "tx-bw", "tx-ops")
 
     def __init__(self, text):
         from vmm.tap import check_name, parse_mac
@@ -219,6 +255,9 @@ class NetSpec(VirtioSpec):
             self.mac = parse_mac(opts["mac"]) if "mac" in opts else None
         except ValueError as e:
             raise DeviceSpecError(f"--net: {e}") from None
+        self.slow = _slow_options(opts, "--net", faults="net",
+                                  limiters=(("rx-bw", "rx-ops"), ("tx-bw", "tx-ops")))
+        _single_queue(self, "--net")
         self._ioloop = None
 
     @classmethod
@@ -247,10 +286,17 @@ class NetSpec(VirtioSpec):
         except OSError as e:
             raise NetError(e.strerror or str(e)) from None
         try:
-            return NetDevice(tap, mac=self.mac, ioloop=self._ioloop, queue_pairs=self.queues)
+            dev = NetDevice(tap, mac=self.mac, ioloop=self._ioloop, queue_pairs=self.queues)
         except BaseException:
             tap.close()
             raise
+        if self.slow:
+            try:
+                dev.configure(**_open_writers(self.slow, "pcap"))
+            except BaseException:
+                dev.close()
+                raise
+        return dev
 
 
 class VsockSpec(VirtioSpec):
@@ -297,3 +343,71 @@ class VsockSpec(VirtioSpec):
     def open_device(self):
         from vmm.virtio.vsock import VsockDevice
         return VsockDevice(self.uds_path, guest_cid=self.cid, ioloop=self._ioloop)
+
+
+class RngSpec(VirtioSpec):
+    """`--rng [bw=SIZE:REFILL_MS[:BURST]][,ops=...][,transport=mmio|pci]`:
+    virtio-rng fed by getrandom(2), optionally rate limited (ratelimit.py)."""
+    KEYS = ("bw", "ops", "transport")
+
+    def __init__(self, text=""):
+        from vmm.virtio.ratelimit import RateLimiter, RateLimitError
+        opts = parse_options(text or "", "--rng", self.KEYS)
+        super().__init__(opts, "--rng")
+        try:
+            self.rate_limiter = RateLimiter.from_options(opts.get("bw"), opts.get("ops"))
+        except RateLimitError as e:
+            raise DeviceSpecError(f"--rng: {e}") from None
+        self._ioloop = None
+
+    def attach(self, machine, cmdline):
+        self._ioloop = machine.ioloop()     # rate-limiter timers run on the I/O thread
+        return super().attach(machine, cmdline)
+
+    def open_device(self):
+        from vmm.virtio.rng import RngDevice
+        return RngDevice(rate_limiter=self.rate_limiter, ioloop=self._ioloop)
+
+
+def _single_queue(spec, what):
+    """The slow path (faults, tracing, hooks, limiters) serves one queue (pair)."""
+    if spec.slow and spec.queues > 1:
+        raise DeviceSpecError(f"{what}: faults=, trace=, pcap=, hook= and rate limits "
+                              "need queues=1")
+
+
+def _slow_options(opts, what, faults, limiters):
+    """The intercept.py settings a --drive/--net asks for ({} if none):
+    parsed now, so a bad SPEC is a one-line usage error before anything opens."""
+    from vmm.virtio.faults import DiskFaults, FaultSpecError, NetFaults
+    from vmm.virtio.hooks import HookError, load_hook
+    from vmm.virtio.ratelimit import RateLimiter, RateLimitError, TokenBucket
+    out = {}
+    try:
+        if "faults" in opts:
+            out["faults"] = (DiskFaults if faults == "disk" else NetFaults)(opts["faults"])
+        if "hook" in opts:
+            out["hook"] = load_hook(opts["hook"], "hook")
+        for bw, ops in limiters:
+            lim = RateLimiter(TokenBucket.parse(opts[bw], bw) if bw in opts else None,
+                              TokenBucket.parse(opts[ops], ops) if ops in opts else None)
+            if lim.active:
+                key = "limiter" if bw == "bw" else f"{bw[:2]}_limiter"
+                out[key] = lim
+    except (FaultSpecError, HookError, RateLimitError) as e:
+        raise DeviceSpecError(f"{what}: {e}") from None
+    for key in ("trace", "pcap"):
+        if key in opts:
+            out[key] = opts[key]       # a path: opened by open_device
+    return out
+
+
+def _open_writers(slow, kind):
+    """The settings with trace=/pcap= paths replaced by open writers."""
+    from vmm.virtio.trace import BlkTracer, PcapWriter
+    conf = dict(slow)
+    if "trace" in conf:
+        conf["tracer"] = BlkTracer(conf.pop("trace"))
+    if "pcap" in conf:
+        conf["pcap"] = PcapWriter(conf["pcap"])
+    return conf

@@ -52,6 +52,10 @@ class VcpuThread(threading.Thread):
         vcpu, machine = self.vcpu, self.machine
         run = vcpu.run_struct
         pio, mmio = machine.pio_bus, machine.mmio_bus
+        tracer = getattr(machine, "exit_tracer", None)   # --trace-exits only
+        if tracer is not None:
+            from vmm.virtio.trace import TracedBus
+            pio, mmio = TracedBus(pio, "pio", tracer), TracedBus(mmio, "mmio", tracer)
         EXIT_IO, EXIT_MMIO, EXIT_INTR = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_INTR
         IO_OUT = lib.KVM_EXIT_IO_OUT
         gate = machine.run_gate

@@ -52,6 +52,8 @@ int pv_net_rx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *scratch,
               struct pv_net_result *res);
 int pv_net_tx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *scratch,
               struct pv_net_result *res);
+int pv_net_rx_held(struct pv_vq *vq, struct pv_net *net, struct pv_chain *scratch,
+                   struct pv_net_result *res);
 long pv_tap_setiff(int fd, const char *name, int flags, char *name_out);
 long pv_tap_getiff_flags(int fd);
 long pv_bench_tap(int fd, void *buf, uint64_t len, uint32_t n, int write,

@@ -124,10 +124,12 @@ class NetDevice(vd.VirtioDevice):
         self.mac_tables = ([], [])        # VIRTIO_NET_CTRL_MAC_TABLE_SET: unicast, multicast
         self.polling_changes = 0          # times a tap queue left/rejoined the poll set
         self.kicks = [0] * len(self.queue_max_sizes)
+        self.intercept = None             # limiters/faults/pcap/hook: vmm/virtio/intercept.py
 
     # --- configuration (§5.1.4: mac, status, max_virtqueue_pairs, mtu) ---
     def config_bytes(self):
-        return struct.pack("<6sHHH", self.mac, S_LINK_UP, self.max_pairs, 0)
+        link = S_LINK_UP if self.intercept is None or self.intercept.link_up else 0
+        return struct.pack("<6sHHH", self.mac, link, self.max_pairs, 0)
 
     @property
     def stats(self):
@@ -190,6 +192,14 @@ class NetDevice(vd.VirtioDevice):
             self._interrupt = None
             self.rx_mode = {}
             self.mac_tables = ([], [])
+            if self.intercept is not None:
+                self.intercept.reset()
+
+    def configure(self, **changes):
+        """rx_limiter=, tx_limiter=, faults=, pcap=, hook= (None removes), also
+        while running (a link change raises a config interrupt): intercept.py."""
+        from vmm.virtio.intercept import configure_net
+        configure_net(self, **changes)
 
     def queue_notify(self, index):
         if not 0 <= index < len(self.kicks):
@@ -244,6 +254,9 @@ class NetDevice(vd.VirtioDevice):
                 p.rx = p.tx = None
             self._ctrl = None
             backend, self.backend = self.backend, None
+            icpt, self.intercept = self.intercept, None
+        if icpt is not None:
+            icpt.close()
         if backend is not None:
             backend.close()
 
@@ -284,7 +297,10 @@ class NetDevice(vd.VirtioDevice):
         if ring is None or p.index >= self.active_pairs:
             return lib.PV_NET_RX_IDLE
         res = self._res
-        lib.pv_net_rx(ring.vq, p.net, ring.chain, res)
+        if self.intercept is not None:                 # the slow path, off by default
+            self.intercept.rx(self, ring, res, p.net)
+        else:
+            lib.pv_net_rx(ring.vq, p.net, ring.chain, res)
         state = res.state
         if not self._finish(p, 2 * p.index, res):
             return lib.PV_NET_RX_IDLE
@@ -296,6 +312,9 @@ class NetDevice(vd.VirtioDevice):
         """Drain a transmit queue; True if the budget ran out (more to do)."""
         ring = p.tx
         res = self._res
-        lib.pv_net_tx(ring.vq, p.net, ring.chain, res)
+        if self.intercept is not None:
+            self.intercept.tx(self, ring, res, p.net)
+        else:
+            lib.pv_net_tx(ring.vq, p.net, ring.chain, res)
         more = bool(res.state)
         return self._finish(p, 2 * p.index + 1, res) and more
