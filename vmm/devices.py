@@ -311,15 +311,29 @@ class VsockSpec(VirtioSpec):
         if "uds" not in opts or not opts["uds"]:
             raise DeviceSpecError("--vsock: uds=PATH is required")
         try:
-            self.cid = int(opts.get("cid", "3"), 0)
+            cid = int(opts.get("cid", "3"), 0)
         except ValueError:
             raise DeviceSpecError(f"--vsock: cid must be a number, not {opts['cid']!r}") from None
-        if not 3 <= self.cid < 0xFFFFFFFF:
-            raise DeviceSpecError("--vsock: cid must be from 3 to 4294967294 (0-2 are reserved)")
-        self.uds_path = opts["uds"]
-        parent = os.path.dirname(os.path.abspath(self.uds_path))
+        self._check(cid, opts["uds"], "--vsock")
+
+    @classmethod
+    def from_fields(cls, guest_cid, uds_path, transport="mmio"):
+        """The same spec from separate values (control API, --config-file)."""
+        self = cls.__new__(cls)
+        VirtioSpec.__init__(self, {"transport": transport}, "vsock")
+        self._check(guest_cid, uds_path, "vsock")
+        return self
+
+    def _check(self, cid, uds_path, what):
+        if not 3 <= cid < 0xFFFFFFFF:
+            raise DeviceSpecError(f"{what}: cid must be from 3 to 4294967294 (0-2 are reserved)")
+        if not uds_path:
+            raise DeviceSpecError(f"{what}: the uds path is empty")
+        parent = os.path.dirname(os.path.abspath(uds_path))
         if not os.path.isdir(parent):
-            raise DeviceSpecError(f"--vsock: directory {parent} for uds={self.uds_path} does not exist")
+            raise DeviceSpecError(f"{what}: directory {parent} for uds path {uds_path} "
+                                  "does not exist")
+        self.cid, self.uds_path = cid, uds_path
         self._ioloop = None
 
     def attach(self, machine, cmdline):

@@ -179,6 +179,17 @@ class Controller:
                                f"interface {other.iface_id}")
         self.config.nets[iface_id] = n
 
+    def put_vsock(self, body):
+        """Firecracker's PUT /vsock: pre-boot; a second call replaces the first."""
+        self._pre_boot()
+        v = vc.Vsock(**body)
+        from vmm.devices import DeviceSpecError, VsockSpec
+        try:
+            VsockSpec.from_fields(v.guest_cid, v.uds_path)     # the same checks as --vsock
+        except DeviceSpecError as e:
+            raise ApiError(f"Vsock: {e}") from None
+        self.config.vsock = v
+
     def put_logger(self, body):
         lg = vc.Logger(**body)
         root = logging.getLogger("pyvmm")
