@@ -16,7 +16,9 @@ Thread kinds and who applies them:
 
 The allow-lists are one table, ALLOW below: a feature that needs a new call
 (io_uring, vsock sockets, snapshot files...) adds it to the kinds that make
-it, with a comment saying why.  To find what a thread calls:
+it, with a comment saying why.  An entry "name(aN==VALUE)" allows the call
+only when argument N equals VALUE (a number or a `socket` module constant,
+e.g. "socket(a0==AF_UNIX)").  To find what a thread calls:
 `strace -f -o trace pyvmm run --no-seccomp ...`.
 """
 import threading
@@ -75,7 +77,36 @@ ALLOW = {
     ),
 }
 
+# virtio-vsock's host side (vmm/virtio/vsock_mux.py, native/src/vsock.c) on
+# its device's I/O thread: accept host connections on the Unix listener,
+# connect to <uds>_<port> for guest-initiated ones (Unix sockets only),
+# move data (readv/sendmsg; recvfrom for the CONNECT line), half-close.
+VSOCK = ("accept4", "socket(a0==AF_UNIX)", "connect", "sendmsg", "sendto", "recvfrom",
+         "recvmsg", "shutdown", "close", "getsockopt", "setsockopt")
+ALLOW["io"] += VSOCK
+# virtio-blk io_engine=io_uring (native/src/uring.c): the ring is set up when
+# the device is opened (before any filter); submitting and reaping happen on
+# the I/O thread, a vCPU (queue reset drains it) and main (close drains it).
+for _kind in ("io", "vcpu", "main"):
+    ALLOW[_kind] += ("io_uring_enter",)
+
 KINDS = tuple(ALLOW)
+
+
+def parse_entry(entry):
+    """'name' -> (name, -1, 0); 'name(aN==V)' -> (name, N, value)."""
+    import re
+    import socket
+    m = re.fullmatch(r"(\w+)(?:\(a([0-5])==(\w+)\))?", entry)
+    if not m:
+        raise SeccompError(f"seccomp: bad allow-list entry {entry!r}")
+    name, idx, value = m.groups()
+    if idx is None:
+        return name, -1, 0
+    v = int(value, 0) if value[0].isdigit() else getattr(socket, value, None)
+    if v is None:
+        raise SeccompError(f"seccomp: unknown constant {value!r} in {entry!r}")
+    return name, int(idx), int(v)
 
 # Test-only: PYVMM_SECCOMP_SELFTEST=<kind> in the environment makes a thread
 # of that kind call sync(2), allowed nowhere, right after its filter is in
@@ -113,13 +144,16 @@ def apply(kind):
         raise SeccompError(f"seccomp: unknown thread kind {kind!r}")
     if not _enabled:
         return
-    names = sorted(set(ALLOW[kind]))
-    cnames = [ffi.new("char[]", n.encode()) for n in names]
+    entries = sorted(set(ALLOW[kind]))
+    rules = [parse_entry(e) for e in entries]
+    cnames = [ffi.new("char[]", n.encode()) for n, _, _ in rules]
     arr = ffi.new("const char *[]", cnames)
+    idx = ffi.new("int[]", [i for _, i, _ in rules])
+    val = ffi.new("uint64_t[]", [v for _, _, v in rules])
     bad = ffi.new("int *")
-    r = lib.pv_seccomp_apply(kind.encode(), arr, len(names), bad)
+    r = lib.pv_seccomp_apply(kind.encode(), arr, idx, val, len(rules), bad)
     if r == -lib.PV_SECCOMP_E_NAME:
-        raise SeccompError(f"seccomp: {names[bad[0]]!r} is not a system call on this machine")
+        raise SeccompError(f"seccomp: {entries[bad[0]]!r} is not a system call on this machine")
     if r < 0:
         raise SeccompError(f"seccomp: cannot install the {kind} filter: {os.strerror(-r)} "
                            "(--no-seccomp runs without)")

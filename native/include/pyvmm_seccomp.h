@@ -4,11 +4,13 @@
 #define PYVMM_SECCOMP_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* errors (returned negated; otherwise -errno from libseccomp) */
 #define PV_SECCOMP_E_NAME 1000       /* a name is not a system call on this arch */
 
-int pv_seccomp_apply(const char *kind, const char *const *names, int n, int *bad_index);
+int pv_seccomp_apply(const char *kind, const char *const *names, const int *arg_index,
+                     const uint64_t *arg_value, int n, int *bad_index);
 int pv_seccomp_resolve(const char *name);
 int pv_seccomp_active(void);
 

@@ -109,9 +109,12 @@ int pv_seccomp_active(void)
     return active;
 }
 
-/* Install on the calling thread a filter allowing exactly `names`.  Returns
- * 0, -PV_SECCOMP_E_NAME with *bad_index set, or -errno. */
-int pv_seccomp_apply(const char *kind, const char *const *names_in, int n, int *bad_index)
+/* Install on the calling thread a filter allowing exactly `names`; where
+ * arg_index[i] >= 0, only when that argument equals arg_value[i] (several
+ * entries of one name allow several values).  Returns 0, -PV_SECCOMP_E_NAME
+ * with *bad_index set, or -errno. */
+int pv_seccomp_apply(const char *kind, const char *const *names_in, const int *arg_index,
+                     const uint64_t *arg_value, int n, int *bad_index)
 {
     int r = setup_once();
     if (r < 0)
@@ -126,7 +129,11 @@ int pv_seccomp_apply(const char *kind, const char *const *names_in, int n, int *
             seccomp_release(ctx);
             return -PV_SECCOMP_E_NAME;
         }
-        r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, nr, 0);
+        if (arg_index[i] >= 0)
+            r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, nr, 1,
+                                 SCMP_CMP((unsigned)arg_index[i], SCMP_CMP_EQ, arg_value[i]));
+        else
+            r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, nr, 0);
         if (r < 0) {
             *bad_index = i;
             seccomp_release(ctx);

@@ -58,10 +58,34 @@ def test_guest_runs_and_exits_normally_with_filters(tmp_path):
 
 def test_every_name_in_the_table_is_a_system_call():
     from vmm.native import lib
-    for kind, names in seccomp.ALLOW.items():
-        for n in names:
-            assert lib.pv_seccomp_resolve(n.encode()) >= 0, (kind, n)
+    for kind, entries in seccomp.ALLOW.items():
+        for e in entries:
+            name, _, _ = seccomp.parse_entry(e)
+            assert lib.pv_seccomp_resolve(name.encode()) >= 0, (kind, e)
     assert "sync" not in set().union(*seccomp.ALLOW.values())   # the self-test's call
+
+
+ARG_PROBE = """
+import socket, sys, threading
+from vmm import seccomp
+seccomp.enable()
+def io():
+    seccomp.apply("io")
+    socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close()
+    print("unix ok", flush=True)
+    socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    print("inet ok", flush=True)
+t = threading.Thread(target=io); t.start(); t.join()
+"""
+
+
+def test_argument_rule_allows_unix_sockets_only():
+    """'socket(a0==AF_UNIX)' in the io list: vsock's Unix sockets work, an
+    Internet socket from an I/O thread ends the VMM."""
+    p = subprocess.run([sys.executable, "-c", ARG_PROBE], capture_output=True, text=True,
+                       timeout=60)
+    assert p.stdout == "unix ok\n" and p.returncode == -signal.SIGSYS, p.stderr
+    assert "io thread made a forbidden system call: socket" in p.stderr
 
 
 def test_unknown_kind_refused():
