@@ -47,10 +47,12 @@ ALLOW = {
     # KVM_RUN and the register/state ioctls of a vCPU fd; port and MMIO
     # exits: the serial console's output (write), interrupts through KVM
     # irqfds (eventfd write) and KVM_IRQ_LINE (ioctl on the VM fd), virtio
-    # queue notifications without an ioeventfd (the devices' I/O below).
+    # queue notifications without an ioeventfd (the devices' I/O below);
+    # a device reset by the driver (status 0) drops its tap from the epoll
+    # set, and virtio-vsock's closes its host connections (shutdown, close).
     "vcpu": COMMON + (
         "ioctl", "read", "readv", "writev", "preadv", "pwritev", "pread64", "pwrite64",
-        "fdatasync", "fallocate", "epoll_ctl",
+        "fdatasync", "fallocate", "epoll_ctl", "shutdown", "close",
     ),
     # One per device: epoll over its eventfds (and a tap); virtio-blk reads,
     # writes, FLUSH and DISCARD/WRITE_ZEROES on the image; virtio-net frames
