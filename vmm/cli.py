@@ -14,6 +14,8 @@ from vmm.kvm.system import KvmUnavailable
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.memory import GuestMemoryError
 from vmm.native import NativeError
+from vmm.kvm.state import StateError
+from vmm.snapshot import SnapshotError
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -84,9 +86,77 @@ def build_parser():
                    help="a virtio-net NIC on a tap interface (repeatable; the first is eth0); "
                         "the tap is created if absent and then removed on exit; nothing is "
                         "configured on the host side; transport as for --drive")
+    r.add_argument("--track-dirty-pages", action="store_true",
+                   help="turn on KVM's dirty page log so Diff snapshots can be taken")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
+    add_restore_parser(sub)
     return p
+
+
+def add_restore_parser(sub):
+    r = sub.add_parser("restore", help="continue a VM from a snapshot",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STATUS_HELP,
+                       description="Rebuild a VM in this process from a snapshot's state file "
+                                   "and memory file (mapped copy-on-write, never modified) and "
+                                   "continue it.  Disks and taps are reopened at the paths the "
+                                   "snapshot names unless overridden.")
+    r.add_argument("--snapshot", metavar="PATH", required=True, help="the state file")
+    r.add_argument("--mem", metavar="PATH", required=True,
+                   help="the memory file (for a Diff snapshot: its base's full memory file)")
+    r.add_argument("--mem-diff", metavar="PATH",
+                   help="a Diff snapshot's own memory file, applied over --mem")
+    r.add_argument("--resume", action="store_true",
+                   help="run the guest at once (otherwise it waits, paused, for the API)")
+    r.add_argument("--drive", metavar="file=PATH", action="append", default=[],
+                   help="replace the backing file of the snapshot's disks, in order (the "
+                        "first --drive replaces the first disk); the image must have the same "
+                        "size; other options stay as in the snapshot")
+    r.add_argument("--net", metavar="tap=NAME", action="append", default=[],
+                   help="use another tap for the snapshot's NICs, in order (the MAC stays)")
+    r.add_argument("--serial", metavar="stdio|file:PATH", default="stdio",
+                   help="where the guest's serial console goes (default stdio)")
+    r.add_argument("--timeout", metavar="SECONDS", type=float,
+                   help="stop the guest after this many seconds (exit status 124)")
+    r.add_argument("--track-dirty-pages", action="store_true",
+                   help="log dirty pages from here on (for a Diff snapshot of the restored VM)")
+    r.add_argument("--debug", action="store_true", help="log VMM internals to stderr")
+
+
+def open_serial(spec):
+    if spec.startswith("file:"):
+        path = spec[5:]
+        try:
+            return open(path, "wb", buffering=0)
+        except OSError as e:
+            raise UsageError(f"cannot open serial output {path}: {e.strerror}") from None
+    if spec != "stdio":
+        raise UsageError(f"--serial must be stdio or file:PATH, not {spec!r}")
+    return None
+
+
+def restore_config(args):
+    """MachineConfig for `pyvmm restore`: everything checked (state file,
+    memory file size, disks) before a VM is built."""
+    from vmm import snapshot
+    from vmm.devices import spec_from_options
+    restore = snapshot.load(args.snapshot, args.mem, args.mem_diff)
+    saved = restore.device_options()
+    drives = [i for i, o in enumerate(saved) if o.get("kind") == "drive"]
+    nics = [i for i, o in enumerate(saved) if o.get("kind") == "net"]
+    if len(args.drive) > len(drives) or len(args.net) > len(nics):
+        raise UsageError(f"the snapshot has {len(drives)} disks and {len(nics)} NICs; "
+                         f"more --drive/--net overrides were given")
+    overrides = dict(zip(drives, args.drive))
+    overrides.update(zip(nics, args.net))
+    devices = [spec_from_options(o, overrides.get(i)) for i, o in enumerate(saved)]
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    st = restore.state
+    return MachineConfig(kernel="", cmdline=st.get("cmdline", ""), mem_size=int(st["mem_size"]),
+                         cpus=len(st["vcpus"]), devices=devices, serial_out=open_serial(args.serial),
+                         timeout=args.timeout, track_dirty_pages=args.track_dirty_pages,
+                         restore=restore)
 
 
 def config_from_args(args):
@@ -99,27 +169,26 @@ def config_from_args(args):
     for what, path in (("kernel", kernel), ("initrd", initrd)):
         if path is not None and not os.path.isfile(path):
             raise UsageError(f"{what} {path}: no such file")
-    serial_out = None
-    if args.serial.startswith("file:"):
-        path = args.serial[5:]
-        try:
-            serial_out = open(path, "wb", buffering=0)
-        except OSError as e:
-            raise UsageError(f"cannot open serial output {path}: {e.strerror}") from None
-    elif args.serial != "stdio":
-        raise UsageError(f"--serial must be stdio or file:PATH, not {args.serial!r}")
+    serial_out = open_serial(args.serial)
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be positive")
     devices = [DriveSpec(d) for d in args.drive] + [NetSpec(n) for n in args.net]
     return MachineConfig(kernel=kernel, initrd=initrd, devices=devices,
                          cmdline=args.cmdline if args.cmdline is not None else guest.DEFAULT_CMDLINE,
                          mem_size=args.mem, cpus=args.cpus, cpu_template=args.cpu_template,
-                         serial_out=serial_out, timeout=args.timeout)
+                         serial_out=serial_out, timeout=args.timeout,
+                         track_dirty_pages=args.track_dirty_pages)
 
 
 def run(args):
     from vmm import console
-    config = config_from_args(args)
+    if args.command == "restore":
+        if not args.resume:
+            raise UsageError("restore without --resume leaves the VM paused with nothing to "
+                             "resume it: give --resume")
+        config = restore_config(args)
+    else:
+        config = config_from_args(args)
     try:
         machine = Machine(config)
         try:
@@ -149,7 +218,7 @@ def main(argv=None):
         print(f"pyvmm: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (KernelError, KvmUnavailable, CpuidError, GuestMemoryError, NativeError,
-            ValueError, MemoryError, OSError) as e:
+            SnapshotError, StateError, ValueError, MemoryError, OSError) as e:
         print(f"pyvmm: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

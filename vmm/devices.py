@@ -160,6 +160,11 @@ class DriveSpec(VirtioSpec):
         if not (os.path.isfile(self.path) or is_block_device(self.path)):
             raise DeviceSpecError(f"--drive: disk image {self.path}: no such file")
 
+    def snapshot_options(self):
+        """What a restore needs to reopen this disk (vmm/snapshot.py)."""
+        return {"kind": "drive", "file": self.path, "readonly": self.readonly,
+                "serial": self.serial, "transport": self.transport_name}
+
     def open_device(self):
         from vmm.virtio import BlkDevice
         return BlkDevice(self.path, readonly=self.readonly, serial=self.serial)
@@ -186,6 +191,11 @@ class NetSpec(VirtioSpec):
         self._ioloop = machine.ioloop()     # the tap is polled by the I/O thread
         return super().attach(machine, cmdline)
 
+    def snapshot_options(self):
+        dev = self.transport.device
+        return {"kind": "net", "tap": self.tap_name, "mac": dev.mac.hex(":"),
+                "transport": self.transport_name}
+
     def open_device(self):
         from vmm.tap import Tap
         from vmm.virtio.net import NetDevice, NetError
@@ -198,3 +208,35 @@ class NetSpec(VirtioSpec):
         except BaseException:
             tap.close()
             raise
+
+
+def spec_from_options(opts, override=None):
+    """Rebuild a --drive/--net spec from snapshot_options() for a restore;
+    `override` (the text of a --drive/--net given to `pyvmm restore`)
+    replaces the backend: file= for a disk, tap= for a NIC; the transport
+    and the guest-visible options stay the snapshot's."""
+    opts = dict(opts)
+    kind = opts.pop("kind", None)
+    if kind == "drive":
+        cls, keep = DriveSpec, {"transport"}
+    elif kind == "net":
+        cls, keep = NetSpec, {"transport", "mac"}
+    else:
+        raise DeviceSpecError(f"snapshot has a device of unknown kind {kind!r}")
+    if override is not None:
+        what = "--drive" if kind == "drive" else "--net"
+        given = parse_options(override, what, cls.KEYS)
+        for k in keep:
+            if k in given and str(given[k]) != str(opts.get(k)):
+                raise DeviceSpecError(f"{what}: {k} cannot change on restore "
+                                      f"(the snapshot has {opts.get(k)})")
+        opts.update(given)
+    parts = []
+    for k, v in opts.items():
+        if v is None or v is False:
+            continue
+        v = "on" if v is True else str(v)
+        if "," in v:
+            raise DeviceSpecError(f"snapshot device option {k}={v!r} contains a comma")
+        parts.append(f"{k}={v}")
+    return cls(",".join(parts))

@@ -49,6 +49,8 @@ class MachineConfig:
     serial_in: Optional[int] = None          # fd to read console input from
     timeout: Optional[float] = None
     devices: List[object] = field(default_factory=list)
+    track_dirty_pages: bool = False          # KVM dirty log on, for diff snapshots
+    restore: Optional[object] = None         # a vmm.snapshot.Restore: build from a snapshot
 
 
 class Machine:
@@ -70,6 +72,9 @@ class Machine:
         self._serial_out = None
         self._stuck_vcpus = []
         self.t_start = time.monotonic()
+        self._pause_cond = threading.Condition()
+        self.pause_requested = False
+        self._parked = set()
         try:
             self._build()
         except BaseException:
@@ -79,6 +84,10 @@ class Machine:
     # -- construction --------------------------------------------------------
     def _build(self):
         c = self.config
+        if c.restore is not None:       # a snapshot: no kernel, state from the files
+            from vmm import snapshot
+            snapshot.build(self, c.restore)
+            return
         if not 1 <= c.cpus <= mptable.MAX_CPUS:
             raise ValueError(f"--cpus must be between 1 and {mptable.MAX_CPUS}")
         template = cpuid.resolve(c.cpu_template)
@@ -90,7 +99,9 @@ class Machine:
         self.kvm = Kvm()
         self.vm = Vm(self.kvm)
         self.vm.setup_platform()
-        self.vm.add_memory(self.memory)
+        self.vm.add_memory(self.memory, log_dirty=c.track_dirty_pages)
+        if c.track_dirty_pages:
+            self.memory.track_device_writes(True)
 
         self._add_legacy_devices()
         cmdline = " ".join(filter(None, [c.cmdline, cpuid.kernel_args(template)]))
@@ -121,9 +132,11 @@ class Machine:
         self._serial_out = out
         self.serial = Serial(out, irq=self._serial_irq)
         self.pio_bus.register(COM1_PORT, 8, self.serial)
-        self.pio_bus.register(DATA_PORT, 5, I8042(lambda: self.stop("reset", "guest reset (i8042)")))
-        self.pio_bus.register(PVPANIC_PORT, 1, PvPanic(
-            lambda ev: self.stop("panic", f"guest kernel panic (pvpanic event 0x{ev:x})")))
+        self.i8042 = I8042(lambda: self.stop("reset", "guest reset (i8042)"))
+        self.pio_bus.register(DATA_PORT, 5, self.i8042)
+        self.pvpanic = PvPanic(
+            lambda ev: self.stop("panic", f"guest kernel panic (pvpanic event 0x{ev:x})"))
+        self.pio_bus.register(PVPANIC_PORT, 1, self.pvpanic)
 
     def ioloop(self):
         """The I/O thread servicing device eventfds (created on first use)."""
@@ -146,15 +159,67 @@ class Machine:
                 self.stop_reason, self.stop_message = reason, message
             self.stopping = True
         self._stop_event.set()
+        with self._pause_cond:           # parked vCPUs see `stopping` at once
+            self._pause_cond.notify_all()
 
     def check_power_off(self):
         if self.threads and all(t.halted_with_irqs_off for t in self.threads):
             self.stop("poweroff", "guest halted with interrupts off (power off)")
 
+    # -- pausing (minimal; the control API's pause/resume builds on these) ---
+    @property
+    def paused(self):
+        """True when every vCPU is out of KVM_RUN and parked and the I/O
+        thread is stopped (or the machine was never started)."""
+        with self._pause_cond:
+            if not self.pause_requested:
+                return not self.threads
+            return all(t in self._parked or not t.is_alive() for t in self.threads)
+
+    def pause(self, timeout=10.0):
+        """Stop the vCPUs (each leaves KVM_RUN with its last exit completed,
+        KVM API doc on immediate_exit), then let the I/O thread finish the
+        handler in progress and stop it: no device work is half done."""
+        with self._pause_cond:
+            self.pause_requested = True
+        for t in self.threads:
+            t.kick()
+        deadline = time.monotonic() + timeout
+        with self._pause_cond:
+            while not all(t in self._parked or not t.is_alive() for t in self.threads):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stopping:
+                    raise RuntimeError("vCPUs did not pause in time")
+                self._pause_cond.wait(min(left, 0.05))
+                for t in self.threads:
+                    if t not in self._parked:
+                        t.kick()
+        if self._ioloop is not None:
+            self._ioloop.stop(timeout=None)
+
+    def resume(self):
+        if self._ioloop is not None:
+            self._ioloop.start()
+        with self._pause_cond:
+            self.pause_requested = False
+            self._pause_cond.notify_all()
+
+    def park(self, thread):
+        """Called by a vCPU thread between KVM_RUNs: wait while paused."""
+        with self._pause_cond:
+            self._parked.add(thread)
+            self._pause_cond.notify_all()
+            while self.pause_requested and not self.stopping:
+                self._pause_cond.wait(0.2)
+            self._parked.discard(thread)
+
     # -- running -------------------------------------------------------------
-    def run(self):
-        """Run until the guest stops; returns the exit status."""
+    def run(self, start_paused=False):
+        """Run until the guest stops; returns the exit status.  With
+        `start_paused` the vCPUs wait for resume() (a restored VM)."""
         install_kick_handler()
+        if start_paused:
+            self.pause()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             for vcpu in self.vcpus:

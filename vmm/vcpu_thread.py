@@ -52,8 +52,16 @@ class VcpuThread(threading.Thread):
         pio, mmio = machine.pio_bus, machine.mmio_bus
         EXIT_IO, EXIT_MMIO, EXIT_INTR = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_INTR
         IO_OUT = lib.KVM_EXIT_IO_OUT
+        # Parking is only safe after KVM_RUN returned EINTR (or before the
+        # first run): after an I/O or MMIO exit the access completes only on
+        # the next KVM_RUN (KVM API doc, kvm_run.immediate_exit).
+        can_park = True
         while not machine.stopping:
+            if can_park and machine.pause_requested:
+                machine.park(self)
+                continue
             reason = vcpu.run()
+            can_park = reason == EXIT_INTR
             self.exits += 1
             if reason == EXIT_IO:
                 io = run.io
@@ -74,7 +82,8 @@ class VcpuThread(threading.Thread):
                     vcpu.set_mmio_data(mmio.read(m.phys_addr, n).to_bytes(n, "little"))
             elif reason == EXIT_INTR:
                 run.immediate_exit = 0
-                self._check_halted()
+                if not machine.pause_requested:
+                    self._check_halted()
             else:
                 self._other_exit(reason)
 

@@ -12,6 +12,13 @@ class I8042:
         self.on_reset = on_reset
         self.outbuf = None
 
+    def state(self):
+        return {"outbuf": self.outbuf}
+
+    def restore(self, st):
+        v = st.get("outbuf")
+        self.outbuf = None if v is None else int(v) & 0xFF
+
     def read(self, offset, size):
         if offset == COMMAND_PORT - DATA_PORT:
             return 0x01 if self.outbuf is not None else 0x00   # status: OBF only

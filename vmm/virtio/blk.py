@@ -157,6 +157,25 @@ class BlkDevice(vd.VirtioDevice):
         if err:
             self._interrupt.needs_reset(QueueError(err, 0))
 
+    # --- snapshots (vmm/virtio/device.py) ---
+    def state(self):
+        st = super().state()
+        st.update(path=self.path, readonly=self.readonly, serial=self.serial.hex(),
+                  capacity=self.capacity, native=self.native)
+        return st
+
+    def restore(self, state):
+        if int(state["capacity"]) != self.capacity:
+            raise BlkError(f"disk image {self.path}: {self.capacity} sectors, the snapshot's "
+                           f"disk had {state['capacity']}")
+        if bool(state["readonly"]) != self.readonly:
+            raise BlkError(f"disk image {self.path}: read-only must be "
+                           f"{'on' if state['readonly'] else 'off'} as in the snapshot")
+        super().restore(state)
+
+    def rings(self):
+        return {0: self._ring} if self._ring is not None else {}
+
     def close(self):
         """Flush and close the image (idempotent)."""
         fd, self.fd = self.fd, -1

@@ -171,6 +171,24 @@ class NetDevice(vd.VirtioDevice):
         """Whether the backend is watched (False while the guest has no buffers)."""
         return self._polling
 
+    # --- snapshots (vmm/virtio/device.py) ---
+    def state(self):
+        """A frame held for receive buffers (`pending`) is not kept: it
+        counts as a drop, as when the link loses a packet."""
+        st = super().state()
+        st.update(mac=self.mac.hex(), tap=getattr(self.backend, "name", None),
+                  stats=self.stats, kicks=list(self.kicks))
+        return st
+
+    def restore(self, state):
+        if bytes.fromhex(state["mac"]) != self.mac:
+            raise NetError(f"virtio-net: MAC {self.mac.hex(':')} differs from the snapshot's "
+                           f"{bytes.fromhex(state['mac']).hex(':')}")
+        super().restore(state)
+
+    def rings(self):
+        return {i: r for i, r in ((RX, self._rx), (TX, self._tx)) if r is not None}
+
     def close(self):
         with self._lock:
             self._set_polling(False)
