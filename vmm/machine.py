@@ -227,6 +227,9 @@ class Machine:
                 self.threads.append(t)
             for t in self.threads:
                 t.start()
+            if self.config.restore is not None:     # bench/snapshot.py reads this line
+                log.debug("restore: vCPUs running at %.6f (%.1f ms after Machine())",
+                          time.time(), (time.monotonic() - self.t_start) * 1000)
             deadline = None if self.config.timeout is None else time.monotonic() + self.config.timeout
             while not self._stop_event.wait(POWER_OFF_POLL):
                 if deadline is not None and time.monotonic() > deadline:
