@@ -227,6 +227,8 @@ def create(machine, state_path, mem_path, snapshot_type="Full"):
             and os.path.samefile(mem.backing, mem_path):
         log.debug("replacing the memory file this VM maps (rename keeps the old inode)")
     t0 = time.monotonic()
+    for vcpu in machine.vcpus:
+        _complete_pending_exit(vcpu)
     msrs = kvm_state.msr_index_list(machine.kvm)
     state = {
         "arch": ARCH, "created": time.time(), "pyvmm_version": 1,
@@ -253,6 +255,18 @@ def create(machine, state_path, mem_path, snapshot_type="Full"):
     pages = sum(n for _, n in runs)
     return {"seconds": t_end - t0, "state_seconds": t_state - t0, "pages": pages,
             "mem_bytes": pages * PAGE, "state_bytes": os.path.getsize(state_path)}
+
+
+def _complete_pending_exit(vcpu):
+    """A vCPU parked right after an I/O or MMIO exit has not taken the
+    result in yet: the access completes on the next KVM_RUN (KVM API doc,
+    kvm_run.immediate_exit).  KVM_RUN with immediate_exit set completes it
+    and returns EINTR without running guest code."""
+    vcpu.run_struct.immediate_exit = 1
+    try:
+        vcpu.run()
+    finally:
+        vcpu.run_struct.immediate_exit = 0
 
 
 def _dirty_mask(machine):

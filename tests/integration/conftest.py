@@ -28,9 +28,13 @@ from vmm import guest
 
 SNAP_TIMEOUT = 1800        # a cold boot on a 2-core machine shared with other jobs
 CMD_TIMEOUT = 120
-GUEST_IP, HOST_IP = "10.77.0.2", "10.77.0.1"
-GUEST_MAC = "52:54:00:77:00:02"
-TAP = "pvsnap0"
+# NICs of the snapshot (as root): eth0 on virtio-mmio, configured by `ip=`;
+# eth1 on legacy virtio-pci, configured at the shell before the snapshot.
+NICS = {"mmio": {"tap": "pvsnap0", "mac": "52:54:00:77:00:02", "guest": "10.77.0.2",
+                 "host": "10.77.0.1"},
+        "pci": {"tap": "pvsnap1", "mac": "52:54:00:77:01:02", "guest": "10.77.1.2",
+                "host": "10.77.1.1"}}
+GUEST_IP, HOST_IP = NICS["mmio"]["guest"], NICS["mmio"]["host"]
 PROMPT = b"/ # "
 
 
@@ -107,10 +111,15 @@ def guest_snapshot(tmp_path_factory):
     cmdline = guest.DEFAULT_CMDLINE
     run_args = ["--drive", f"file={snap.disk}", "--drive", f"file={snap.pci_disk},transport=pci",
                 "--track-dirty-pages"]
+    steps = ["wait:shell ready", "wait:/ # "]
     if snap.has_net:
         cmdline += f" ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off"
-        run_args += ["--net", f"tap={TAP},mac={GUEST_MAC}"]
-    steps = ["wait:shell ready", "wait:/ # ", "sleep:1",
+        for t, nic in NICS.items():
+            run_args += ["--net", f"tap={nic['tap']},mac={nic['mac']},transport={t}"]
+        pci = NICS["pci"]
+        steps += [f"type:ip addr add {pci['guest']}/24 dev eth1 && ip link set eth1 up && "
+                  "echo eth1-$((2+3))-up\\n", "wait:eth1-5-up", "wait:/ # "]
+    steps += ["sleep:1",
              f"snap:Full:{snap.state}:{snap.mem}",
              "type:echo diff-was-here > /tmp/diffmark; echo $((6*7))-before-diff\\n",
              "wait:42-before-diff", "wait:/ # ", "sleep:1",
@@ -143,7 +152,7 @@ def guest_snapshot(tmp_path_factory):
 class Restored:
     """A `pyvmm restore` process from the session snapshot."""
 
-    def __init__(self, snap, tmp, diff=False, net=None, extra=()):
+    def __init__(self, snap, tmp, diff=False, extra=(), tty=None):
         self.snap = snap
         self.disk = os.path.join(tmp, "scratch.img")
         self.pci_disk = os.path.join(tmp, "pci.img")
@@ -159,16 +168,22 @@ class Restored:
         if snap.has_net:
             from vmm.testing.netns import NetNs
             self.ns = NetNs()
-            cmd = self.ns.exec_cmd(cmd + ["--net", f"tap={net or TAP}"])
+            for nic in NICS.values():
+                cmd += ["--net", f"tap={nic['tap']}"]
+            cmd = self.ns.exec_cmd(cmd)
         self.t0 = time.monotonic()
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
-        self.console = Console(self.p.stdout)
+        if tty is None:
+            self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE)
+            self.console = Console(self.p.stdout)
+        else:      # an interactive terminal: the test reads the pty's master itself
+            self.p = subprocess.Popen(cmd, stdin=tty, stdout=tty, stderr=subprocess.PIPE)
+            self.console = None
         if self.ns is not None:
-            tap = net or TAP
-            assert self.ns.wait_link(tap, 60), "the restored VMM did not open its tap"
-            self.ns.ip("addr", "add", f"{HOST_IP}/24", "dev", tap)
-            self.ns.ip("link", "set", tap, "up")
+            for nic in NICS.values():
+                assert self.ns.wait_link(nic["tap"], 60), "the restored VMM did not open its tap"
+                self.ns.ip("addr", "add", f"{nic['host']}/24", "dev", nic["tap"])
+                self.ns.ip("link", "set", nic["tap"], "up")
 
     def type(self, text):
         self.p.stdin.write(text.encode())
@@ -201,7 +216,8 @@ class Restored:
             self.p.wait(30)
         for f in (self.p.stdin, self.p.stdout, self.p.stderr):
             try:
-                f.close()
+                if f is not None:
+                    f.close()
             except OSError:
                 pass
         if self.ns is not None:
@@ -211,7 +227,7 @@ class Restored:
 
 @pytest.fixture
 def restored(guest_snapshot, tmp_path):
-    """Factory: restored(diff=False, net=None) -> a running Restored."""
+    """Factory: restored(diff=False, tty=None) -> a running Restored."""
     made = []
 
     def make(**kw):
