@@ -70,7 +70,8 @@ def test_two_restores_side_by_side_with_their_own_disks(restored):
         assert cat.stdout == f"{name}\n"
 
 
-def test_diff_snapshot_over_its_base_has_the_later_state(restored):
+def test_diff_snapshot_over_its_base_has_the_later_state(restored, guest_snapshot):
+    assert guest_snapshot.diff_error is None, guest_snapshot.diff_error
     d = restored(diff=True)
     out = d.cmd("cat /tmp/diffmark; echo diff-$((4+4))", "diff-8")
     assert "diff-was-here" in out, out[-1500:]

@@ -12,7 +12,8 @@ Steps run in order on a helper thread while the machine runs:
   snap:TYPE:STATE:MEM  pause, snapshot (Full or Diff), resume
   pause / resume
   stop               end the VM (exit status 0)
-Arguments after `--` are `pyvmm run` options.  Console output goes to
+Arguments after `--` are `pyvmm run` options, or `restore` and `pyvmm
+restore` options (the VM then starts from a snapshot).  Console output goes to
 stdout; a JSON line per snapshot (its figures) goes to stderr, prefixed
 "snapshooter:".
 """
@@ -117,8 +118,12 @@ def main(argv=None):
     p.add_argument("--step", action="append", default=[])
     p.add_argument("--step-timeout", type=float, default=600)
     a = p.parse_args(own)
-    args = cli.build_parser().parse_args(["run", *run_args])
-    config = cli.config_from_args(args)
+    if run_args[:1] == ["restore"]:     # start from a snapshot instead of booting
+        args = cli.build_parser().parse_args(run_args)
+        config = cli.restore_config(args)
+    else:
+        args = cli.build_parser().parse_args(["run", *run_args])
+        config = cli.config_from_args(args)
     tee = Tee(os.fdopen(os.dup(1), "wb", buffering=0))
     config.serial_out = tee
     machine = Machine(config)
