@@ -347,7 +347,11 @@ def build(machine, restore):
                             f"{len(c.devices)} were given")
     for dev in c.devices:
         machine._attached.append(dev)
-        dev.attach(machine, "")
+        machine._attaching = dev        # its own I/O thread, as Machine._build does
+        try:
+            dev.attach(machine, "")
+        finally:
+            machine._attaching = None
     machine.cmdline = st.get("cmdline", "")
     if st.get("pci_bus") is not None:
         bus = getattr(machine, "pci_bus", None)

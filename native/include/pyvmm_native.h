@@ -21,5 +21,6 @@ void *pv_map_file(int fd, size_t size, int *err);
 
 #include "pyvmm_virtq.h"
 #include "pyvmm_net.h"
+#include "pyvmm_vsock.h"
 
 #endif

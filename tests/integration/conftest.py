@@ -32,7 +32,7 @@ CMD_TIMEOUT = 120
 # eth1 on legacy virtio-pci, configured at the shell before the snapshot.
 NICS = {"mmio": {"tap": "pvsnap0", "mac": "52:54:00:77:00:02", "guest": "10.77.0.2",
                  "host": "10.77.0.1"},
-        "pci": {"tap": "pvsnap1", "mac": "52:54:00:77:01:02", "guest": "10.77.1.2",
+        "pci-legacy": {"tap": "pvsnap1", "mac": "52:54:00:77:01:02", "guest": "10.77.1.2",
                 "host": "10.77.1.1"}}
 GUEST_IP, HOST_IP = NICS["mmio"]["guest"], NICS["mmio"]["host"]
 PROMPT = b"/ # "
@@ -134,13 +134,13 @@ def guest_snapshot(tmp_path_factory):
     with open(snap.pci_disk, "wb") as f:
         f.write(os.urandom(1 << 20))
     cmdline = guest.DEFAULT_CMDLINE
-    run_args = ["--drive", f"file={snap.disk}", "--drive", f"file={snap.pci_disk},transport=pci"]
+    run_args = ["--drive", f"file={snap.disk}", "--drive", f"file={snap.pci_disk},transport=pci-legacy"]
     steps = ["wait:shell ready", "wait:/ # "]
     if snap.has_net:
         cmdline += f" ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off"
         for t, nic in NICS.items():
             run_args += ["--net", f"tap={nic['tap']},mac={nic['mac']},transport={t}"]
-        pci = NICS["pci"]
+        pci = NICS["pci-legacy"]
         steps += [f"type:ip addr add {pci['guest']}/24 dev eth1 && ip link set eth1 up && "
                   "echo eth1-$((2+3))-up\\n", "wait:eth1-5-up", "wait:/ # "]
     steps += ["sleep:1", f"snap:Full:{snap.state}:{snap.mem}", "stop"]

@@ -16,7 +16,7 @@ from conftest import NICS
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm")]
 
 
-@pytest.mark.parametrize("transport", ["mmio", "pci"])
+@pytest.mark.parametrize("transport", ["mmio", "pci-legacy"])
 def test_ping_guest_through_tap(transport, restored, guest_snapshot):
     if not guest_snapshot.has_net:
         pytest.skip("needs root and iproute2 for a network namespace")

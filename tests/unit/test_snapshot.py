@@ -98,9 +98,13 @@ def test_serial_round_trip_and_pending_interrupt_raised_again():
 def test_i8042_and_pvpanic_round_trip():
     a = I8042(lambda: None)
     a.write(4, 1, 0xD0)                 # read output port: a byte waits in the buffer
-    b = I8042(lambda: None)
+    a.trigger_ctrl_alt_del()            # and keys the guest has not read yet
+    raised = []
+    b = I8042(lambda: None, irq=lambda: raised.append(1))
     b.restore(through_file(a.state()))
-    assert b.read(4, 1) == 1 and b.read(0, 1) == 0x01
+    assert b.state() == a.state() and raised           # pending keys: IRQ 1 again
+    assert b.read(4, 1) == a.read(4, 1)
+    assert [b.read(0, 1) for _ in range(5)] == [a.read(0, 1) for _ in range(5)]
     p = PvPanic(lambda ev: None)
     p.restore(through_file(p.state()))
 

@@ -47,6 +47,7 @@ _QUEUE_ADDR = {QUEUE_DESC_LOW: ("desc", 0), QUEUE_DESC_HIGH: ("desc", 32),
 class VirtioMmio(Transport):
     WINDOW = 0x200
     NAME = "virtio-mmio"
+    SNAPSHOT = True
 
     def __init__(self, device, mem, irq=None, register_ioeventfd=None, ioloop=None, legacy=False):
         if register_ioeventfd is not None and ioloop is None:
