@@ -216,7 +216,7 @@ class DriveSpec(VirtioSpec):
         """What a restore needs to reopen this disk (vmm/snapshot.py)."""
         return {"kind": "drive", "file": self.path, "readonly": self.readonly,
                 "serial": self.serial, "transport": self.transport_name,
-                "queues": getattr(self, "queues", 1)}
+                "queues": getattr(self, "queues", 1), "id": getattr(self, "drive_id", None)}
 
     def open_device(self):
         from vmm.virtio import BlkDevice
@@ -276,7 +276,8 @@ class NetSpec(VirtioSpec):
     def snapshot_options(self):
         dev = self.transport.device
         return {"kind": "net", "tap": self.tap_name, "mac": dev.mac.hex(":"),
-                "transport": self.transport_name, "queues": getattr(self, "queues", 1)}
+                "transport": self.transport_name, "queues": getattr(self, "queues", 1),
+                "id": getattr(self, "iface_id", None)}
 
     def open_device(self):
         from vmm.tap import Tap
@@ -406,6 +407,7 @@ def spec_from_options(opts, override=None):
     and the guest-visible options stay the snapshot's."""
     opts = dict(opts)
     kind = opts.pop("kind", None)
+    ident = opts.pop("id", None)          # the API's drive_id / iface_id
     if kind == "drive":
         cls, keep = DriveSpec, {"transport", "queues"}
     elif kind == "net":
@@ -428,4 +430,7 @@ def spec_from_options(opts, override=None):
         if "," in v:
             raise DeviceSpecError(f"snapshot device option {k}={v!r} contains a comma")
         parts.append(f"{k}={v}")
-    return cls(",".join(parts))
+    spec = cls(",".join(parts))
+    if ident is not None:
+        setattr(spec, "drive_id" if kind == "drive" else "iface_id", ident)
+    return spec

@@ -37,7 +37,7 @@ import time
 log = logging.getLogger("pyvmm.snapshot")
 
 MAGIC = b"PYVMMSNP"
-VERSION = 1
+VERSION = 2                   # 2: i8042 state of the API's keyboard controller
 HEADER = struct.Struct("<8sIIQ32s")
 PAGE = 4096
 ARCH = platform.machine()
@@ -324,7 +324,16 @@ class Restore:
 def build(machine, restore):
     """Machine._build for a restore: memory from the file, platform, legacy
     devices, virtio devices re-attached in their order (same windows, IRQs
-    and PCI slots), then VM state, vCPU state and device state."""
+    and PCI slots), then VM state, vCPU state and device state.  A state
+    that lacks something (written by another pyvmm) is one SnapshotError."""
+    try:
+        _build(machine, restore)
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise SnapshotError(f"snapshot state is incomplete or from another pyvmm version "
+                            f"({type(e).__name__}: {e})") from None
+
+
+def _build(machine, restore):
     from vmm.kvm import state as kvm_state
     from vmm.kvm.system import Kvm
     from vmm.kvm.vcpu import Vcpu
