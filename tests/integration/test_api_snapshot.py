@@ -3,7 +3,6 @@ alphabet: PUT /snapshot/create while paused (refused while running), then a
 new `pyvmm api` process loads it with PUT /snapshot/load (paused until
 PATCH /vm Resumed, or resume_vm) and the guest continues with the next
 letter; load after boot and bad files are 400s with one line."""
-import os
 import subprocess
 import sys
 
