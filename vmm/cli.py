@@ -146,6 +146,18 @@ def add_restore_parser(sub):
                    help="log dirty pages from here on (for a Diff snapshot of the restored VM)")
     r.add_argument("--api-sock", metavar="PATH",
                    help="serve the control API on this Unix socket (resume, pause, snapshot)")
+    s = sub.add_parser("snapshot", help="snapshot a running VM through its API socket",
+                       description="Pause the VM served on --api-sock (pyvmm run/restore/api "
+                                   "--api-sock), write its state and memory files, and resume it "
+                                   "unless --leave-paused.")
+    s.add_argument("--api-sock", metavar="PATH", required=True)
+    s.add_argument("--snapshot", metavar="PATH", required=True, help="state file to write")
+    s.add_argument("--mem", metavar="PATH", required=True, help="memory file to write")
+    s.add_argument("--type", choices=("Full", "Diff"), default="Full",
+                   help="Diff: only pages changed since the last snapshot (VM started with "
+                        "--track-dirty-pages)")
+    s.add_argument("--leave-paused", action="store_true", help="do not resume the VM afterwards")
+    s.add_argument("--debug", action="store_true")
     r.add_argument("--debug", action="store_true", help="log VMM internals to stderr")
 
 
@@ -272,7 +284,32 @@ def main(argv=None):
     if args.command == "api":
         from vmm.api.cli import run_api
         return guarded(run_api, args)
+    if args.command == "snapshot":
+        return guarded(snapshot_command, args)
     return guarded(run, args)
+
+
+def snapshot_command(args):
+    """`pyvmm snapshot`: PATCH /vm Paused, PUT /snapshot/create, PATCH /vm
+    Resumed, as a user would with curl."""
+    from vmm.api.client import ApiClient, ApiRequestError
+    try:
+        with ApiClient(args.api_sock, timeout=600) as api:
+            was = api.get("/")["state"]
+            api.patch("/vm", {"state": "Paused"})
+            try:
+                api.put("/snapshot/create", {"snapshot_type": args.type,
+                                             "snapshot_path": os.path.abspath(args.snapshot),
+                                             "mem_file_path": os.path.abspath(args.mem)})
+            finally:
+                if was == "Running" and not args.leave_paused:
+                    api.patch("/vm", {"state": "Resumed"})
+    except ApiRequestError as e:
+        raise SnapshotError(e.message) from None
+    except OSError as e:
+        raise SnapshotError(f"cannot reach the API socket {args.api_sock}: "
+                            f"{e.strerror or e}") from None
+    return 0
 
 
 def guarded(fn, args):

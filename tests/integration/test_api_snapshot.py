@@ -107,3 +107,30 @@ def test_bad_loads_are_one_line_400s(vmms, tmp_path):
     ]:
         assert needle in v.fault("put", "/snapshot/load", body)
     assert v.api.get("/")["state"] == "Not started"      # still usable
+
+
+def test_pyvmm_snapshot_command_then_restore(tmp_path):
+    sock, state, mem = str(tmp_path / "r.sock"), str(tmp_path / "s"), str(tmp_path / "m")
+    k = T.make_elf(ALPHABET, str(tmp_path / "alpha.elf"))
+    p = subprocess.Popen([sys.executable, "-m", "vmm", "run", "--kernel", k, "--mem", "32M",
+                          "--api-sock", sock, "--timeout", "120"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_for_socket(sock, 30, p)
+        out = Output(p.stdout)
+        assert out.wait_for(3, 60)
+        snap = [sys.executable, "-m", "vmm", "snapshot", "--api-sock", sock, "--snapshot", state,
+                "--mem", mem]
+        r = subprocess.run(snap + ["--type", "Diff"], capture_output=True, timeout=120)
+        assert r.returncode == 1 and "dirty page tracking" in r.stderr.decode()
+        assert r.stderr.decode().count("\n") == 1
+        r = subprocess.run(snap, capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()
+        n = len(out.data)
+        assert out.wait_for(n + 2, 60)              # resumed after the snapshot
+    finally:
+        p.kill()
+        p.wait(30)
+    rest = subprocess.run([sys.executable, "-m", "vmm", "restore", "--snapshot", state, "--mem", mem,
+                           "--resume", "--timeout", "3"], capture_output=True, timeout=120)
+    assert len(rest.stdout) >= 2 and set(rest.stdout) <= set(b"abcdefghijklmnopqrstuvwxyz")

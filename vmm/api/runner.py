@@ -143,6 +143,8 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
                         req.finish(str(e) or type(e).__name__)
                         continue
                     start_paused = req.start_paused      # a snapshot loaded without resume_vm
+                    if start_paused:
+                        machine.pause()                  # "Paused" before the client hears back
                     ctl.attach(machine)
                     req.finish()
             ctl.attach(machine)
