@@ -281,3 +281,24 @@ def test_wrong_size_memory_file_is_refused(tmp_path):
     path.write_bytes(b"\0" * 4096)
     with pytest.raises(GuestMemoryError, match="4096 bytes"):
         GuestMemory(16 * MiB, backing=str(path))
+
+
+# --- device options on restore ---------------------------------------------------
+def test_device_options_and_overrides(tmp_path):
+    from vmm.devices import DeviceSpecError, DriveSpec, spec_from_options
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    a.write_bytes(b"\0" * 4096)
+    b.write_bytes(b"\0" * 4096)
+    opts = DriveSpec(f"file={a},readonly=on,serial=abc,transport=pci-legacy").snapshot_options()
+    opts = through_file(opts)
+    same = spec_from_options(opts)
+    assert (same.path, same.readonly, same.serial, same.transport_name) == (
+        str(a), True, "abc", "pci-legacy")
+    other = spec_from_options(opts, f"file={b}")
+    assert other.path == str(b) and other.transport_name == "pci-legacy" and other.readonly
+    with pytest.raises(DeviceSpecError, match="transport cannot change"):
+        spec_from_options(opts, f"file={b},transport=mmio")
+    with pytest.raises(DeviceSpecError, match="no such file"):
+        spec_from_options(opts, f"file={tmp_path / 'missing.img'}")
+    with pytest.raises(DeviceSpecError, match="unknown kind"):
+        spec_from_options({"kind": "floppy"})
