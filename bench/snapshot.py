@@ -1,7 +1,8 @@
 """Snapshots of the default guest at its shell (256 MiB): create time and
 size of a Full and of a Diff snapshot; restore -> guest running (VMM process
-spawned until its vCPUs run again) and restore -> shell answering a typed
-command, next to the cold boot -> shell prompt of the same guest.  pyvmm
+spawned until its vCPUs run again; and the part after the interpreter and
+imports: Machine() built from the files) and restore -> shell answering a
+typed command, next to the cold boot -> shell prompt of the same guest.  pyvmm
 only (QEMU's savevm/loadvm is not the same operation); Firecracker's
 published restore latency (a few ms, hardware KVM) is the anchor.
 
@@ -67,10 +68,10 @@ def restore_once(d):
         p.kill()
         p.wait()
         t.join(10)
-    m = re.search(rb"restore: vCPUs running at ([0-9.]+)", b"".join(err))
+    m = re.search(rb"restore: vCPUs running at ([0-9.]+) \(([0-9.]+) ms after Machine", b"".join(err))
     if m is None or b"42-answer" not in seen:
         raise RuntimeError("restore did not run or answer: " + b"".join(err)[-300:].decode(errors="replace"))
-    return (float(m.group(1)) - t_wall) * 1000, seen[b"42-answer"] * 1000
+    return (float(m.group(1)) - t_wall) * 1000, seen[b"42-answer"] * 1000, float(m.group(2))
 
 
 def main(argv=None):
@@ -82,11 +83,12 @@ def main(argv=None):
         raise SystemExit("default guest not built: run `make guest`")
     with tempfile.TemporaryDirectory(prefix="pyvmm-bench-snap-") as d:
         boot_s, (full, diff) = take(d, args.mem)
-        running, answered = [], []
+        running, answered, built = [], [], []
         for _ in range(args.reps):
-            r, a = restore_once(d)
+            r, a, b = restore_once(d)
             running.append(r)
             answered.append(a)
+            built.append(b)
     res = {"mem": args.mem,
            "cold_boot_to_shell_s": boot_s,
            "full": {"create_ms": full["seconds"] * 1000, "mem_mib": full["mem_bytes"] / 2**20,
@@ -94,6 +96,7 @@ def main(argv=None):
            "diff": {"create_ms": diff["seconds"] * 1000, "mem_mib": diff["mem_bytes"] / 2**20,
                     "state_kib": diff["state_bytes"] / 1024},
            "restore_to_running_ms": stats(running),
+           "restore_in_process_ms": stats(built),
            "restore_to_shell_answer_ms": stats(answered)}
     print(f"guest {args.mem}: cold boot -> shell prompt {boot_s:.1f} s")
     for k in ("full", "diff"):
@@ -101,6 +104,7 @@ def main(argv=None):
         print(f"  {k:4s} snapshot: create {f['create_ms']:.0f} ms, memory file {f['mem_mib']:.1f} MiB "
               f"written, state {f['state_kib']:.0f} KiB")
     for k, label in (("restore_to_running_ms", "restore -> vCPUs running"),
+                     ("restore_in_process_ms", "  of which Machine() from the files"),
                      ("restore_to_shell_answer_ms", "restore -> shell answered")):
         s = res[k]
         print(f"  {label}: {s['min']:.0f} / {s['median']:.0f} / {s['max']:.0f} ms (min / median / max)")
