@@ -17,6 +17,7 @@ from vmm.memory import GuestMemoryError
 from vmm.native import NativeError
 from vmm.kvm.state import StateError
 from vmm.snapshot import SnapshotError
+from vmm.seccomp import SeccompError
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -104,6 +105,9 @@ def build_parser():
                         "device) as one JSON line to FILE")
     r.add_argument("--track-dirty-pages", action="store_true",
                    help="turn on KVM's dirty page log so Diff snapshots can be taken")
+    r.add_argument("--no-seccomp", action="store_true",
+                   help="do not confine the VMM's threads with seccomp filters (for debugging; "
+                        "see README, Security)")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
     r.add_argument("--api-sock", metavar="PATH",
@@ -231,7 +235,8 @@ def config_from_args(args):
                          cmdline=args.cmdline if args.cmdline is not None else guest.DEFAULT_CMDLINE,
                          mem_size=args.mem, cpus=args.cpus, cpu_template=args.cpu_template,
                          serial_out=serial_out, timeout=args.timeout,
-                         track_dirty_pages=args.track_dirty_pages)
+                         track_dirty_pages=args.track_dirty_pages,
+                         seccomp=not args.no_seccomp)
 
 
 def run(args):
@@ -247,6 +252,9 @@ def run(args):
     try:
         machine = Machine(config)
         try:
+            if config.seccomp:          # the API thread confines itself when it starts
+                from vmm import seccomp
+                seccomp.enable()
             if args.api_sock:
                 server = _serve_api(args.api_sock, machine)
             with console.Console(machine):
@@ -345,7 +353,7 @@ def error_status(e):
         return EXIT_USAGE
     if isinstance(e, (KernelError, KvmUnavailable, CpuidError, GuestMemoryError, NativeError,
                       ValueError, MemoryError, OSError, ApiSocketError, VirtioError,
-                      SnapshotError, StateError)):
+                      SnapshotError, StateError, SeccompError)):
         return EXIT_ERROR
     return None
 

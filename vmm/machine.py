@@ -52,6 +52,7 @@ class MachineConfig:
     devices: List[object] = field(default_factory=list)
     track_dirty_pages: bool = False          # KVM dirty log on, for diff snapshots
     restore: Optional[object] = None         # a vmm.snapshot.Restore: build from a snapshot
+    seccomp: bool = False      # confine every thread once built (vmm/seccomp.py); the CLI's default
 
 
 class Machine:
@@ -244,6 +245,11 @@ class Machine:
             self.pause()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
+            if self.config.seccomp:     # before any guest I/O can reach them
+                from vmm import seccomp
+                seccomp.enable()
+                for _, loop in self._ioloops:
+                    seccomp.apply_in(loop, "io")
             for vcpu in self.vcpus:
                 t = VcpuThread(self, vcpu)
                 self.threads.append(t)
@@ -252,6 +258,8 @@ class Machine:
             if self.config.restore is not None:     # bench/snapshot.py reads this line
                 log.debug("restore: vCPUs running at %.6f (%.1f ms after Machine())",
                           time.time(), (time.monotonic() - self.t_start) * 1000)
+            if self.config.seccomp:     # last: threads created later would inherit it
+                seccomp.apply("main")
             deadline = None if self.config.timeout is None else time.monotonic() + self.config.timeout
             while not self._stop_event.wait(POWER_OFF_POLL):
                 if deadline is not None and time.monotonic() > deadline:

@@ -78,10 +78,11 @@ class GuestMemory:
             self.device_dirty[offset // 4096:(offset + length - 1) // 4096 + 1] = 1
 
     def pages_in_use(self):
-        """Offsets of the 4 KiB pages holding anything but zeros, as a numpy
-        bool array (one per page): what a memory file must store."""
-        import numpy as np
-        return self.array.view(np.uint64).reshape(-1, 512).any(axis=1)
+        """One byte per 4 KiB page, 1 where the page holds anything but
+        zeros: what a memory file must store.  Plain Python (no numpy
+        import: it may run on a seccomp-confined API thread)."""
+        mv, zero = self._mv, bytes(4096)
+        return bytearray(mv[off:off + 4096] != zero for off in range(0, self.size, 4096))
 
     @functools.cached_property
     def array(self):

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import re
 import struct
 import time
 
@@ -144,11 +145,14 @@ def read_state(path):
 
 # --- memory file ---------------------------------------------------------
 def page_runs(mask):
-    """[(first page, page count), ...] of the True runs in a bool array."""
-    import numpy as np
-    m = np.concatenate(([False], np.asarray(mask, dtype=bool), [False]))
-    edges = np.flatnonzero(m[1:] != m[:-1])
-    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])]
+    """[(first page, page count), ...] of the non-zero runs in a per-page
+    mask (bytes/bytearray of 0 and 1, or a numpy bool array)."""
+    if hasattr(mask, "astype"):
+        mask = mask.astype("uint8").tobytes()
+    return [(m.start(), m.end() - m.start()) for m in _SET_RUN.finditer(bytes(mask))]
+
+
+_SET_RUN = re.compile(rb"[^\x00]+")
 
 
 def write_memory(mem, path, mask):

@@ -21,6 +21,8 @@ void *pv_map_file(int fd, size_t size, int *err);
 
 #include "pyvmm_virtq.h"
 #include "pyvmm_net.h"
+#include "pyvmm_seccomp.h"
 #include "pyvmm_vsock.h"
+#include "pyvmm_uring.h"
 
 #endif
