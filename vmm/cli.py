@@ -150,6 +150,8 @@ def add_restore_parser(sub):
                    help="log dirty pages from here on (for a Diff snapshot of the restored VM)")
     r.add_argument("--api-sock", metavar="PATH",
                    help="serve the control API on this Unix socket (resume, pause, snapshot)")
+    r.add_argument("--no-seccomp", action="store_true",
+                   help="do not confine the VMM's threads with seccomp filters (for debugging)")
     s = sub.add_parser("snapshot", help="snapshot a running VM through its API socket",
                        description="Pause the VM served on --api-sock (pyvmm run/restore/api "
                                    "--api-sock), write its state and memory files, and resume it "
@@ -198,7 +200,7 @@ def restore_config(args):
     return MachineConfig(kernel="", cmdline=st.get("cmdline", ""), mem_size=int(st["mem_size"]),
                          cpus=len(st["vcpus"]), devices=devices, serial_out=open_serial(args.serial),
                          timeout=args.timeout, track_dirty_pages=args.track_dirty_pages,
-                         restore=restore)
+                         restore=restore, seccomp=not args.no_seccomp)
 
 
 def config_from_args(args):
