@@ -376,6 +376,9 @@ class RngSpec(VirtioSpec):
         self._ioloop = machine.ioloop()     # rate-limiter timers run on the I/O thread
         return super().attach(machine, cmdline)
 
+    def snapshot_options(self):
+        return {"kind": "rng", "transport": self.transport_name}
+
     def open_device(self):
         from vmm.virtio.rng import RngDevice
         return RngDevice(rate_limiter=self.rate_limiter, ioloop=self._ioloop)
@@ -437,6 +440,8 @@ def spec_from_options(opts, override=None):
         cls, keep = DriveSpec, {"transport", "queues"}
     elif kind == "net":
         cls, keep = NetSpec, {"transport", "mac", "queues"}
+    elif kind == "rng":
+        cls, keep = RngSpec, {"transport"}
     else:
         raise DeviceSpecError(f"snapshot has a device of unknown kind {kind!r}")
     if override is not None:

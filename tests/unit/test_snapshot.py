@@ -302,3 +302,27 @@ def test_device_options_and_overrides(tmp_path):
         spec_from_options(opts, f"file={tmp_path / 'missing.img'}")
     with pytest.raises(DeviceSpecError, match="unknown kind"):
         spec_from_options({"kind": "floppy"})
+
+
+def test_rng_continues_on_its_ring_after_restore(mem):
+    from vmm.testing.mockdriver import MockDriver
+    from vmm.virtio.rng import RngDevice
+    t = VirtioMmio(RngDevice(), mem)
+    d = MockDriver(t, mem)
+    assert d.init()
+    for _ in range(3):
+        buf = d.alloc(64)
+        d.queues[0].add([(buf, 64, True)])
+        d.kick(0)
+        assert [n for _, n in d.queues[0].get_used()] == [64]
+    st = through_file(t.state())
+    assert st["queues"][0]["next_avail"] == 3
+    t.close()
+    t2 = VirtioMmio(RngDevice(), mem)
+    t2.restore(st)
+    rebind(d, t2)
+    buf = d.alloc(64)
+    head = d.queues[0].add([(buf, 64, True)])
+    d.kick(0)
+    assert dict(d.queues[0].get_used()) == {head: 64}
+    t2.close()
