@@ -25,7 +25,7 @@ load on first touch, so restore time does not grow with RAM, and several VMs
 can run from one snapshot at once.  A diff is copied over its base's
 mapping (only its ranges).
 """
-import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -52,7 +52,7 @@ class SnapshotError(Exception):
 # --- state file ----------------------------------------------------------
 def _encode(obj):
     if isinstance(obj, (bytes, bytearray)):
-        return {"$b64": base64.b64encode(bytes(obj)).decode()}
+        return {"$b64": binascii.b2a_base64(bytes(obj), newline=False).decode("ascii")}
     if isinstance(obj, dict):
         return {k: _encode(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -63,7 +63,7 @@ def _encode(obj):
 def _decode(obj):
     if isinstance(obj, dict):
         if set(obj) == {"$b64"}:
-            return base64.b64decode(obj["$b64"])
+            return binascii.a2b_base64(obj["$b64"])
         return {k: _decode(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_decode(v) for v in obj]
