@@ -209,13 +209,13 @@ class DriveSpec(VirtioSpec):
         return super().attach(machine, cmdline)
 
     @classmethod
-    def from_fields(cls, path, readonly=False, serial=None, transport="mmio"):
+    def from_fields(cls, path, readonly=False, serial=None, transport="mmio", io_engine="sync"):
         """The same spec from separate values (the control API, --config-file):
         no option-string parsing, so a path may contain commas."""
         self = cls.__new__(cls)
         VirtioSpec.__init__(self, {"transport": transport}, "drive")
         self.path, self.readonly, self.serial = path, bool(readonly), serial
-        self.io_engine, self._ioloop = "sync", None
+        self.io_engine, self._ioloop, self.slow = io_engine, None, {}
         if serial is not None and len(serial.encode()) > 20:
             raise DeviceSpecError("drive: serial is at most 20 bytes (virtio-blk GET_ID)")
         if not (os.path.isfile(path) or is_block_device(path)):
@@ -271,7 +271,7 @@ class NetSpec(VirtioSpec):
             self.mac = parse_mac(mac) if mac is not None else None
         except ValueError as e:
             raise DeviceSpecError(f"network interface: {e}") from None
-        self._ioloop = None
+        self._ioloop, self.slow = None, {}
         return self
 
     def attach(self, machine, cmdline):

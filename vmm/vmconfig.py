@@ -20,6 +20,7 @@ from vmm import guest
 CPU_TEMPLATES = {"None": "auto", "C3": "minimal", "T2": "minimal", "T2S": "minimal",
                  "T2CL": "minimal", "T2A": "minimal", "V1N1": "minimal"}
 MAX_VCPUS = 32
+IO_ENGINES = {"Sync": "sync", "Async": "io_uring"}   # Firecracker's -> vmm.virtio.blk's
 
 
 class ConfigError(ValueError):
@@ -139,7 +140,8 @@ class VmConfig:
             devices = []
             for d in self.ordered_drives():
                 spec = DriveSpec.from_fields(d.path_on_host, readonly=d.is_read_only,
-                                             serial=d.drive_id.encode()[:20].decode("utf-8", "ignore"))
+                                             serial=d.drive_id.encode()[:20].decode("utf-8", "ignore"),
+                                             io_engine=IO_ENGINES[d.io_engine])
                 spec.drive_id = d.drive_id
                 devices.append(spec)
             for n in self.nets.values():

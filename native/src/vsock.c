@@ -400,6 +400,21 @@ static int rx_data(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
         if (r <= 0)
             return r;
         uint64_t want = c->write_len - PV_VSOCK_HDR_LEN;
+        if (want == 0) {
+            /* §5.10.6.1 allows a receive buffer that holds just a header:
+             * no room for data, and readv() of nothing returns 0, which
+             * would read as the host's end of stream.  It carries a
+             * CREDIT_UPDATE instead (found by fuzz_vsock's invariant). */
+            struct hdr h;
+            fill_hdr(vs, &h, k->local_port, k->peer_port, PV_VSOCK_OP_CREDIT_UPDATE);
+            h.buf_alloc = k->buf_alloc;
+            h.fwd_cnt = k->fwd_cnt;
+            k->last_fwd_sent = k->fwd_cnt;
+            k->pending &= ~PV_VSOCK_P_CREDIT_UPDATE;
+            segs_put(c, 0, c->nseg, 0, &h, sizeof(h));
+            pv_vq_push(vq, c->head, PV_VSOCK_HDR_LEN);
+            continue;
+        }
         if (want > credit)
             want = credit;
         if (want > PV_VSOCK_MAX_PKT)
