@@ -49,6 +49,9 @@ ALLOW = {
     "vcpu": COMMON + (
         "ioctl", "read", "readv", "writev", "preadv", "pwritev", "pread64", "pwrite64",
         "fdatasync", "fallocate", "epoll_ctl",
+        # virtio-vsock transmit queue without an ioeventfd: payloads to the host
+        # socket, guest-initiated connects, half-closes, the OK line, closes
+        "sendmsg", "sendto", "socket", "connect", "shutdown", "close", "timerfd_settime",
     ),
     # One per device: epoll over its eventfds (and a tap); virtio-blk reads,
     # writes, FLUSH and DISCARD/WRITE_ZEROES on the image; virtio-net frames
@@ -57,6 +60,14 @@ ALLOW = {
     "io": COMMON + (
         "epoll_wait", "epoll_pwait", "epoll_ctl", "read", "readv", "writev",
         "preadv", "pwritev", "pread64", "pwrite64", "fdatasync", "fallocate", "ioctl",
+        # virtio-vsock's host side (vmm/virtio/vsock_mux.py, native/src/vsock.c):
+        # accepting on uds_path and reading the CONNECT line (recvfrom), the
+        # OK line (sendto), payloads (sendmsg/readv), guest-initiated
+        # connections to uds_path_PORT (socket, connect), half-closes
+        # (shutdown), closing connections, the connect-timeout timerfd;
+        # Python's accept() checks the new fd (getsockname, getsockopt)
+        "accept4", "recvfrom", "sendto", "sendmsg", "socket", "connect", "shutdown",
+        "close", "timerfd_settime", "getsockname", "getsockopt",
     ),
     # Reads stdin (select with a timeout) and feeds the UART: its interrupt
     # is KVM_IRQ_LINE on the VM fd.
