@@ -3,7 +3,8 @@
     python -m bench [--quick] [--only NAME[,NAME...]] [--budget MINUTES]
 
 Modules, in order: boot, startup, exits, pio, blk, net, starve, inguest,
-memory, startstop, guest, api, vsock, faults.  Each
+memory, startstop, guest, api, vsock, faults,
+snapshot.  Each
 runs in a child process (`python -m bench --child ...`, which imports the
 module and calls its main(argv)) with a time limit, so a missing, failing or
 hanging module is recorded in bench/results/run.json and the report, and the
@@ -52,6 +53,7 @@ MODULES = {
     "vsock": (["--reps", "5"], ["--reps", "3", "--mib", "64", "--idle", "2"], 300),
     "faults": (["--reps", "5"], ["--reps", "3", "--requests", "12800", "--frames", "12800",
                                   "--seconds", "2"], 300),
+    "snapshot": (["--reps", "5"], ["--reps", "3"], 1200),
 }
 RUN_JSON = os.path.join(common.RESULTS, "run.json")
 

@@ -83,6 +83,10 @@ ALLOW = {
         "pselect6", "epoll_wait", "epoll_pwait", "epoll_ctl", "fstat", "newfstatat",
         "fcntl", "ioctl", "lseek", "openat", "flock", "fdatasync", "fsync", "statx",
         "unlink",
+        # PUT /snapshot/create (vmm/snapshot.py): the state and memory files are
+        # written beside their destination (sized with ftruncate, pages with
+        # pwrite64) and renamed into place.
+        "ftruncate", "pwrite64", "rename", "renameat", "renameat2",
     ),
 }
 
