@@ -2,8 +2,8 @@
 
     python -m bench [--quick] [--only NAME[,NAME...]] [--budget MINUTES]
 
-Modules, in order: boot, startup, exits, pio, blk, net, starve, inguest,
-memory, startstop, guest.  Each
+Modules, in order: boot, startup, exits, pio, blk, net, starve, api, vsock,
+faults, memory, startstop, inguest, guest (those booting Linux guests last).  Each
 runs in a child process (`python -m bench --child ...`, which imports the
 module and calls its main(argv)) with a time limit, so a missing, failing or
 hanging module is recorded in bench/results/run.json and the report, and the
@@ -43,6 +43,10 @@ MODULES = {
     "blk": (["--reps", "5"], ["--reps", "3", "--size-mib", "64", "--requests", "4096"], 600),
     "net": (["--reps", "5"], ["--reps", "3"], 400),
     "starve": (["--pings", "200"], ["--pings", "60"], 300),
+    "api": (["--reps", "5"], ["--reps", "3", "--requests", "1000"], 300),
+    "vsock": (["--reps", "5"], ["--reps", "3", "--mib", "64", "--idle", "2"], 300),
+    "faults": (["--reps", "5"], ["--reps", "3", "--requests", "12800", "--frames", "12800",
+                                  "--seconds", "2"], 300),
     "memory": (["--guest", "both", "--reps", "5", "--linux-reps", "1"],
                ["--guest", "tiny", "--reps", "3"], 900),
     "startstop": (["--reps", "5"], ["--reps", "3"], 240),

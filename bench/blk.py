@@ -4,7 +4,8 @@ plain program doing the same I/O.
     python -m bench.blk [--size-mib 256] [--reps 5] [--image PATH]
 
 Device figures ("real path"): pyvmm's BlkDevice on its transport (virtio-mmio
-or legacy virtio-pci) is serviced by pyvmm's I/O thread (vmm.virtio.ioloop),
+legacy virtio-pci with INTx, or modern virtio-pci with MSI-X vectors on
+irqfds) is serviced by pyvmm's I/O thread (vmm.virtio.ioloop),
 exactly as in a VM: the queue's notify eventfd (the one KVM's ioeventfd would
 signal) wakes it, it runs the engine (sync or io_uring) and signals the
 interrupt eventfd (the one KVM's irqfd would deliver).  The driver is a C
@@ -12,8 +13,8 @@ loop (bench/driver.c) on the benchmark's own thread with the GIL released:
 it keeps QD requests in flight (indirect descriptors: header, data, status,
 as Linux lays them out), kicks only when the device asks (EVENT_IDX), sleeps
 on the interrupt eventfd, acknowledges each interrupt through the transport's
-registers (a call into pyvmm, the MMIO/PIO exit a guest's handler takes) and
-refills the ring.  Not included: the guest's own costs and KVM's exit and
+registers (a call into pyvmm, the MMIO/PIO exit a guest's handler takes;
+none with MSI-X, whose handler reads no register) and refills the ring.  Not included: the guest's own costs and KVM's exit and
 injection costs (measured by bench/exits.py, bench/pio.py and the in-guest
 figures of bench/inguest.py).
 
@@ -52,7 +53,7 @@ ONE = (1).to_bytes(8, "little")
 KINDS = {"rand4k": 4096, "seq64k": 65536}
 DEPTHS = (1, 32)
 # (transport, engine) pairs measured: both engines on mmio, the default on pci
-PATHS = (("mmio", "sync"), ("mmio", "io_uring"), ("pci", "sync"))
+PATHS = (("mmio", "sync"), ("mmio", "io_uring"), ("pci", "sync"), ("pci-modern", "sync"))
 
 
 class RealPath:
@@ -64,16 +65,27 @@ class RealPath:
         self.loop.start()
         self.irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.dev = BlkDevice(image, io_engine=engine, ioloop=self.loop)
+        regs = None
         if transport == "pci":
             self.t = VirtioPciLegacy(self.dev, mem, irq_line=self._line, ioloop=self.loop,
                                      ioeventfd=lambda *a, **k: None)
+        elif transport == "pci-modern":
+            from vmm.testing.fakevm import FakeVm
+            from vmm.testing.pcimodern_regs import PciModernRegs
+            from vmm.virtio.pci_modern import VirtioPciModern
+            self.t = VirtioPciModern(self.dev, mem, vm=FakeVm(), ioloop=self.loop,
+                                     ioeventfd=lambda *a, **k: None)
+            regs = lambda t: PciModernRegs(t, msix=True)     # noqa: E731
         else:
             self.t = VirtioMmio(self.dev, mem, irq=self.irq, ioloop=self.loop,
                                 register_ioeventfd=lambda *a: None)
         self.mem = mem
-        self.d = MockDriver(self.t, mem, arena=0x10000, arena_size=48 * MiB)
+        self.d = MockDriver(self.t, mem, arena=0x10000, arena_size=48 * MiB, regs=regs)
         if not self.d.init():
             raise RuntimeError("feature negotiation failed")
+        msix = transport == "pci-modern"
+        if msix:      # queue 0 is vector 1 (PciModernRegs): its irqfd is what KVM would inject
+            self.irq_fd = self.t.msix._fds[1]
         q = self.q = self.d.queues[0]
         depth = max(DEPTHS)
         self.hdr = self.d.alloc(16 * depth, 16)
@@ -87,9 +99,10 @@ class RealPath:
         r.size = q.size
         r.event_idx = int(q.event_idx)
         r.notify_fd = self.t.notify_fds[0]
-        r.irq_fd = self.irq
-        # the guest's interrupt handler: vm_interrupt / vp_interrupt read (and ack) ISR
-        self.ack = self.ffi.callback("int(void)", self._ack)
+        r.irq_fd = self.irq_fd if msix else self.irq
+        # the guest's interrupt handler: vm_interrupt / vp_interrupt read (and ack)
+        # ISR; vp_vring_interrupt (MSI-X) reads nothing
+        self.ack = self.ffi.NULL if msix else self.ffi.callback("int(void)", self._ack)
 
     def _line(self, level):
         if level:

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from bench.common import QEMU, have_qemu, qemu_cmd, read_markers, save, stats
+from bench.common import RESULTS, have_qemu, qemu_cmd, save, stats
 from vmm import guest
 from vmm.arch.x86 import cpuid
 from vmm.testing.netns import NetNs
@@ -84,8 +84,10 @@ def parse(text):
     return out
 
 
-def run_vm(cmd, timeout):
+def run_vm(cmd, timeout, log_path):
+    """Run a VM until DONE is on its console; the console goes to log_path too."""
     t0 = time.monotonic()
+    log = open(log_path, "wb")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                          stdin=subprocess.DEVNULL, cwd=HERE)
     chunks = []
@@ -101,11 +103,14 @@ def run_vm(cmd, timeout):
             if not b:
                 break
             chunks.append(b)
+            log.write(b)
+            log.flush()
             if DONE in b"".join(chunks[-3:]):
                 break
     finally:
         p.kill()
         p.wait()
+        log.close()
     text = b"".join(chunks)
     return text if DONE in text else None, text[-400:]
 
@@ -126,6 +131,7 @@ def main(argv=None):
     vmms = [v for v in args.vmms.split(",") if v != "qemu" or have_qemu()]
     samples = {}
     server = None
+    print(f"  guest {kernel}, consoles in {RESULTS}/inguest-*.console.txt", flush=True)
     try:
         with NetNs("pyvmm-ig") as ns:
             ns.ip("tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr")
@@ -151,7 +157,9 @@ def main(argv=None):
                                "--timeout", str(int(args.timeout))]
                         if cpuid.kernel_args("auto"):
                             cmd += ["--cpu-template", "host"]   # the args are in `base` already
-                    text, tail = run_vm(inns + cmd, args.timeout)
+                    os.makedirs(RESULTS, exist_ok=True)
+                    text, tail = run_vm(inns + cmd, args.timeout,
+                                        os.path.join(RESULTS, f"inguest-{vmm}.console.txt"))
                     got = parse(text) if text else {}
                     if not text:
                         print(f"  {vmm}: guest did not finish: ...{tail[-200:]!r}", file=sys.stderr)

@@ -1,11 +1,11 @@
 """Command-line device specs and how they attach to a Machine.
 
-`--drive file=PATH[,readonly=on][,serial=S][,transport=mmio|pci][,io_engine=sync|io_uring]`
-becomes a
-DriveSpec, `--net tap=NAME[,mac=M][,transport=mmio|pci]` a NetSpec; attach()
-opens the device and wires it on its transport (vmm.devices for mmio,
-vmm.virtio.pci_legacy for legacy virtio-pci), returning the kernel command
-line with whatever the transport needs announced.
+`--drive file=PATH[,readonly=on][,serial=S][,transport=T][,queues=N][,io_engine=E]` becomes
+a DriveSpec, `--net tap=NAME[,mac=M][,transport=T][,queues=N]` a NetSpec
+(T: mmio, pci, pci-legacy or pci-transitional); attach() opens the device and
+wires it on its transport (vmm.devices for mmio, vmm.virtio.pci_legacy for
+legacy virtio-pci, vmm.virtio.pci_attach for modern and transitional),
+returning the kernel command line with whatever the transport needs announced.
 """
 import os
 import stat
@@ -15,7 +15,10 @@ from vmm.arch.x86 import layout as L
 # ISA IRQs free for devices (4 is COM1; 1, 8, 12 and 13 are taken on a PC),
 # in the order kvmtool and Firecracker hand them out.
 DEVICE_IRQS = (5, 6, 7, 9, 10, 11, 14, 15, 3)
-TRANSPORTS = ("mmio", "pci")
+# pci: modern virtio-pci with MSI-X (virtio 1.1 §4.1); pci-legacy: the 0.9.5
+# interface with INTx; pci-transitional: both on one function (QEMU's default).
+TRANSPORTS = ("mmio", "pci", "pci-legacy", "pci-transitional")
+MAX_QUEUES = 8          # queues=N: virtio-blk queues / virtio-net queue pairs
 
 
 class DeviceSpecError(ValueError):
@@ -50,6 +53,16 @@ def is_block_device(path):
         return stat.S_ISBLK(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+def parse_queues(value, what):
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_QUEUES:
+        raise DeviceSpecError(f"{what}: queues must be a number from 1 to {MAX_QUEUES}, not {value!r}")
+    return n
 
 
 class Slots:
@@ -117,24 +130,37 @@ class VirtioSpec:
     fastest boot, what the default guest and microVM kernels use; pci for
     guests that only have virtio-pci drivers)."""
 
+    slow = {}       # slow-path settings (faults, tracing, hooks, limiters): none
+
     def __init__(self, opts, what):
         self.transport_name = opts.get("transport", "mmio")
         if self.transport_name not in TRANSPORTS:
             raise DeviceSpecError(f"{what}: unknown transport {self.transport_name!r} "
                                   f"(available: {', '.join(TRANSPORTS)})")
+        self.queues = parse_queues(opts.get("queues", "1"), what)
         self._attachment = None
 
     @property
     def transport(self):
         return None if self._attachment is None else self._attachment.transport
 
+    @property
+    def device(self):
+        """The open virtio device once attached (None before)."""
+        t = self.transport
+        return None if t is None else t.device
+
     def open_device(self):
         raise NotImplementedError
 
     def attach(self, machine, cmdline):
-        if self.transport_name == "pci":
+        if self.transport_name == "pci-legacy":
             from vmm.virtio.pci_legacy import VirtioPciAttachment
             self._attachment = VirtioPciAttachment(self.open_device)
+        elif self.transport_name in ("pci", "pci-transitional"):
+            from vmm.virtio.pci_attach import VirtioPciModernAttachment
+            self._attachment = VirtioPciModernAttachment(
+                self.open_device, transitional=self.transport_name == "pci-transitional")
         else:
             self._attachment = VirtioMmioAttachment(self.open_device)
         return self._attachment.attach(machine, cmdline)
@@ -146,7 +172,12 @@ class VirtioSpec:
 
 
 class DriveSpec(VirtioSpec):
-    KEYS = ("file", "readonly", "serial", "transport", "io_engine")
+    """`--drive file=PATH[,readonly=on][,serial=S][,transport=...][,queues=N]` plus the
+    slow-path options (README "Fault injection and tracing", "Entropy and
+    rate limiters"): faults=SPEC, trace=FILE, hook=SOURCE:NAME,
+    bw=SIZE:REFILL_MS[:BURST], ops=N:REFILL_MS[:BURST]."""
+    KEYS = ("file", "readonly", "serial", "transport", "queues", "faults", "trace", "hook", "bw", "ops",
+            "io_engine")
     IO_ENGINES = ("sync", "io_uring")   # Firecracker's io_engine Sync / Async
 
     def __init__(self, text):
@@ -161,6 +192,8 @@ class DriveSpec(VirtioSpec):
             raise DeviceSpecError("--drive: serial is at most 20 bytes (virtio-blk GET_ID)")
         if not (os.path.isfile(self.path) or is_block_device(self.path)):
             raise DeviceSpecError(f"--drive: disk image {self.path}: no such file")
+        self.slow = _slow_options(opts, "--drive", faults="disk", limiters=(("bw", "ops"),))
+        _single_queue(self, "--drive")
         self.io_engine = opts.get("io_engine", "sync")
         if self.io_engine not in self.IO_ENGINES:
             raise DeviceSpecError(f"--drive: unknown io_engine {self.io_engine!r} "
@@ -168,19 +201,45 @@ class DriveSpec(VirtioSpec):
         self._ioloop = None
 
     def attach(self, machine, cmdline):
-        if self.io_engine == "io_uring":
-            self._ioloop = machine.ioloop()     # completions are reaped by the I/O thread
+        if self.slow or self.io_engine == "io_uring":
+            self._ioloop = machine.ioloop()   # limiter/delay timers; io_uring completions
         return super().attach(machine, cmdline)
+
+    @classmethod
+    def from_fields(cls, path, readonly=False, serial=None, transport="mmio"):
+        """The same spec from separate values (the control API, --config-file):
+        no option-string parsing, so a path may contain commas."""
+        self = cls.__new__(cls)
+        VirtioSpec.__init__(self, {"transport": transport}, "drive")
+        self.path, self.readonly, self.serial = path, bool(readonly), serial
+        self.io_engine = "sync"
+        if serial is not None and len(serial.encode()) > 20:
+            raise DeviceSpecError("drive: serial is at most 20 bytes (virtio-blk GET_ID)")
+        if not (os.path.isfile(path) or is_block_device(path)):
+            raise DeviceSpecError(f"drive: disk image {path}: no such file")
+        return self
 
     def open_device(self):
         from vmm.virtio import BlkDevice
-        return BlkDevice(self.path, readonly=self.readonly, serial=self.serial,
-                         io_engine=self.io_engine, ioloop=self._ioloop)
+        dev = BlkDevice(self.path, readonly=self.readonly, serial=self.serial,
+                        num_queues=self.queues, io_engine=self.io_engine,
+                        ioloop=self._ioloop if self.io_engine == "io_uring" else None)
+        if self.slow:
+            dev.ioloop = self._ioloop
+            try:
+                dev.configure(**_open_writers(self.slow, "tracer"))
+            except BaseException:
+                dev.close()
+                raise
+        return dev
 
 
 class NetSpec(VirtioSpec):
-    """`--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=mmio]`: virtio-net on a tap."""
-    KEYS = ("tap", "mac", "transport")
+    """`--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=mmio]`: virtio-net on a tap;
+    slow-path options faults=SPEC, pcap=FILE, hook=SOURCE:NAME, rx-bw=, rx-ops=,
+    tx-bw=, tx-ops= (as --drive's bw=/ops=)."""
+    KEYS = ("tap", "mac", "transport", "queues", "faults", "pcap", "hook",
+            "rx-bw", "rx-ops", "tx-bw", "tx-ops")
 
     def __init__(self, text):
         from vmm.tap import check_name, parse_mac
@@ -193,7 +252,24 @@ class NetSpec(VirtioSpec):
             self.mac = parse_mac(opts["mac"]) if "mac" in opts else None
         except ValueError as e:
             raise DeviceSpecError(f"--net: {e}") from None
+        self.slow = _slow_options(opts, "--net", faults="net",
+                                  limiters=(("rx-bw", "rx-ops"), ("tx-bw", "tx-ops")))
+        _single_queue(self, "--net")
         self._ioloop = None
+
+    @classmethod
+    def from_fields(cls, tap_name, mac=None, transport="mmio"):
+        """The same spec from separate values (control API, --config-file)."""
+        from vmm.tap import check_name, parse_mac
+        self = cls.__new__(cls)
+        VirtioSpec.__init__(self, {"transport": transport}, "network interface")
+        try:
+            self.tap_name = check_name(tap_name)
+            self.mac = parse_mac(mac) if mac is not None else None
+        except ValueError as e:
+            raise DeviceSpecError(f"network interface: {e}") from None
+        self._ioloop = None
+        return self
 
     def attach(self, machine, cmdline):
         self._ioloop = machine.ioloop()     # the tap is polled by the I/O thread
@@ -203,11 +279,118 @@ class NetSpec(VirtioSpec):
         from vmm.tap import Tap
         from vmm.virtio.net import NetDevice, NetError
         try:
-            tap = Tap(self.tap_name)
+            tap = Tap(self.tap_name, queues=self.queues)
         except OSError as e:
             raise NetError(e.strerror or str(e)) from None
         try:
-            return NetDevice(tap, mac=self.mac, ioloop=self._ioloop)
+            dev = NetDevice(tap, mac=self.mac, ioloop=self._ioloop, queue_pairs=self.queues)
         except BaseException:
             tap.close()
             raise
+        if self.slow:
+            try:
+                dev.configure(**_open_writers(self.slow, "pcap"))
+            except BaseException:
+                dev.close()
+                raise
+        return dev
+
+
+class VsockSpec(VirtioSpec):
+    """`--vsock cid=3,uds=PATH[,transport=mmio|pci]`: virtio-vsock with
+    Firecracker's hybrid host side (host programs connect to PATH; guest
+    connections to CID 2 port P go to PATH_P)."""
+    KEYS = ("cid", "uds", "transport")
+
+    def __init__(self, text):
+        opts = parse_options(text, "--vsock", self.KEYS)
+        super().__init__(opts, "--vsock")
+        if "uds" not in opts or not opts["uds"]:
+            raise DeviceSpecError("--vsock: uds=PATH is required")
+        try:
+            self.cid = int(opts.get("cid", "3"), 0)
+        except ValueError:
+            raise DeviceSpecError(f"--vsock: cid must be a number, not {opts['cid']!r}") from None
+        if not 3 <= self.cid < 0xFFFFFFFF:
+            raise DeviceSpecError("--vsock: cid must be from 3 to 4294967294 (0-2 are reserved)")
+        self.uds_path = opts["uds"]
+        parent = os.path.dirname(os.path.abspath(self.uds_path))
+        if not os.path.isdir(parent):
+            raise DeviceSpecError(f"--vsock: directory {parent} for uds={self.uds_path} does not exist")
+        self._ioloop = None
+
+    def attach(self, machine, cmdline):
+        self._ioloop = machine.ioloop()     # host sockets are polled by the I/O thread
+        return super().attach(machine, cmdline)
+
+    def open_device(self):
+        from vmm.virtio.vsock import VsockDevice
+        return VsockDevice(self.uds_path, guest_cid=self.cid, ioloop=self._ioloop)
+
+
+class RngSpec(VirtioSpec):
+    """`--rng [bw=SIZE:REFILL_MS[:BURST]][,ops=...][,transport=mmio|pci]`:
+    virtio-rng fed by getrandom(2), optionally rate limited (ratelimit.py)."""
+    KEYS = ("bw", "ops", "transport")
+
+    def __init__(self, text=""):
+        from vmm.virtio.ratelimit import RateLimiter, RateLimitError
+        opts = parse_options(text or "", "--rng", self.KEYS)
+        super().__init__(opts, "--rng")
+        try:
+            self.rate_limiter = RateLimiter.from_options(opts.get("bw"), opts.get("ops"))
+        except RateLimitError as e:
+            raise DeviceSpecError(f"--rng: {e}") from None
+        self._ioloop = None
+
+    def attach(self, machine, cmdline):
+        self._ioloop = machine.ioloop()     # rate-limiter timers run on the I/O thread
+        return super().attach(machine, cmdline)
+
+    def open_device(self):
+        from vmm.virtio.rng import RngDevice
+        return RngDevice(rate_limiter=self.rate_limiter, ioloop=self._ioloop)
+
+
+def _single_queue(spec, what):
+    """The slow path (faults, tracing, hooks, limiters) serves one queue (pair)."""
+    if spec.slow and spec.queues > 1:
+        raise DeviceSpecError(f"{what}: faults=, trace=, pcap=, hook= and rate limits "
+                              "need queues=1")
+
+
+def _slow_options(opts, what, faults, limiters):
+    """The intercept.py settings a --drive/--net asks for ({} if none):
+    parsed now, so a bad SPEC is a one-line usage error before anything opens."""
+    from vmm.virtio.faults import DiskFaults, FaultSpecError, NetFaults
+    from vmm.virtio.hooks import HookError, load_hook
+    from vmm.virtio.ratelimit import RateLimiter, RateLimitError, TokenBucket
+    out = {}
+    try:
+        if "faults" in opts:
+            out["faults"] = (DiskFaults if faults == "disk" else NetFaults)(opts["faults"])
+        if "hook" in opts:
+            out["hook"] = load_hook(opts["hook"], "hook")
+        for bw, ops in limiters:
+            lim = RateLimiter(TokenBucket.parse(opts[bw], bw) if bw in opts else None,
+                              TokenBucket.parse(opts[ops], ops) if ops in opts else None)
+            if lim.active:
+                key = "limiter" if bw == "bw" else f"{bw[:2]}_limiter"
+                out[key] = lim
+    except (FaultSpecError, HookError, RateLimitError) as e:
+        raise DeviceSpecError(f"{what}: {e}") from None
+    for key in ("trace", "pcap"):
+        if key in opts:
+            out[key] = opts[key]       # a path: opened by open_device
+    return out
+
+
+def _open_writers(slow, kind):
+    """The settings with trace=/pcap= paths replaced by open writers."""
+    from vmm.virtio.trace import BlkTracer, PcapWriter
+    conf = dict(slow)
+    if "trace" in conf:
+        conf["tracer"] = BlkTracer(conf.pop("trace"))
+    if "pcap" in conf:
+        conf["pcap"] = PcapWriter(conf["pcap"])
+    return conf

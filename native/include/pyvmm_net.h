@@ -42,6 +42,8 @@ int pv_net_tx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *scratch,
               struct pv_net_result *res);
 /* TUNSETIFF: attach fd to tap `name` (created if absent); the kernel's name
  * is copied to name_out (16 bytes).  TUNGETIFF flags.  -errno on failure. */
+int pv_net_rx_held(struct pv_vq *vq, struct pv_net *net, struct pv_chain *scratch,
+                   struct pv_net_result *res);
 long pv_tap_setiff(int fd, const char *name, int flags, char *name_out);
 long pv_tap_getiff_flags(int fd);
 /* the plain-loop reference of bench/net.py: n reads or writes of `len` bytes

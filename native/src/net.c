@@ -287,6 +287,65 @@ int pv_net_tx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c,
     return res->error;
 }
 
+/* The slow path's receive (vmm/virtio/intercept.py: faults, traces, hooks,
+ * rate limits): Python reads and alters a frame, copies it into the sink
+ * with `pending` = its length, and this delivers it (or keeps holding it
+ * until buffers come, state PV_NET_RX_NOBUF).  Without MRG_RXBUF a frame
+ * must fit one chain, else it is dropped and counted, as in rx_one.
+ * SAFETY: `pending` is set by the VMM (never above PV_NET_SINK_SIZE, checked
+ * here); chains are bounds-checked by pv_vq_pop and rx_chain_ok. */
+int pv_net_rx_held(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c,
+                   struct pv_net_result *res)
+{
+    uint16_t used_before = vq->used_idx;
+    int r = 1;
+    memset(res, 0, sizeof(*res));
+    res->state = PV_NET_RX_MORE;
+    if (vq->broken) {
+        res->error = -vq->broken;
+        return res->error;
+    }
+    if (net->pending > PV_NET_SINK_SIZE || (net->pending && net->pending < net->hdr_len)) {
+        net->rx_drops++;
+        net->pending = 0;
+    }
+    if (net->pending && !net->mrg_rxbuf) {
+        r = pv_vq_pop(vq, c);
+        if (r == 0 && pv_vq_enable_notify(vq))
+            r = pv_vq_pop(vq, c);
+        if (r > 0 && !rx_chain_ok(net, c)) {
+            vq->broken = PV_VQ_E_REQ;
+            r = -PV_VQ_E_REQ;
+        }
+        if (r > 0) {
+            if (net->pending > c->write_len) {
+                unpop(vq, 1);
+                net->rx_drops++;
+            } else {
+                chain_put(c, 0, net->sink, net->pending);
+                if (net->hdr_len > NUM_BUFFERS_OFF)
+                    set_num_buffers(c, 1);
+                pv_vq_push(vq, c->head, net->pending);
+                net->rx_packets++;
+                net->rx_bytes += net->pending - net->hdr_len;
+            }
+            net->pending = 0;
+        } else if (r == 0) {
+            res->state = PV_NET_RX_NOBUF;
+        }
+    } else if (net->pending) {
+        r = rx_deliver_held_or_wait(vq, net, c);
+        if (r == 0)
+            res->state = PV_NET_RX_NOBUF;
+    }
+    if (r < 0)
+        res->error = r;
+    res->completed = (uint16_t)(vq->used_idx - used_before);
+    if (res->completed)
+        res->interrupt = (uint32_t)pv_vq_need_interrupt(vq);
+    return res->error;
+}
+
 long pv_tap_setiff(int fd, const char *name, int flags, char *name_out)
 {
     struct ifreq ifr;
