@@ -36,7 +36,7 @@ from bench import common
 
 # name: (full argv, quick argv, time limit in seconds)
 MODULES = {
-    "boot": (["--reps", "5", "--init-reps", "2"], ["--reps", "3", "--init-reps", "1"], 900),
+    "boot": (["--reps", "5", "--init-reps", "1"], ["--reps", "3", "--init-reps", "1"], 900),
     "startup": (["--reps", "7"], ["--reps", "3"], 240),
     "exits": (["--reps", "5"], ["--reps", "3", "--count", "30000"], 180),
     "pio": (["--reps", "5"], ["--reps", "3"], 300),
@@ -47,10 +47,10 @@ MODULES = {
     "vsock": (["--reps", "5"], ["--reps", "3", "--mib", "64", "--idle", "2"], 300),
     "faults": (["--reps", "5"], ["--reps", "3", "--requests", "12800", "--frames", "12800",
                                   "--seconds", "2"], 300),
+    "inguest": (["--reps", "1", "--vmms", "pyvmm-mmio,qemu,pyvmm-pci"], ["--reps", "1", "--vmms", "pyvmm-mmio,qemu"], 1500),
     "memory": (["--guest", "both", "--reps", "5", "--linux-reps", "1"],
                ["--guest", "tiny", "--reps", "3"], 900),
     "startstop": (["--reps", "5"], ["--reps", "3"], 240),
-    "inguest": (["--reps", "1"], ["--reps", "1", "--vmms", "pyvmm-mmio,qemu"], 1500),
     "guest": (["--reps", "1"], ["--reps", "1"], 1200),
 }
 RUN_JSON = os.path.join(common.RESULTS, "run.json")
