@@ -26,8 +26,8 @@ import sys
 from bench.common import RESULTS
 
 RESERVED = ("latest", "run")          # files in RESULTS that are not module results
-ORDER = ["boot", "startup", "exits", "pio", "blk", "net", "starve", "vsock", "inguest", "memory",
-         "startstop", "guest"]
+ORDER = ["boot", "startup", "exits", "pio", "blk", "net", "starve", "api", "vsock", "faults",
+         "inguest", "memory", "startstop", "guest"]
 QEMU = "QEMU microvm"
 
 
