@@ -47,7 +47,7 @@ MODULES = {
     "vsock": (["--reps", "5"], ["--reps", "3", "--mib", "64", "--idle", "2"], 300),
     "faults": (["--reps", "5"], ["--reps", "3", "--requests", "12800", "--frames", "12800",
                                   "--seconds", "2"], 300),
-    "inguest": (["--reps", "1", "--vmms", "pyvmm-mmio,qemu,pyvmm-pci"], ["--reps", "1", "--vmms", "pyvmm-mmio,qemu"], 1500),
+    "inguest": (["--reps", "1", "--total", "1380"], ["--reps", "1", "--vmms", "pyvmm-mmio,qemu"], 1500),
     "memory": (["--guest", "both", "--reps", "5", "--linux-reps", "1"],
                ["--guest", "tiny", "--reps", "3"], 900),
     "startstop": (["--reps", "5"], ["--reps", "3"], 240),
