@@ -136,11 +136,14 @@ class RealPath:
         w.mode, w.depth, w.n = mode, queue.q.size, n
         w.timeout_ms = 3000
         w.ack = self.ack
+        sent = self.dev.stats["tx_packets"]
         t0 = time.perf_counter()
         r = self.lib.bd_run(queue.ring, w)
         dt = time.perf_counter() - t0
         if r < 0:
             raise OSError(-r, f"driver loop: {os.strerror(-r)} after {w.done} of {n} frames")
+        if mode == 1:     # TX: frames the tap took; a frame the tap refused is a drop, not a frame
+            return (self.dev.stats["tx_packets"] - sent) / dt
         return w.done / dt
 
     def close(self):
@@ -205,6 +208,8 @@ def run(args):
                         st = rp.dev.stats
                         if st["tx_errors"] or st["rx_errors"]:
                             raise RuntimeError(f"device errors: {st}")
+                        res.setdefault("device_drops", {})[f"{kind} {transport}"] = {
+                            k: st[k] for k in ("tx_drops", "rx_drops")}
                         limit_q = (rp.tx, rp.rx)
                     finally:
                         rp.close()
