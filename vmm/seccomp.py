@@ -41,6 +41,7 @@ ALLOW = {
     "main": COMMON + (
         "read", "close", "ioctl", "fdatasync", "fsync", "epoll_ctl", "flock",
         "fstat", "newfstatat", "lseek", "fcntl", "unlink",
+        "io_uring_enter",   # io_engine=io_uring: closing a disk waits for its requests
     ),
     # KVM_RUN and the register/state ioctls of a vCPU fd; port and MMIO
     # exits: the serial console's output (write), interrupts through KVM
@@ -52,6 +53,8 @@ ALLOW = {
         # virtio-vsock transmit queue without an ioeventfd: payloads to the host
         # socket, guest-initiated connects, half-closes, the OK line, closes
         "sendmsg", "sendto", "socket", "connect", "shutdown", "close", "timerfd_settime",
+
+        "io_uring_enter",   # io_engine=io_uring: a notification without ioeventfd submits
     ),
     # One per device: epoll over its eventfds (and a tap); virtio-blk reads,
     # writes, FLUSH and DISCARD/WRITE_ZEROES on the image; virtio-net frames
@@ -68,6 +71,8 @@ ALLOW = {
         # Python's accept() checks the new fd (getsockname, getsockopt)
         "accept4", "recvfrom", "sendto", "sendmsg", "socket", "connect", "shutdown",
         "close", "timerfd_settime", "getsockname", "getsockopt",
+
+        "io_uring_enter",   # io_engine=io_uring: submit on a kick, reap on the ring's eventfd
     ),
     # Reads stdin (select with a timeout) and feeds the UART: its interrupt
     # is KVM_IRQ_LINE on the VM fd.
@@ -87,6 +92,8 @@ ALLOW = {
         # written beside their destination (sized with ftruncate, pages with
         # pwrite64) and renamed into place.
         "ftruncate", "pwrite64", "rename", "renameat", "renameat2",
+
+        "io_uring_enter",   # io_engine=io_uring: requests in flight finish before a swap
     ),
 }
 
