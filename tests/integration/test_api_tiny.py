@@ -127,7 +127,7 @@ def test_config_file_without_api(tmp_path):
 def test_config_file_errors_are_one_line(tmp_path):
     cfg = tmp_path / "vm.json"
     for doc, needle in [({"boot-source": {"kernel_image_path": "/nonexistent"}}, "no such file"),
-                        ({"vsock": {"guest_cid": 3, "uds_path": "/tmp/v"}}, "not supported yet"),
+                        ({"balloon": {"amount_mib": 1, "deflate_on_oom": False}}, "not supported"),
                         ({"bogus": {}}, "unknown section"),
                         ({"machine-config": {"vcpu_count": 1}}, "mem_size_mib")]:
         cfg.write_text(json.dumps(doc))
