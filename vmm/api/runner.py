@@ -115,10 +115,13 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
         try:
             if api_sock is not None:
                 server = ApiServer(api_sock, ctl.handle, tick=ctl.tick)
-                server.start()
+                server.bind()           # clients can connect from here on
+            # recorded before the first request can be served
             ctl.metrics.startup.update(zip(("process_startup_time_us",
                                             "process_startup_time_cpu_us"),
                                            process_start_times()))
+            if server is not None:
+                server.start()
             # The VMM's modules (KVM, cffi, devices) load now, after the socket
             # is accepting, while the client configures the VM.
             from vmm import console
