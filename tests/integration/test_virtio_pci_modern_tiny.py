@@ -93,3 +93,54 @@ def test_msix_route_ioeventfd_and_exit(tmp_path):
     assert writes == [(e, 4, MSI_ADDR), (e + 4, 4, 0), (e + 8, 4, MSI_DATA), (e + 12, 4, 0),
                       (pm.COMMON + 22, 2, 0)]                      # the notifies never exited
     assert notifies and all(n.startswith("pyvmm-io") for n in notifies)
+
+
+CONFINED = r"""
+import os, socket, sys, threading
+sys.path.insert(0, sys.argv[1])
+from vmm import seccomp
+from vmm.memory import GuestMemory
+from vmm.testing.fakevm import FakeVm
+from vmm.testing.mocknet import NetDriver
+from vmm.testing.pcimodern_regs import PciModernRegs
+from vmm.virtio import pci_modern as pm
+from vmm.virtio.net import NetDevice
+from vmm.virtio import net_ctrl as nc
+
+class Backend:
+    def __init__(self, n):
+        self.pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(n)]
+        self.fds = [a.fileno() for a, _ in self.pairs]
+        self.fd, self.name, self.offload_ok = self.fds[0], "t", False
+    def set_vnet_hdr_len(self, n): pass
+    def set_offload(self, f): pass
+    def set_queue_enabled(self, i, on): pass
+    def close(self): pass
+
+mem = GuestMemory(32 << 20)
+dev = NetDevice(Backend(2), queue_pairs=2)             # set-up: before any filter
+t = pm.VirtioPciModern(dev, mem, vm=FakeVm())
+d = NetDriver(t, mem, arena_size=12 << 20, regs=lambda t: PciModernRegs(t, msix=True))
+seccomp.enable()
+out = []
+def vcpu():                                            # DRIVER_OK and a control command
+    seccomp.apply("vcpu")                              # arrive on a confined vCPU thread
+    out.append(d.init())
+    out.append(d.control(4, nc.CLASS_MQ, nc.MQ_VQ_PAIRS_SET, b"\x02\x00"))
+th = threading.Thread(target=vcpu)
+th.start(); th.join()
+print(out)
+"""
+
+
+def test_mq_net_activation_under_vcpu_filter(tmp_path):
+    """virtio-net with a control queue comes up and answers a command on a
+    thread confined to the vCPU allow-list (numpy, which the control queue's
+    ring walker uses, must be imported at set-up, not at DRIVER_OK)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, "-c", CONFINED, root], capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    assert p.stdout.decode().strip() == "[True, 0]"
