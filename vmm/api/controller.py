@@ -366,7 +366,7 @@ def _check_image(path, readonly, current=None):
     """The image exists and no other process holds its lock (as BlkDevice takes it)."""
     if not os.path.exists(path):
         raise ApiError(f"disk image {path}: no such file")
-    if current is not None and os.path.realpath(path) == os.path.realpath(current):
+    if current is not None and os.path.samefile(path, current):   # stat only (seccomp "api")
         return
     try:
         fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)

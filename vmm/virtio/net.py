@@ -101,6 +101,12 @@ class NetDevice(vd.VirtioDevice):
         self.ioloop = ioloop
         self.max_pairs = queue_pairs
         self.ctrl_index = 2 * queue_pairs if queue_pairs > 1 else None
+        if self.ctrl_index is not None:
+            # The control queue's ring is walked in Python (PyRing), through
+            # numpy views of guest memory: import numpy now, at set-up, not
+            # on the vCPU thread at DRIVER_OK, where the thread's seccomp
+            # filter forbids the file-system calls an import makes.
+            import numpy  # noqa: F401
         self.queue_max_sizes = (queue_size,) * (2 * queue_pairs) + (
             (CTRL_QUEUE_SIZE,) if self.ctrl_index is not None else ())
         f = (vd.bit(vd.VIRTIO_F_VERSION_1) | vd.bit(vd.VIRTIO_F_RING_EVENT_IDX)
