@@ -33,10 +33,7 @@ def take(d, mem):
     cmd = [sys.executable, "-m", "vmm.testing.snapshooter", "--step-timeout", str(BOOT_TIMEOUT)]
     for s in steps:
         cmd += ["--step", s]
-    # clocksource=jiffies: avoids the periodic-tick livelock of the default
-    # guest on a heavily loaded software-KVM host (see tests/integration/conftest.py).
-    cmd += ["--", "--mem", mem, "--track-dirty-pages", "--cmdline",
-            guest.DEFAULT_CMDLINE + " clocksource=jiffies"]
+    cmd += ["--", "--mem", mem, "--track-dirty-pages"]
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     err = []
