@@ -24,11 +24,7 @@ from vmm.testing.netns import NetNs, ping
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm")]
 
 TIMEOUT = 900
-# tsc=reliable: on this shared software-KVM host the default guest stalls for good
-# right after "vgaarb: loaded" (clocksource_done_booting, the TSC watchdog), zero
-# VM exits from then on; with the watchdog off it boots on (measured 2026-11-23).
-BASE = ("console=ttyS0 reboot=k panic=-1 pvpanic_mmio.ioport=0x505 rodata=off 8250.nr_uarts=1 nopti"
-        " tsc=reliable")
+BASE = "console=ttyS0 reboot=k panic=-1 pvpanic_mmio.ioport=0x505 rodata=off 8250.nr_uarts=1 nopti"
 GUEST_IP, HOST_IP = "10.78.0.2", "10.78.0.1"
 TAP = "pvapi0"
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
