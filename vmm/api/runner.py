@@ -111,6 +111,7 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
         _put(ctl, "/metrics", {"metrics_path": metrics_path}, "--metrics-path")
     server = None
     machine = None
+    start_paused = False
     with _Signals() as sig:
         try:
             if api_sock is not None:
@@ -147,6 +148,9 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
                             dev.close()
                         req.finish(str(e) or type(e).__name__)
                         continue
+                    start_paused = req.start_paused      # a snapshot loaded without resume_vm
+                    if start_paused:
+                        machine.pause()                  # "Paused" before the client hears back
                     ctl.attach(machine)
                     req.finish()
             ctl.attach(machine)
@@ -160,9 +164,9 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
             try:
                 if stdin_console:
                     with console.Console(machine):
-                        status = machine.run()
+                        status = machine.run(start_paused=start_paused)
                 else:
-                    status = machine.run()
+                    status = machine.run(start_paused=start_paused)
             finally:
                 machine.close()
             if machine.stop_reason not in ("poweroff", "reset", "quit") or debug:
