@@ -43,16 +43,20 @@ ALLOW = {
     "main": COMMON + (
         "read", "close", "ioctl", "fdatasync", "fsync", "epoll_ctl", "flock",
         "fstat", "newfstatat", "lseek", "fcntl", "unlink",
+        "io_uring_enter",   # io_engine=io_uring: closing a disk waits for its requests
     ),
     # KVM_RUN and the register/state ioctls of a vCPU fd; port and MMIO
     # exits: the serial console's output (write), interrupts through KVM
     # irqfds (eventfd write) and KVM_IRQ_LINE (ioctl on the VM fd), virtio
-    # queue notifications without an ioeventfd (the devices' I/O below);
-    # a device reset by the driver (status 0) drops its tap from the epoll
-    # set, and virtio-vsock's closes its host connections (shutdown, close).
+    # queue notifications without an ioeventfd (the devices' I/O below).
     "vcpu": COMMON + (
         "ioctl", "read", "readv", "writev", "preadv", "pwritev", "pread64", "pwrite64",
-        "fdatasync", "fallocate", "epoll_ctl", "shutdown", "close",
+        "fdatasync", "fallocate", "epoll_ctl",
+        # virtio-vsock transmit queue without an ioeventfd: payloads to the host
+        # socket, guest-initiated connects, half-closes, the OK line, closes
+        "sendmsg", "sendto", "socket(a0==AF_UNIX)", "connect", "shutdown", "close", "timerfd_settime",
+
+        "io_uring_enter",   # io_engine=io_uring: a notification without ioeventfd submits
     ),
     # One per device: epoll over its eventfds (and a tap); virtio-blk reads,
     # writes, FLUSH and DISCARD/WRITE_ZEROES on the image; virtio-net frames
@@ -61,6 +65,16 @@ ALLOW = {
     "io": COMMON + (
         "epoll_wait", "epoll_pwait", "epoll_ctl", "read", "readv", "writev",
         "preadv", "pwritev", "pread64", "pwrite64", "fdatasync", "fallocate", "ioctl",
+        # virtio-vsock's host side (vmm/virtio/vsock_mux.py, native/src/vsock.c):
+        # accepting on uds_path and reading the CONNECT line (recvfrom), the
+        # OK line (sendto), payloads (sendmsg/readv), guest-initiated
+        # connections to uds_path_PORT (socket: Unix only, connect), half-closes
+        # (shutdown), closing connections, the connect-timeout timerfd;
+        # Python's accept() checks the new fd (getsockname, getsockopt)
+        "accept4", "recvfrom", "sendto", "sendmsg", "socket(a0==AF_UNIX)", "connect", "shutdown",
+        "close", "timerfd_settime", "getsockname", "getsockopt",
+
+        "io_uring_enter",   # io_engine=io_uring: submit on a kick, reap on the ring's eventfd
     ),
     # Reads stdin (select with a timeout) and feeds the UART: its interrupt
     # is KVM_IRQ_LINE on the VM fd.
@@ -76,21 +90,14 @@ ALLOW = {
         "pselect6", "epoll_wait", "epoll_pwait", "epoll_ctl", "fstat", "newfstatat",
         "fcntl", "ioctl", "lseek", "openat", "flock", "fdatasync", "fsync", "statx",
         "unlink",
+        # PUT /snapshot/create (vmm/snapshot.py): the state and memory files are
+        # written beside their destination (sized with ftruncate, pages with
+        # pwrite64) and renamed into place.
+        "ftruncate", "pwrite64", "rename", "renameat", "renameat2",
+
+        "io_uring_enter",   # io_engine=io_uring: requests in flight finish before a swap
     ),
 }
-
-# virtio-vsock's host side (vmm/virtio/vsock_mux.py, native/src/vsock.c) on
-# its device's I/O thread: accept host connections on the Unix listener,
-# connect to <uds>_<port> for guest-initiated ones (Unix sockets only),
-# move data (readv/sendmsg; recvfrom for the CONNECT line), half-close.
-VSOCK = ("accept4", "socket(a0==AF_UNIX)", "connect", "sendmsg", "sendto", "recvfrom",
-         "recvmsg", "shutdown", "close", "getsockopt", "setsockopt")
-ALLOW["io"] += VSOCK
-# virtio-blk io_engine=io_uring (native/src/uring.c): the ring is set up when
-# the device is opened (before any filter); submitting and reaping happen on
-# the I/O thread, a vCPU (queue reset drains it) and main (close drains it).
-for _kind in ("io", "vcpu", "main"):
-    ALLOW[_kind] += ("io_uring_enter",)
 
 KINDS = tuple(ALLOW)
 

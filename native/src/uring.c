@@ -316,10 +316,13 @@ int pv_blk_uring_submit(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u
                         struct pv_chain *c, struct pv_blk_result *res)
 {
     struct pv_blk_result done;
-    int r;
+    int r = 0;
+    uint32_t budget = blk->budget ? blk->budget : PV_BLK_BUDGET, taken = 0;
     memset(res, 0, sizeof(*res));
     for (;;) {
-        while ((r = pv_vq_pop(vq, c)) > 0) {
+        /* at most `budget` requests per call (issue #14), as pv_blk_process */
+        while (taken < budget && (r = pv_vq_pop(vq, c)) > 0) {
+            taken++;
             uint8_t hdr[16];
             uint32_t type = 0xFFFFFFFF;
             uint64_t sector = 0;
@@ -421,6 +424,10 @@ int pv_blk_uring_submit(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u
         }
         if (r < 0) {
             res->error = r;
+            break;
+        }
+        if (taken >= budget) {
+            res->more = 1;            /* the transport calls again later */
             break;
         }
         if (!pv_vq_enable_notify(vq))
