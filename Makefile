@@ -7,7 +7,7 @@ VENV ?= .venv
 BENCH_ARGS ?=
 PYTHON = $(VENV)/bin/python
 APT_PACKAGES = build-essential python3-dev python3-venv linux-libc-dev linux-source-6.1 busybox-static \
-               flex bison bc libelf-dev libssl-dev cpio lz4 file e2fsprogs iproute2 xz-utils
+               flex bison bc libelf-dev libssl-dev cpio lz4 file e2fsprogs iproute2 xz-utils libseccomp-dev acl
 
 .PHONY: setup deps install guest run test unit bench clean fuzz fuzz-deps fuzz-build
 
@@ -24,7 +24,7 @@ $(PYTHON):
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 
 install: $(PYTHON)
-	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 
 guest:
 	bash guests/build.sh
@@ -39,7 +39,7 @@ unit: install
 	$(PYTHON) -m pytest -q tests/unit tests/native
 
 bench: setup
-	$(PYTHON) -m pip install -q -e '.[test,bench]'
+	$(PYTHON) -m pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
 	$(PYTHON) -m bench $(BENCH_ARGS)
 
 clean:

@@ -1,6 +1,6 @@
 """Command-line device specs and how they attach to a Machine.
 
-`--drive file=PATH[,readonly=on][,serial=S][,transport=T][,queues=N]` becomes
+`--drive file=PATH[,readonly=on][,serial=S][,transport=T][,queues=N][,io_engine=E]` becomes
 a DriveSpec, `--net tap=NAME[,mac=M][,transport=T][,queues=N]` a NetSpec
 (T: mmio, pci, pci-legacy or pci-transitional); attach() opens the device and
 wires it on its transport (vmm.devices for mmio, vmm.virtio.pci_legacy for
@@ -176,7 +176,9 @@ class DriveSpec(VirtioSpec):
     slow-path options (README "Fault injection and tracing", "Entropy and
     rate limiters"): faults=SPEC, trace=FILE, hook=SOURCE:NAME,
     bw=SIZE:REFILL_MS[:BURST], ops=N:REFILL_MS[:BURST]."""
-    KEYS = ("file", "readonly", "serial", "transport", "queues", "faults", "trace", "hook", "bw", "ops")
+    KEYS = ("file", "readonly", "serial", "transport", "queues", "faults", "trace", "hook", "bw", "ops",
+            "io_engine")
+    IO_ENGINES = ("sync", "io_uring")   # Firecracker's io_engine Sync / Async
 
     def __init__(self, text):
         opts = parse_options(text, "--drive", self.KEYS)
@@ -192,20 +194,28 @@ class DriveSpec(VirtioSpec):
             raise DeviceSpecError(f"--drive: disk image {self.path}: no such file")
         self.slow = _slow_options(opts, "--drive", faults="disk", limiters=(("bw", "ops"),))
         _single_queue(self, "--drive")
+        self.io_engine = opts.get("io_engine", "sync")
+        if self.io_engine not in self.IO_ENGINES:
+            raise DeviceSpecError(f"--drive: unknown io_engine {self.io_engine!r} "
+                                  f"(available: {', '.join(self.IO_ENGINES)})")
+        if self.io_engine != "sync" and (self.slow or self.queues > 1):
+            raise DeviceSpecError(f"--drive: io_engine={self.io_engine} needs queues=1 and no "
+                                  "faults=, trace=, hook= or rate limits")
         self._ioloop = None
 
     def attach(self, machine, cmdline):
-        if self.slow:
-            self._ioloop = machine.ioloop()   # limiter and delay timers
+        if self.slow or self.io_engine != "sync":
+            self._ioloop = machine.ioloop()   # limiter/delay timers, io_uring completions
         return super().attach(machine, cmdline)
 
     @classmethod
-    def from_fields(cls, path, readonly=False, serial=None, transport="mmio"):
+    def from_fields(cls, path, readonly=False, serial=None, transport="mmio", io_engine="sync"):
         """The same spec from separate values (the control API, --config-file):
         no option-string parsing, so a path may contain commas."""
         self = cls.__new__(cls)
         VirtioSpec.__init__(self, {"transport": transport}, "drive")
         self.path, self.readonly, self.serial = path, bool(readonly), serial
+        self.io_engine, self._ioloop, self.slow = io_engine, None, {}
         if serial is not None and len(serial.encode()) > 20:
             raise DeviceSpecError("drive: serial is at most 20 bytes (virtio-blk GET_ID)")
         if not (os.path.isfile(path) or is_block_device(path)):
@@ -215,7 +225,8 @@ class DriveSpec(VirtioSpec):
     def open_device(self):
         from vmm.virtio import BlkDevice
         dev = BlkDevice(self.path, readonly=self.readonly, serial=self.serial,
-                        num_queues=self.queues)
+                        num_queues=self.queues, io_engine=self.io_engine,
+                        ioloop=self._ioloop)
         if self.slow:
             dev.ioloop = self._ioloop
             try:
@@ -260,7 +271,7 @@ class NetSpec(VirtioSpec):
             self.mac = parse_mac(mac) if mac is not None else None
         except ValueError as e:
             raise DeviceSpecError(f"network interface: {e}") from None
-        self._ioloop = None
+        self._ioloop, self.slow = None, {}
         return self
 
     def attach(self, machine, cmdline):
@@ -300,15 +311,29 @@ class VsockSpec(VirtioSpec):
         if "uds" not in opts or not opts["uds"]:
             raise DeviceSpecError("--vsock: uds=PATH is required")
         try:
-            self.cid = int(opts.get("cid", "3"), 0)
+            cid = int(opts.get("cid", "3"), 0)
         except ValueError:
             raise DeviceSpecError(f"--vsock: cid must be a number, not {opts['cid']!r}") from None
-        if not 3 <= self.cid < 0xFFFFFFFF:
-            raise DeviceSpecError("--vsock: cid must be from 3 to 4294967294 (0-2 are reserved)")
-        self.uds_path = opts["uds"]
-        parent = os.path.dirname(os.path.abspath(self.uds_path))
+        self._check(cid, opts["uds"], "--vsock")
+
+    @classmethod
+    def from_fields(cls, guest_cid, uds_path, transport="mmio"):
+        """The same spec from separate values (control API, --config-file)."""
+        self = cls.__new__(cls)
+        VirtioSpec.__init__(self, {"transport": transport}, "vsock")
+        self._check(guest_cid, uds_path, "vsock")
+        return self
+
+    def _check(self, cid, uds_path, what):
+        if not 3 <= cid < 0xFFFFFFFF:
+            raise DeviceSpecError(f"{what}: cid must be from 3 to 4294967294 (0-2 are reserved)")
+        if not uds_path:
+            raise DeviceSpecError(f"{what}: the uds path is empty")
+        parent = os.path.dirname(os.path.abspath(uds_path))
         if not os.path.isdir(parent):
-            raise DeviceSpecError(f"--vsock: directory {parent} for uds={self.uds_path} does not exist")
+            raise DeviceSpecError(f"{what}: directory {parent} for uds path {uds_path} "
+                                  "does not exist")
+        self.cid, self.uds_path = cid, uds_path
         self._ioloop = None
 
     def attach(self, machine, cmdline):

@@ -20,6 +20,7 @@ from vmm import guest
 CPU_TEMPLATES = {"None": "auto", "C3": "minimal", "T2": "minimal", "T2S": "minimal",
                  "T2CL": "minimal", "T2A": "minimal", "V1N1": "minimal"}
 MAX_VCPUS = 32
+IO_ENGINES = {"Sync": "sync", "Async": "io_uring"}   # Firecracker's -> vmm.virtio.blk's
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,13 @@ class NetIface:
 
 
 @dataclass
+class Vsock:
+    guest_cid: int
+    uds_path: str
+    vsock_id: Optional[str] = None
+
+
+@dataclass
 class Logger:
     log_path: Optional[str] = None
     level: str = "Info"
@@ -78,6 +86,7 @@ class VmConfig:
     nets: Dict[str, NetIface] = field(default_factory=dict)
     logger: Optional[Logger] = None
     metrics_path: Optional[str] = None
+    vsock: Optional[Vsock] = None
 
     # -- views ---------------------------------------------------------------
     def ordered_drives(self):
@@ -106,6 +115,8 @@ class VmConfig:
         out["machine-config"] = dict(vars(self.machine))
         out["drives"] = [_strip(vars(d)) for d in self.drives.values()]
         out["network-interfaces"] = [_strip(vars(n)) for n in self.nets.values()]
+        if self.vsock is not None:
+            out["vsock"] = _strip(vars(self.vsock))
         if self.logger is not None:
             out["logger"] = _strip(vars(self.logger))
         if self.metrics_path is not None:
@@ -115,7 +126,7 @@ class VmConfig:
     # -- building ------------------------------------------------------------
     def to_machine_config(self, serial_out=None, serial_in=None, timeout=None):
         """The MachineConfig vmm.machine builds from; raises ConfigError."""
-        from vmm.devices import DeviceSpecError, DriveSpec, NetSpec
+        from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, VsockSpec
         from vmm.machine import MachineConfig
         import os
         b = self.boot_source
@@ -129,13 +140,16 @@ class VmConfig:
             devices = []
             for d in self.ordered_drives():
                 spec = DriveSpec.from_fields(d.path_on_host, readonly=d.is_read_only,
-                                             serial=d.drive_id.encode()[:20].decode("utf-8", "ignore"))
+                                             serial=d.drive_id.encode()[:20].decode("utf-8", "ignore"),
+                                             io_engine=IO_ENGINES[d.io_engine])
                 spec.drive_id = d.drive_id
                 devices.append(spec)
             for n in self.nets.values():
                 spec = NetSpec.from_fields(n.host_dev_name, mac=n.guest_mac)
                 spec.iface_id = n.iface_id
                 devices.append(spec)
+            if self.vsock is not None:
+                devices.append(VsockSpec.from_fields(self.vsock.guest_cid, self.vsock.uds_path))
         except DeviceSpecError as e:
             raise ConfigError(str(e)) from None
         return MachineConfig(kernel=b.kernel_image_path, initrd=b.initrd_path,
@@ -147,7 +161,7 @@ class VmConfig:
     @classmethod
     def from_machine_config(cls, mc):
         """Describe a VM started with `pyvmm run` flags in this model."""
-        from vmm.devices import DriveSpec, NetSpec
+        from vmm.devices import DriveSpec, NetSpec, VsockSpec
         cfg = cls(boot_source=BootSource(mc.kernel, mc.initrd, mc.cmdline),
                   machine=MachineCfg(vcpu_count=mc.cpus, mem_size_mib=mc.mem_size >> 20,
                                      cpu_template="None"))
@@ -162,6 +176,8 @@ class VmConfig:
                 dev.iface_id = f"net{nn}"
                 cfg.nets[dev.iface_id] = NetIface(dev.iface_id, dev.tap_name, mac)
                 nn += 1
+            elif isinstance(dev, VsockSpec):
+                cfg.vsock = Vsock(dev.cid, dev.uds_path)
         return cfg
 
 

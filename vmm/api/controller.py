@@ -147,8 +147,6 @@ class Controller:
         _same_id("drive_id", drive_id, body)
         if "path_on_host" not in body:
             raise ApiError("Drive: missing required field `path_on_host` (virtio-block drive)")
-        if body.get("io_engine") == "Async":
-            raise ApiError("Drive: io_engine Async (io_uring) is not supported yet (issue #16)")
         d = vc.Drive(**body)
         if d.is_root_device and any(o.is_root_device and o.drive_id != drive_id
                                     for o in self.config.drives.values()):
@@ -180,6 +178,17 @@ class Controller:
                 raise ApiError(f"guest MAC {n.guest_mac} is already used by "
                                f"interface {other.iface_id}")
         self.config.nets[iface_id] = n
+
+    def put_vsock(self, body):
+        """Firecracker's PUT /vsock: pre-boot; a second call replaces the first."""
+        self._pre_boot()
+        v = vc.Vsock(**body)
+        from vmm.devices import DeviceSpecError, VsockSpec
+        try:
+            VsockSpec.from_fields(v.guest_cid, v.uds_path)     # the same checks as --vsock
+        except DeviceSpecError as e:
+            raise ApiError(f"Vsock: {e}") from None
+        self.config.vsock = v
 
     def put_logger(self, body):
         lg = vc.Logger(**body)
@@ -281,6 +290,10 @@ class Controller:
         dev = spec.device if spec is not None else None
         if dev is None:
             raise ApiError(f"drive {drive_id} is not attached")
+        if getattr(dev, "io_engine", "sync") != "sync":
+            # io_uring requests can still be in flight on the old file while paused
+            raise ApiError(f"drive {drive_id}: swapping the image of an io_engine Async drive "
+                           "is not supported")
         _check_image(path, d.is_read_only, current=dev.path)
         m = self.machine
         was_paused = m.paused
