@@ -4,16 +4,17 @@
 # source-based coverage and native/fuzz/replay_main.c, run over the working
 # corpus a campaign grew (build/fuzz/corpus/<target>, or CORPUS_DIR/<target>)
 # plus the seeds and kept crashes, and llvm-cov reports native/src.
-#   fuzz/native_coverage.sh [target...]        (default: virtq blk net vsock)
+#   fuzz/native_coverage.sh [target...]        (default: virtq blk net vsock uring)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=build/fuzz/coverage
 mkdir -p "$out"
 corpus_root=${CORPUS_DIR:-build/fuzz/corpus}
-for t in "${@:-virtq blk net vsock}"; do
+for t in "${@:-virtq blk net vsock uring}"; do
   for t in $t; do
     src="native/src/virtq.c"
     wrap=""
+    if [ "$t" = uring ]; then src="$src native/src/blk.c"; fi
     if [ "$t" != virtq ]; then src="$src native/src/$t.c"; wrap="-Wl,--wrap=pv_vq_pop,--wrap=pv_vq_push"; fi
     clang -O0 -g -std=gnu11 -fprofile-instr-generate -fcoverage-mapping -Inative/include $wrap \
       native/fuzz/replay_main.c "native/fuzz/fuzz_$t.c" $src -o "$out/$t"

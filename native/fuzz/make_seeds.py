@@ -167,6 +167,10 @@ def blk_seeds():
             g.op(KICK, WR, (0x400 + 16 + 8 if "discard" in name or "zero" in name else 0x400, 2),
                  (3, 1), (0x7FFF_FFFF_FFFF_FFFF, 8), KICK, KICK)
             write("blk", name + ("-nozr" if extra else ""), g.bytes())
+            if not extra:       # the io_uring engine: submit, reap, reap waiting for all
+                g.ops = b""
+                g.op(0, 2, 0x82, 3, (0x400, 2), (3, 1), (0, 8), 0, 0x82)
+                write("uring", name, g.bytes())
 
 
 def net_seeds():
