@@ -84,11 +84,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int lg = 0;
     while ((1u << lg) < vq.size)
         lg++;
-    if (!rings[lg]) {
+    static int unavailable;
+    if (!rings[lg] && !unavailable) {
         int err = 0;
         rings[lg] = pv_uring_new(vq.size, -1, &err);
-        FZ_CHECK(rings[lg], "io_uring_setup: errno %d (no io_uring on this kernel?)", err);
+        if (!rings[lg]) {       /* as blk_uring.available(): the engine is refused there */
+            fprintf(stderr, "fuzz_uring: no io_uring here (errno %d): target skipped\n", err);
+            unavailable = 1;
+        }
     }
+    if (unavailable)
+        return 0;
     struct pv_uring *u = rings[lg];
     memset(&blk, 0, sizeof(blk));
     blk.fd = img_fd;
