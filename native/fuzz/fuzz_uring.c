@@ -3,7 +3,7 @@
  * image and complete later; everything else runs inline through blk.c.
  *
  * Header bytes 0..11 set up the queue (fz_setup_vq); byte 12: bit0
- * read-only disk.  Ops: a kick (submit), a reap (or a reap that waits for
+ * read-only disk; byte 14: requests per submit call (0: PV_BLK_BUDGET).  Ops: a kick (submit), a reap (or a reap that waits for
  * everything), or a second vCPU rewriting guest memory while requests are
  * in flight.  At the end every request in flight is reaped (as the I/O
  * thread would), then drained.
@@ -12,6 +12,8 @@
  * and the kernel and the device write nothing outside the chains' writable
  * segments and the used ring):
  * - the image never changes size;
+ * - one submit call takes at most the budget of chains, and says `more`
+ *   exactly when it used it all;
  * - used.idx advances by exactly the completions each call reports;
  * - nothing stays in flight after a waiting reap. */
 #define _GNU_SOURCE
@@ -103,6 +105,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     blk.max_discard_sectors = blk.max_write_zeroes_sectors = 0x3FFFFF;
     blk.max_discard_seg = blk.max_write_zeroes_seg = 32;
     memcpy(blk.id, "pyvmm-fuzz-uring-001", sizeof(blk.id));
+    blk.budget = (uint32_t)fz_hdr(data, size, 14, 1);   /* 0: PV_BLK_BUDGET */
+    uint32_t budget = blk.budget ? blk.budget : PV_BLK_BUDGET;
 
     fz_ops_init(&in, data, size);
     for (int step = 0; step < MAX_OPS && fz_ops_left(&in); step++) {
@@ -112,9 +116,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         switch (op % 4) {
         case 0:
         case 1:
+            fz_tr.call_pops = 0;
+            fz_tr.pop_limit = budget;
             r = pv_blk_uring_submit(&vq, &blk, u, &chain, &res);
+            fz_tr.pop_limit = 0;
             FZ_CHECK(r == res.error, "submit returned %d, res.error %d", r, res.error);
             check_call(&vq, from, r, &res);
+            FZ_CHECK(res.more == (r >= 0 && fz_tr.call_pops == budget), "more %u after %u of %u",
+                     res.more, fz_tr.call_pops, budget);
             break;
         case 2:
             r = pv_blk_uring_reap(&vq, &blk, u, op & 0x80 ? 1 : 0, &res);
