@@ -221,8 +221,7 @@ class BlkDevice(vd.VirtioDevice):
         if self.intercept is not None and self.native:      # the slow path, off by default
             completed, irq, err, ioerr, more = self.intercept.process(self, ring)
         elif self._engine is not None and self.native:
-            completed, irq, err, ioerr = self._engine.submit(ring, self._interrupt)
-            more = False          # bounded by the submission ring's size
+            completed, irq, err, ioerr, more = self._engine.submit(ring, self._interrupt)
         elif self.native:
             res = self._res
             lib.pv_blk_process(ring.vq, self._blk, ring.chain, res)

@@ -5,7 +5,7 @@ completions are reaped in C when the ring's eventfd fires on the I/O loop,
 and only then is the used ring updated and the driver interrupted.
 
     eng = UringEngine(blk, queue_size, ioloop)    # raises OSError if unavailable
-    eng.submit(ring, interrupt) -> (completed, irq, err, ioerr)
+    eng.submit(ring, interrupt) -> (completed, irq, err, ioerr, more)
     eng.drain(); eng.close()
 
 Without an I/O loop (unit tests driving the device on their own thread) a
@@ -52,12 +52,13 @@ class UringEngine:
         return lib.pv_uring_inflight(self._u)
 
     def submit(self, ring, interrupt):
-        """Take the queue's new requests; returns (completed now, irq, err, ioerr)."""
+        """Take the queue's new requests, at most the device's budget; returns
+        (completed now, irq, err, ioerr, more: the budget ran out)."""
         with self._lock:
             self._ring, self._interrupt = ring, interrupt
             res = self._res
             lib.pv_blk_uring_submit(ring.vq, self._blk, self._u, ring.chain, res)
-            out = [res.completed, res.interrupt, -res.error, res.ioerr]
+            out = [res.completed, res.interrupt, -res.error, res.ioerr, res.more]
             if self._ioloop is None and lib.pv_uring_inflight(self._u):
                 lib.pv_blk_uring_reap(ring.vq, self._blk, self._u, 1, res)   # no loop: wait here
                 out[0] += res.completed
