@@ -2,8 +2,8 @@
 
     python -m bench [--quick] [--only NAME[,NAME...]] [--budget MINUTES]
 
-Modules, in order: boot, startup, exits, pio, blk, net, starve, inguest,
-memory, startstop, guest, api, vsock, faults.  Each
+Modules, in order: boot, startup, exits, pio, blk, net, starve, api, vsock,
+faults, snapshot, memory, startstop, inguest, guest (those booting Linux guests last).  Each
 runs in a child process (`python -m bench --child ...`, which imports the
 module and calls its main(argv)) with a time limit, so a missing, failing or
 hanging module is recorded in bench/results/run.json and the report, and the
@@ -36,22 +36,23 @@ from bench import common
 
 # name: (full argv, quick argv, time limit in seconds)
 MODULES = {
-    "boot": (["--reps", "5", "--init-reps", "2"], ["--reps", "3", "--init-reps", "1"], 900),
+    "boot": (["--reps", "5", "--init-reps", "1"], ["--reps", "3", "--init-reps", "1"], 900),
     "startup": (["--reps", "7"], ["--reps", "3"], 240),
     "exits": (["--reps", "5"], ["--reps", "3", "--count", "30000"], 180),
     "pio": (["--reps", "5"], ["--reps", "3"], 300),
     "blk": (["--reps", "5"], ["--reps", "3", "--size-mib", "64", "--requests", "4096"], 600),
     "net": (["--reps", "5"], ["--reps", "3"], 400),
     "starve": (["--pings", "200"], ["--pings", "60"], 300),
-    "memory": (["--guest", "both", "--reps", "5", "--linux-reps", "1"],
-               ["--guest", "tiny", "--reps", "3"], 900),
-    "startstop": (["--reps", "5"], ["--reps", "3"], 240),
-    "inguest": (["--reps", "1"], ["--reps", "1", "--vmms", "pyvmm-mmio,qemu"], 1500),
-    "guest": (["--reps", "1"], ["--reps", "1"], 1200),
     "api": (["--reps", "5"], ["--reps", "3", "--requests", "1000"], 300),
     "vsock": (["--reps", "5"], ["--reps", "3", "--mib", "64", "--idle", "2"], 300),
     "faults": (["--reps", "5"], ["--reps", "3", "--requests", "12800", "--frames", "12800",
                                   "--seconds", "2"], 300),
+    "snapshot": (["--reps", "5"], ["--reps", "3"], 1200),
+    "inguest": (["--reps", "1", "--total", "1380"], ["--reps", "1", "--vmms", "pyvmm-mmio,qemu"], 1500),
+    "memory": (["--guest", "both", "--reps", "5", "--linux-reps", "1"],
+               ["--guest", "tiny", "--reps", "3"], 900),
+    "startstop": (["--reps", "5"], ["--reps", "3"], 240),
+    "guest": (["--reps", "1"], ["--reps", "1"], 1200),
 }
 RUN_JSON = os.path.join(common.RESULTS, "run.json")
 

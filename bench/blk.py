@@ -4,7 +4,8 @@ plain program doing the same I/O.
     python -m bench.blk [--size-mib 256] [--reps 5] [--image PATH]
 
 Device figures ("real path"): pyvmm's BlkDevice on its transport (virtio-mmio
-or legacy virtio-pci) is serviced by pyvmm's I/O thread (vmm.virtio.ioloop),
+legacy virtio-pci with INTx, or modern virtio-pci with MSI-X vectors on
+irqfds) is serviced by pyvmm's I/O thread (vmm.virtio.ioloop),
 exactly as in a VM: the queue's notify eventfd (the one KVM's ioeventfd would
 signal) wakes it, it runs the engine (sync or io_uring) and signals the
 interrupt eventfd (the one KVM's irqfd would deliver).  The driver is a C
@@ -12,8 +13,8 @@ loop (bench/driver.c) on the benchmark's own thread with the GIL released:
 it keeps QD requests in flight (indirect descriptors: header, data, status,
 as Linux lays them out), kicks only when the device asks (EVENT_IDX), sleeps
 on the interrupt eventfd, acknowledges each interrupt through the transport's
-registers (a call into pyvmm, the MMIO/PIO exit a guest's handler takes) and
-refills the ring.  Not included: the guest's own costs and KVM's exit and
+registers (a call into pyvmm, the MMIO/PIO exit a guest's handler takes;
+none with MSI-X, whose handler reads no register) and refills the ring.  Not included: the guest's own costs and KVM's exit and
 injection costs (measured by bench/exits.py, bench/pio.py and the in-guest
 figures of bench/inguest.py).
 
@@ -41,6 +42,7 @@ from vmm.memory import GuestMemory, MiB
 from vmm.native import ffi as nffi, lib as nlib
 from vmm.testing.mockdriver import MockDriver
 from vmm.virtio import mmio as m
+from vmm.virtio import pci_legacy as pl
 from vmm.virtio.blk import BlkDevice
 from vmm.virtio.ioloop import IoLoop
 from vmm.virtio.mmio import VirtioMmio
@@ -52,7 +54,7 @@ ONE = (1).to_bytes(8, "little")
 KINDS = {"rand4k": 4096, "seq64k": 65536}
 DEPTHS = (1, 32)
 # (transport, engine) pairs measured: both engines on mmio, the default on pci
-PATHS = (("mmio", "sync"), ("mmio", "io_uring"), ("pci", "sync"))
+PATHS = (("mmio", "sync"), ("mmio", "io_uring"), ("pci", "sync"), ("pci-modern", "sync"))
 
 
 class RealPath:
@@ -64,16 +66,27 @@ class RealPath:
         self.loop.start()
         self.irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.dev = BlkDevice(image, io_engine=engine, ioloop=self.loop)
+        regs = None
         if transport == "pci":
             self.t = VirtioPciLegacy(self.dev, mem, irq_line=self._line, ioloop=self.loop,
                                      ioeventfd=lambda *a, **k: None)
+        elif transport == "pci-modern":
+            from vmm.testing.fakevm import FakeVm
+            from vmm.testing.pcimodern_regs import PciModernRegs
+            from vmm.virtio.pci_modern import VirtioPciModern
+            self.t = VirtioPciModern(self.dev, mem, vm=FakeVm(), ioloop=self.loop,
+                                     ioeventfd=lambda *a, **k: None)
+            regs = lambda t: PciModernRegs(t, msix=True)     # noqa: E731
         else:
             self.t = VirtioMmio(self.dev, mem, irq=self.irq, ioloop=self.loop,
                                 register_ioeventfd=lambda *a: None)
         self.mem = mem
-        self.d = MockDriver(self.t, mem, arena=0x10000, arena_size=48 * MiB)
+        self.d = MockDriver(self.t, mem, arena=0x10000, arena_size=48 * MiB, regs=regs)
         if not self.d.init():
             raise RuntimeError("feature negotiation failed")
+        msix = transport == "pci-modern"
+        if msix:      # queue 0 is vector 1 (PciModernRegs): its irqfd is what KVM would inject
+            self.irq_fd = self.t.msix._fds[1]
         q = self.q = self.d.queues[0]
         depth = max(DEPTHS)
         self.hdr = self.d.alloc(16 * depth, 16)
@@ -87,9 +100,10 @@ class RealPath:
         r.size = q.size
         r.event_idx = int(q.event_idx)
         r.notify_fd = self.t.notify_fds[0]
-        r.irq_fd = self.irq
-        # the guest's interrupt handler: vm_interrupt / vp_interrupt read (and ack) ISR
-        self.ack = self.ffi.callback("int(void)", self._ack)
+        r.irq_fd = self.irq_fd if msix else self.irq
+        # the guest's interrupt handler: vm_interrupt / vp_interrupt read (and ack)
+        # ISR; vp_vring_interrupt (MSI-X) reads nothing
+        self.ack = self.ffi.NULL if msix else self.ffi.callback("int(void)", self._ack)
 
     def _line(self, level):
         if level:
@@ -133,6 +147,74 @@ class RealPath:
         self.t.close()
         self.loop.close()
         os.close(self.irq)
+
+
+# -- the in-thread driver (device processing cost; also used by bench/faults.py) --
+BATCH = 128
+HDR = np.dtype([("type", "<u4"), ("reserved", "<u4"), ("sector", "<u8")])
+
+
+class FastDriver:
+    """In-thread driver: the transport's QueueNotify is called on this thread (no
+    eventfd, no I/O thread, no interrupt); fixed request slots, so a batch
+    costs a few numpy operations."""
+
+    def __init__(self, dev, mem, req_len, transport="mmio"):
+        self.mem = mem
+        if transport == "pci":
+            self.t = VirtioPciLegacy(dev, mem)
+            self.notify = lambda: self.t.write(pl.QUEUE_NOTIFY, 2, 0)
+        else:
+            self.t = VirtioMmio(dev, mem)
+            self.notify = lambda: self.t.write(m.QUEUE_NOTIFY, 4, 0)
+        self.d = MockDriver(self.t, mem, arena=0x10000, arena_size=48 * MiB)
+        if not self.d.init():
+            raise RuntimeError("feature negotiation failed")
+        self.q = q = self.d.queues[0]
+        d = self.d
+        self.hdr_gpa = d.alloc(16 * BATCH, 16)
+        self.data_gpa = d.alloc(req_len * BATCH, 4096)
+        self.status_gpa = d.alloc(BATCH, 16)
+        tables = d.alloc(48 * BATCH, 16)
+        for k in range(BATCH):
+            t = tables + 48 * k
+            q.write_desc(0, self.hdr_gpa + 16 * k, 16, VRING_DESC_F_NEXT, 1, table=t)
+            q.write_desc(1, self.data_gpa + req_len * k, req_len,
+                         VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2, table=t)
+            q.write_desc(2, self.status_gpa + k, 1, VRING_DESC_F_WRITE, 0, table=t)
+            q.write_desc(k, t, 48, VRING_DESC_F_INDIRECT)
+        self.headers = mem.view(self.hdr_gpa, 16 * BATCH).view(HDR)
+        self.headers["type"] = 0                     # VIRTIO_BLK_T_IN
+        self.status = mem.view(self.status_gpa, BATCH)
+        off = mem.offset(q.avail)
+        self.avail_ring = mem.array[off + 4:off + 4 + 2 * q.size].view("<u2")
+        self.avail_idx = mem.array[off + 2:off + 4].view("<u2")
+        off = mem.offset(q.used)
+        self.used_idx = mem.array[off + 2:off + 4].view("<u2")
+        self.used_event = mem.array[mem.offset(q.avail) + 4 + 2 * q.size:][:2].view("<u2")
+        self.slots = np.arange(BATCH, dtype=np.uint16)
+        self.idx = 0
+
+    def run(self, sectors):
+        """Read at every sector (a multiple of BATCH of them), batch by batch."""
+        size = self.q.size
+        for start in range(0, len(sectors), BATCH):
+            self.headers["sector"] = sectors[start:start + BATCH]
+            self.status[:] = 0xFF
+            pos = (self.idx + self.slots) % size
+            self.avail_ring[pos] = self.slots
+            self.idx = (self.idx + BATCH) & 0xFFFF
+            self.used_event[0] = self.idx
+            self.avail_idx[0] = self.idx
+            self.notify()
+            if self.used_idx[0] != self.idx or self.status.any():
+                raise RuntimeError(f"batch failed: used {self.used_idx[0]} != {self.idx}, "
+                                   f"device status 0x{self.t.status:x}")
+            self.d.ack_interrupt()          # the transport's own ISR access (mmio or pci)
+
+    def close(self):
+        self.t.close()
+
 
 
 def make_image(path, size):

@@ -64,27 +64,31 @@ class AbsentBlk(BlkDevice):
             self._interrupt.used(0)
         if res.error:
             self._interrupt.needs_reset(QueueError(-res.error, 0))
+        return bool(res.more)         # the per-call budget (issue #14): the transport calls again
 
 
 class AbsentNet(NetDevice):
-    def _process_rx(self):
-        ring = self._rx
-        if ring is None:
+    """The data path as before the slow path existed (C movers only), per
+    queue pair as NetDevice has it since multiqueue."""
+
+    def _process_rx(self, p):
+        ring = p.rx
+        if ring is None or p.index >= self.active_pairs:
             return lib.PV_NET_RX_IDLE
         res = self._res
-        lib.pv_net_rx(ring.vq, self._net, ring.chain, res)
+        lib.pv_net_rx(ring.vq, p.net, ring.chain, res)
         state = res.state
-        if not self._finish(0, res):
+        if not self._finish(p, 2 * p.index, res):
             return lib.PV_NET_RX_IDLE
-        self._set_polling(state != lib.PV_NET_RX_NOBUF)
+        self._set_polling(p, state != lib.PV_NET_RX_NOBUF)
         return state
 
-    def _process_tx(self):
-        ring = self._tx
+    def _process_tx(self, p):
+        ring = p.tx
         res = self._res
-        lib.pv_net_tx(ring.vq, self._net, ring.chain, res)
+        lib.pv_net_tx(ring.vq, p.net, ring.chain, res)
         more = bool(res.state)
-        return self._finish(1, res) and more
+        return self._finish(p, 2 * p.index + 1, res) and more
 
 
 class SockBackend:

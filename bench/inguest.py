@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from bench.common import QEMU, have_qemu, qemu_cmd, read_markers, save, stats
+from bench.common import RESULTS, have_qemu, qemu_cmd, save, stats
 from vmm import guest
 from vmm.arch.x86 import cpuid
 from vmm.testing.netns import NetNs
@@ -84,8 +84,10 @@ def parse(text):
     return out
 
 
-def run_vm(cmd, timeout):
+def run_vm(cmd, timeout, log_path):
+    """Run a VM until DONE is on its console; the console goes to log_path too."""
     t0 = time.monotonic()
+    log = open(log_path, "wb")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                          stdin=subprocess.DEVNULL, cwd=HERE)
     chunks = []
@@ -101,11 +103,14 @@ def run_vm(cmd, timeout):
             if not b:
                 break
             chunks.append(b)
+            log.write(b)
+            log.flush()
             if DONE in b"".join(chunks[-3:]):
                 break
     finally:
         p.kill()
         p.wait()
+        log.close()
     text = b"".join(chunks)
     return text if DONE in text else None, text[-400:]
 
@@ -114,8 +119,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=600, help="seconds per guest run")
-    ap.add_argument("--vmms", default="pyvmm-mmio,pyvmm-pci,qemu")
+    ap.add_argument("--vmms", default="pyvmm-mmio,qemu,pyvmm-pci")
+    ap.add_argument("--total", type=float, default=1380,
+                    help="seconds for the whole module: a VM that would not fit is not started "
+                         "and counts as failed (the figures so far are still saved)")
     args = ap.parse_args(argv)
+    t_start = time.monotonic()
     kernel, initrd = build_guest()
     base = " ".join(filter(None, [guest.DEFAULT_CMDLINE, cpuid.kernel_args("auto"),
                                   "pyvmm.test=iobench"]))
@@ -124,8 +133,9 @@ def main(argv=None):
     with open(img, "wb") as f:
         f.truncate(32 << 20)
     vmms = [v for v in args.vmms.split(",") if v != "qemu" or have_qemu()]
-    samples = {}
+    samples, skipped = {}, []
     server = None
+    print(f"  guest {kernel}, consoles in {RESULTS}/inguest-*.console.txt", flush=True)
     try:
         with NetNs("pyvmm-ig") as ns:
             ns.ip("tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr")
@@ -136,6 +146,14 @@ def main(argv=None):
             inns = ["ip", "netns", "exec", ns.name]
             for _ in range(args.reps):
                 for vmm in vmms:
+                    left = t_start + args.total - time.monotonic()
+                    if left < 180:
+                        print(f"  {vmm}: not started, {left:.0f} s left of --total", flush=True)
+                        for k in ("disk read 4k", "disk write 4k", "disk read 1m", "disk write 1m",
+                                  "tcp guest->host", "ping rtt"):
+                            samples.setdefault(k, {}).setdefault(vmm, []).append(None)
+                        skipped.append(vmm)
+                        continue
                     if vmm == "qemu":
                         cmd = qemu_cmd(kernel, initrd, base) + [
                             "-drive", f"file={img},format=raw,if=none,id=d0",
@@ -151,7 +169,9 @@ def main(argv=None):
                                "--timeout", str(int(args.timeout))]
                         if cpuid.kernel_args("auto"):
                             cmd += ["--cpu-template", "host"]   # the args are in `base` already
-                    text, tail = run_vm(inns + cmd, args.timeout)
+                    os.makedirs(RESULTS, exist_ok=True)
+                    text, tail = run_vm(inns + cmd, min(args.timeout, left - 30),
+                                        os.path.join(RESULTS, f"inguest-{vmm}.console.txt"))
                     got = parse(text) if text else {}
                     if not text:
                         print(f"  {vmm}: guest did not finish: ...{tail[-200:]!r}", file=sys.stderr)
@@ -169,7 +189,8 @@ def main(argv=None):
            "units": {"disk read 4k": "IOPS", "disk write 4k": "IOPS", "disk read 1m": "MB/s",
                      "disk write 1m": "MB/s", "tcp guest->host": "Mbit/s", "ping rtt": "ms"},
            "figures": {k: {v: (stats(s) or {"failed": len(s)}) for v, s in per.items()}
-                       for k, per in samples.items()}}
+                       for k, per in samples.items()},
+           "not_started_for_time": skipped}
     print("saved", save("inguest", res))
     return res
 

@@ -26,8 +26,8 @@ import sys
 from bench.common import RESULTS
 
 RESERVED = ("latest", "run")          # files in RESULTS that are not module results
-ORDER = ["boot", "startup", "exits", "pio", "blk", "net", "starve", "inguest", "memory", "startstop",
-         "guest", "api", "vsock", "faults"]
+ORDER = ["boot", "startup", "exits", "pio", "blk", "net", "starve", "api", "vsock", "faults",
+         "inguest", "memory", "startstop", "guest"]
 QEMU = "QEMU microvm"
 
 
@@ -325,8 +325,8 @@ def norm_vsock(d):
 
 NORMALIZERS = {"boot": norm_boot, "exits": norm_exits, "pio": norm_pio, "blk": norm_blk,
                "net": norm_net, "memory": norm_memory, "startstop": norm_startstop,
-               "guest": norm_guest, "api": norm_api, "vsock": norm_vsock,
-               "startup": norm_startup, "inguest": norm_inguest, "starve": norm_starve}
+               "guest": norm_guest, "startup": norm_startup, "inguest": norm_inguest,
+               "starve": norm_starve, "api": norm_api, "vsock": norm_vsock}
 
 
 # -- collecting --------------------------------------------------------------------

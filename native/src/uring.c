@@ -307,24 +307,20 @@ static int slot_iov(struct uring_slot *s, uint32_t n)
     return 0;
 }
 
-/* Take the available chains, at most `budget` per call as the sync engine
- * (issue #14: requests done inline need no submission entry, so without a
- * budget a guest that keeps publishing them -- or whose used ring aliases its
- * avail index -- holds the I/O thread here for ever; found by fuzz_uring):
- * reads, writes and flushes go to the ring; every other request (GET_ID,
- * DISCARD, WRITE_ZEROES, out-of-range, unsupported) is done at once by
- * pv_blk_request, as the sync engine does.  res->more = 1 when the budget
- * ran out (the caller re-queues, as for pv_blk_process).  Then hand the new
- * entries to the kernel and reap whatever already completed (page-cache hits
- * complete inside io_uring_enter). */
+/* Take every available chain: reads, writes and flushes go to the ring; every
+ * other request (GET_ID, DISCARD, WRITE_ZEROES, out-of-range, unsupported)
+ * is done at once by pv_blk_request, as the sync engine does.  Then hand the
+ * new entries to the kernel and reap whatever already completed (page-cache
+ * hits complete inside io_uring_enter). */
 int pv_blk_uring_submit(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u,
                         struct pv_chain *c, struct pv_blk_result *res)
 {
     struct pv_blk_result done;
-    uint32_t budget = blk->budget ? blk->budget : PV_BLK_BUDGET, taken = 0;
     int r = 0;
+    uint32_t budget = blk->budget ? blk->budget : PV_BLK_BUDGET, taken = 0;
     memset(res, 0, sizeof(*res));
     for (;;) {
+        /* at most `budget` requests per call (issue #14), as pv_blk_process */
         while (taken < budget && (r = pv_vq_pop(vq, c)) > 0) {
             taken++;
             uint8_t hdr[16];
@@ -431,7 +427,7 @@ int pv_blk_uring_submit(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u
             break;
         }
         if (taken >= budget) {
-            res->more = 1;
+            res->more = 1;            /* the transport calls again later */
             break;
         }
         if (!pv_vq_enable_notify(vq))

@@ -56,7 +56,7 @@ def test_real_path_driver_moves_the_data(tmp_path, transport, engine):
         mem.view(rp.data, 4096 * 32)[:] = 0x77
         sectors = np.arange(64, dtype=np.uint64) * 8
         rp.run(sectors, 32, True)
-        assert rp.ring.interrupts > 0 and rp.dev.stats["requests"] == 64
+        assert rp.ring.kicks > 0 and rp.dev.stats["requests"] == 64
     finally:
         rp.close()
         mem.close()

@@ -9,9 +9,10 @@ for the whole batch); with `num_queues` > 1 the device offers
 VIRTIO_BLK_F_MQ (§5.2.3) and num_queues in its configuration, each queue
 with its own ring and interrupt; `native=False` runs the same algorithm in Python
 (`PyRing` + `_request_py`), for the benchmark and as a cross-check.
-`io_engine="io_uring"` submits reads, writes and flushes to an io_uring
-instead and completes them when they finish (vmm/virtio/blk_uring.py); the
-default "sync" engine performs each request during the kick.
+`io_engine="io_uring"` submits reads, writes and flushes to an io_uring (one
+per queue) instead and completes them when they finish
+(vmm/virtio/blk_uring.py); the default "sync" engine performs each request
+during the kick.
 """
 import ctypes
 import ctypes.util
@@ -79,8 +80,6 @@ class BlkDevice(vd.VirtioDevice):
         if io_engine not in IO_ENGINES:
             raise BlkError(f"disk image {path}: unknown io_engine {io_engine!r} "
                            f"(available: {', '.join(IO_ENGINES)})")
-        if io_engine != "sync" and num_queues > 1:
-            raise BlkError(f"disk image {path}: io_engine={io_engine} serves one queue")
         self.path = os.fspath(path)
         self.readonly = bool(readonly)
         self.native = bool(native)
@@ -118,16 +117,19 @@ class BlkDevice(vd.VirtioDevice):
         self.ioloop = None        # for timers of the slow path (set by the owner)
         self.intercept = None     # limiter/faults/trace/hook: vmm/virtio/intercept.py
         self.io_engine = io_engine
-        self._engine = None
+        self._engines = []        # io_uring: one per queue, completions on `ioloop`
         if io_engine == "io_uring":
             from vmm.virtio.blk_uring import UringEngine
             try:
-                self._engine = UringEngine(self._blk, queue_size, ioloop)
+                for i in range(num_queues):
+                    self._engines.append(UringEngine(self._blk, queue_size, ioloop, index=i))
+                    self._engines[-1].on_reaped = self._count
             except OSError as e:
+                for eng in self._engines:
+                    eng.close()
                 os.close(self.fd)
                 raise BlkError(f"disk image {self.path}: io_engine=io_uring unavailable: "
                                f"{e.strerror}") from None
-            self._engine.on_reaped = self._count
 
     @property
     def _ring(self):
@@ -181,8 +183,8 @@ class BlkDevice(vd.VirtioDevice):
 
     def reset(self):
         super().reset()
-        if self._engine is not None:
-            self._engine.drain()          # nothing may complete into the old rings
+        for eng in self._engines:
+            eng.drain()           # nothing may complete into the old rings
         self._rings = []
         self._interrupt = None
         if self.intercept is not None:
@@ -220,8 +222,8 @@ class BlkDevice(vd.VirtioDevice):
         self.stats["kicks"] += 1
         if self.intercept is not None and self.native:      # the slow path, off by default
             completed, irq, err, ioerr, more = self.intercept.process(self, ring)
-        elif self._engine is not None and self.native:
-            completed, irq, err, ioerr, more = self._engine.submit(ring, self._interrupt)
+        elif self._engines and self.native:
+            completed, irq, err, ioerr, more = self._engines[index].submit(ring, self._interrupt)
         elif self.native:
             res = self._res
             lib.pv_blk_process(ring.vq, self._blk, ring.chain, res)
@@ -243,6 +245,8 @@ class BlkDevice(vd.VirtioDevice):
         the caller holds the device quiescent, e.g. the VM paused, and then
         raises a configuration-change interrupt, §5.2.4: capacity may change).
         On error the old image stays in use."""
+        for eng in self._engines:
+            eng.finish()          # requests in flight complete on the old image
         old_path, old_fd = self.path, self.fd
         self.path = os.fspath(path)
         try:
@@ -262,11 +266,33 @@ class BlkDevice(vd.VirtioDevice):
             finally:
                 os.close(old_fd)
 
+    # --- snapshots (vmm/virtio/device.py) ---
+    def state(self):
+        st = super().state()
+        st.update(path=self.path, readonly=self.readonly, serial=self.serial.hex(),
+                  capacity=self.capacity, native=self.native)
+        return st
+
+    def restore(self, state):
+        if int(state["capacity"]) != self.capacity:
+            raise BlkError(f"disk image {self.path}: {self.capacity} sectors, the snapshot's "
+                           f"disk had {state['capacity']}")
+        if bool(state["readonly"]) != self.readonly:
+            raise BlkError(f"disk image {self.path}: read-only must be "
+                           f"{'on' if state['readonly'] else 'off'} as in the snapshot")
+        super().restore(state)
+
+    def rings(self):
+        if self.intercept is not None:
+            raise NotImplementedError("virtio-blk with fault injection or rate limiters does not "
+                                      "support snapshots")
+        return {i: r for i, r in enumerate(self._rings) if r is not None}
+
     def close(self):
         """Flush and close the image (idempotent)."""
-        if self._engine is not None:
-            self._engine.close()          # waits for requests in flight
-            self._engine = None
+        engines, self._engines = self._engines, []
+        for eng in engines:
+            eng.close()           # waits for requests in flight
         fd, self.fd = self.fd, -1
         self._rings = []
         icpt, self.intercept = self.intercept, None

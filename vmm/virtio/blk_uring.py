@@ -4,9 +4,11 @@ an io_uring (native/src/uring.c) on a kick and the kick returns at once; their
 completions are reaped in C when the ring's eventfd fires on the I/O loop,
 and only then is the used ring updated and the driver interrupted.
 
-    eng = UringEngine(blk, queue_size, ioloop)    # raises OSError if unavailable
+    eng = UringEngine(blk, queue_size, ioloop, index=0)   # OSError if unavailable
     eng.submit(ring, interrupt) -> (completed, irq, err, ioerr, more)
-    eng.drain(); eng.close()
+    eng.finish()   # wait for requests in flight and complete them
+    eng.drain()    # wait for them and drop them (reset)
+    eng.close()
 
 Without an I/O loop (unit tests driving the device on their own thread) a
 kick waits for its own requests, so the device behaves synchronously.
@@ -29,7 +31,8 @@ def available():
 
 
 class UringEngine:
-    def __init__(self, blk, entries, ioloop=None):
+    def __init__(self, blk, entries, ioloop=None, index=0):
+        self.index = index                # the queue this ring serves
         self._blk = blk                   # struct pv_blk * (fd, capacity, readonly)
         self._ioloop = ioloop
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if ioloop else -1
@@ -52,8 +55,8 @@ class UringEngine:
         return lib.pv_uring_inflight(self._u)
 
     def submit(self, ring, interrupt):
-        """Take the queue's new requests, at most the device's budget; returns
-        (completed now, irq, err, ioerr, more: the budget ran out)."""
+        """Take the queue's new requests (at most the device's budget);
+        returns (completed now, irq, err, ioerr, more)."""
         with self._lock:
             self._ring, self._interrupt = ring, interrupt
             res = self._res
@@ -79,7 +82,20 @@ class UringEngine:
         self.stats["reaped"] += completed
         self.on_reaped(completed, ioerr)
         if irq:
-            interrupt.used(0)
+            interrupt.used(self.index)
+
+    def finish(self):
+        """Wait for every request in flight and complete it (used ring, interrupt)."""
+        with self._lock:
+            ring, interrupt = self._ring, self._interrupt
+            if ring is None or ring.broken or self._u is None:
+                return
+            res = self._res
+            lib.pv_blk_uring_reap(ring.vq, self._blk, self._u, 1, res)
+            completed, irq, ioerr = res.completed, res.interrupt, res.ioerr
+        self.on_reaped(completed, ioerr)
+        if irq:
+            interrupt.used(self.index)
 
     def on_reaped(self, completed, ioerr):
         """Hook for the device's counters."""
