@@ -133,10 +133,7 @@ def guest_snapshot(tmp_path_factory):
     make_scratch_ext4(snap.disk)
     with open(snap.pci_disk, "wb") as f:
         f.write(os.urandom(1 << 20))
-    # clocksource=jiffies: on a heavily loaded software-KVM host the guest's
-    # periodic tick catch-up after the switch to kvm-clock can livelock the
-    # boot (status board 21:55-22:02, as the vsock and harden tests do).
-    cmdline = guest.DEFAULT_CMDLINE + " clocksource=jiffies"
+    cmdline = guest.DEFAULT_CMDLINE
     run_args = ["--drive", f"file={snap.disk}", "--drive", f"file={snap.pci_disk},transport=pci-legacy"]
     steps = ["wait:shell ready", "wait:/ # "]
     if snap.has_net:
