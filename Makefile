@@ -78,7 +78,11 @@ $(FUZZ_BIN)/vsock: native/fuzz/fuzz_vsock.c native/fuzz/fuzz_common.h native/src
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_vsock.c native/src/virtq.c native/src/vsock.c -o $@
 
-fuzz-build: fuzz-deps $(FUZZ_BIN)/virtq $(FUZZ_BIN)/blk $(FUZZ_BIN)/net $(FUZZ_BIN)/vsock $(PYTHON)
+$(FUZZ_BIN)/uring: native/fuzz/fuzz_uring.c native/fuzz/fuzz_common.h native/src/virtq.c native/src/blk.c native/src/uring.c native/include/*.h
+	@mkdir -p $(FUZZ_BIN)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_uring.c native/src/virtq.c native/src/blk.c native/src/uring.c -o $@
+
+fuzz-build: fuzz-deps $(FUZZ_BIN)/virtq $(FUZZ_BIN)/blk $(FUZZ_BIN)/net $(FUZZ_BIN)/vsock $(FUZZ_BIN)/uring $(PYTHON)
 	$(PYTHON) -m pip install -q -e '.[test,fuzz]'
 
 fuzz: fuzz-build

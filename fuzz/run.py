@@ -28,8 +28,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BUILD = os.path.join(ROOT, "build", "fuzz")
-NATIVE = ("virtq", "blk", "net", "vsock")
+NATIVE = ("virtq", "blk", "net", "vsock", "uring")
 PER_INPUT_TIMEOUT = 10          # seconds: a longer input is a hang
+STARTUP = 2                     # seconds a target takes to start and load its corpus
 
 
 def python_targets():
@@ -71,7 +72,7 @@ def parse(log):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=60, help="budget per target")
-    ap.add_argument("--total", type=int, help="budget for all targets, split evenly")
+    ap.add_argument("--total", type=int, help="wall-clock budget for all targets together, shared as it goes")
     ap.add_argument("--only", help="comma-separated target names")
     ap.add_argument("--list", action="store_true", help="print the targets and exit")
     args = ap.parse_args(argv)
@@ -85,14 +86,18 @@ def main(argv=None):
     if args.list:
         print("\n".join(targets))
         return 0
-    seconds = max(1, args.total // len(targets)) if args.total else args.seconds
+    start = time.monotonic()
     os.makedirs(os.path.join(BUILD, "artifacts"), exist_ok=True)
     env = dict(os.environ, PYTHONPATH=ROOT)
     # leaks are findings too (on by default; explicit so an inherited setting cannot drop it)
     env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":detect_leaks=1"
     env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
     results, failed = {}, []
-    for name in targets:
+    for i, name in enumerate(targets):
+        seconds = args.seconds
+        if args.total:      # the wall-clock budget left, shared by the targets left
+            left = args.total - (time.monotonic() - start)
+            seconds = max(1, int(left / (len(targets) - i)) - STARTUP)
         work = os.path.join(BUILD, "corpus", name)
         os.makedirs(work, exist_ok=True)
         cmd = target_cmd(name, seconds, work)

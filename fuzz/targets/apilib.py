@@ -17,9 +17,8 @@ the server, or an error logged by the VMM (fuzzlib's trap).
 import json
 import logging
 import os
-import tempfile
 
-from fuzzlib import Broken, check, check_no_errors
+from fuzzlib import Broken, check, check_no_errors, scratch_path
 
 from vmm.api import controller as ctl
 
@@ -29,14 +28,12 @@ _dir = None
 def scratch():
     global _dir
     if _dir is None:
-        _dir = tempfile.mkdtemp(prefix="pyvmm-fuzz-api-")
+        _dir = scratch_path("api")
+        os.makedirs(_dir, exist_ok=True)
         with open(os.path.join(_dir, "disk.img"), "wb") as f:
             f.write(bytes(4096))
         with open(os.path.join(_dir, "vmlinux"), "wb") as f:
             f.write(b"\x7fELF")
-        import atexit
-        import shutil
-        atexit.register(shutil.rmtree, _dir, True)
     return _dir
 
 

@@ -112,15 +112,25 @@ def guest_memory():
     return _mem
 
 
+def scratch_path(kind):
+    """A per-process scratch path, pyvmm-fuzz-<kind>-<pid>, on tmpfs when
+    there is one.  libFuzzer ends the process with _exit (no atexit), so
+    the ones of processes that are gone are removed here instead."""
+    import glob
+    import shutil
+    d = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    for old in glob.glob(os.path.join(d, f"pyvmm-fuzz-{kind}-*")):
+        pid = old.rsplit("-", 1)[1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(old, True) if os.path.isdir(old) else os.unlink(old)
+    return os.path.join(d, f"pyvmm-fuzz-{kind}-{os.getpid()}")
+
+
 def disk_image():
     """A 64 KiB image on tmpfs when there is one, rewritten for each input."""
     global _image
     if _image is None:
-        d = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        fd, _image = tempfile.mkstemp(prefix="pyvmm-fuzz-", suffix=".img", dir=d)
-        os.close(fd)
-        import atexit
-        atexit.register(lambda: os.path.exists(_image) and os.unlink(_image))
+        _image = scratch_path("img")
     with open(_image, "wb") as f:
         f.write(bytes(range(256)) * (IMAGE_SIZE // 256))
     return _image

@@ -118,7 +118,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
         uint16_t from = vq.used_idx;
         int broken = vq.broken;
+        fz_tr.call_pops = 0;
+        fz_tr.pop_limit = budget;
         int r = pv_blk_process(&vq, &blk, &chain, &res);
+        fz_tr.pop_limit = 0;
         FZ_CHECK(r == res.error, "return %d vs res.error %d", r, res.error);
         FZ_CHECK(image_size() == IMG_SECTORS * 512, "image grew to %lld bytes",
                  (long long)image_size());

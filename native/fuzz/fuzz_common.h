@@ -290,6 +290,7 @@ struct fz_track {
     uint64_t write_len[2][PV_VQ_MAX_SIZE];     /* of the last chain popped at that head */
     uint8_t *last_byte[2][PV_VQ_MAX_SIZE];     /* its last writable byte */
     uint32_t pops, pushes;
+    uint32_t call_pops, pop_limit;             /* chains taken in this engine call, bound */
     int status_last;                           /* blk: last writable byte is a status */
 };
 static struct fz_track fz_tr;
@@ -320,6 +321,11 @@ int __wrap_pv_vq_pop(struct pv_vq *vq, struct pv_chain *c)
     fz_check_chain(vq, c);
     int q = fz_qi(vq);
     fz_tr.pops++;
+    /* a budgeted engine call takes at most its budget of chains: else a
+     * guest can keep the I/O thread in one call for as long as it likes */
+    if (fz_tr.pop_limit)
+        FZ_CHECK(++fz_tr.call_pops <= fz_tr.pop_limit, "one call took more than %u chains",
+                 fz_tr.pop_limit);
     fz_tr.outstanding[q][c->head]++;
     fz_tr.write_len[q][c->head] = c->write_len;
     fz_tr.last_byte[q][c->head] = NULL;
@@ -349,7 +355,9 @@ void __wrap_pv_vq_push(struct pv_vq *vq, uint16_t head, uint32_t len)
              (unsigned long long)fz_tr.write_len[q][head]);
     /* virtio 1.1 §5.2.6: the device wrote the request's status (OK, IOERR
      * or UNSUPP) into the chain's last byte before completing it */
-    if (fz_tr.status_last)
+    /* (only when the head is held once: a guest that re-posts a head still
+     * in flight -- possible with the io_uring engine -- makes it ambiguous) */
+    if (fz_tr.status_last && fz_tr.outstanding[q][head] == 1)
         FZ_CHECK(fz_tr.last_byte[q][head] && *fz_tr.last_byte[q][head] <= 2,
                  "completed head %u with status byte %d", head,
                  fz_tr.last_byte[q][head] ? *fz_tr.last_byte[q][head] : -1);

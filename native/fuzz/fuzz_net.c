@@ -6,7 +6,8 @@
  * MRG_RXBUF, bit1 the 10-byte legacy header (without MRG_RXBUF), bit2 the queue is
  * the transmit queue (else receive); byte 13: the per-call budget (0: the
  * default).  Ops: inject a frame from the peer (any length up to 128 KiB),
- * run the engine (rx or tx), or rewrite guest memory.
+ * run the engine (rx or tx), hand a frame to pv_net_rx_held as the slow
+ * path (vmm/virtio/intercept.py) does, or rewrite guest memory.
  * Invariants, besides fuzz_common.h's pop/push tracking:
  * - used.idx advances by exactly res.completed, never more than the budget
  *   (tx); an error leaves the queue broken;
@@ -77,11 +78,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             (void)send(sv[1], frame, len, MSG_DONTWAIT);
             break;
         }
+        case 3:                                    /* the slow path hands over a frame */
+            if (tx || !(op & 0x40)) {
+                fz_op_guest_write(&in);
+                break;
+            }
+            net.pending = (uint32_t)fz_take(&in, 3) % (PV_NET_SINK_SIZE + 1);
+            memset(sink, (int)fz_take(&in, 1), net.pending);
+            /* fall through: deliver it with pv_net_rx_held */
         case 1: {                                  /* a kick / a readable tap */
             uint16_t from = vq.used_idx;
             int broken = vq.broken;
             uint64_t pk = net.tx_packets, by = net.tx_bytes;
-            int r = tx ? pv_net_tx(&vq, &net, &chain, &res) : pv_net_rx(&vq, &net, &chain, &res);
+            int r = tx ? pv_net_tx(&vq, &net, &chain, &res)
+                       : op % 4 == 3 ? pv_net_rx_held(&vq, &net, &chain, &res)
+                                     : pv_net_rx(&vq, &net, &chain, &res);
             FZ_CHECK(r == res.error, "return %d vs res.error %d", r, res.error);
             fz_allow_used(&vq, from, res.completed);
             fz_allow_avail_event(&vq);

@@ -8,9 +8,10 @@
  * established connections (1-3, each a socketpair: the device's end and the
  * "host application's" end, small socket buffers so the pend ring fills);
  * byte 13: our buf_alloc; byte 14: the guest's buf_alloc; byte 15: the
- * credit-update threshold.  Ops: transmit, receive, poll, the application
- * writes / reads / half-closes, a second vCPU writes guest memory, queue an
- * RST, flush a connection, post an event.
+ * credit-update threshold.  Ops: transmit (packets the C path hands over
+ * get vsock_mux.py's treatment: SHUTDOWN, CREDIT_REQUEST, RST), receive,
+ * poll, the application writes / reads / half-closes, a second vCPU writes
+ * guest memory, queue an RST, flush a connection, post an event.
  * Invariants, besides fuzz_common.h's pop/push tracking:
  * - per connection, pend_len == rx_cnt - fwd_cnt <= buf_alloc (we never hold
  *   more than the credit we advertised), and fwd_cnt counts exactly the
@@ -127,6 +128,50 @@ static void teardown(void)
     }
 }
 
+/* What vmm/virtio/vsock_mux.py does with a packet the C path hands over
+ * (res->hdr): the parts that feed back into the C state (SHUTDOWN flags and
+ * a flush, CREDIT_REQUEST -> CREDIT_UPDATE, RST for nonsense). */
+static void python_side(const struct pv_vsock_result *res)
+{
+    struct {
+        uint64_t src_cid, dst_cid;
+        uint32_t src_port, dst_port, len;
+        uint16_t type, op;
+        uint32_t flags, buf_alloc, fwd_cnt;
+    } __attribute__((packed)) h;
+    memcpy(&h, res->hdr, sizeof(h));
+    int slot = -1;
+    for (int i = 0; i < NCONN; i++)
+        if (conns[i].state != PV_VSOCK_ST_FREE && conns[i].local_port == h.dst_port &&
+            conns[i].peer_port == h.src_port)
+            slot = i;
+    if (h.op == PV_VSOCK_OP_RST)
+        return;
+    if (slot < 0 || h.src_cid != GUEST_CID || h.dst_cid != PV_VSOCK_HOST_CID) {
+        pv_vsock_queue_rst(&vs, h.dst_port, h.src_port);
+        return;
+    }
+    struct pv_vsock_conn *k = &conns[slot];
+    if (k->state != PV_VSOCK_ST_ESTABLISHED || k->pending & PV_VSOCK_P_RST)
+        return;
+    k->peer_buf_alloc = h.buf_alloc;
+    k->peer_fwd_cnt = h.fwd_cnt;
+    if (h.op == PV_VSOCK_OP_SHUTDOWN) {
+        if (h.flags & PV_VSOCK_SHUT_RCV)
+            k->flags |= PV_VSOCK_C_PEER_SHUT_RCV;
+        if (h.flags & PV_VSOCK_SHUT_SEND)
+            k->flags |= PV_VSOCK_C_PEER_SHUT_SEND;
+        if ((k->flags & (PV_VSOCK_C_PEER_SHUT_RCV | PV_VSOCK_C_PEER_SHUT_SEND)) ==
+            (PV_VSOCK_C_PEER_SHUT_RCV | PV_VSOCK_C_PEER_SHUT_SEND))
+            k->flags |= PV_VSOCK_C_CLOSE_AFTER_FLUSH;
+        pv_vsock_flush(&vs, (uint32_t)slot);
+    } else if (h.op == PV_VSOCK_OP_CREDIT_REQUEST) {
+        k->pending |= PV_VSOCK_P_CREDIT_UPDATE;
+    } else {
+        k->pending = PV_VSOCK_P_RST;
+    }
+}
+
 static void run_engine(struct pv_vq *vq, int tx)
 {
     struct pv_vsock_result res;
@@ -147,6 +192,8 @@ static void run_engine(struct pv_vq *vq, int tx)
         FZ_CHECK(res.completed == 0 && r == -broken, "broken queue used");
     if (r < 0)
         FZ_CHECK(vq->broken == -r, "error %d but queue not broken", r);
+    if (tx && res.state == 1)
+        python_side(&res);
     if (!tx)
         for (int i = 0; i < NCONN; i++)
             FZ_CHECK((uint32_t)(conns[i].tx_cnt - tx_cnt[i]) <= credit[i],

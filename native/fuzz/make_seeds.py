@@ -167,6 +167,10 @@ def blk_seeds():
             g.op(KICK, WR, (0x400 + 16 + 8 if "discard" in name or "zero" in name else 0x400, 2),
                  (3, 1), (0x7FFF_FFFF_FFFF_FFFF, 8), KICK, KICK)
             write("blk", name + ("-nozr" if extra else ""), g.bytes())
+            if not extra:       # the io_uring engine: submit, reap, reap waiting for all
+                g.ops = b""
+                g.op(0, 2, 0x82, 3, (0x400, 2), (3, 1), (0, 8), 0, 0x82)
+                write("uring", name, g.bytes())
 
 
 def net_seeds():
@@ -190,8 +194,8 @@ def net_seeds():
 def vsock_seeds():
     TX, RX, POLL, WRITE, READ, SHUT = 0, 2, 4, 5, 6, 7
 
-    def pkt(op, length=0, src_port=2000, dst_port=1000, buf_alloc=65536, fwd_cnt=0):
-        return struct.pack("<QQIIIHHIII", 3, 2, src_port, dst_port, length, 1, op, 0,
+    def pkt(op, length=0, src_port=2000, dst_port=1000, buf_alloc=65536, fwd_cnt=0, flags=0):
+        return struct.pack("<QQIIIHHIII", 3, 2, src_port, dst_port, length, 1, op, flags,
                            buf_alloc, fwd_cnt)
 
     # receive queue rings at 0x800 (descriptors), 0x900, 0xA00
@@ -218,6 +222,23 @@ def vsock_seeds():
         g.op((WRITE, 1), (100, 2), (0x61, 1), (WRITE | 0x10, 1), (3000, 2), (0x62, 1), POLL,
              TX, RX, READ, POLL, RX, (SHUT, 1), POLL, RX, TX, (9, 1), (0, 1), (5, 4), (6, 4), RX)
         write("vsock", name, g.bytes())
+    # a 12000-byte RW (three descriptors over the same 4000 bytes) fills the
+    # small socket buffer: the rest waits in pend until the application
+    # reads and EPOLLOUT flushes it; then SHUTDOWN both ways (RST after flush)
+    g = Guest(extra=bytes([0, 2, 2, 4]) + rxq)
+    g.heap = 0xC00
+    h, d = g.alloc(44), R1
+    g.put(h, pkt(5, 12000, buf_alloc=65536))
+    g.put(d, bytes([0x5A]) * 4000)
+    g.chain([(h, 44, False), (d, 4000, False), (d, 4000, False), (d, 4000, False)])
+    s = g.alloc(44)
+    g.put(s, pkt(4, flags=3))                       # SHUT_RCV | SHUT_SEND
+    g.chain([(s, 44, False)])
+    g.desc, g.avail, g.next_desc, g.avail_idx = 0x800, 0x900, 0, 0
+    for k in range(2):
+        g.chain([(g.alloc(44), 44, True), (g.alloc(512), 512, True)])
+    g.op(TX, READ, POLL, (9, 1), (1, 1), READ, POLL, TX, POLL, RX, RX, READ)
+    write("vsock", "pend-flush-shutdown", g.bytes())
 
 
 if __name__ == "__main__":
