@@ -3,7 +3,7 @@
     python -m bench [--quick] [--only NAME[,NAME...]] [--budget MINUTES]
 
 Modules, in order: boot, startup, exits, pio, blk, net, starve, api, vsock,
-faults, memory, startstop, inguest, guest (those booting Linux guests last).  Each
+faults, snapshot, memory, startstop, inguest, guest (those booting Linux guests last).  Each
 runs in a child process (`python -m bench --child ...`, which imports the
 module and calls its main(argv)) with a time limit, so a missing, failing or
 hanging module is recorded in bench/results/run.json and the report, and the
@@ -47,6 +47,7 @@ MODULES = {
     "vsock": (["--reps", "5"], ["--reps", "3", "--mib", "64", "--idle", "2"], 300),
     "faults": (["--reps", "5"], ["--reps", "3", "--requests", "12800", "--frames", "12800",
                                   "--seconds", "2"], 300),
+    "snapshot": (["--reps", "5"], ["--reps", "3"], 1200),
     "inguest": (["--reps", "1", "--total", "1380"], ["--reps", "1", "--vmms", "pyvmm-mmio,qemu"], 1500),
     "memory": (["--guest", "both", "--reps", "5", "--linux-reps", "1"],
                ["--guest", "tiny", "--reps", "3"], 900),

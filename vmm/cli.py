@@ -15,6 +15,8 @@ from vmm.kvm.system import KvmUnavailable
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.memory import GuestMemoryError
 from vmm.native import NativeError
+from vmm.kvm.state import StateError
+from vmm.snapshot import SnapshotError
 from vmm.seccomp import SeccompError
 
 EXIT_USAGE = 2
@@ -101,6 +103,8 @@ def build_parser():
     r.add_argument("--trace-exits", metavar="FILE",
                    help="write every port I/O and MMIO exit (address, size, direction, "
                         "device) as one JSON line to FILE")
+    r.add_argument("--track-dirty-pages", action="store_true",
+                   help="turn on KVM's dirty page log so Diff snapshots can be taken")
     r.add_argument("--no-seccomp", action="store_true",
                    help="do not confine the VMM's threads with seccomp filters (for debugging; "
                         "see README, Security)")
@@ -114,7 +118,89 @@ def build_parser():
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=API_HELP, epilog=STATUS_HELP)
     add_api_arguments(a)
+    add_restore_parser(sub)
     return p
+
+
+def add_restore_parser(sub):
+    r = sub.add_parser("restore", help="continue a VM from a snapshot",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STATUS_HELP,
+                       description="Rebuild a VM in this process from a snapshot's state file "
+                                   "and memory file (mapped copy-on-write, never modified) and "
+                                   "continue it.  Disks and taps are reopened at the paths the "
+                                   "snapshot names unless overridden.")
+    r.add_argument("--snapshot", metavar="PATH", required=True, help="the state file")
+    r.add_argument("--mem", metavar="PATH", required=True,
+                   help="the memory file (for a Diff snapshot: its base's full memory file)")
+    r.add_argument("--mem-diff", metavar="PATH",
+                   help="a Diff snapshot's own memory file, applied over --mem")
+    r.add_argument("--resume", action="store_true",
+                   help="run the guest at once (otherwise it waits, paused, for the API)")
+    r.add_argument("--drive", metavar="file=PATH", action="append", default=[],
+                   help="replace the backing file of the snapshot's disks, in order (the "
+                        "first --drive replaces the first disk); the image must have the same "
+                        "size; other options stay as in the snapshot")
+    r.add_argument("--net", metavar="tap=NAME", action="append", default=[],
+                   help="use another tap for the snapshot's NICs, in order (the MAC stays)")
+    r.add_argument("--serial", metavar="stdio|file:PATH", default="stdio",
+                   help="where the guest's serial console goes (default stdio)")
+    r.add_argument("--timeout", metavar="SECONDS", type=float,
+                   help="stop the guest after this many seconds (exit status 124)")
+    r.add_argument("--track-dirty-pages", action="store_true",
+                   help="log dirty pages from here on (for a Diff snapshot of the restored VM)")
+    r.add_argument("--api-sock", metavar="PATH",
+                   help="serve the control API on this Unix socket (resume, pause, snapshot)")
+    r.add_argument("--no-seccomp", action="store_true",
+                   help="do not confine the VMM's threads with seccomp filters (for debugging)")
+    s = sub.add_parser("snapshot", help="snapshot a running VM through its API socket",
+                       description="Pause the VM served on --api-sock (pyvmm run/restore/api "
+                                   "--api-sock), write its state and memory files, and resume it "
+                                   "unless --leave-paused.")
+    s.add_argument("--api-sock", metavar="PATH", required=True)
+    s.add_argument("--snapshot", metavar="PATH", required=True, help="state file to write")
+    s.add_argument("--mem", metavar="PATH", required=True, help="memory file to write")
+    s.add_argument("--type", choices=("Full", "Diff"), default="Full",
+                   help="Diff: only pages changed since the last snapshot (VM started with "
+                        "--track-dirty-pages)")
+    s.add_argument("--leave-paused", action="store_true", help="do not resume the VM afterwards")
+    s.add_argument("--debug", action="store_true")
+    r.add_argument("--debug", action="store_true", help="log VMM internals to stderr")
+
+
+def open_serial(spec):
+    if spec.startswith("file:"):
+        path = spec[5:]
+        try:
+            return open(path, "wb", buffering=0)
+        except OSError as e:
+            raise UsageError(f"cannot open serial output {path}: {e.strerror}") from None
+    if spec != "stdio":
+        raise UsageError(f"--serial must be stdio or file:PATH, not {spec!r}")
+    return None
+
+
+def restore_config(args):
+    """MachineConfig for `pyvmm restore`: everything checked (state file,
+    memory file size, disks) before a VM is built."""
+    from vmm import snapshot
+    from vmm.devices import spec_from_options
+    restore = snapshot.load(args.snapshot, args.mem, args.mem_diff)
+    saved = restore.device_options()
+    drives = [i for i, o in enumerate(saved) if o.get("kind") == "drive"]
+    nics = [i for i, o in enumerate(saved) if o.get("kind") == "net"]
+    if len(args.drive) > len(drives) or len(args.net) > len(nics):
+        raise UsageError(f"the snapshot has {len(drives)} disks and {len(nics)} NICs; "
+                         f"more --drive/--net overrides were given")
+    overrides = dict(zip(drives, args.drive))
+    overrides.update(zip(nics, args.net))
+    devices = [spec_from_options(o, overrides.get(i)) for i, o in enumerate(saved)]
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    st = restore.state
+    return MachineConfig(kernel="", cmdline=st.get("cmdline", ""), mem_size=int(st["mem_size"]),
+                         cpus=len(st["vcpus"]), devices=devices, serial_out=open_serial(args.serial),
+                         timeout=args.timeout, track_dirty_pages=args.track_dirty_pages,
+                         restore=restore, seccomp=not args.no_seccomp)
 
 
 def config_from_args(args):
@@ -151,12 +237,19 @@ def config_from_args(args):
                          cmdline=args.cmdline if args.cmdline is not None else guest.DEFAULT_CMDLINE,
                          mem_size=args.mem, cpus=args.cpus, cpu_template=args.cpu_template,
                          serial_out=serial_out, timeout=args.timeout,
+                         track_dirty_pages=args.track_dirty_pages,
                          seccomp=not args.no_seccomp)
 
 
 def run(args):
     from vmm import console
-    config = config_from_args(args)
+    if args.command == "restore":
+        if not args.resume and not args.api_sock:
+            raise UsageError("restore without --resume leaves the VM paused: give --resume, or "
+                             "--api-sock to resume it through the API")
+        config = restore_config(args)
+    else:
+        config = config_from_args(args)
     server = None
     try:
         machine = Machine(config)
@@ -167,7 +260,7 @@ def run(args):
             if args.api_sock:
                 server = _serve_api(args.api_sock, machine)
             with console.Console(machine):
-                status = machine.run()
+                status = machine.run(start_paused=args.command == "restore" and not args.resume)
         finally:
             if server is not None:
                 server.close()
@@ -201,7 +294,32 @@ def main(argv=None):
     if args.command == "api":
         from vmm.api.cli import run_api
         return guarded(run_api, args)
+    if args.command == "snapshot":
+        return guarded(snapshot_command, args)
     return guarded(run, args)
+
+
+def snapshot_command(args):
+    """`pyvmm snapshot`: PATCH /vm Paused, PUT /snapshot/create, PATCH /vm
+    Resumed, as a user would with curl."""
+    from vmm.api.client import ApiClient, ApiRequestError
+    try:
+        with ApiClient(args.api_sock, timeout=600) as api:
+            was = api.get("/")["state"]
+            api.patch("/vm", {"state": "Paused"})
+            try:
+                api.put("/snapshot/create", {"snapshot_type": args.type,
+                                             "snapshot_path": os.path.abspath(args.snapshot),
+                                             "mem_file_path": os.path.abspath(args.mem)})
+            finally:
+                if was == "Running" and not args.leave_paused:
+                    api.patch("/vm", {"state": "Resumed"})
+    except ApiRequestError as e:
+        raise SnapshotError(e.message) from None
+    except OSError as e:
+        raise SnapshotError(f"cannot reach the API socket {args.api_sock}: "
+                            f"{e.strerror or e}") from None
+    return 0
 
 
 def guarded(fn, args):
@@ -236,7 +354,8 @@ def error_status(e):
     if isinstance(e, (UsageError, DeviceSpecError, ConfigError)):
         return EXIT_USAGE
     if isinstance(e, (KernelError, KvmUnavailable, CpuidError, GuestMemoryError, NativeError,
-                      ValueError, MemoryError, OSError, ApiSocketError, VirtioError, SeccompError)):
+                      ValueError, MemoryError, OSError, ApiSocketError, VirtioError,
+                      SnapshotError, StateError, SeccompError)):
         return EXIT_ERROR
     return None
 

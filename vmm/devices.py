@@ -222,6 +222,12 @@ class DriveSpec(VirtioSpec):
             raise DeviceSpecError(f"drive: disk image {path}: no such file")
         return self
 
+    def snapshot_options(self):
+        """What a restore needs to reopen this disk (vmm/snapshot.py)."""
+        return {"kind": "drive", "file": self.path, "readonly": self.readonly,
+                "serial": self.serial, "transport": self.transport_name,
+                "queues": getattr(self, "queues", 1), "id": getattr(self, "drive_id", None)}
+
     def open_device(self):
         from vmm.virtio import BlkDevice
         dev = BlkDevice(self.path, readonly=self.readonly, serial=self.serial,
@@ -277,6 +283,12 @@ class NetSpec(VirtioSpec):
     def attach(self, machine, cmdline):
         self._ioloop = machine.ioloop()     # the tap is polled by the I/O thread
         return super().attach(machine, cmdline)
+
+    def snapshot_options(self):
+        dev = self.transport.device
+        return {"kind": "net", "tap": self.tap_name, "mac": dev.mac.hex(":"),
+                "transport": self.transport_name, "queues": getattr(self, "queues", 1),
+                "id": getattr(self, "iface_id", None)}
 
     def open_device(self):
         from vmm.tap import Tap
@@ -364,6 +376,9 @@ class RngSpec(VirtioSpec):
         self._ioloop = machine.ioloop()     # rate-limiter timers run on the I/O thread
         return super().attach(machine, cmdline)
 
+    def snapshot_options(self):
+        return {"kind": "rng", "transport": self.transport_name}
+
     def open_device(self):
         from vmm.virtio.rng import RngDevice
         return RngDevice(rate_limiter=self.rate_limiter, ioloop=self._ioloop)
@@ -411,3 +426,41 @@ def _open_writers(slow, kind):
     if "pcap" in conf:
         conf["pcap"] = PcapWriter(conf["pcap"])
     return conf
+
+
+def spec_from_options(opts, override=None):
+    """Rebuild a --drive/--net spec from snapshot_options() for a restore;
+    `override` (the text of a --drive/--net given to `pyvmm restore`)
+    replaces the backend: file= for a disk, tap= for a NIC; the transport
+    and the guest-visible options stay the snapshot's."""
+    opts = dict(opts)
+    kind = opts.pop("kind", None)
+    ident = opts.pop("id", None)          # the API's drive_id / iface_id
+    if kind == "drive":
+        cls, keep = DriveSpec, {"transport", "queues"}
+    elif kind == "net":
+        cls, keep = NetSpec, {"transport", "mac", "queues"}
+    elif kind == "rng":
+        cls, keep = RngSpec, {"transport"}
+    else:
+        raise DeviceSpecError(f"snapshot has a device of unknown kind {kind!r}")
+    if override is not None:
+        what = "--drive" if kind == "drive" else "--net"
+        given = parse_options(override, what, cls.KEYS)
+        for k in keep:
+            if k in given and str(given[k]) != str(opts.get(k)):
+                raise DeviceSpecError(f"{what}: {k} cannot change on restore "
+                                      f"(the snapshot has {opts.get(k)})")
+        opts.update(given)
+    parts = []
+    for k, v in opts.items():
+        if v is None or v is False:
+            continue
+        v = "on" if v is True else str(v)
+        if "," in v:
+            raise DeviceSpecError(f"snapshot device option {k}={v!r} contains a comma")
+        parts.append(f"{k}={v}")
+    spec = cls(",".join(parts))
+    if ident is not None:
+        setattr(spec, "drive_id" if kind == "drive" else "iface_id", ident)
+    return spec

@@ -50,6 +50,8 @@ class MachineConfig:
     serial_in: Optional[int] = None          # fd to read console input from
     timeout: Optional[float] = None
     devices: List[object] = field(default_factory=list)
+    track_dirty_pages: bool = False          # KVM dirty log on, for diff snapshots
+    restore: Optional[object] = None         # a vmm.snapshot.Restore: build from a snapshot
     seccomp: bool = False      # confine every thread once built (vmm/seccomp.py); the CLI's default
 
 
@@ -89,6 +91,10 @@ class Machine:
     # -- construction --------------------------------------------------------
     def _build(self):
         c = self.config
+        if c.restore is not None:       # a snapshot: no kernel, state from the files
+            from vmm import snapshot
+            snapshot.build(self, c.restore)
+            return
         if not 1 <= c.cpus <= mptable.MAX_CPUS:
             raise ValueError(f"--cpus must be between 1 and {mptable.MAX_CPUS}")
         template = cpuid.resolve(c.cpu_template)
@@ -100,7 +106,9 @@ class Machine:
         self.kvm = Kvm()
         self.vm = Vm(self.kvm)
         self.vm.setup_platform()
-        self.vm.add_memory(self.memory)
+        self.vm.add_memory(self.memory, log_dirty=c.track_dirty_pages)
+        if c.track_dirty_pages:
+            self.memory.track_device_writes(True)
 
         self._add_legacy_devices()
         cmdline = " ".join(filter(None, [c.cmdline, cpuid.kernel_args(template)]))
@@ -137,8 +145,9 @@ class Machine:
         self.pio_bus.register(COM1_PORT, 8, self.serial)
         self.i8042 = I8042(lambda: self.stop("reset", "guest reset (i8042)"), irq=self._kbd_irq)
         self.pio_bus.register(DATA_PORT, 5, self.i8042)
-        self.pio_bus.register(PVPANIC_PORT, 1, PvPanic(
-            lambda ev: self.stop("panic", f"guest kernel panic (pvpanic event 0x{ev:x})")))
+        self.pvpanic = PvPanic(
+            lambda ev: self.stop("panic", f"guest kernel panic (pvpanic event 0x{ev:x})"))
+        self.pio_bus.register(PVPANIC_PORT, 1, self.pvpanic)
 
     def ioloop(self):
         """The I/O thread servicing the eventfds of the device being attached
@@ -228,9 +237,12 @@ class Machine:
             self.stop("poweroff", "guest halted with interrupts off (power off)")
 
     # -- running -------------------------------------------------------------
-    def run(self):
-        """Run until the guest stops; returns the exit status."""
+    def run(self, start_paused=False):
+        """Run until the guest stops; returns the exit status.  With
+        `start_paused` the vCPUs wait for resume() (a restored VM)."""
         install_kick_handler()
+        if start_paused:
+            self.pause()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             if self.config.seccomp:     # before any guest I/O can reach them
@@ -243,6 +255,9 @@ class Machine:
                 self.threads.append(t)
             for t in self.threads:
                 t.start()
+            if self.config.restore is not None:     # bench/snapshot.py reads this line
+                log.debug("restore: vCPUs running at %.6f (%.1f ms after Machine())",
+                          time.time(), (time.monotonic() - self.t_start) * 1000)
             if self.config.seccomp:     # last: threads created later would inherit it
                 seccomp.apply("main")
             deadline = None if self.config.timeout is None else time.monotonic() + self.config.timeout

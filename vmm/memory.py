@@ -31,22 +31,58 @@ class GuestMemory:
     on first use: it costs ~45 ms of VMM start-up that booting does not need).
     """
 
-    def __init__(self, size):
+    def __init__(self, size, backing=None):
+        """`backing`: a path or fd of a snapshot memory file to map
+        MAP_PRIVATE instead of anonymous memory (restore: pages load on
+        demand, the file is never written, many VMs may share it)."""
         if size < MIN_MEM or size > MAX_MEM:
             raise ValueError(f"memory size {size} out of range ({MIN_MEM // MiB} MiB .. 1 TiB)")
         if size % (4 * KiB):
             raise ValueError("memory size must be a multiple of 4 KiB")
         self.size = size
-        ptr = lib.pv_alloc_ram(size, HUGE_ALIGN, 1)
-        if ptr == ffi.NULL:
-            raise MemoryError(f"cannot map {size} bytes of guest memory")
+        self.backing = backing
+        if backing is None:
+            ptr = lib.pv_alloc_ram(size, HUGE_ALIGN, 1)
+            if ptr == ffi.NULL:
+                raise MemoryError(f"cannot map {size} bytes of guest memory")
+        else:
+            ptr = _map_file(backing, size)
         self._ptr = ptr
         self.host_base = int(ffi.cast("uintptr_t", ptr))
         self._mv = memoryview(ffi.buffer(ptr, size))
+        self.device_dirty = None     # numpy uint8 per page while tracking device writes
         low = min(size, MMIO_HOLE_START)
         self.regions = [(0, low, 0)]
         if size > low:
             self.regions.append((MMIO_HOLE_END, size - low, low))
+
+    def track_device_writes(self, on=True):
+        """Keep a byte per page that devices set when they may write it
+        (native/src/virtq.c mark_dirty): KVM's dirty log only sees guest
+        writes, a diff snapshot needs both.  Rings made after this call see it."""
+        import numpy as np
+        self.device_dirty = np.zeros(self.size // 4096, dtype=np.uint8) if on else None
+
+    def take_device_dirty(self):
+        """Pages devices wrote since the last call (bool per page), cleared."""
+        import numpy as np
+        if self.device_dirty is None:
+            return np.zeros(self.size // 4096, dtype=bool)
+        out = self.device_dirty.astype(bool)
+        self.device_dirty[:] = 0
+        return out
+
+    def mark_dirty(self, offset, length):
+        """Python-side device writes (PyRing): as mark_dirty in virtq.c."""
+        if self.device_dirty is not None and length > 0:
+            self.device_dirty[offset // 4096:(offset + length - 1) // 4096 + 1] = 1
+
+    def pages_in_use(self):
+        """One byte per 4 KiB page, 1 where the page holds anything but
+        zeros: what a memory file must store.  Plain Python (no numpy
+        import: it may run on a seccomp-confined API thread)."""
+        mv, zero = self._mv, bytes(4096)
+        return bytearray(mv[off:off + 4096] != zero for off in range(0, self.size, 4096))
 
     @functools.cached_property
     def array(self):
@@ -99,3 +135,23 @@ class GuestMemory:
 
     def write_int(self, gpa, value, size):
         self.write(gpa, int(value).to_bytes(size, "little"))
+
+
+def _map_file(backing, size):
+    import os
+    fd = backing if isinstance(backing, int) else None
+    try:
+        if fd is None:
+            fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
+        have = os.fstat(fd).st_size
+        if have != size:
+            raise GuestMemoryError(f"memory file {backing}: {have} bytes, the snapshot's guest "
+                                   f"has {size}")
+        err = ffi.new("int *")
+        ptr = lib.pv_map_file(fd, size, err)
+        if ptr == ffi.NULL:
+            raise OSError(err[0], f"cannot map memory file {backing}: {os.strerror(err[0])}")
+        return ptr
+    finally:
+        if fd is not None and not isinstance(backing, int):
+            os.close(fd)

@@ -50,6 +50,10 @@ ALLOW = {
     "vcpu": COMMON + (
         "ioctl", "read", "readv", "writev", "preadv", "pwritev", "pread64", "pwrite64",
         "fdatasync", "fallocate", "epoll_ctl",
+        # virtio-vsock transmit queue without an ioeventfd: payloads to the host
+        # socket, guest-initiated connects, half-closes, the OK line, closes
+        "sendmsg", "sendto", "socket", "connect", "shutdown", "close", "timerfd_settime",
+
         "io_uring_enter",   # io_engine=io_uring: a notification without ioeventfd submits
     ),
     # One per device: epoll over its eventfds (and a tap); virtio-blk reads,
@@ -59,6 +63,15 @@ ALLOW = {
     "io": COMMON + (
         "epoll_wait", "epoll_pwait", "epoll_ctl", "read", "readv", "writev",
         "preadv", "pwritev", "pread64", "pwrite64", "fdatasync", "fallocate", "ioctl",
+        # virtio-vsock's host side (vmm/virtio/vsock_mux.py, native/src/vsock.c):
+        # accepting on uds_path and reading the CONNECT line (recvfrom), the
+        # OK line (sendto), payloads (sendmsg/readv), guest-initiated
+        # connections to uds_path_PORT (socket, connect), half-closes
+        # (shutdown), closing connections, the connect-timeout timerfd;
+        # Python's accept() checks the new fd (getsockname, getsockopt)
+        "accept4", "recvfrom", "sendto", "sendmsg", "socket", "connect", "shutdown",
+        "close", "timerfd_settime", "getsockname", "getsockopt",
+
         "io_uring_enter",   # io_engine=io_uring: submit on a kick, reap on the ring's eventfd
     ),
     # Reads stdin (select with a timeout) and feeds the UART: its interrupt
@@ -75,6 +88,11 @@ ALLOW = {
         "pselect6", "epoll_wait", "epoll_pwait", "epoll_ctl", "fstat", "newfstatat",
         "fcntl", "ioctl", "lseek", "openat", "flock", "fdatasync", "fsync", "statx",
         "unlink",
+        # PUT /snapshot/create (vmm/snapshot.py): the state and memory files are
+        # written beside their destination (sized with ftruncate, pages with
+        # pwrite64) and renamed into place.
+        "ftruncate", "pwrite64", "rename", "renameat", "renameat2",
+
         "io_uring_enter",   # io_engine=io_uring: requests in flight finish before a swap
     ),
 }

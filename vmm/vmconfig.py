@@ -156,7 +156,7 @@ class VmConfig:
                              cmdline=self.cmdline(), mem_size=m.mem_size_mib << 20,
                              cpus=m.vcpu_count, cpu_template=CPU_TEMPLATES[m.cpu_template],
                              serial_out=serial_out, serial_in=serial_in, timeout=timeout,
-                             devices=devices)
+                             devices=devices, track_dirty_pages=m.track_dirty_pages)
 
     @classmethod
     def from_machine_config(cls, mc):
@@ -164,7 +164,8 @@ class VmConfig:
         from vmm.devices import DriveSpec, NetSpec, VsockSpec
         cfg = cls(boot_source=BootSource(mc.kernel, mc.initrd, mc.cmdline),
                   machine=MachineCfg(vcpu_count=mc.cpus, mem_size_mib=mc.mem_size >> 20,
-                                     cpu_template="None"))
+                                     cpu_template="None",
+                                     track_dirty_pages=bool(getattr(mc, "track_dirty_pages", False))))
         nd = nn = 0
         for dev in mc.devices:
             if isinstance(dev, DriveSpec):
@@ -196,8 +197,6 @@ def check_machine(m):
         raise ConfigError("mem_size_mib must be at least 1")
     if m.smt:
         raise ConfigError("smt=true is not supported by pyvmm (vCPUs are presented as cores)")
-    if m.track_dirty_pages:
-        raise ConfigError("track_dirty_pages is not supported yet (diff snapshots, issue #11)")
     if m.huge_pages != "None":
         raise ConfigError(f"huge_pages {m.huge_pages!r} is not supported by pyvmm (only \"None\")")
     if m.cpu_template not in CPU_TEMPLATES:

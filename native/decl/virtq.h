@@ -33,6 +33,9 @@ struct pv_region {
 struct pv_mem {
     uint32_t nregions;
     struct pv_region r[...];
+    uint8_t *dirty;
+    uint8_t *dirty_base;
+    uint64_t dirty_pages;
     ...;
 };
 

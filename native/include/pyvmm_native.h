@@ -15,6 +15,10 @@ void *pv_alloc_ram(size_t size, size_t align, int hugepages);
 int pv_free_ram(void *addr, size_t size);
 size_t pv_kvm_run_offset(int which);
 
+/* state.c: snapshot helpers */
+long pv_get_dirty_log(int vmfd, uint32_t slot, void *bitmap);
+void *pv_map_file(int fd, size_t size, int *err);
+
 #include "pyvmm_virtq.h"
 #include "pyvmm_net.h"
 #include "pyvmm_seccomp.h"

@@ -43,6 +43,13 @@ struct pv_region {
 struct pv_mem {
     uint32_t nregions;
     struct pv_region r[PV_MEM_MAX_REGIONS];
+    /* Dirty page tracking for diff snapshots (NULL: off): one byte per 4 KiB
+     * page of the host mapping starting at dirty_base, set to 1 for every
+     * page the device may write (writable buffers of popped chains, the used
+     * ring); KVM's dirty log does not see writes made by the VMM. */
+    uint8_t *dirty;
+    uint8_t *dirty_base;
+    uint64_t dirty_pages;
 };
 
 struct pv_vq {

@@ -85,6 +85,21 @@ int pv_mem_translate(const struct pv_mem *mem, uint64_t gpa, uint64_t len, void 
     return -PV_VQ_E_RANGE;
 }
 
+/* Mark the pages of [host, host+len) dirty for a diff snapshot.  SAFETY:
+ * `host` came from pv_mem_translate on this mem, so it lies inside the
+ * mapping; pages outside the tracked range are ignored all the same. */
+static void mark_dirty(const struct pv_mem *mem, const volatile void *host, uint64_t len)
+{
+    if (!mem->dirty || len == 0)
+        return;
+    uintptr_t base = (uintptr_t)mem->dirty_base, p = (uintptr_t)host;
+    if (p < base)
+        return;
+    uint64_t first = (p - base) >> 12, last = (p - base + len - 1) >> 12;
+    for (uint64_t i = first; i <= last && i < mem->dirty_pages; i++)
+        mem->dirty[i] = 1;
+}
+
 /* §2.6: descriptor table 16*size (align 16), available ring 6+2*size
  * (align 2), used ring 6+8*size (align 4); the trailing used_event /
  * avail_event words are included whether or not EVENT_IDX is negotiated. */
@@ -194,6 +209,9 @@ int pv_vq_pop(struct pv_vq *vq, struct pv_chain *c)
             return fail(vq, PV_VQ_E_NEXT);
         i = d.next;
     }
+    if (vq->mem->dirty)
+        for (uint32_t k = c->nread; k < c->nseg; k++)
+            mark_dirty(vq->mem, c->iov[k].iov_base, c->iov[k].iov_len);
     vq->last_avail++;
     return 1;
 }
@@ -208,6 +226,7 @@ void pv_vq_push(struct pv_vq *vq, uint16_t head, uint32_t len)
     vq->used_idx++;
     __atomic_thread_fence(__ATOMIC_RELEASE);    /* element (and data) before the index */
     st16(vq->used + 2, vq->used_idx);
+    mark_dirty(vq->mem, vq->used, 6 + 8 * (size_t)vq->size);
 }
 
 /* §2.6.7.2 (used buffer notification suppression): with EVENT_IDX, interrupt
@@ -236,8 +255,10 @@ int pv_vq_need_interrupt(struct pv_vq *vq)
 int pv_vq_notify_on_next(struct pv_vq *vq)
 {
     uint16_t idx = pv_vq_avail_idx(vq);
-    if (vq->flags & PV_VQ_F_EVENT_IDX)
+    if (vq->flags & PV_VQ_F_EVENT_IDX) {
         st16(vq->used + 4 + 8 * (size_t)vq->size, idx);
+        mark_dirty(vq->mem, vq->used + 4 + 8 * (size_t)vq->size, 2);
+    }
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return ld16(vq->avail + 2) != idx;
 }
@@ -247,8 +268,10 @@ int pv_vq_notify_on_next(struct pv_vq *vq)
  * just before the store is not missed.  Returns 1 if more work is there. */
 int pv_vq_enable_notify(struct pv_vq *vq)
 {
-    if (vq->flags & PV_VQ_F_EVENT_IDX)
+    if (vq->flags & PV_VQ_F_EVENT_IDX) {
         st16(vq->used + 4 + 8 * (size_t)vq->size, vq->last_avail);
+        mark_dirty(vq->mem, vq->used + 4 + 8 * (size_t)vq->size, 2);
+    }
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return ld16(vq->avail + 2) != vq->last_avail;
 }

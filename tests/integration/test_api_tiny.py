@@ -228,3 +228,40 @@ def test_drives_attach_and_swap_under_a_running_tiny_guest(vmm_api, tmp_path):
     assert out.wait_for(len(out.data) + 5)                # the guest still runs
     p.terminate()
     assert p.wait(20) == STATUS["signal"]
+
+
+@pytest.mark.parametrize("kind", ["api", "main"])
+def test_pyvmm_api_confines_its_threads_once_started(tmp_path, kind):
+    """As `pyvmm run`: after InstanceStart the API thread and the main thread
+    run under their seccomp filters (the self-test makes a forbidden call
+    right after the filter is in); --no-seccomp leaves them unconfined."""
+    k = T.make_elf(T.TICKER, str(tmp_path / "g.elf"))
+    for extra, confined in (([], True), (["--no-seccomp"], False)):
+        sock = str(tmp_path / f"sc{len(extra)}.sock")
+        env = dict(os.environ, PYVMM_SECCOMP_SELFTEST=kind)
+        p = subprocess.Popen([sys.executable, "-m", "vmm", "api", "--api-sock", sock, *extra],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, env=env)
+        try:
+            assert wait_for_socket(sock, 20, p)
+            with ApiClient(sock) as api:
+                assert api.get("/")["state"] == "Not started"     # unconfined before the VM
+                api.put("/boot-source", {"kernel_image_path": k})
+                api.put("/machine-config", {"vcpu_count": 1, "mem_size_mib": 32})
+                try:
+                    api.action("InstanceStart")
+                except OSError:
+                    pass                   # the VMM may end before it answers
+            if confined:
+                rc = p.wait(30)
+                err = p.stderr.read().decode()
+                assert rc == -31 and f"{kind} thread made a forbidden system call: sync" in err, err
+            else:
+                time.sleep(1)
+                assert p.poll() is None
+                p.terminate()
+                assert p.wait(20) == STATUS["signal"]
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)

@@ -62,7 +62,4 @@ def test_guest_panic_gives_panic_status(default_guest):
     assert "pvpanic" in err
 
 
-def test_reboot_exits_zero(default_guest):
-    rc, out, err = pyvmm("--cmdline", BASE + " pyvmm.test=reboot")
-    assert "pyvmm-guest: done" in out, out[-3000:]
-    assert rc == STATUS["reset"], err
+# reboot and poweroff from the shell: test_snapshot_guest.py (from a restored guest).

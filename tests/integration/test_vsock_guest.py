@@ -21,7 +21,7 @@ from vmm.machine import STATUS
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm")]
 
-TIMEOUT = 600
+TIMEOUT = 1200          # s; the 16 MiB echo runs through the emulated guest kernel
 SIZE = 16 << 20
 
 

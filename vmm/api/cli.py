@@ -18,7 +18,6 @@ IGNORED_FLAGS = {
     "--boot-timer": False,
     "--seccomp-level": True,
     "--seccomp-filter": True,
-    "--no-seccomp": False,
     "--start-time-us": True,
     "--start-time-cpu-us": True,
     "--parent-cpu-time-us": True,
@@ -45,6 +44,9 @@ def add_api_arguments(p):
     p.add_argument("--log-path", metavar="P", help="write the VMM log to this file or FIFO")
     p.add_argument("--level", metavar="L", help="log level: Error, Warning, Info, Debug, Trace, Off")
     p.add_argument("--metrics-path", metavar="M", help="write JSON metrics lines to this file or FIFO")
+    p.add_argument("--no-seccomp", action="store_true",
+                   help="do not confine the VMM's threads with seccomp filters once the VM is "
+                        "built (as `pyvmm run --no-seccomp`)")
     p.add_argument("--debug", action="store_true", help="VMM internals on stderr")
 
 
@@ -59,7 +61,7 @@ def run_api(args):
         sock = "/run/firecracker.socket"
     return serve(api_sock=sock, config_file=args.config_file, instance_id=args.id,
                  log_path=args.log_path, level=args.level, metrics_path=args.metrics_path,
-                 debug=args.debug)
+                 debug=args.debug, use_seccomp=not args.no_seccomp)
 
 
 def version_text():
@@ -115,6 +117,10 @@ def firecracker_main(argv=None):
         name = a.split("=", 1)[0]
         if name in IGNORED_FLAGS:
             takes = IGNORED_FLAGS[name] and "=" not in a
+            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if takes and i + 1 < len(argv)
+                                                          else None)
+            if name == "--seccomp-level" and value == "0":
+                kept.append("--no-seccomp")       # Firecracker's level 0: no filters
             ignored.append(name)
             i += 2 if takes else 1
             continue

@@ -17,6 +17,7 @@ from vmm import vmconfig as vc
 from vmm.api import routes
 from vmm.api.metrics import Metrics
 from vmm.api.schema import API_VERSION, ApiError, validate
+from vmm.api.snapshot import SnapshotMixin
 
 log = logging.getLogger("pyvmm.api")
 
@@ -34,6 +35,7 @@ BEFORE_BOOT = "the requested operation is not supported before starting the micr
 class StartRequest:
     def __init__(self, machine_config):
         self.machine_config = machine_config
+        self.start_paused = False
         self.error = None
         self.done = threading.Event()
 
@@ -42,7 +44,7 @@ class StartRequest:
         self.done.set()
 
 
-class Controller:
+class Controller(SnapshotMixin):
     def __init__(self, instance_id="anonymous-instance", config=None, metrics=None):
         self.instance_id = instance_id
         self.config = config or vc.VmConfig()
@@ -249,18 +251,24 @@ class Controller:
         if self._starting:
             raise ApiError("InstanceStart: the microVM is already starting")
         mc = self.config.to_machine_config()       # ConfigError -> 400
+        return self._start_machine(mc)
+
+    def _start_machine(self, mc, start_paused=False, what="InstanceStart"):
+        """Hand `mc` to the main thread to build and run (paused if asked:
+        a snapshot loaded without resume_vm) and wait for the outcome."""
         req = StartRequest(mc)
+        req.start_paused = start_paused
         self._starting = True
         self._lock.release()      # GET / keeps answering while the VM is built
         try:
             self._starts.put(req)
             if not req.done.wait(START_TIMEOUT):
-                raise ApiError(f"InstanceStart: the VM was not built within {START_TIMEOUT:g} s")
+                raise ApiError(f"{what}: the VM was not built within {START_TIMEOUT:g} s")
         finally:
             self._lock.acquire()
             self._starting = False
         if req.error is not None:
-            raise ApiError(f"InstanceStart: {req.error}")
+            raise ApiError(f"{what}: {req.error}")
         return None
 
     # -- post-boot ------------------------------------------------------------------
@@ -358,7 +366,7 @@ def _check_image(path, readonly, current=None):
     """The image exists and no other process holds its lock (as BlkDevice takes it)."""
     if not os.path.exists(path):
         raise ApiError(f"disk image {path}: no such file")
-    if current is not None and os.path.realpath(path) == os.path.realpath(current):
+    if current is not None and os.path.samefile(path, current):   # stat only (seccomp "api")
         return
     try:
         fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)

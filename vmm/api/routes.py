@@ -56,8 +56,10 @@ ROUTES = [
     Route("/metrics", {"PUT": ("Metrics", "put_metrics")}, "metrics"),
     Route("/vsock", {"PUT": ("Vsock", "put_vsock")}, "vsock"),
     # Resources other issues implement: refused plainly until then.
-    Route("/snapshot/create", unsupported="snapshots are not supported yet (issue #11)"),
-    Route("/snapshot/load", unsupported="snapshots are not supported yet (issue #11)"),
+    Route("/snapshot/create", {"PUT": ("SnapshotCreateParams", "put_snapshot_create")},
+          "create_snapshot"),
+    Route("/snapshot/load", {"PUT": ("SnapshotLoadParams", "put_snapshot_load")},
+          "load_snapshot"),
     Route("/entropy", unsupported="the entropy device is not supported yet (issue #12)"),
     Route("/balloon", unsupported="the balloon device is not supported by pyvmm"),
     Route("/balloon/statistics", unsupported="the balloon device is not supported by pyvmm"),

@@ -97,7 +97,7 @@ class _Signals:
 
 
 def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log_path=None,
-          level=None, metrics_path=None, debug=False, stdin_console=True):
+          level=None, metrics_path=None, debug=False, stdin_console=True, use_seccomp=True):
     """Run one microVM under the control API; returns the exit status."""
     ctl = Controller(instance_id, metrics=Metrics())
     logger = {}
@@ -111,21 +111,27 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
         _put(ctl, "/metrics", {"metrics_path": metrics_path}, "--metrics-path")
     server = None
     machine = None
+    start_paused = False
     with _Signals() as sig:
         try:
             if api_sock is not None:
                 server = ApiServer(api_sock, ctl.handle, tick=ctl.tick)
-                server.start()
+                server.bind()           # clients can connect from here on
+            # recorded before the first request can be served
             ctl.metrics.startup.update(zip(("process_startup_time_us",
                                             "process_startup_time_cpu_us"),
                                            process_start_times()))
+            if server is not None:
+                server.start()
             # The VMM's modules (KVM, cffi, devices) load now, after the socket
             # is accepting, while the client configures the VM.
-            from vmm import console
-            from vmm.machine import STATUS, Machine
+            from vmm import cli, console  # noqa: F401 (cli: what `pyvmm run` has loaded,
+            from vmm.machine import STATUS, Machine  # so nothing imports once confined)
             if config_file is not None:
                 apply_config_file(ctl, config_file)
-                machine = Machine(ctl.config.to_machine_config())
+                mc = ctl.config.to_machine_config()
+                mc.seccomp = use_seccomp
+                machine = Machine(mc)
             else:
                 while machine is None:
                     if sig.received is not None:
@@ -134,6 +140,7 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
                     if req is None:
                         continue
                     try:
+                        req.machine_config.seccomp = use_seccomp
                         machine = Machine(req.machine_config)
                     except Exception as e:     # reported to the client; keep serving
                         log.debug("InstanceStart failed", exc_info=True)
@@ -141,17 +148,25 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
                             dev.close()
                         req.finish(str(e) or type(e).__name__)
                         continue
+                    start_paused = req.start_paused      # a snapshot loaded without resume_vm
+                    if start_paused:
+                        machine.pause()                  # "Paused" before the client hears back
                     ctl.attach(machine)
                     req.finish()
             ctl.attach(machine)
             if sig.received is not None:
                 machine.stop("signal", f"stopped by {signal.Signals(sig.received).name}")
+            if use_seccomp:             # as `pyvmm run`: every thread confined once built
+                from vmm import seccomp
+                seccomp.enable()
+                if server is not None:
+                    server.confine("api")
             try:
                 if stdin_console:
                     with console.Console(machine):
-                        status = machine.run()
+                        status = machine.run(start_paused=start_paused)
                 else:
-                    status = machine.run()
+                    status = machine.run(start_paused=start_paused)
             finally:
                 machine.close()
             if machine.stop_reason not in ("poweroff", "reset", "quit") or debug:

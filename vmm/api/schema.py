@@ -78,6 +78,20 @@ SCHEMAS = {
     "Vm": {
         "state": F(str, required=True, enum=("Paused", "Resumed")),
     },
+    "SnapshotCreateParams": {
+        "snapshot_type": F(str, enum=("Full", "Diff")),
+        "snapshot_path": F(str, required=True),
+        "mem_file_path": F(str, required=True),
+    },
+    "SnapshotLoadParams": {
+        "snapshot_path": F(str, required=True),
+        "mem_file_path": F(str),
+        "mem_backend": F(dict),
+        "enable_diff_snapshots": F(bool),
+        "track_dirty_pages": F(bool),
+        "resume_vm": F(bool),
+        "network_overrides": F(list),
+    },
     "Logger": {
         "log_path": F(str),
         "level": F(str, enum=("Error", "Warning", "Info", "Debug", "Trace", "Off"), ci=True),

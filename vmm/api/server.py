@@ -116,6 +116,7 @@ class ApiServer:
         self._stop = False
         self._conns = {}
         self._wake_r = self._wake_w = None
+        self._confine = None            # (kind, Event): apply a seccomp filter on the thread
 
     # -- lifecycle ------------------------------------------------------------------
     def bind(self):
@@ -145,6 +146,16 @@ class ApiServer:
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._thread = threading.Thread(target=self._run, name="pyvmm-api", daemon=True)
         self._thread.start()
+
+    def confine(self, kind="api", timeout=5.0):
+        """Have the server thread install the seccomp filter `kind` (a filter
+        can only be installed by the thread itself); waits until it has."""
+        if self._thread is None:
+            return
+        done = threading.Event()
+        self._confine = (kind, done)
+        os.write(self._wake_w, b"c")
+        done.wait(timeout)
 
     def close(self):
         if self._thread is not None:
@@ -188,6 +199,13 @@ class ApiServer:
             seccomp.apply("api")
         next_tick = time.monotonic() + TICK
         while not self._stop:
+            if self._confine is not None:
+                (kind, done), self._confine = self._confine, None
+                try:
+                    if seccomp is not None:
+                        seccomp.apply(kind)
+                finally:
+                    done.set()
             try:
                 events = self._sel.select(max(0.0, next_tick - time.monotonic()))
             except InterruptedError:

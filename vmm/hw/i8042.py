@@ -56,6 +56,20 @@ class I8042:
         if self.control & CB_KBD_INT:
             self.irq()
 
+    # -- snapshot ----------------------------------------------------------------
+    def state(self):
+        with self.lock:
+            return {"status": self.status, "control": self.control, "outp": self.outp,
+                    "cmd": self.cmd, "buf": bytes(self.buf).hex()}
+
+    def restore(self, st):
+        with self.lock:
+            self.status, self.control = int(st["status"]) & 0xFF, int(st["control"]) & 0xFF
+            self.outp, self.cmd = int(st["outp"]) & 0xFF, int(st["cmd"]) & 0xFF
+            self.buf = bytearray(bytes.fromhex(st["buf"])[:BUF_SIZE])
+        if self.buf:
+            self._interrupt()       # a key the guest had not read yet: tell it again
+
     def trigger_ctrl_alt_del(self):
         """Queue Ctrl, Alt, Del (4 bytes) and raise IRQ 1; raises I8042Error if
         the guest has not drained earlier keys."""

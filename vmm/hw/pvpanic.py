@@ -10,6 +10,12 @@ class PvPanic:
     def __init__(self, on_event):
         self.on_event = on_event
 
+    def state(self):
+        return {}          # no registers: reads return a constant
+
+    def restore(self, st):
+        pass
+
     def read(self, offset, size):
         return PVPANIC_PANICKED | PVPANIC_CRASH_LOADED
 

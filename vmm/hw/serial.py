@@ -67,6 +67,27 @@ class Serial:
         with self.lock:
             return FIFO_SIZE - len(self.rx)
 
+    # -- snapshot ------------------------------------------------------------
+    _REGS = ("ier", "lcr", "mcr", "lsr", "msr", "scr", "dll", "dlm", "fcr")
+
+    def state(self):
+        """Registers, the receive FIFO and the interrupt state, as a dict."""
+        with self.lock:
+            st = {k: getattr(self, k) for k in self._REGS}
+            st.update(rx=list(self.rx), thr_pending=self.thr_pending, level=self._level)
+            return st
+
+    def restore(self, st):
+        """Load state(); a pending interrupt is raised again (the line is
+        driven from scratch in the new VM)."""
+        with self.lock:
+            for k in self._REGS:
+                setattr(self, k, int(st[k]) & 0xFF)
+            self.rx = collections.deque(int(b) & 0xFF for b in st["rx"][:FIFO_SIZE])
+            self.thr_pending = bool(st["thr_pending"])
+            self._level = False
+            self._update_irq()
+
     # -- registers -----------------------------------------------------------
     def _read(self, off):
         dlab = self.lcr & LCR_DLAB

@@ -10,7 +10,7 @@ IOAPIC only) together with every MSI route devices asked for.
 import os
 import threading
 
-from vmm.native import NativeError, ffi, ioctl, lib
+from vmm.native import NativeError, check, ffi, ioctl, lib
 
 # Addresses KVM needs for its own use on Intel (three pages for the TSS, one
 # for the EPT identity map), placed just below the 4 GiB boundary inside the
@@ -43,6 +43,8 @@ class Vm:
         self.kvm = kvm
         self.fd = ioctl(kvm.fd, "KVM_CREATE_VM", 0)
         self._slots = 0
+        self.memory_slots = []      # (slot, gpa, size, host offset)
+        self.log_dirty = False
         self._routing_lock = threading.Lock()
         self._msi_routes = {}           # gsi -> (address, data)
         self._next_gsi = IOAPIC_PINS    # MSI GSIs come after the IOAPIC's pins
@@ -57,16 +59,31 @@ class Vm:
         pit.flags = lib.KVM_PIT_SPEAKER_DUMMY
         ioctl(self.fd, "KVM_CREATE_PIT2", pit)
 
-    def add_memory(self, memory):
-        """Register every slot of a GuestMemory."""
+    def add_memory(self, memory, log_dirty=False):
+        """Register every slot of a GuestMemory; `log_dirty` turns on KVM's
+        dirty page log for them (KVM_MEM_LOG_DIRTY_PAGES, for diff snapshots)."""
+        self.log_dirty = bool(log_dirty)
         for gpa, size, off in memory.regions:
             region = ffi.new("struct kvm_userspace_memory_region *")
             region.slot = self._slots
+            region.flags = lib.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0
+            self.memory_slots.append((self._slots, gpa, size, off))
             region.guest_phys_addr = gpa
             region.memory_size = size
             region.userspace_addr = memory.host_base + off
             ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", region)
             self._slots += 1
+
+    def dirty_log(self):
+        """KVM_GET_DIRTY_LOG for every slot (reads and clears the log): a list
+        of (host offset, bitmap bytes), one bit per 4 KiB page (KVM API doc 4.8)."""
+        out = []
+        for slot, _gpa, size, off in self.memory_slots:
+            pages = size // 4096
+            bitmap = ffi.new("uint64_t[]", (pages + 63) // 64)
+            check(lib.pv_get_dirty_log(self.fd, slot, bitmap), "KVM_GET_DIRTY_LOG")
+            out.append((off, bytes(ffi.buffer(bitmap))[:(pages + 7) // 8]))
+        return out
 
     def set_irq_line(self, gsi, level):
         irq = ffi.new("struct kvm_irq_level *")

@@ -266,6 +266,28 @@ class BlkDevice(vd.VirtioDevice):
             finally:
                 os.close(old_fd)
 
+    # --- snapshots (vmm/virtio/device.py) ---
+    def state(self):
+        st = super().state()
+        st.update(path=self.path, readonly=self.readonly, serial=self.serial.hex(),
+                  capacity=self.capacity, native=self.native)
+        return st
+
+    def restore(self, state):
+        if int(state["capacity"]) != self.capacity:
+            raise BlkError(f"disk image {self.path}: {self.capacity} sectors, the snapshot's "
+                           f"disk had {state['capacity']}")
+        if bool(state["readonly"]) != self.readonly:
+            raise BlkError(f"disk image {self.path}: read-only must be "
+                           f"{'on' if state['readonly'] else 'off'} as in the snapshot")
+        super().restore(state)
+
+    def rings(self):
+        if self.intercept is not None:
+            raise NotImplementedError("virtio-blk with fault injection or rate limiters does not "
+                                      "support snapshots")
+        return {i: r for i, r in enumerate(self._rings) if r is not None}
+
     def close(self):
         """Flush and close the image (idempotent)."""
         engines, self._engines = self._engines, []

@@ -13,6 +13,34 @@ decode registers and run the status state machine; a device only sees:
 - `queue_notify(index)` for each driver notification (§2.7.13 / §4.2.3.3),
 - `reset()` (§2.1 status write of 0, §2.4), and `close()`.
 
+Snapshots (vmm/snapshot.py) add three methods; a device that has not
+implemented `rings()` cannot be snapshotted (the snapshot is refused with
+one line, never written half):
+
+- `state()` -> dict of plain JSON values (ints, strings, bools, lists,
+  dicts; bytes as hex): everything device-specific the driver could have
+  seen or changed, plus the options needed to reopen the backend (image
+  path, tap name, MAC), and `acked_features`.  The base class saves
+  `acked_features`; a subclass extends the dict.
+- `restore(state)` loads it into a freshly constructed device (backend
+  already reopened, not yet activated) and refuses a backend that no longer
+  matches (e.g. a disk of another size) with its VirtioError.
+- `rings()` -> {queue index: ring walker (NativeRing/PyRing)} of an
+  activated device.  The transport saves each queue as a QueueState
+  (vmm/virtio/queue.py: size, ready, ring addresses, next_avail, next_used,
+  EVENT_IDX bookkeeping) and, on restore, re-activates the device with the
+  programmed queues and puts its walkers back where they were, so the
+  driver continues without a reset.
+
+The transport side (Transport.state()/restore() in transport.py, extended
+by each transport for its own registers: mmio's feature selectors, PCI
+config space and BAR addresses) wraps the device's dict; after a restore
+`Transport.restart()` raises any interrupt that was pending and re-checks
+every queue (a kick that was in flight when the VM paused is not lost).
+Devices must finish their in-flight work before `state()` is called: the
+Machine pauses the vCPUs and then stops the I/O thread, so every handler
+has returned.
+
 A device raises its own VirtioError subclass; a malformed queue (a guest bug)
 is reported with `interrupt.needs_reset(reason)`, never by raising.
 """
@@ -100,6 +128,20 @@ class VirtioDevice:
 
     def reset(self):
         self.acked_features = 0
+
+    # --- snapshots (see the module docstring) ---
+    def state(self):
+        return {"acked_features": self.acked_features}
+
+    def restore(self, state):
+        acked = int(state["acked_features"])
+        if acked & ~self.features:
+            raise VirtioError(f"{type(self).__name__}: snapshot acked features 0x{acked:x} "
+                              f"that this device does not offer (0x{self.features:x})")
+        self.acked_features = acked
+
+    def rings(self):
+        raise NotImplementedError(f"{type(self).__name__} does not support snapshots")
 
     def close(self):
         pass

@@ -47,6 +47,7 @@ _QUEUE_ADDR = {QUEUE_DESC_LOW: ("desc", 0), QUEUE_DESC_HIGH: ("desc", 32),
 class VirtioMmio(Transport):
     WINDOW = 0x200
     NAME = "virtio-mmio"
+    SNAPSHOT = True
 
     def __init__(self, device, mem, irq=None, register_ioeventfd=None, ioloop=None, legacy=False):
         if register_ioeventfd is not None and ioloop is None:
@@ -65,6 +66,18 @@ class VirtioMmio(Transport):
         self.device_features_sel = self.driver_features_sel = 0
         self.guest_page_size = 4096
         self._align = [4096] * len(self.queues)
+
+    # --- snapshots ---
+    def _extra_state(self):
+        return {"device_features_sel": self.device_features_sel,
+                "driver_features_sel": self.driver_features_sel,
+                "guest_page_size": self.guest_page_size, "align": list(self._align)}
+
+    def _restore_extra(self, st):
+        self.device_features_sel = int(st["device_features_sel"])
+        self.driver_features_sel = int(st["driver_features_sel"])
+        self.guest_page_size = int(st["guest_page_size"])
+        self._align = [int(a) for a in st["align"]][:len(self.queues)]
 
     # --- register access (vCPU thread) ---
     def read(self, offset, size):

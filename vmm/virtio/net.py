@@ -101,6 +101,12 @@ class NetDevice(vd.VirtioDevice):
         self.ioloop = ioloop
         self.max_pairs = queue_pairs
         self.ctrl_index = 2 * queue_pairs if queue_pairs > 1 else None
+        if self.ctrl_index is not None:
+            # The control queue's ring is walked in Python (PyRing), through
+            # numpy views of guest memory: import numpy now, at set-up, not
+            # on the vCPU thread at DRIVER_OK, where the thread's seccomp
+            # filter forbids the file-system calls an import makes.
+            import numpy  # noqa: F401
         self.queue_max_sizes = (queue_size,) * (2 * queue_pairs) + (
             (CTRL_QUEUE_SIZE,) if self.ctrl_index is not None else ())
         f = (vd.bit(vd.VIRTIO_F_VERSION_1) | vd.bit(vd.VIRTIO_F_RING_EVENT_IDX)
@@ -246,6 +252,28 @@ class NetDevice(vd.VirtioDevice):
             return False                  # a pair the driver never set up
         self._set_active_pairs(n)
         return True
+
+    # --- snapshots (vmm/virtio/device.py) ---
+    def state(self):
+        """A frame held for receive buffers (`pending`) is not kept: it
+        counts as a drop, as when the link loses a packet."""
+        st = super().state()
+        st.update(mac=self.mac.hex(), tap=getattr(self.backend, "name", None),
+                  stats=self.stats, kicks=list(getattr(self, "kicks", [])))
+        return st
+
+    def restore(self, state):
+        if bytes.fromhex(state["mac"]) != self.mac:
+            raise NetError(f"virtio-net: MAC {self.mac.hex(':')} differs from the snapshot's "
+                           f"{bytes.fromhex(state['mac']).hex(':')}")
+        super().restore(state)
+
+    def rings(self):
+        if self.max_pairs > 1 or self.intercept is not None:
+            raise NotImplementedError("virtio-net with queues>1, fault injection or rate limiters "
+                                      "does not support snapshots")
+        p = self._pairs[0]
+        return {i: r for i, r in ((RX, p.rx), (TX, p.tx)) if r is not None}
 
     def close(self):
         with self._lock:

@@ -68,6 +68,7 @@ def region_size(config_len):
 
 class VirtioPciLegacy(Transport):
     NAME = "virtio-pci"
+    SNAPSHOT = True
 
     def __init__(self, device, mem, irq_line=None, ioeventfd=None, ioloop=None):
         if ioeventfd is not None and ioloop is None:
@@ -98,6 +99,19 @@ class VirtioPciLegacy(Transport):
             if not self.interrupt_status:
                 self.pci.set_intx(0)
         return old
+
+    # --- snapshots: PCI config space (command, BAR addresses, interrupt line) ---
+    def _extra_state(self):
+        return {"pci_config": bytes(self.pci.config).hex(), "intx": self.pci._intx}
+
+    def _restore_extra(self, st):
+        config = bytes.fromhex(st["pci_config"])
+        if len(config) != len(self.pci.config) or config[:4] != bytes(self.pci.config[:4]):
+            raise vd.VirtioError("virtio-pci: snapshot config space is for another function")
+        self.pci.config[:] = config
+        self.pci._update_mappings()         # BARs where the guest put them (ioeventfds follow)
+        self.pci._line = 0
+        self.pci.set_intx(int(st.get("intx", 0)))
 
     # --- BAR0 moved by the guest (or by the bus playing firmware) ---
     def _bar_moved(self, bar, old, new):

@@ -13,6 +13,7 @@ Both have pop() -> Chain | None, push(head, length), need_interrupt(),
 enable_notify(); a malformed ring raises QueueError (and stays broken).
 """
 import struct
+from dataclasses import asdict, dataclass, fields
 
 from vmm.memory import GuestMemoryError
 from vmm.native import ffi, lib
@@ -66,9 +67,70 @@ class Virtqueue:
         self.ready = False
         self.desc = self.driver = self.device = 0
 
+    def state(self, ring=None):
+        """QueueState of this queue; `ring` is the device's walker, if active."""
+        qs = QueueState(self.size, bool(self.ready), self.desc, self.driver, self.device)
+        if ring is not None:
+            (qs.next_avail, qs.next_used, qs.signalled_used,
+             qs.signalled_valid) = ring_progress(ring)
+        return qs
+
+    def restore(self, qs):
+        self.size, self.ready = int(qs.size), bool(qs.ready)
+        self.desc, self.driver, self.device = int(qs.desc), int(qs.driver), int(qs.device)
+
     def __repr__(self):
         return (f"Virtqueue({self.index}, size={self.size}, ready={self.ready}, "
                 f"desc=0x{self.desc:x}, driver=0x{self.driver:x}, device=0x{self.device:x})")
+
+
+@dataclass
+class QueueState:
+    """One queue in a snapshot (as rust-vmm's virtio-queue QueueState): what
+    the transport programmed, and how far the device's ring walker got.
+    `next_avail`/`next_used` are the device's shadow indices (§2.6.6, §2.6.8),
+    `signalled_used`/`signalled_valid` the EVENT_IDX interrupt bookkeeping
+    (§2.6.7.2); they are meaningful only while the device is activated."""
+    size: int
+    ready: bool
+    desc: int
+    driver: int
+    device: int
+    next_avail: int = 0
+    next_used: int = 0
+    signalled_used: int = 0
+    signalled_valid: bool = False
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        missing = {"size", "ready", "desc", "driver", "device"} - set(d)
+        if missing:
+            raise ValueError(f"queue state lacks {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def ring_progress(ring):
+    """(next_avail, next_used, signalled_used, signalled_valid) of a ring walker."""
+    if isinstance(ring, NativeRing):
+        vq = ring.vq
+        return vq.last_avail, vq.used_idx, vq.signalled_used, bool(vq.signalled_valid)
+    return ring.last_avail, ring.used_idx, ring.signalled_used, bool(ring.signalled_valid)
+
+
+def set_ring_progress(ring, qs):
+    """Put a freshly initialised ring walker where the snapshot left it."""
+    vals = (qs.next_avail & 0xFFFF, qs.next_used & 0xFFFF, qs.signalled_used & 0xFFFF,
+            bool(qs.signalled_valid))
+    if isinstance(ring, NativeRing):
+        vq = ring.vq
+        vq.last_avail, vq.used_idx, vq.signalled_used, vq.signalled_valid = (
+            vals[0], vals[1], vals[2], int(vals[3]))
+    else:
+        ring.last_avail, ring.used_idx, ring.signalled_used, ring.signalled_valid = vals
 
 
 def native_mem(mem):
@@ -81,6 +143,11 @@ def native_mem(mem):
         m.r[i].gpa = gpa
         m.r[i].size = size
         m.r[i].host = ffi.cast("uint8_t *", mem.host_base + off)
+    dirty = getattr(mem, "device_dirty", None)
+    if dirty is not None:        # diff snapshots: devices mark the pages they write
+        m.dirty = ffi.cast("uint8_t *", dirty.ctypes.data)
+        m.dirty_base = ffi.cast("uint8_t *", mem.host_base)
+        m.dirty_pages = len(dirty)
     return m
 
 
@@ -227,6 +294,8 @@ class PyRing:
             off = self._host(addr, length)
             if flags & VRING_DESC_F_WRITE:
                 writable.append(arr[off:off + length])
+                if getattr(self.mem, "device_dirty", None) is not None:
+                    self.mem.mark_dirty(off, length)
             else:
                 if writable:
                     self._fail(E_ORDER)
@@ -243,6 +312,8 @@ class PyRing:
         struct.pack_into("<II", self._mv, self._used + 4 + 8 * (self.used_idx % self.size), head, length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         struct.pack_into("<H", self._mv, self._used + 2, self.used_idx)
+        if getattr(self.mem, "device_dirty", None) is not None:
+            self.mem.mark_dirty(self._used, 6 + 8 * self.size)
 
     def need_interrupt(self):
         if not self.event_idx:
@@ -257,4 +328,6 @@ class PyRing:
     def enable_notify(self):
         if self.event_idx:
             struct.pack_into("<H", self._mv, self._used + 4 + 8 * self.size, self.last_avail)
+            if getattr(self.mem, "device_dirty", None) is not None:
+                self.mem.mark_dirty(self._used, 6 + 8 * self.size)
         return self._u16(self._avail + 2) != self.last_avail

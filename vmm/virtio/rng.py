@@ -52,6 +52,13 @@ class RngDevice(vd.VirtioDevice):
             self._interrupt = interrupt
             self._paused = False
 
+    def rings(self):
+        """Snapshots (vmm/virtio/device.py): the one queue; a rate limiter's
+        buckets are not saved, so a limited device is refused."""
+        if self.rate_limiter is not None:
+            raise NotImplementedError("virtio-rng with a rate limiter does not support snapshots")
+        return {0: self._ring} if self._ring is not None else {}
+
     def reset(self):
         super().reset()
         with self._lock:

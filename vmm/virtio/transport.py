@@ -15,7 +15,7 @@ import threading
 
 from vmm.virtio import device as vd
 from vmm.virtio.ioloop import drain_eventfd, signal_eventfd
-from vmm.virtio.queue import Virtqueue
+from vmm.virtio.queue import QueueState, Virtqueue, set_ring_progress
 
 log = logging.getLogger("pyvmm.virtio")
 
@@ -96,6 +96,83 @@ class Transport(vd.Interrupt):
         self._close_notify_fds()
         with self._lock:
             self.device.close()
+
+    # --- snapshots (see vmm/virtio/device.py) ---
+    # A transport subclass sets this once _extra_state()/_restore_extra()
+    # cover every register it adds (mmio and legacy PCI do; modern virtio-pci
+    # with MSI-X not yet): a snapshot is refused rather than silently partial.
+    SNAPSHOT = False
+
+    def state(self):
+        """Transport registers, queues and the device's state, as a dict
+        (call with the I/O thread stopped and the vCPUs paused)."""
+        if not self.SNAPSHOT:
+            raise NotImplementedError(f"{type(self).__name__} ({self.NAME}) does not support "
+                                      "snapshots yet")
+        with self._lock:
+            rings = self.device.rings() if self.activated else {}
+            return {
+                "transport": self.NAME, "device_type": self.device.device_type,
+                "status": self.status, "interrupt_status": self.interrupt_status,
+                "driver_features": self.driver_features, "queue_sel": self.queue_sel,
+                "activated": self.activated, "pfn": list(self._pfn),
+                "config_generation": self.config_generation,
+                "needs_reset_reason": self.needs_reset_reason,
+                "queues": [q.state(rings.get(q.index)).to_dict() for q in self.queues],
+                "device": self.device.state(),
+                **self._extra_state(),
+            }
+
+    def restore(self, st):
+        """Load state() into this freshly attached transport; re-activates
+        the device with its rings where they were (no reset seen by the
+        driver).  Then call restart() once the VM is ready to run."""
+        if st.get("transport") != self.NAME or st.get("device_type") != self.device.device_type:
+            raise vd.VirtioError(f"snapshot has a {st.get('transport')} device of type "
+                                 f"{st.get('device_type')} here, not {self.NAME} type "
+                                 f"{self.device.device_type}")
+        if len(st["queues"]) != len(self.queues):
+            raise vd.VirtioError(f"{self.NAME}: snapshot has {len(st['queues'])} queues, "
+                                 f"the device {len(self.queues)}")
+        with self._lock:
+            self.device.restore(st["device"])
+            self.status = int(st["status"]) & 0xFF
+            self.interrupt_status = int(st["interrupt_status"])
+            self.driver_features = int(st["driver_features"])
+            self.queue_sel = int(st["queue_sel"])
+            self._pfn = [int(p) for p in st["pfn"]]
+            self.config_generation = int(st["config_generation"])
+            self.needs_reset_reason = st.get("needs_reset_reason")
+            states = [QueueState.from_dict(q) for q in st["queues"]]
+            for q, qs in zip(self.queues, states):
+                if qs.size > q.max_size and qs.ready:
+                    raise vd.VirtioError(f"{self.NAME}: snapshot queue {q.index} size {qs.size} "
+                                         f"above the device's {q.max_size}")
+                q.restore(qs)
+            self._restore_extra(st)
+            if st["activated"]:
+                self.device.activate(self.mem, self.queues, self)
+                self.activated = True
+                rings = self.device.rings()
+                for q, qs in zip(self.queues, states):
+                    if q.index in rings and rings[q.index] is not None:
+                        set_ring_progress(rings[q.index], qs)
+
+    def restart(self):
+        """After a restore: raise the interrupt the driver had not yet seen,
+        and look at every queue once (work queued while paused)."""
+        with self._isr_lock:
+            if self.interrupt_status:
+                self._raise_irq()
+        if self.activated:
+            for q in self.queues:
+                self.notify(q.index)
+
+    def _extra_state(self):
+        return {}
+
+    def _restore_extra(self, st):
+        pass
 
     # --- Interrupt (called by the device, possibly on the I/O thread) ---
     def _signal(self, bit):

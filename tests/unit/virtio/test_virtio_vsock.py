@@ -583,3 +583,14 @@ def test_random_packets_never_break_the_device(rig):
     g2.write(b"fine")
     hs2.settimeout(5)
     assert hs2.recv(10) == b"fine"
+
+
+def test_io_thread_under_seccomp_filter():
+    """Every vsock path on an I/O thread confined like pyvmm's (vmm/seccomp.py
+    "io"), in a child process: a missing system call would be SIGSYS."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.run([sys.executable, os.path.join(here, "vsock_seccomp_child.py")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith("OK"), (p.returncode, p.stdout, p.stderr)

@@ -1,0 +1,261 @@
+"""Guest-level tests start from a snapshot instead of a cold boot.
+
+`guest_snapshot` (session scope) boots the default guest once, with a
+scratch ext4 disk on virtio-mmio, a raw disk on legacy virtio-pci, and (as
+root) a NIC on a tap inside a private network namespace (eth0 configured
+from `ip=` on the command line), waits for the shell prompt and takes a Full
+snapshot; then it types one command and takes a Diff snapshot on top.  A
+cold boot to the shell costs 30-40 s of emulated guest kernel on software
+KVM (minutes on a loaded machine); a restore costs milliseconds.
+
+`restored` starts `pyvmm restore ... --resume` from it in a new process,
+with private copies of the disks (so tests never share a writable image)
+and, when the snapshot has a NIC, in a network namespace of its own with the
+host end of the tap configured.  Its `.cmd(text, marker)` types a line at
+the guest's shell and waits for `marker` on the console.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from vmm import guest
+
+SNAP_TIMEOUT = 1800        # a cold boot on a 2-core machine shared with other jobs
+CMD_TIMEOUT = 120
+# NICs of the snapshot (as root): eth0 on virtio-mmio, configured by `ip=`;
+# eth1 on legacy virtio-pci, configured at the shell before the snapshot.
+NICS = {"mmio": {"tap": "pvsnap0", "mac": "52:54:00:77:00:02", "guest": "10.77.0.2",
+                 "host": "10.77.0.1"},
+        "pci-legacy": {"tap": "pvsnap1", "mac": "52:54:00:77:01:02", "guest": "10.77.1.2",
+                "host": "10.77.1.1"}}
+GUEST_IP, HOST_IP = NICS["mmio"]["guest"], NICS["mmio"]["host"]
+PROMPT = b"/ # "
+
+
+def can_net():
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+class Console:
+    """Collects a process's stdout on a thread; wait() for text appearing
+    after the previous match."""
+
+    def __init__(self, stream):
+        self.buf = b""
+        self.pos = 0
+        self.eof = False
+        self.cond = threading.Condition()
+        self.t = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.t.start()
+
+    def _read(self, stream):
+        while True:
+            chunk = os.read(stream.fileno(), 4096)
+            with self.cond:
+                if not chunk:
+                    self.eof = True
+                    self.cond.notify_all()
+                    return
+                self.buf += chunk
+                self.cond.notify_all()
+
+    def wait(self, marker, timeout):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                i = self.buf.find(marker, self.pos)
+                if i >= 0:
+                    self.pos = i + len(marker)
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0 or self.eof:
+                    return False
+                self.cond.wait(left)
+
+    @property
+    def text(self):
+        return self.buf.decode(errors="replace")
+
+
+class Snapshot:
+    def __init__(self, d, has_net):
+        self.dir = d
+        self.state, self.mem = os.path.join(d, "full.state"), os.path.join(d, "full.mem")
+        self.diff_state, self.diff_mem = os.path.join(d, "diff.state"), os.path.join(d, "diff.mem")
+        self.disk, self.pci_disk = os.path.join(d, "scratch.img"), os.path.join(d, "pci.img")
+        self.has_net = has_net
+        self.figures = []
+        self.boot_seconds = None
+        self.diff_error = None
+
+
+def make_scratch_ext4(path, size_mb=16):
+    subprocess.run(["mkfs.ext4", "-q", "-F", path, f"{size_mb}M"], check=True)
+
+
+def shoot(steps, args, has_net, timeout):
+    """Run vmm.testing.snapshooter (in a network namespace when the VM has
+    NICs); returns (status, console text, stderr text, [snapshot figures])."""
+    import json
+    cmd = [sys.executable, "-m", "vmm.testing.snapshooter", "--step-timeout", str(timeout)]
+    for s in steps:
+        cmd += ["--step", s]
+    cmd += ["--", *args]
+    ns = None
+    if has_net:
+        from vmm.testing.netns import NetNs
+        ns = NetNs()
+        cmd = ns.exec_cmd(cmd)
+    try:
+        p = subprocess.run(cmd, capture_output=True, timeout=timeout + 120, stdin=subprocess.DEVNULL)
+    finally:
+        if ns is not None:
+            ns.delete()
+    err = p.stderr.decode(errors="replace")
+    figures = [json.loads(line.split(": ", 1)[1]) for line in err.splitlines()
+               if line.startswith("snapshooter: {")]
+    return p.returncode, p.stdout.decode(errors="replace"), err, figures
+
+
+@pytest.fixture(scope="session")
+def guest_snapshot(tmp_path_factory):
+    kernel, initrd = guest.default_guest()
+    if not os.path.exists(kernel):
+        pytest.fail("default guest not built: run `make guest`")
+    d = str(tmp_path_factory.mktemp("guest-snapshot"))
+    snap = Snapshot(d, can_net())
+    make_scratch_ext4(snap.disk)
+    with open(snap.pci_disk, "wb") as f:
+        f.write(os.urandom(1 << 20))
+    cmdline = guest.DEFAULT_CMDLINE
+    run_args = ["--drive", f"file={snap.disk}", "--drive", f"file={snap.pci_disk},transport=pci-legacy"]
+    steps = ["wait:shell ready", "wait:/ # "]
+    if snap.has_net:
+        cmdline += f" ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off"
+        for t, nic in NICS.items():
+            run_args += ["--net", f"tap={nic['tap']},mac={nic['mac']},transport={t}"]
+        pci = NICS["pci-legacy"]
+        steps += [f"type:ip addr add {pci['guest']}/24 dev eth1 && ip link set eth1 up && "
+                  "echo eth1-$((2+3))-up\\n", "wait:eth1-5-up", "wait:/ # "]
+    steps += ["sleep:1", f"snap:Full:{snap.state}:{snap.mem}", "stop"]
+    t0 = time.monotonic()
+    rc, out, err, figures = shoot(steps, ["--cmdline", cmdline, *run_args], snap.has_net,
+                                  SNAP_TIMEOUT)
+    snap.boot_seconds = time.monotonic() - t0
+    assert rc == 0 and os.path.exists(snap.state), out[-3000:] + err
+    snap.figures = figures
+    # The Diff snapshot is taken from a VM restored from the Full one with
+    # dirty page tracking on: it holds what changed since the Full snapshot.
+    work = os.path.join(d, "diff-run")
+    os.mkdir(work)
+    args = ["restore", "--snapshot", snap.state, "--mem", snap.mem, "--track-dirty-pages"]
+    for name in ("scratch.img", "pci.img"):
+        shutil.copy(os.path.join(d, name), os.path.join(work, name))
+        args += ["--drive", f"file={os.path.join(work, name)}"]
+    if snap.has_net:
+        args += [a for nic in NICS.values() for a in ("--net", f"tap={nic['tap']}")]
+    steps = ["type:echo diff-was-here > /tmp/diffmark; echo $((6*7))-before-diff\\n",
+             "wait:42-before-diff", "wait:/ # ", "sleep:1",
+             f"snap:Diff:{snap.diff_state}:{snap.diff_mem}", "stop"]
+    rc, out, err, figures = shoot(steps, args, snap.has_net, 600)
+    snap.diff_error = None if rc == 0 and os.path.exists(snap.diff_state) else out[-2000:] + err
+    snap.figures += figures
+    yield snap
+
+
+class Restored:
+    """A `pyvmm restore` process from the session snapshot."""
+
+    def __init__(self, snap, tmp, diff=False, extra=(), tty=None):
+        self.snap = snap
+        self.disk = os.path.join(tmp, "scratch.img")
+        self.pci_disk = os.path.join(tmp, "pci.img")
+        shutil.copy(snap.disk, self.disk)
+        shutil.copy(snap.pci_disk, self.pci_disk)
+        state = snap.diff_state if diff else snap.state
+        cmd = [sys.executable, "-m", "vmm", "restore", "--snapshot", state, "--mem", snap.mem,
+               "--drive", f"file={self.disk}", "--drive", f"file={self.pci_disk}",
+               "--resume", "--timeout", "600", *extra]
+        if diff:
+            cmd += ["--mem-diff", snap.diff_mem]
+        self.ns = None
+        if snap.has_net:
+            from vmm.testing.netns import NetNs
+            self.ns = NetNs()
+            for nic in NICS.values():
+                cmd += ["--net", f"tap={nic['tap']}"]
+            cmd = self.ns.exec_cmd(cmd)
+        self.t0 = time.monotonic()
+        if tty is None:
+            self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE)
+            self.console = Console(self.p.stdout)
+        else:      # an interactive terminal: the test reads the pty's master itself
+            self.p = subprocess.Popen(cmd, stdin=tty, stdout=tty, stderr=subprocess.PIPE)
+            self.console = None
+        if self.ns is not None:
+            for nic in NICS.values():
+                assert self.ns.wait_link(nic["tap"], 60), "the restored VMM did not open its tap"
+                self.ns.ip("addr", "add", f"{nic['host']}/24", "dev", nic["tap"])
+                self.ns.ip("link", "set", nic["tap"], "up")
+
+    def type(self, text):
+        self.p.stdin.write(text.encode())
+        self.p.stdin.flush()
+
+    def cmd(self, line, marker, timeout=CMD_TIMEOUT):
+        self.type(line + "\n")
+        ok = self.console.wait(marker.encode(), timeout)
+        assert ok, f"no {marker!r} after {line!r}:\n" + self.console.text[-2000:] + self.stderr_now()
+        return self.console.text
+
+    def stderr_now(self):
+        if self.p.poll() is None:
+            return ""
+        return self.p.stderr.read().decode(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout=60):
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        try:
+            rc = self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            rc = self.p.wait(30)
+        return rc, self.p.stderr.read().decode(errors="replace")
+
+    def close(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(30)
+        for f in (self.p.stdin, self.p.stdout, self.p.stderr):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        if self.ns is not None:
+            self.ns.delete()
+            self.ns = None
+
+
+@pytest.fixture
+def restored(guest_snapshot, tmp_path):
+    """Factory: restored(diff=False, tty=None) -> a running Restored."""
+    made = []
+
+    def make(**kw):
+        d = tmp_path / f"r{len(made)}"
+        d.mkdir()
+        r = Restored(guest_snapshot, str(d), **kw)
+        made.append(r)
+        return r
+    yield make
+    for r in made:
+        r.close()

@@ -1,0 +1,113 @@
+"""Snapshots of a tiny ring-0 guest (milliseconds, no Linux): a guest that
+prints the alphabet in a loop continues where it was after a restore in a
+new process, twice at once from one snapshot; a Diff snapshot over its base
+continues from the later point; taking a snapshot of a running VM and
+restoring with a wrong memory file are refused."""
+import io
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import vmm.testing.tinyguest as T
+from vmm import snapshot
+from vmm.machine import Machine, MachineConfig, STATUS
+
+pytestmark = pytest.mark.usefixtures("needs_kvm")
+
+# mov dx,0x3f8; mov bl,'a'; L: mov al,bl; out dx,al; inc bl; cmp bl,'{'; jne +2;
+# mov bl,'a'; mov ecx,0x4000; D: dec ecx; jnz D; jmp L
+ALPHABET = bytes.fromhex("66baf803" "b361" "88d8" "ee" "fec3" "80fb7b" "7502" "b361"
+                         "b900400000" "ffc9" "75fc" "ebe9")
+
+
+def shoot(tmp_path, steps, *run_args):
+    k = T.make_elf(ALPHABET, str(tmp_path / "alpha.elf"))
+    cmd = [sys.executable, "-m", "vmm.testing.snapshooter", "--step-timeout", "120"]
+    for s in steps:
+        cmd += ["--step", s]
+    p = subprocess.run(cmd + ["--", "--kernel", k, "--mem", "32M", *run_args],
+                       capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr.decode()
+    return p.stdout
+
+
+def following(out, n=3):
+    """The n letters the alphabet guest prints after the end of `out`."""
+    c = out[-1] - ord("a")
+    return bytes(ord("a") + (c + 1 + i) % 26 for i in range(n))
+
+
+def restore(state, mem, *extra, seconds=2):
+    return subprocess.Popen([sys.executable, "-m", "vmm", "restore", "--snapshot", str(state),
+                             "--mem", str(mem), "--resume", "--timeout", str(seconds), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+
+def test_continues_where_it_was_twice_at_once(tmp_path):
+    s, m = tmp_path / "a.state", tmp_path / "a.mem"
+    out = shoot(tmp_path, ["wait:ghij", f"snap:Full:{s}:{m}", "stop"])
+    want = following(out)
+    before = m.read_bytes()
+    procs = [restore(s, m, seconds=4) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == STATUS["timeout"], err.decode()
+        assert out.startswith(want), (want, out[:40])    # the letters after the last one seen
+    assert m.read_bytes() == before                      # MAP_PRIVATE: the file is untouched
+
+
+def test_diff_over_base_continues_from_the_later_point(tmp_path):
+    s, m, ds, dm = (tmp_path / n for n in ("f.state", "f.mem", "d.state", "d.mem"))
+    out = shoot(tmp_path, ["wait:cdef", f"snap:Full:{s}:{m}", "wait:stuv",
+                           f"snap:Diff:{ds}:{dm}", "stop"], "--track-dirty-pages")
+    assert dm.stat().st_blocks * 512 < m.stat().st_size
+    p = restore(ds, m, "--mem-diff", str(dm), seconds=4)
+    got, err = p.communicate(timeout=120)
+    assert got.startswith(following(out)), (out[-10:], got[:40], err.decode())
+
+
+def test_snapshot_of_a_running_vm_is_refused(tmp_path):
+    k = T.make_elf(ALPHABET, str(tmp_path / "alpha.elf"))
+    m = Machine(MachineConfig(kernel=k, mem_size=32 << 20, serial_out=io.BytesIO(), timeout=5))
+    try:
+        errors = []
+
+        def attempt():
+            import time
+            time.sleep(0.3)
+            try:
+                snapshot.create(m, str(tmp_path / "s"), str(tmp_path / "m"))
+            except snapshot.SnapshotError as e:
+                errors.append(str(e))
+            try:
+                snapshot.create(m, str(tmp_path / "s"), str(tmp_path / "m"), "Diff")
+            except snapshot.SnapshotError as e:
+                errors.append(str(e))
+            m.pause()
+            try:
+                snapshot.create(m, str(tmp_path / "s"), str(tmp_path / "m"), "Diff")
+            except snapshot.SnapshotError as e:
+                errors.append(str(e))
+            m.stop("quit")
+        t = threading.Thread(target=attempt)
+        t.start()
+        m.run()
+        t.join()
+    finally:
+        m.close()
+    assert "pause it before taking a snapshot" in errors[0]
+    assert "dirty page tracking" in errors[-1]
+    assert not (tmp_path / "s").exists() and not (tmp_path / "m").exists()
+
+
+def test_wrong_memory_file_is_refused(tmp_path):
+    s, m = tmp_path / "a.state", tmp_path / "a.mem"
+    shoot(tmp_path, ["wait:bc", f"snap:Full:{s}:{m}", "stop"])
+    short = tmp_path / "short.mem"
+    short.write_bytes(b"\0" * 4096)
+    p = restore(s, short)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and out == b""
+    assert "wrong memory file" in err.decode() and err.decode().count("\n") == 1
