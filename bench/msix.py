@@ -89,7 +89,7 @@ class Console:
 console = Console()
 m = Machine(MachineConfig(kernel=kernel, devices=specs, serial_out=console, timeout=600,
                           cmdline="console=ttyS0 reboot=k panic=-1 rodata=off 8250.nr_uarts=1 nopti "
-                                  "clocksource=jiffies root=/dev/vda rw"))
+                                  "root=/dev/vda rw"))
 counters = [Counter(f"vd{chr(ord('b') + i)}", s.transport) for i, s in enumerate(specs[1:])]
 try:
     rc = m.run()

@@ -25,11 +25,7 @@ from vmm import guest
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm")]
 
 BOOT_TIMEOUT = 900     # the whole VM; a boot alone is ~40 s of CPU on software KVM
-# On this project's software-KVM hosts (kvm_pvm) the guest kernel has hung
-# since 2026-11-23 in clocksource_done_booting() when it switches from
-# jiffies to kvm-clock/TSC (QEMU too); staying on jiffies avoids that.
-# Drop once the default command line deals with it.
-CMDLINE = guest.DEFAULT_CMDLINE + " clocksource=jiffies"
+CMDLINE = guest.DEFAULT_CMDLINE
 
 
 class Vmm:

@@ -94,7 +94,6 @@ def test_without_kvm_access_one_line_error(user):
 
 @pytest.mark.integration
 def test_default_guest_boots_to_done_as_user(user):
-    # clocksource=jiffies: see CMDLINE in test_crash_consistency.py
     uid, d = user
     kernel, initrd = guest.default_guest()
     if not (os.path.exists(kernel) and os.path.exists(initrd)):
@@ -102,7 +101,7 @@ def test_default_guest_boots_to_done_as_user(user):
     k = user_file(uid, d, "vmlinux", src=kernel)
     i = user_file(uid, d, "initramfs.cpio", src=initrd)
     p = as_user(uid, d, ["--kernel", k, "--initrd", i, "--timeout", "800", "--cmdline",
-                         guest.DEFAULT_CMDLINE + " clocksource=jiffies pyvmm.test=poweroff"], 860)
+                         guest.DEFAULT_CMDLINE + " pyvmm.test=poweroff"], 860)
     out = p.stdout.decode(errors="replace")
     assert "pyvmm-guest: done" in out, out[-2000:] + p.stderr.decode()
     assert p.returncode == 0, p.stderr.decode()

@@ -28,10 +28,7 @@ from test_virtio_net_guest import Console
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm")]
 TIMEOUT = 900          # generous: guest kernel code is emulated, and the CI host is shared
-# clocksource=jiffies: on a heavily loaded software-KVM host the periodic
-# tick's catch-up after the switch to kvm-clock can livelock the emulated
-# guest kernel (seen by the snap and vsock helpers: RIPs only in tick code)
-CMDLINE = BASE + " clocksource=jiffies root=/dev/vda rw"
+CMDLINE = BASE + " root=/dev/vda rw"
 GUEST_IP, HOST_IP = "10.78.0.2", "10.78.0.1"
 TAP = "pvtapm0"
 
