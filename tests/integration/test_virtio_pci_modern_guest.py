@@ -24,7 +24,7 @@ from vmm.machine import STATUS
 from vmm.testing.netns import NetNs, ping
 
 from test_virtio_blk_guest import BASE, kernel, make_ext4, superblock
-from test_virtio_net_guest import Console
+from conftest import Console
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm")]
 TIMEOUT = 900          # generous: guest kernel code is emulated, and the CI host is shared
