@@ -2,7 +2,7 @@
 
     python -m bench [--quick] [--only NAME[,NAME...]] [--budget MINUTES]
 
-Modules, in order: boot, exits, pio, blk, net, memory, startstop, guest, faults.  Each
+Modules, in order: boot, exits, pio, blk, net, memory, startstop, guest, api, vsock, faults.  Each
 runs in a child process (`python -m bench --child ...`, which imports the
 module and calls its main(argv)) with a time limit, so a missing, failing or
 hanging module is recorded in bench/results/run.json and the report, and the
@@ -41,6 +41,8 @@ MODULES = {
                ["--guest", "tiny", "--reps", "3"], 900),
     "startstop": (["--reps", "5"], ["--reps", "3"], 240),
     "guest": (["--reps", "2"], ["--reps", "1"], 1200),
+    "api": (["--reps", "5"], ["--reps", "3", "--requests", "1000"], 300),
+    "vsock": (["--reps", "5"], ["--reps", "3", "--mib", "64", "--idle", "2"], 300),
     "faults": (["--reps", "5"], ["--reps", "3", "--requests", "12800", "--frames", "12800",
                                   "--seconds", "2"], 300),
 }

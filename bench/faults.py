@@ -53,38 +53,42 @@ class AbsentBlk(BlkDevice):
     """queue_notify as before the slow path existed (C engine only)."""
 
     def queue_notify(self, index):
-        ring = self._ring
-        if index != 0 or ring is None or ring.broken:
-            return
+        rings = self._rings
+        ring = rings[index] if 0 <= index < len(rings) else None
+        if ring is None or ring.broken:
+            return False
         self.stats["kicks"] += 1
         res = self._res
         lib.pv_blk_process(ring.vq, self._blk, ring.chain, res)
         self.stats["requests"] += res.completed
+        self.stats["ioerr"] += res.ioerr
         if res.interrupt:
-            self._interrupt.used(0)
+            self._interrupt.used(index)
         if res.error:
-            self._interrupt.needs_reset(QueueError(-res.error, 0))
+            self._interrupt.needs_reset(QueueError(-res.error, index))
+            return False
+        return bool(res.more)
 
 
 class AbsentNet(NetDevice):
-    def _process_rx(self):
-        ring = self._rx
-        if ring is None:
+    def _process_rx(self, p):
+        ring = p.rx
+        if ring is None or p.index >= self.active_pairs:
             return lib.PV_NET_RX_IDLE
         res = self._res
-        lib.pv_net_rx(ring.vq, self._net, ring.chain, res)
+        lib.pv_net_rx(ring.vq, p.net, ring.chain, res)
         state = res.state
-        if not self._finish(0, res):
+        if not self._finish(p, 2 * p.index, res):
             return lib.PV_NET_RX_IDLE
-        self._set_polling(state != lib.PV_NET_RX_NOBUF)
+        self._set_polling(p, state != lib.PV_NET_RX_NOBUF)
         return state
 
-    def _process_tx(self):
-        ring = self._tx
+    def _process_tx(self, p):
+        ring = p.tx
         res = self._res
-        lib.pv_net_tx(ring.vq, self._net, ring.chain, res)
+        lib.pv_net_tx(ring.vq, p.net, ring.chain, res)
         more = bool(res.state)
-        return self._finish(1, res) and more
+        return self._finish(p, 2 * p.index + 1, res) and more
 
 
 class SockBackend:

@@ -26,7 +26,7 @@ import sys
 from bench.common import RESULTS
 
 RESERVED = ("latest", "run")          # files in RESULTS that are not module results
-ORDER = ["boot", "exits", "pio", "blk", "net", "memory", "startstop", "guest"]
+ORDER = ["boot", "exits", "pio", "blk", "net", "memory", "startstop", "guest", "vsock"]
 QEMU = "QEMU microvm"
 
 
@@ -203,6 +203,29 @@ def norm_guest(d):
     return out
 
 
+def norm_api(d):
+    """bench/api.py: control-API costs (the reference is Firecracker's 8 CPU ms)."""
+    fam = "Control API"
+    g = d.get("get_root_us", {})
+    out = [row("api", fam, "process start → API socket accepting (wall)", "ms",
+               as_stats(d.get("socket_ready_wall_ms")), higher_is_better=False),
+           row("api", fam, "process start → API socket accepting (CPU)", "ms",
+               as_stats(d.get("socket_ready_cpu_ms")), "Firecracker target",
+               as_stats(d.get("firecracker_target_cpu_ms")), False)]
+    for client in ("http_client", "raw_socket"):
+        for p in ("p50", "p99"):
+            v = g.get(client, {}).get(p)
+            out.append(row("api", fam, f"GET / round trip, {client.replace('_', ' ')} {p}", "µs",
+                           as_stats(v), higher_is_better=False))
+    out.append(row("api", fam, "InstanceStart → first guest instruction", "ms",
+                   as_stats(d.get("instance_start_to_first_instruction_ms")),
+                   higher_is_better=False))
+    mem = d.get("api_thread_memory", {})
+    out.append(row("api", fam, "memory added by the API thread", "KiB",
+                   as_stats(mem.get("after_requests_kib")), higher_is_better=False))
+    return out
+
+
 def pretty(key):
     return key.replace("_per_s", "/s").replace("_", " ")
 
@@ -227,9 +250,25 @@ def norm_generic(module, d):
     return rows
 
 
+def norm_vsock(d):
+    """bench/vsock.py: {"host_to_guest"|"guest_to_host": {"device", "socketpair"} in
+    MB/s, "idle_cpu_fraction": stats}."""
+    rows = []
+    for key, label in (("host_to_guest", "host → guest"), ("guest_to_host", "guest → host")):
+        v = d.get(key)
+        if isinstance(v, dict):
+            rows.append(row("vsock", "virtio-vsock", f"stream {label} via device (mock driver)",
+                            "MB/s", as_stats(v.get("device")), "Unix socketpair",
+                            as_stats(v.get("socketpair")), True, (">=", 0.8)))
+    rows.append(row("vsock", "virtio-vsock", "CPU of an idle device (one idle connection)",
+                    "% of a core", as_stats(d.get("idle_cpu_fraction"), 100),
+                    higher_is_better=False))
+    return rows
+
+
 NORMALIZERS = {"boot": norm_boot, "exits": norm_exits, "pio": norm_pio, "blk": norm_blk,
                "net": norm_net, "memory": norm_memory, "startstop": norm_startstop,
-               "guest": norm_guest}
+               "guest": norm_guest, "api": norm_api, "vsock": norm_vsock}
 
 
 # -- collecting --------------------------------------------------------------------

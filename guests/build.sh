@@ -78,6 +78,8 @@ if [ ! -s "$icpio" ]; then
     # Freestanding getppid() timing loop: the system-call cost figure.
     gcc -static -nostdlib -O2 -fno-stack-protector -fno-pie -no-pie \
         -o "$root/bin/sysbench" src/sysbench.c
+    # AF_VSOCK echo server and clients for the virtio-vsock tests (static libc).
+    gcc -static -O2 -s -o "$root/bin/vsock" src/vsock.c
     cp -r initramfs/. "$root/"
     chmod 755 "$root/init" "$root/etc/rc"
     (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet) > "$icpio.tmp"

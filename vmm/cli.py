@@ -2,6 +2,7 @@
 non-zero exit status; no tracebacks for bad input."""
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -9,7 +10,7 @@ import sys
 from vmm import guest
 from vmm.arch.x86.cpuid import TEMPLATES, CpuidError
 from vmm.arch.x86.loader import KernelError
-from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, RngSpec
+from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, RngSpec, VsockSpec
 from vmm.kvm.system import KvmUnavailable
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.memory import GuestMemoryError
@@ -73,17 +74,25 @@ def build_parser():
                    help="where the guest's serial console goes (default stdio)")
     r.add_argument("--timeout", metavar="SECONDS", type=float,
                    help="stop the guest after this many seconds (exit status 124)")
-    r.add_argument("--drive", metavar="file=PATH[,readonly=on][,serial=S][,transport=mmio|pci]",
+    r.add_argument("--drive", metavar="file=PATH[,readonly=on][,serial=S][,transport=T][,queues=N]",
                    action="append", default=[],
                    help="a virtio-blk disk backed by a raw image file (repeatable; the first "
                         "is /dev/vda); the image is locked against a second VMM and flushed "
                         "and closed on every exit; transport=mmio (default, announced on "
-                        "the kernel command line) or pci (legacy virtio-pci, found by bus scan)")
-    r.add_argument("--net", metavar="tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=mmio|pci]",
+                        "the kernel command line), pci (modern virtio-pci with MSI-X, found by "
+                        "bus scan), pci-legacy (legacy virtio-pci, INTx) or pci-transitional "
+                        "(both on one function); queues=N (1-8) request queues (VIRTIO_BLK_F_MQ)")
+    r.add_argument("--net", metavar="tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=T][,queues=N]",
                    action="append", default=[],
                    help="a virtio-net NIC on a tap interface (repeatable; the first is eth0); "
                         "the tap is created if absent and then removed on exit; nothing is "
-                        "configured on the host side; transport as for --drive")
+                        "configured on the host side; transport as for --drive; queues=N (1-8) "
+                        "queue pairs on a multi-queue tap (VIRTIO_NET_F_MQ, control queue)")
+    r.add_argument("--vsock", metavar="cid=N,uds=PATH[,transport=mmio|pci|pci-legacy]", action="append",
+                   default=[],
+                   help="a virtio-vsock device (guest CID default 3) with Firecracker's host "
+                        "side: host programs connect to the Unix socket PATH and write "
+                        "'CONNECT <port>\\n'; guest connections to CID 2 port P go to PATH_P")
     r.add_argument("--rng", metavar="[bw=SIZE:REFILL_MS][,ops=N:REFILL_MS][,transport=mmio|pci]",
                    nargs="?", const="", default=None,
                    help="a virtio-rng entropy device fed by getrandom(2), optionally rate "
@@ -93,6 +102,14 @@ def build_parser():
                         "device) as one JSON line to FILE")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
+    r.add_argument("--api-sock", metavar="PATH",
+                   help="also serve the Firecracker-compatible control API on this Unix socket "
+                        "(pause/resume, inspect, swap drives of this VM)")
+    from vmm.api.cli import API_HELP, add_api_arguments
+    a = sub.add_parser("api", help="run a VM driven by the Firecracker-compatible API",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=API_HELP, epilog=STATUS_HELP)
+    add_api_arguments(a)
     return p
 
 
@@ -106,23 +123,26 @@ def config_from_args(args):
     for what, path in (("kernel", kernel), ("initrd", initrd)):
         if path is not None and not os.path.isfile(path):
             raise UsageError(f"{what} {path}: no such file")
-    serial_out = None
+    if not (args.serial.startswith("file:") or args.serial == "stdio"):
+        raise UsageError(f"--serial must be stdio or file:PATH, not {args.serial!r}")
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    devices = [DriveSpec(d) for d in args.drive] + [NetSpec(n) for n in args.net]
+    if len(args.vsock) > 1:
+        raise UsageError("--vsock: at most one vsock device")
+    devices += [VsockSpec(v) for v in args.vsock]
+    if args.rng is not None:
+        devices.append(RngSpec(args.rng))
+    if args.trace_exits:
+        from vmm.virtio.trace import ExitTraceSpec
+        devices.append(ExitTraceSpec(args.trace_exits))
+    serial_out = None       # opened last: nothing after it can fail and leak it
     if args.serial.startswith("file:"):
         path = args.serial[5:]
         try:
             serial_out = open(path, "wb", buffering=0)
         except OSError as e:
             raise UsageError(f"cannot open serial output {path}: {e.strerror}") from None
-    elif args.serial != "stdio":
-        raise UsageError(f"--serial must be stdio or file:PATH, not {args.serial!r}")
-    if args.timeout is not None and args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
-    devices = [DriveSpec(d) for d in args.drive] + [NetSpec(n) for n in args.net]
-    if args.rng is not None:
-        devices.append(RngSpec(args.rng))
-    if args.trace_exits:
-        from vmm.virtio.trace import ExitTraceSpec
-        devices.append(ExitTraceSpec(args.trace_exits))
     return MachineConfig(kernel=kernel, initrd=initrd, devices=devices,
                          cmdline=args.cmdline if args.cmdline is not None else guest.DEFAULT_CMDLINE,
                          mem_size=args.mem, cpus=args.cpus, cpu_template=args.cpu_template,
@@ -132,12 +152,17 @@ def config_from_args(args):
 def run(args):
     from vmm import console
     config = config_from_args(args)
+    server = None
     try:
         machine = Machine(config)
         try:
+            if args.api_sock:
+                server = _serve_api(args.api_sock, machine)
             with console.Console(machine):
                 status = machine.run()
         finally:
+            if server is not None:
+                server.close()
             machine.close()
     finally:
         if config.serial_out is not None:
@@ -147,31 +172,65 @@ def run(args):
     return status
 
 
+def _serve_api(path, machine):
+    """The control API for a VM started with `pyvmm run` flags."""
+    from vmm.api.controller import Controller
+    from vmm.api.server import ApiServer
+    from vmm.vmconfig import VmConfig
+    ctl = Controller(config=VmConfig.from_machine_config(machine.config))
+    ctl.attach(machine)
+    server = ApiServer(path, ctl.handle, tick=ctl.tick)
+    server.start()
+    return server
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if args.command == "api":
+        from vmm.api.cli import run_api
+        return guarded(run_api, args)
+    return guarded(run, args)
+
+
+def guarded(fn, args):
+    """Run a command; bad input and VMM errors become one line on stderr."""
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="pyvmm: %(message)s")
     try:
-        return run(args)
-    except (UsageError, DeviceSpecError) as e:
-        print(f"pyvmm: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (KernelError, KvmUnavailable, CpuidError, GuestMemoryError, NativeError,
-            ValueError, MemoryError, OSError) as e:
-        print(f"pyvmm: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return fn(args)
     except KeyboardInterrupt:
         return STATUS["signal"]
     except Exception as e:
-        from vmm.virtio.device import VirtioError   # imported late: start-up cost
-        if isinstance(e, VirtioError):
+        code = error_status(e)
+        if code is not None:
             print(f"pyvmm: {e}", file=sys.stderr)
-            return EXIT_ERROR
-        raise
+            return code
+        # a bug of ours: one line for users, the traceback with --debug
+        if getattr(args, "debug", False):
+            import traceback
+            traceback.print_exc()
+        print(f"pyvmm: internal error: {type(e).__name__}: {e}"
+              + ("" if getattr(args, "debug", False) else " (--debug shows the traceback)"),
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+def error_status(e):
+    """The exit status for an expected error (printed as one line), or None
+    for a bug (shown with its traceback)."""
+    from vmm.api.server import ApiSocketError
+    from vmm.virtio.device import VirtioError   # imported late: start-up cost
+    from vmm.vmconfig import ConfigError
+    if isinstance(e, (UsageError, DeviceSpecError, ConfigError)):
+        return EXIT_USAGE
+    if isinstance(e, (KernelError, KvmUnavailable, CpuidError, GuestMemoryError, NativeError,
+                      ValueError, MemoryError, OSError, ApiSocketError, VirtioError)):
+        return EXIT_ERROR
+    return None
 
 
 if __name__ == "__main__":

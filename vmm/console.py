@@ -61,6 +61,9 @@ class Console:
     def _pump(self):
         serial = self.machine.serial
         while not self.machine.stopping:
+            if getattr(self.machine, "paused", False):
+                time.sleep(0.05)             # a paused guest's UART takes nothing either
+                continue
             r, _, _ = select.select([self.fd], [], [], 0.2)
             if not r:
                 continue

@@ -1,10 +1,11 @@
 """Command-line device specs and how they attach to a Machine.
 
-`--drive file=PATH[,readonly=on][,serial=S][,transport=mmio|pci]` becomes a
-DriveSpec, `--net tap=NAME[,mac=M][,transport=mmio|pci]` a NetSpec; attach()
-opens the device and wires it on its transport (vmm.devices for mmio,
-vmm.virtio.pci_legacy for legacy virtio-pci), returning the kernel command
-line with whatever the transport needs announced.
+`--drive file=PATH[,readonly=on][,serial=S][,transport=T][,queues=N]` becomes
+a DriveSpec, `--net tap=NAME[,mac=M][,transport=T][,queues=N]` a NetSpec
+(T: mmio, pci, pci-legacy or pci-transitional); attach() opens the device and
+wires it on its transport (vmm.devices for mmio, vmm.virtio.pci_legacy for
+legacy virtio-pci, vmm.virtio.pci_attach for modern and transitional),
+returning the kernel command line with whatever the transport needs announced.
 """
 import os
 import stat
@@ -14,7 +15,10 @@ from vmm.arch.x86 import layout as L
 # ISA IRQs free for devices (4 is COM1; 1, 8, 12 and 13 are taken on a PC),
 # in the order kvmtool and Firecracker hand them out.
 DEVICE_IRQS = (5, 6, 7, 9, 10, 11, 14, 15, 3)
-TRANSPORTS = ("mmio", "pci")
+# pci: modern virtio-pci with MSI-X (virtio 1.1 §4.1); pci-legacy: the 0.9.5
+# interface with INTx; pci-transitional: both on one function (QEMU's default).
+TRANSPORTS = ("mmio", "pci", "pci-legacy", "pci-transitional")
+MAX_QUEUES = 8          # queues=N: virtio-blk queues / virtio-net queue pairs
 
 
 class DeviceSpecError(ValueError):
@@ -49,6 +53,16 @@ def is_block_device(path):
         return stat.S_ISBLK(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+def parse_queues(value, what):
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_QUEUES:
+        raise DeviceSpecError(f"{what}: queues must be a number from 1 to {MAX_QUEUES}, not {value!r}")
+    return n
 
 
 class Slots:
@@ -121,6 +135,7 @@ class VirtioSpec:
         if self.transport_name not in TRANSPORTS:
             raise DeviceSpecError(f"{what}: unknown transport {self.transport_name!r} "
                                   f"(available: {', '.join(TRANSPORTS)})")
+        self.queues = parse_queues(opts.get("queues", "1"), what)
         self._attachment = None
 
     @property
@@ -129,7 +144,7 @@ class VirtioSpec:
 
     @property
     def device(self):
-        """The attached VirtioDevice (None before attach): what the API changes."""
+        """The open virtio device once attached (None before)."""
         t = self.transport
         return None if t is None else t.device
 
@@ -137,9 +152,13 @@ class VirtioSpec:
         raise NotImplementedError
 
     def attach(self, machine, cmdline):
-        if self.transport_name == "pci":
+        if self.transport_name == "pci-legacy":
             from vmm.virtio.pci_legacy import VirtioPciAttachment
             self._attachment = VirtioPciAttachment(self.open_device)
+        elif self.transport_name in ("pci", "pci-transitional"):
+            from vmm.virtio.pci_attach import VirtioPciModernAttachment
+            self._attachment = VirtioPciModernAttachment(
+                self.open_device, transitional=self.transport_name == "pci-transitional")
         else:
             self._attachment = VirtioMmioAttachment(self.open_device)
         return self._attachment.attach(machine, cmdline)
@@ -155,7 +174,8 @@ class DriveSpec(VirtioSpec):
     slow-path options (README "Fault injection and tracing", "Entropy and
     rate limiters"): faults=SPEC, trace=FILE, hook=SOURCE:NAME,
     bw=SIZE:REFILL_MS[:BURST], ops=N:REFILL_MS[:BURST]."""
-    KEYS = ("file", "readonly", "serial", "transport", "faults", "trace", "hook", "bw", "ops")
+    KEYS = ("file", "readonly", "serial", "transport", "queues", "faults", "trace", "hook",
+            "bw", "ops")
 
     def __init__(self, text):
         opts = parse_options(text, "--drive", self.KEYS)
@@ -177,9 +197,25 @@ class DriveSpec(VirtioSpec):
             self._ioloop = machine.ioloop()   # limiter and delay timers
         return super().attach(machine, cmdline)
 
+    @classmethod
+    def from_fields(cls, path, readonly=False, serial=None, transport="mmio", rate_limiter=None):
+        """The same spec from separate values (the control API, --config-file):
+        no option-string parsing, so a path may contain commas."""
+        self = cls.__new__(cls)
+        VirtioSpec.__init__(self, {"transport": transport}, "drive")
+        self.path, self.readonly, self.serial = path, bool(readonly), serial
+        self.slow = {"limiter": rate_limiter} if rate_limiter is not None else {}
+        self._ioloop = None
+        if serial is not None and len(serial.encode()) > 20:
+            raise DeviceSpecError("drive: serial is at most 20 bytes (virtio-blk GET_ID)")
+        if not (os.path.isfile(path) or is_block_device(path)):
+            raise DeviceSpecError(f"drive: disk image {path}: no such file")
+        return self
+
     def open_device(self):
         from vmm.virtio import BlkDevice
-        dev = BlkDevice(self.path, readonly=self.readonly, serial=self.serial)
+        dev = BlkDevice(self.path, readonly=self.readonly, serial=self.serial,
+                        num_queues=self.queues)
         if self.slow:
             dev.ioloop = self._ioloop
             try:
@@ -194,7 +230,7 @@ class NetSpec(VirtioSpec):
     """`--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,transport=mmio]`: virtio-net on a tap;
     slow-path options faults=SPEC, pcap=FILE, hook=SOURCE:NAME, rx-bw=, rx-ops=,
     tx-bw=, tx-ops= (as --drive's bw=/ops=)."""
-    KEYS = ("tap", "mac", "transport", "faults", "pcap", "hook",
+    KEYS = ("tap", "mac", "transport", "queues", "faults", "pcap", "hook",
             "rx-bw", "rx-ops", "tx-bw", "tx-ops")
 
     def __init__(self, text):
@@ -212,6 +248,23 @@ class NetSpec(VirtioSpec):
                                   limiters=(("rx-bw", "rx-ops"), ("tx-bw", "tx-ops")))
         self._ioloop = None
 
+    @classmethod
+    def from_fields(cls, tap_name, mac=None, transport="mmio", rx_rate_limiter=None,
+                    tx_rate_limiter=None):
+        """The same spec from separate values (control API, --config-file)."""
+        from vmm.tap import check_name, parse_mac
+        self = cls.__new__(cls)
+        VirtioSpec.__init__(self, {"transport": transport}, "network interface")
+        self.slow = {k: v for k, v in (("rx_limiter", rx_rate_limiter),
+                                       ("tx_limiter", tx_rate_limiter)) if v is not None}
+        try:
+            self.tap_name = check_name(tap_name)
+            self.mac = parse_mac(mac) if mac is not None else None
+        except ValueError as e:
+            raise DeviceSpecError(f"network interface: {e}") from None
+        self._ioloop = None
+        return self
+
     def attach(self, machine, cmdline):
         self._ioloop = machine.ioloop()     # the tap is polled by the I/O thread
         return super().attach(machine, cmdline)
@@ -220,11 +273,11 @@ class NetSpec(VirtioSpec):
         from vmm.tap import Tap
         from vmm.virtio.net import NetDevice, NetError
         try:
-            tap = Tap(self.tap_name)
+            tap = Tap(self.tap_name, queues=self.queues)
         except OSError as e:
             raise NetError(e.strerror or str(e)) from None
         try:
-            dev = NetDevice(tap, mac=self.mac, ioloop=self._ioloop)
+            dev = NetDevice(tap, mac=self.mac, ioloop=self._ioloop, queue_pairs=self.queues)
         except BaseException:
             tap.close()
             raise
@@ -235,6 +288,39 @@ class NetSpec(VirtioSpec):
                 dev.close()
                 raise
         return dev
+
+
+class VsockSpec(VirtioSpec):
+    """`--vsock cid=3,uds=PATH[,transport=mmio|pci]`: virtio-vsock with
+    Firecracker's hybrid host side (host programs connect to PATH; guest
+    connections to CID 2 port P go to PATH_P)."""
+    KEYS = ("cid", "uds", "transport")
+
+    def __init__(self, text):
+        opts = parse_options(text, "--vsock", self.KEYS)
+        super().__init__(opts, "--vsock")
+        if "uds" not in opts or not opts["uds"]:
+            raise DeviceSpecError("--vsock: uds=PATH is required")
+        try:
+            self.cid = int(opts.get("cid", "3"), 0)
+        except ValueError:
+            raise DeviceSpecError(f"--vsock: cid must be a number, not {opts['cid']!r}") from None
+        if not 3 <= self.cid < 0xFFFFFFFF:
+            raise DeviceSpecError("--vsock: cid must be from 3 to 4294967294 (0-2 are reserved)")
+        self.uds_path = opts["uds"]
+        parent = os.path.dirname(os.path.abspath(self.uds_path))
+        if not os.path.isdir(parent):
+            raise DeviceSpecError(f"--vsock: directory {parent} for uds={self.uds_path} does not exist")
+        self._ioloop = None
+
+    def attach(self, machine, cmdline):
+        self._ioloop = machine.ioloop()     # host sockets are polled by the I/O thread
+        return super().attach(machine, cmdline)
+
+    def open_device(self):
+        from vmm.virtio.vsock import VsockDevice
+        return VsockDevice(self.uds_path, guest_cid=self.cid, ioloop=self._ioloop)
+
 
 
 class RngSpec(VirtioSpec):

@@ -11,7 +11,7 @@ from typing import List, Optional
 from vmm.arch.x86 import boot, cpuid, layout, loader, mptable, regs
 from vmm.bus import Bus
 from vmm.devices import Slots
-from vmm.hw.i8042 import DATA_PORT, I8042
+from vmm.hw.i8042 import DATA_PORT, I8042, KBD_IRQ
 from vmm.hw.pvpanic import PVPANIC_PORT, PvPanic
 from vmm.hw.serial import COM1_IRQ, COM1_PORT, Serial
 from vmm.kvm.system import Kvm
@@ -35,6 +35,7 @@ STATUS = {
 }
 
 POWER_OFF_POLL = 0.25 # seconds between checks for all vCPUs halted with IF=0
+IO_STOP_TIMEOUT = 5.0 # seconds close() waits for the device I/O threads, all together
 
 
 @dataclass
@@ -58,13 +59,21 @@ class Machine:
         self.stop_reason = None
         self.stop_message = ""
         self._stop_event = threading.Event()
-        self._lock = threading.Lock()
+        # stop() runs in signal handlers too, on the main thread, possibly
+        # while the main thread is inside stop() already: reentrant.
+        self._lock = threading.RLock()
+        self.run_gate = threading.Event()    # cleared by pause(): vCPUs park
+        self.run_gate.set()
+        self._pause_lock = threading.Lock()
+        self._paused = False
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self.kvm = self.vm = self.memory = None
         self.vcpus, self.threads = [], []
         self.slots = Slots()
-        self._ioloop = None
+        self._ioloops = []      # [(device spec, IoLoop)]: one I/O thread per device
+        self._attaching = None  # the device spec whose attach() is running
+        self._stuck_io = []     # device specs whose I/O thread did not stop
         self._attached = []
         self.pci_irqs = []      # (device number, pin, IOAPIC pin) for the MP table
         self._serial_out = None
@@ -96,7 +105,11 @@ class Machine:
         cmdline = " ".join(filter(None, [c.cmdline, cpuid.kernel_args(template)]))
         for dev in c.devices:          # devices may extend the command line
             self._attached.append(dev)
-            cmdline = dev.attach(self, cmdline) or cmdline
+            self._attaching = dev
+            try:
+                cmdline = dev.attach(self, cmdline) or cmdline
+            finally:
+                self._attaching = None
         self.cmdline = cmdline
         zero_page = boot.write_zero_page(self.memory, kernel, cmdline, initrd)
         mptable.write(self.memory, c.cpus, pci_irqs=self.pci_irqs)
@@ -121,17 +134,32 @@ class Machine:
         self._serial_out = out
         self.serial = Serial(out, irq=self._serial_irq)
         self.pio_bus.register(COM1_PORT, 8, self.serial)
-        self.pio_bus.register(DATA_PORT, 5, I8042(lambda: self.stop("reset", "guest reset (i8042)")))
+        self.i8042 = I8042(lambda: self.stop("reset", "guest reset (i8042)"), irq=self._kbd_irq)
+        self.pio_bus.register(DATA_PORT, 5, self.i8042)
         self.pio_bus.register(PVPANIC_PORT, 1, PvPanic(
             lambda ev: self.stop("panic", f"guest kernel panic (pvpanic event 0x{ev:x})")))
 
     def ioloop(self):
-        """The I/O thread servicing device eventfds (created on first use)."""
-        if self._ioloop is None:
-            from vmm.virtio import IoLoop
-            self._ioloop = IoLoop()
-            self._ioloop.start()
-        return self._ioloop
+        """The I/O thread servicing the eventfds of the device being attached
+        (created on first use): one thread per device, as Cloud Hypervisor
+        does, so a slow fdatasync or zeroing on one disk does not stall the
+        other devices.  Outside an attach(), one shared loop."""
+        key = self._attaching
+        for owner, loop in self._ioloops:
+            if owner is key:
+                return loop
+        from vmm.virtio import IoLoop
+        loop = IoLoop(name=f"pyvmm-io{len(self._ioloops)}")
+        self._ioloops.append((key, loop))
+        loop.start()
+        return loop
+
+    def _kbd_irq(self):
+        """IRQ 1, edge (the i8042 keyboard line)."""
+        vm = self.vm
+        if vm is not None and not self.stopping:
+            vm.set_irq_line(KBD_IRQ, 1)
+            vm.set_irq_line(KBD_IRQ, 0)
 
     def _serial_irq(self, level):
         vm = self.vm
@@ -146,6 +174,53 @@ class Machine:
                 self.stop_reason, self.stop_message = reason, message
             self.stopping = True
         self._stop_event.set()
+        self.run_gate.set()          # parked vCPUs see `stopping` and leave
+
+    # -- pause / resume --------------------------------------------------------
+    @property
+    def paused(self):
+        return self._paused
+
+    def pause(self, timeout=5.0):
+        """Stop the guest: every vCPU out of KVM_RUN and parked, then the I/O
+        thread parked after the handler in progress.  Returns when nothing of
+        the guest runs any more (guest memory and disks are then quiescent,
+        as a snapshot needs).  Raises RuntimeError if a vCPU does not park."""
+        with self._pause_lock:
+            if self._paused or self.stopping:
+                return
+            self.run_gate.clear()
+            self._paused = True
+            deadline = time.monotonic() + timeout
+            for t in self.threads:
+                t.kick()
+            for t in self.threads:
+                # kick again until parked: a kick can land between two KVM_RUNs
+                while not t.parked.wait(0.01):
+                    if not t.is_alive() or self.stopping:
+                        break
+                    if time.monotonic() > deadline:
+                        self.run_gate.set()
+                        self._paused = False
+                        raise RuntimeError(f"{t.name} did not pause in {timeout:g} s")
+                    t.kick()
+            for _, loop in self._ioloops:    # one I/O thread per device
+                loop.pause(timeout=max(0.1, deadline - time.monotonic()))
+
+    def resume(self):
+        with self._pause_lock:
+            if not self._paused:
+                return
+            for _, loop in self._ioloops:
+                loop.resume()
+            self._paused = False
+            self.run_gate.set()
+
+    # -- control-plane operations ----------------------------------------------
+    def send_ctrl_alt_del(self):
+        """Ctrl-Alt-Del through the i8042, as Firecracker does: the guest's
+        keyboard driver (atkbd) gets the scancodes and init decides."""
+        self.i8042.trigger_ctrl_alt_del()
 
     def check_power_off(self):
         if self.threads and all(t.halted_with_irqs_off for t in self.threads):
@@ -186,26 +261,51 @@ class Machine:
     def _on_signal(self, signum, frame):
         self.stop("signal", f"stopped by {signal.Signals(signum).name}")
 
+    def _stop_ioloops(self):
+        """Stop every device I/O thread, waiting IO_STOP_TIMEOUT in all.  A
+        handler can only be in one bounded batch of requests (device
+        budgets), but one system call (fdatasync on a dead NFS server, say)
+        can take forever: such a thread is reported and left, with its
+        device open, as a stuck vCPU thread is."""
+        self._stuck_io = []
+        for _, loop in self._ioloops:
+            loop.request_stop()
+        deadline = time.monotonic() + IO_STOP_TIMEOUT
+        for owner, loop in self._ioloops:
+            if not loop.stop(timeout=max(0.0, deadline - time.monotonic())):
+                self._stuck_io.append(owner)
+                what = (getattr(owner, "path", None) or getattr(owner, "tap_name", None)
+                        or type(owner).__name__)
+                log.error("I/O thread %s (%s) did not stop; leaving its device open and "
+                          "guest memory mapped", loop.name, what)
+
     def close(self):
         """Release everything; safe to call more than once and after errors."""
-        if self._ioloop is not None:
-            # Wait for the handler in progress (a long fdatasync, say): the
-            # devices below must not be closed under the I/O thread's feet.
-            self._ioloop.stop(timeout=None)
+        # The handler in progress must return before the devices below are
+        # closed under the I/O thread's feet.
+        self._stop_ioloops()
+        stuck_shared = None in self._stuck_io
+        left = []                       # devices of stuck I/O threads: a later close() retries
         for dev in self._attached:      # flush and close disk images first
+            if stuck_shared or dev in self._stuck_io:
+                left.append(dev)
+                continue
             try:
                 dev.close()
             except Exception as e:
                 log.error("closing %s: %s", dev, e)
-        self._attached = []
-        if self._ioloop is not None:
-            self._ioloop.close()
-            self._ioloop = None
+        self._attached = left
+        for owner, loop in self._ioloops:
+            if owner not in self._stuck_io:
+                loop.close()
+        self._ioloops = [(o, loop) for o, loop in self._ioloops if o in self._stuck_io]
         if self._serial_out is not None and self.config.serial_out is None:
             self._serial_out.close()    # our dup of stdout (a --serial file is the caller's)
         self._serial_out = None
         if self._stuck_vcpus:
             log.error("%s did not stop; leaving guest memory mapped", ", ".join(self._stuck_vcpus))
+            return
+        if self._stuck_io:          # its handler may touch guest memory when it resumes
             return
         for vcpu in self.vcpus:
             vcpu.close()

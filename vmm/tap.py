@@ -6,7 +6,11 @@
     tap.set_offload(lib.TUN_F_CSUM | ...)
     tap.close()                # a tap we created goes away with the fd
 
-/dev/net/tun is opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.  TUNSETIFF
+/dev/net/tun is opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR; with
+`queues=N` > 1 it is opened N times with IFF_MULTI_QUEUE as well (one fd per
+queue, `tap.fds`; `tap.fd` is the first), and `set_queue_enabled(i, on)`
+attaches or detaches queue i (TUNSETQUEUE) so the kernel only steers frames
+to queues somebody reads.  TUNSETIFF
 attaches to the interface or creates it in the caller's network namespace
 (of the calling thread).  A non-persistent tap lives exactly as long as its
 fd, so one we create disappears when we close it; an existing persistent one
@@ -64,28 +68,36 @@ def _exists(name):
 
 
 class Tap:
-    def __init__(self, name):
+    def __init__(self, name, queues=1):
         check_name(name)
         self.name = name
         existed = _exists(name)
+        self.fds = []
+        self.fd = -1
+        flags = lib.IFF_TAP | lib.IFF_NO_PI | lib.IFF_VNET_HDR
+        if queues > 1:
+            flags |= lib.IFF_MULTI_QUEUE
         try:
-            self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise TapError(e.errno, f"tap {name}: cannot open /dev/net/tun: {e.strerror}") from None
-        try:
-            out = ffi.new("char[]", IFNAMSIZ)
-            r = lib.pv_tap_setiff(self.fd, name.encode(),
-                                  lib.IFF_TAP | lib.IFF_NO_PI | lib.IFF_VNET_HDR, out)
-            if r < 0:
-                raise TapError(-r, self._why(-r, existed))
-            self.name = ffi.string(out).decode()
-            flags = lib.pv_tap_getiff_flags(self.fd)
-            self.persistent = flags >= 0 and bool(flags & lib.IFF_PERSIST)
+            for _ in range(queues):
+                try:
+                    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                except OSError as e:
+                    raise TapError(e.errno, f"tap {name}: cannot open /dev/net/tun: {e.strerror}") from None
+                self.fds.append(fd)
+                out = ffi.new("char[]", IFNAMSIZ)
+                r = lib.pv_tap_setiff(fd, self.name.encode(), flags, out)
+                if r < 0:
+                    raise TapError(-r, self._why(-r, existed or len(self.fds) > 1))
+                self.name = ffi.string(out).decode()
+            self.fd = self.fds[0]
+            iff = lib.pv_tap_getiff_flags(self.fd)
+            self.persistent = iff >= 0 and bool(iff & lib.IFF_PERSIST)
             self.created = not existed
             self.offload_ok = self._ioctl_int(lib.TUNSETOFFLOAD, 0) == 0
         except BaseException:
-            os.close(self.fd)
-            self.fd = -1
+            for fd in self.fds:
+                os.close(fd)
+            self.fds, self.fd = [], -1
             raise
 
     def _why(self, err, existed):
@@ -99,15 +111,27 @@ class Tap:
             return f"tap {n}: an interface of that name exists and is not a usable tap"
         return f"tap {n}: TUNSETIFF failed: {os.strerror(err)}"
 
-    def _ioctl_int(self, req, value):
+    def _ioctl_int(self, req, value, fd=None):
         """TUNSETOFFLOAD takes its value as the argument; TUNSETVNETHDRSZ a
         pointer to an int (drivers/net/tun.c)."""
         arg = value if req == lib.TUNSETOFFLOAD else struct.pack("i", value)
         try:
-            fcntl.ioctl(self.fd, req, arg)
+            fcntl.ioctl(self.fd if fd is None else fd, req, arg)
             return 0
         except OSError as e:
             return e.errno
+
+    def set_queue_enabled(self, index, on):
+        """TUNSETQUEUE: attach (on) or detach queue `index` of a multi-queue
+        tap; a detached queue gets no frames."""
+        if len(self.fds) < 2:
+            return
+        ifr = struct.pack("16sH22x", b"", lib.IFF_ATTACH_QUEUE if on else lib.IFF_DETACH_QUEUE)
+        try:
+            fcntl.ioctl(self.fds[index], lib.TUNSETQUEUE, ifr)
+        except OSError as e:
+            if e.errno != errno.EINVAL:     # EINVAL: already in that state
+                raise TapError(e.errno, f"tap {self.name}: TUNSETQUEUE {index}: {e.strerror}") from None
 
     def set_vnet_hdr_len(self, n):
         """TUNSETVNETHDRSZ: 10, or 12 with num_buffers (virtio 1.1 §5.1.6)."""
@@ -125,9 +149,9 @@ class Tap:
             raise TapError(err, f"tap {self.name}: TUNSETOFFLOAD 0x{flags:x}: {os.strerror(err)}")
 
     def close(self):
-        """Close the fd: a tap we created (non-persistent) disappears."""
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
+        """Close the fds: a tap we created (non-persistent) disappears."""
+        fds, self.fds, self.fd = self.fds, [], -1
+        for fd in fds:
             os.close(fd)
 
     def __repr__(self):

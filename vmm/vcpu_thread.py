@@ -28,7 +28,9 @@ class VcpuThread(threading.Thread):
         self.machine = machine
         self.vcpu = vcpu
         self.exits = 0
+        self.exit_counts = {"io_in": 0, "io_out": 0, "mmio_read": 0, "mmio_write": 0}
         self.halted_with_irqs_off = False
+        self.parked = threading.Event()      # set while held out of KVM_RUN by a pause
 
     def kick(self):
         """Make KVM_RUN return soon (EINTR) without losing guest state."""
@@ -56,31 +58,49 @@ class VcpuThread(threading.Thread):
             pio, mmio = TracedBus(pio, "pio", tracer), TracedBus(mmio, "mmio", tracer)
         EXIT_IO, EXIT_MMIO, EXIT_INTR = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_INTR
         IO_OUT = lib.KVM_EXIT_IO_OUT
+        gate = machine.run_gate
+        counts = self.exit_counts
         while not machine.stopping:
+            if not gate.is_set():
+                self._park(gate)
+                continue
             reason = vcpu.run()
             self.exits += 1
             if reason == EXIT_IO:
                 io = run.io
                 port, size, count = io.port, io.size, io.count
                 if io.direction == IO_OUT:
+                    counts["io_out"] += 1
                     data = vcpu.io_data()
                     for i in range(count):
                         pio.write(port, size, int.from_bytes(data[i * size:(i + 1) * size], "little"))
                 else:
+                    counts["io_in"] += 1
                     vcpu.set_io_data(b"".join(pio.read(port, size).to_bytes(size, "little")
                                               for _ in range(count)))
             elif reason == EXIT_MMIO:
                 m = run.mmio
                 n = m.len
                 if m.is_write:
+                    counts["mmio_write"] += 1
                     mmio.write(m.phys_addr, n, int.from_bytes(vcpu.mmio_data(n), "little"))
                 else:
+                    counts["mmio_read"] += 1
                     vcpu.set_mmio_data(mmio.read(m.phys_addr, n).to_bytes(n, "little"))
             elif reason == EXIT_INTR:
                 run.immediate_exit = 0
                 self._check_halted()
             else:
                 self._other_exit(reason)
+
+    def _park(self, gate):
+        """Machine.pause(): stay out of KVM_RUN (guest state untouched, kept in
+        KVM) until the gate opens again or the machine stops."""
+        self.parked.set()
+        while not gate.wait(0.2) and not self.machine.stopping:
+            pass
+        self.vcpu.run_struct.immediate_exit = 0   # a kick that came while parked
+        self.parked.clear()
 
     def _check_halted(self):
         """A vCPU halted with interrupts off will never run again: that is how

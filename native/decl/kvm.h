@@ -21,6 +21,8 @@
 #define KVM_IRQ_LINE ...
 #define KVM_IRQFD ...
 #define KVM_IOEVENTFD ...
+#define KVM_SET_GSI_ROUTING ...
+#define KVM_SIGNAL_MSI ...
 
 /* vCPU ioctls */
 #define KVM_RUN ...
@@ -50,6 +52,8 @@
 #define KVM_CAP_IMMEDIATE_EXIT ...
 #define KVM_CAP_NR_MEMSLOTS ...
 #define KVM_CAP_MP_STATE ...
+#define KVM_CAP_IRQ_ROUTING ...
+#define KVM_CAP_SIGNAL_MSI ...
 
 /* exit reasons */
 #define KVM_EXIT_UNKNOWN ...
@@ -83,6 +87,11 @@
 #define KVM_MP_STATE_UNINITIALIZED ...
 #define KVM_MP_STATE_HALTED ...
 #define KVM_MEM_READONLY ...
+#define KVM_IRQ_ROUTING_IRQCHIP ...
+#define KVM_IRQ_ROUTING_MSI ...
+#define KVM_IRQCHIP_PIC_MASTER ...
+#define KVM_IRQCHIP_PIC_SLAVE ...
+#define KVM_IRQCHIP_IOAPIC ...
 
 struct kvm_userspace_memory_region {
     uint32_t slot;
@@ -186,6 +195,49 @@ struct kvm_ioeventfd {
     uint64_t datamatch, addr;
     uint32_t len;
     int32_t fd;
+    uint32_t flags;
+    ...;
+};
+
+/* KVM_SET_GSI_ROUTING (KVM API doc 4.52): the whole table at once.  As for
+ * kvm_run, the entry has an anonymous union, so its members are spelled
+ * exactly (cffi checks the layout against the compiler). */
+struct kvm_irq_routing_irqchip {
+    uint32_t irqchip;
+    uint32_t pin;
+};
+
+struct kvm_irq_routing_msi {
+    uint32_t address_lo;
+    uint32_t address_hi;
+    uint32_t data;
+    uint32_t devid;
+};
+
+struct kvm_irq_routing_entry {
+    uint32_t gsi;
+    uint32_t type;
+    uint32_t flags;
+    uint32_t pad;
+    union {
+        struct kvm_irq_routing_irqchip irqchip;
+        struct kvm_irq_routing_msi msi;
+        uint32_t pad[8];
+        uint64_t align64[4];     /* s390 adapter member: 8-byte alignment */
+    } u;
+};
+
+struct kvm_irq_routing {
+    uint32_t nr;
+    uint32_t flags;
+    struct kvm_irq_routing_entry entries[];
+    ...;
+};
+
+struct kvm_msi {
+    uint32_t address_lo;
+    uint32_t address_hi;
+    uint32_t data;
     uint32_t flags;
     ...;
 };

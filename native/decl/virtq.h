@@ -14,6 +14,8 @@
 #define PV_VQ_E_INDIRECT ...
 #define PV_VQ_E_ORDER ...
 #define PV_VQ_E_REQ ...
+#define PV_VQ_E_TOO_BIG ...
+#define PV_VQ_MAX_CHAIN_BYTES ...
 
 struct iovec {
     void *iov_base;
@@ -74,6 +76,7 @@ struct pv_blk {
     uint32_t max_write_zeroes_sectors;
     uint32_t max_write_zeroes_seg;
     uint32_t no_zero_range;
+    uint32_t budget;
     uint8_t id[20];
     ...;
 };
@@ -83,6 +86,7 @@ struct pv_blk_result {
     uint32_t interrupt;
     int32_t error;
     uint32_t ioerr;
+    uint32_t more;
     ...;
 };
 
@@ -91,4 +95,6 @@ int pv_blk_process(struct pv_vq *vq, struct pv_blk *blk, struct pv_chain *scratc
 int pv_blk_request(struct pv_blk *blk, struct pv_chain *c, uint32_t *used_len);
 extern void (*pv_blk_seg_hook)(void *arg);
 extern void *pv_blk_seg_hook_arg;
+extern void (*pv_blk_flush_hook)(int fd);
+#define PV_BLK_BUDGET ...
 long pv_bench_pread(int fd, void *buf, uint64_t len, const uint64_t *offsets, uint32_t n);

@@ -29,6 +29,10 @@
 #define PV_VQ_E_INDIRECT 7           /* bad indirect descriptor */
 #define PV_VQ_E_ORDER 8              /* readable descriptor after a writable one */
 #define PV_VQ_E_REQ 9                /* request framing (too short, wrong direction) */
+#define PV_VQ_E_TOO_BIG 10           /* chain's buffers total 4 GiB or more */
+
+/* A chain's buffers total at most this (the used ring's len is 32 bits) */
+#define PV_VQ_MAX_CHAIN_BYTES 0xFFFFFFFFull
 
 struct pv_region {
     uint64_t gpa;
@@ -76,6 +80,7 @@ int pv_vq_notify_on_next(struct pv_vq *vq);
 uint16_t pv_vq_avail_idx(struct pv_vq *vq);
 
 /* virtio-blk (§5.2) */
+#define PV_BLK_BUDGET 64             /* default requests per pv_blk_process call */
 #define PV_BLK_MAX_SEGS 256          /* discard/write-zeroes segments per request */
 #define PV_BLK_MAX_SECTOR (UINT64_MAX / 512 / 2) /* byte offsets stay below 2^63 */
 struct pv_blk {
@@ -87,6 +92,7 @@ struct pv_blk {
     uint32_t max_write_zeroes_sectors;
     uint32_t max_write_zeroes_seg;
     uint32_t no_zero_range;          /* fallocate(ZERO_RANGE) unsupported: write zeros */
+    uint32_t budget;                 /* requests per pv_blk_process call (0: PV_BLK_BUDGET) */
     uint8_t id[20];
 };
 
@@ -95,6 +101,7 @@ struct pv_blk_result {
     uint32_t interrupt;              /* 1: signal the used buffer notification */
     int32_t error;                   /* 0 or -PV_VQ_E_*: the queue is now broken */
     uint32_t ioerr;                  /* requests completed with VIRTIO_BLK_S_IOERR */
+    uint32_t more;                   /* 1: the budget ran out; call again later */
 };
 
 int pv_blk_process(struct pv_vq *vq, struct pv_blk *blk, struct pv_chain *scratch,
@@ -104,6 +111,8 @@ int pv_blk_request(struct pv_blk *blk, struct pv_chain *c, uint32_t *used_len);
 /* test seam, NULL in production: see discard_wz() in native/src/blk.c */
 extern void (*pv_blk_seg_hook)(void *arg);
 extern void *pv_blk_seg_hook_arg;
+/* test seam, NULL in production: called before a FLUSH's fdatasync */
+extern void (*pv_blk_flush_hook)(int fd);
 long pv_bench_pread(int fd, void *buf, uint64_t len, const uint64_t *offsets, uint32_t n);
 
 #endif

@@ -237,7 +237,7 @@ int pv_blk_request(struct pv_blk *blk, struct pv_chain *c, uint32_t *used_len)
         }
         k = iov_slice(wr, nwr, 0, out_len, tmp);
         s = rw_all(blk->fd, tmp, k, sector * SECTOR, 0) < 0 ? S_IOERR : S_OK;
-        if (s == S_OK)
+        if (s == S_OK)      /* exact: pv_vq_pop bounds a chain below 2^32 bytes */
             *used_len = (uint32_t)(out_len + 1);
         break;
     case T_OUT:
@@ -253,6 +253,8 @@ int pv_blk_request(struct pv_blk *blk, struct pv_chain *c, uint32_t *used_len)
     case T_FLUSH:
         if (in_len || out_len)
             return -PV_VQ_E_REQ;
+        if (pv_blk_flush_hook)
+            pv_blk_flush_hook(blk->fd);
         s = fdatasync(blk->fd) < 0 ? S_IOERR : S_OK;
         break;
     case T_GET_ID: {
@@ -279,16 +281,26 @@ int pv_blk_request(struct pv_blk *blk, struct pv_chain *c, uint32_t *used_len)
     return s;
 }
 
-/* Drain the queue: every available chain is performed and pushed; then
- * re-arm notifications (EVENT_IDX) and drain again if the driver raced us.
- * One call per kick, whatever the batch size. */
+/* Test seam: called just before a FLUSH's fdatasync (NULL in production).
+ * tests/unit uses it to make one disk's flush block and shows that the other
+ * devices, each on its own I/O thread, still complete requests. */
+void (*pv_blk_flush_hook)(int fd);
+
+/* Perform at most `budget` available chains and push them; if the budget
+ * ran out with chains still available, set res->more and return without
+ * re-arming notifications: the caller re-queues the work (signals the notify
+ * eventfd again, so the I/O thread comes back after its other fds and can be
+ * stopped in between).  Otherwise re-arm notifications (EVENT_IDX) and go
+ * on if the driver raced us.  A guest can thus make one call do at most
+ * `budget` requests, each bounded by the chain limit (< 4 GiB). */
 int pv_blk_process(struct pv_vq *vq, struct pv_blk *blk, struct pv_chain *c,
                    struct pv_blk_result *res)
 {
-    int r;
+    uint32_t budget = blk->budget ? blk->budget : PV_BLK_BUDGET;
+    int r = 0;
     memset(res, 0, sizeof(*res));
     for (;;) {
-        while ((r = pv_vq_pop(vq, c)) > 0) {
+        while (res->completed < budget && (r = pv_vq_pop(vq, c)) > 0) {
             uint32_t used_len;
             int s = pv_blk_request(blk, c, &used_len);
             if (s < 0) {
@@ -302,6 +314,12 @@ int pv_blk_process(struct pv_vq *vq, struct pv_blk *blk, struct pv_chain *c,
         }
         if (r < 0) {
             res->error = r;
+            break;
+        }
+        if (res->completed >= budget) {
+            /* more may be there (or not: then the next call finds the ring
+             * empty and re-arms notifications) */
+            res->more = 1;
             break;
         }
         if (!pv_vq_enable_notify(vq))

@@ -26,15 +26,50 @@ struct desc {
     uint16_t next;
 };
 
-static inline uint16_t ld16(const volatile uint8_t *p) { return *(const volatile uint16_t *)p; }
-static inline void st16(volatile uint8_t *p, uint16_t v) { *(volatile uint16_t *)p = v; }
+/* Guest memory is a byte array to us: reading it through uint16_t/uint32_t
+ * pointer casts breaks C's strict aliasing rules.  memcpy is the defined way
+ * (it compiles to single loads/stores); the compiler barrier after each copy
+ * makes it a READ_ONCE: the compiler may not fetch the guest's bytes again
+ * later and see a different value than the one we checked. */
+#define barrier() __asm__ __volatile__("" ::: "memory")
 
+static inline uint16_t ld16(const volatile uint8_t *p)
+{
+    uint16_t v;
+    memcpy(&v, (const void *)p, sizeof(v));
+    barrier();
+    return v;
+}
+
+static inline void st16(volatile uint8_t *p, uint16_t v)
+{
+    barrier();
+    memcpy((void *)p, &v, sizeof(v));
+    barrier();
+}
+
+static inline void st32(volatile uint8_t *p, uint32_t v)
+{
+    barrier();
+    memcpy((void *)p, &v, sizeof(v));
+    barrier();
+}
+
+/* An indirect table (§2.6.5.3) may sit at any byte address, so descriptors
+ * may be unaligned: memcpy is safe there too (found by the fuzz corpus under
+ * UBSan, when these were plain loads).
+ * SAFETY: p points at 16 bytes inside a checked descriptor table; the guest
+ * may rewrite them at any time, so they are copied once and only the copy
+ * is used. */
 static inline void read_desc(const volatile uint8_t *p, struct desc *d)
 {
-    d->addr = *(const volatile uint64_t *)p;
-    d->len = *(const volatile uint32_t *)(p + 8);
-    d->flags = *(const volatile uint16_t *)(p + 12);
-    d->next = *(const volatile uint16_t *)(p + 14);
+    uint8_t raw[16];
+    memcpy(raw, (const void *)p, sizeof(raw));
+    barrier();
+    memcpy(&d->addr, raw, 8);
+    memcpy(&d->len, raw + 8, 4);
+    memcpy(&d->flags, raw + 12, 2);
+    memcpy(&d->next, raw + 14, 2);
 }
 
 /* [gpa, gpa+len) must lie entirely inside one region (no overflow possible). */
@@ -86,7 +121,9 @@ static int fail(struct pv_vq *vq, int code)
 
 uint16_t pv_vq_avail_idx(struct pv_vq *vq)
 {
-    return __atomic_load_n((const uint16_t *)(vq->avail + 2), __ATOMIC_ACQUIRE);
+    uint16_t idx = ld16(vq->avail + 2);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);    /* ring entries and descs after */
+    return idx;
 }
 
 /* Take the next available chain (§2.6.6, §2.6.5.3 indirect descriptors).
@@ -133,6 +170,11 @@ int pv_vq_pop(struct pv_vq *vq, struct pv_chain *c)
         }
         if (++total > vq->size)             /* §2.6.5.3.1: chain <= queue size */
             return fail(vq, PV_VQ_E_LOOP);
+        /* The used ring's len is 32 bits (§2.6.8): a chain of 4 GiB or more
+         * could not be reported truthfully (devices would truncate it), so
+         * bound the total as rust-vmm's vm-virtio does. */
+        if (c->read_len + c->write_len + d.len > PV_VQ_MAX_CHAIN_BYTES)
+            return fail(vq, PV_VQ_E_TOO_BIG);
         if (pv_mem_translate(vq->mem, d.addr, d.len, &host))
             return fail(vq, PV_VQ_E_RANGE);
         if (d.flags & VRING_DESC_F_WRITE) {
@@ -161,10 +203,11 @@ int pv_vq_pop(struct pv_vq *vq, struct pv_chain *c)
 void pv_vq_push(struct pv_vq *vq, uint16_t head, uint32_t len)
 {
     volatile uint8_t *e = vq->used + 4 + 8 * (size_t)(vq->used_idx % vq->size);
-    *(volatile uint32_t *)e = head;
-    *(volatile uint32_t *)(e + 4) = len;
+    st32(e, head);
+    st32(e + 4, len);
     vq->used_idx++;
-    __atomic_store_n((uint16_t *)(vq->used + 2), vq->used_idx, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_RELEASE);    /* element (and data) before the index */
+    st16(vq->used + 2, vq->used_idx);
 }
 
 /* §2.6.7.2 (used buffer notification suppression): with EVENT_IDX, interrupt

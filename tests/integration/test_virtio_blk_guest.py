@@ -36,12 +36,12 @@ def kernel():
     return k
 
 
-def make_ext4(path, tmp_path, init=INIT, size_mb=32):
+def make_ext4(path, tmp_path, init=INIT, size_mb=32, extra_apps=()):
     root = tmp_path / "rootfs"
     for d in ("bin", "sbin", "proc", "sys", "dev", "tmp"):
         (root / d).mkdir(parents=True, exist_ok=True)
     shutil.copy(BUSYBOX, root / "bin" / "busybox")
-    for app in ("sh", "mount", "echo", "grep", "sync", "reboot", "cat"):
+    for app in ("sh", "mount", "echo", "grep", "sync", "reboot", "cat", *extra_apps):
         os.symlink("busybox", root / "bin" / app)
     (root / "sbin" / "init").write_text(init)
     os.chmod(root / "sbin" / "init", 0o755)

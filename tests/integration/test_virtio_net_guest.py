@@ -63,7 +63,7 @@ class Console:
         return self.buf.decode(errors="replace")
 
 
-@pytest.mark.parametrize("transport", ["mmio", "pci"])
+@pytest.mark.parametrize("transport", ["mmio", "pci-legacy"])
 def test_ping_guest_through_tap(transport):
     kernel, initrd = guest.default_guest()
     if not os.path.exists(kernel):

@@ -28,7 +28,7 @@ def pci_lines(out):
 
 def test_ext4_root_on_legacy_virtio_pci(tmp_path):
     img = make_ext4(tmp_path / "root.img", tmp_path)
-    rc, out, err = pyvmm("--drive", f"file={img},transport=pci", "--cmdline", BASE + " root=/dev/vda rw")
+    rc, out, err = pyvmm("--drive", f"file={img},transport=pci-legacy", "--cmdline", BASE + " root=/dev/vda rw")
     print(pci_lines(out))        # what the kernel found on the bus (shown with -s)
     assert "PCI: Using configuration type 1" in out, out[-3000:] + err
     assert "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000" in out
@@ -47,7 +47,7 @@ reboot -f
 """)
     data = tmp_path / "data.img"
     data.write_bytes(os.urandom(3 << 20))
-    rc, out, err = pyvmm("--drive", f"file={root}", "--drive", f"file={data},transport=pci",
+    rc, out, err = pyvmm("--drive", f"file={root}", "--drive", f"file={data},transport=pci-legacy",
                          "--cmdline", BASE + " root=/dev/vda rw")
     print(pci_lines(out))
     assert "[1af4:1001]" in out, out[-3000:] + err

@@ -1,8 +1,16 @@
 """A KVM virtual machine: memory slots, in-kernel irqchip and PIT, irqfd and
-ioeventfd registration, IRQ lines."""
-import os
+ioeventfd registration, IRQ lines, and the GSI routing table.
 
-from vmm.native import ffi, ioctl, lib
+The Vm is the one owner of the routing table.  KVM_SET_GSI_ROUTING replaces
+the whole table (KVM API doc 4.52), so every change resends the PIC/IOAPIC
+routes KVM_CREATE_IRQCHIP installed (the same default table as
+arch/x86/kvm/irq_comm.c: GSI 0-15 to both PICs and the IOAPIC, 16-23 to the
+IOAPIC only) together with every MSI route devices asked for.
+"""
+import os
+import threading
+
+from vmm.native import NativeError, ffi, ioctl, lib
 
 # Addresses KVM needs for its own use on Intel (three pages for the TSS, one
 # for the EPT identity map), placed just below the 4 GiB boundary inside the
@@ -10,12 +18,35 @@ from vmm.native import ffi, ioctl, lib
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
 
+IOAPIC_PINS = 24
+PIC_PINS = 16
+MAX_ROUTES = 1024
+
+
+class RoutingError(ValueError):
+    """KVM refused a routing table (e.g. an MSI message it cannot deliver)."""
+
+
+def default_routes():
+    """[(gsi, "irqchip", chip, pin)] as KVM_CREATE_IRQCHIP sets them up."""
+    routes = []
+    for gsi in range(IOAPIC_PINS):
+        routes.append((gsi, "irqchip", lib.KVM_IRQCHIP_IOAPIC, gsi))
+        if gsi < PIC_PINS:
+            chip = lib.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else lib.KVM_IRQCHIP_PIC_SLAVE
+            routes.append((gsi, "irqchip", chip, gsi % 8))
+    return routes
+
 
 class Vm:
     def __init__(self, kvm):
         self.kvm = kvm
         self.fd = ioctl(kvm.fd, "KVM_CREATE_VM", 0)
         self._slots = 0
+        self._routing_lock = threading.Lock()
+        self._msi_routes = {}           # gsi -> (address, data)
+        self._next_gsi = IOAPIC_PINS    # MSI GSIs come after the IOAPIC's pins
+        self.routing_updates = 0        # tables sent (for tests and stats)
 
     def setup_platform(self):
         """TSS, identity map, PIC+IOAPIC+LAPIC in the kernel, and the PIT."""
@@ -68,6 +99,76 @@ class Vm:
             flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
         req.flags = flags
         ioctl(self.fd, "KVM_IOEVENTFD", req)
+
+    # --- GSI routing (MSI / MSI-X) ---
+    def alloc_gsi(self):
+        """A GSI number for an MSI route (not routed until set_msi_route)."""
+        with self._routing_lock:
+            if self._next_gsi >= MAX_ROUTES:
+                raise RoutingError("no GSI left for MSI routes")
+            self._next_gsi += 1
+            return self._next_gsi - 1
+
+    def routing_table(self):
+        """The table as it is sent: default irqchip routes, then
+        (gsi, "msi", address, data) in GSI order."""
+        return default_routes() + [(gsi, "msi", a, d) for gsi, (a, d)
+                                   in sorted(self._msi_routes.items())]
+
+    def set_msi_route(self, gsi, address, data):
+        """Route `gsi` to an MSI message; raises RoutingError (and keeps the
+        previous table) if KVM refuses it."""
+        with self._routing_lock:
+            old = self._msi_routes.get(gsi)
+            if old == (address, data):
+                return
+            self._msi_routes[gsi] = (address, data)
+            try:
+                self._commit()
+            except RoutingError:
+                if old is None:
+                    del self._msi_routes[gsi]
+                else:
+                    self._msi_routes[gsi] = old
+                raise
+
+    def remove_msi_route(self, gsi):
+        with self._routing_lock:
+            if self._msi_routes.pop(gsi, None) is not None:
+                self._commit()
+
+    def _commit(self):
+        table = self.routing_table()
+        self.routing_updates += 1
+        try:
+            self.set_gsi_routing(table)
+        except NativeError as e:
+            raise RoutingError(f"KVM_SET_GSI_ROUTING: {e.strerror}") from None
+
+    def set_gsi_routing(self, table):
+        """KVM_SET_GSI_ROUTING with `table` (routing_table() format)."""
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_irq_routing")
+                      + len(table) * ffi.sizeof("struct kvm_irq_routing_entry"))
+        req = ffi.cast("struct kvm_irq_routing *", buf)
+        req.nr = len(table)
+        for i, (gsi, kind, a, b) in enumerate(table):
+            e = req.entries[i]
+            e.gsi = gsi
+            if kind == "irqchip":
+                e.type = lib.KVM_IRQ_ROUTING_IRQCHIP
+                e.u.irqchip.irqchip, e.u.irqchip.pin = a, b
+            else:
+                e.type = lib.KVM_IRQ_ROUTING_MSI
+                e.u.msi.address_lo, e.u.msi.address_hi = a & 0xFFFFFFFF, a >> 32
+                e.u.msi.data = b
+        ioctl(self.fd, "KVM_SET_GSI_ROUTING", req)
+
+    def signal_msi(self, address, data):
+        """KVM_SIGNAL_MSI: inject one MSI message directly (not on the hot
+        path: per-vector irqfds are; this serves tests and benchmarks)."""
+        msi = ffi.new("struct kvm_msi *")
+        msi.address_lo, msi.address_hi, msi.data = address & 0xFFFFFFFF, address >> 32, data
+        return ioctl(self.fd, "KVM_SIGNAL_MSI", msi)
 
     def close(self):
         if self.fd >= 0:

@@ -14,7 +14,11 @@ from 0xC000 as SeaBIOS assigns them, memory from 0xE0000000) with decoding
 enabled, and whenever the guest moves a BAR or turns decoding off the
 handler follows on the machine's port or memory bus; a device's optional
 `bar_moved(bar, old, new)` hook then moves what KVM decodes by itself
-(ioeventfds).
+(ioeventfds).  A memory BAR the guest puts over RAM or the platform's
+fixed range (IOAPIC, LAPIC, KVM's TSS pages: 0xFEC00000 up to 4 GiB), or
+over another device, is not decoded (an access there would never reach us,
+or would steal the other device's); it is decoded again once moved to a
+free place.  64-bit memory BARs are placed in the 32-bit hole as well.
 """
 import logging
 
@@ -29,6 +33,7 @@ ADDRESS_MASK = 0x80FFFFFC        # reserved bits 30:24 and 1:0 read as 0
 SLOTS = 32
 IO_BASE, IO_END = 0xC000, 0x10000
 MEM_BASE, MEM_END = 0xE0000000, 0xFEC00000      # below the IOAPIC
+PLATFORM = (0xFEC00000, 1 << 32)                # IOAPIC, LAPIC, TSS/identity map, reset vector
 # Host bridge: class 06/00/00.  The ID is the one QEMU's generic host bridge
 # uses (Red Hat, Inc. 1b36:0008); Linux has no quirks for it, and the class
 # is what its pci_sanity_check() looks for on bus 0.
@@ -36,8 +41,10 @@ HOST_VENDOR, HOST_DEVICE, CLASS_HOST_BRIDGE = 0x1B36, 0x0008, 0x060000
 
 
 class PciBus:
-    def __init__(self, pio_bus=None, mmio_bus=None):
+    def __init__(self, pio_bus=None, mmio_bus=None, ram=()):
         self.pio_bus, self.mmio_bus = pio_bus, mmio_bus
+        # [start, end) ranges no memory BAR may cover: guest RAM and PLATFORM
+        self.reserved = [(gpa, gpa + size) for gpa, size, *_ in ram] + [PLATFORM]
         self.address = 0
         self.devices = [None] * SLOTS
         self._io_next, self._mem_next = IO_BASE, MEM_BASE
@@ -85,6 +92,11 @@ class PciBus:
         """A BAR moved from `old` to `new` (None: not decoded); returns where
         it is decoded now (None when `new` overlaps another device)."""
         bus = self.pio_bus if bar.io else self.mmio_bus
+        if new is not None and not bar.io and any(
+                new < end and new + bar.size > start for start, end in self.reserved):
+            log.warning("%s BAR%d at 0x%x overlaps RAM or the platform range: not decoded",
+                        dev.name, bar.index, new)
+            new = None
         if bus is not None:
             if old is not None:
                 bus.unregister(old)
@@ -131,7 +143,8 @@ def get_or_create(machine):
     """The machine's PCI bus, created (and put on 0xCF8) on first use."""
     bus = getattr(machine, "pci_bus", None)
     if bus is None:
-        bus = PciBus(machine.pio_bus, machine.mmio_bus)
+        mem = getattr(machine, "memory", None)
+        bus = PciBus(machine.pio_bus, machine.mmio_bus, ram=mem.regions if mem is not None else ())
         machine.pio_bus.register(CONFIG_ADDRESS, PORTS, bus)
         machine.pci_bus = bus
     return bus

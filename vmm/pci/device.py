@@ -12,6 +12,12 @@ decode where and tells its bus through `on_map(device, bar, old, new)`.
 INTx (§2.2.6, §6.2.4): a device calls `set_intx(level)`; the line reaches
 `irq_line(level)` unless Interrupt Disable (command bit 10) is set, and
 status bit 3 shows the device's own state either way.
+
+A 64-bit memory BAR (§6.2.5.1, type 10b) takes two BAR registers, the
+second holding the upper address bits.  `watch_config(start, length, fn)`
+calls fn() after a guest write touching that range (MSI-X Message Control),
+and `config_window(start, length, read, write)` hands a range's accesses to
+the owner (the virtio PCI-config-access capability's data bytes).
 """
 import threading
 
@@ -33,19 +39,22 @@ STATUS_W1C = 0xF900                     # parity/abort/SERR error bits: write 1 
 
 # §6.2.5.1 BAR low bits
 BAR_IO = 0x1
+BAR_MEM_64 = 0x4                        # type 10b: 64-bit, two registers
 BAR_IO_MASK, BAR_MEM_MASK = 0xFFFFFFFC, 0xFFFFFFF0
 IO_SPACE_END = 0x10000                  # x86 port space: 16 address bits decoded
-MEM_SPACE_END = 1 << 32                 # 32-bit memory BARs only
+MEM_SPACE_END = 1 << 32                 # 32-bit memory BARs
+MEM64_SPACE_END = 1 << 46               # 64-bit BARs: below the guest's physical address width
 
 HEADER_TYPE_NORMAL = 0x00
 PIN_INTA = 1
 
 
 class Bar:
-    __slots__ = ("index", "size", "io", "handler", "mapped")
+    __slots__ = ("index", "size", "io", "handler", "mapped", "is64")
 
-    def __init__(self, index, size, io, handler):
+    def __init__(self, index, size, io, handler, is64=False):
         self.index, self.size, self.io, self.handler = index, size, io, handler
+        self.is64 = is64
         self.mapped = None              # address the bus decodes it at, or None
 
     @property
@@ -69,6 +78,8 @@ class PciDevice:
         self._line = 0
         self._intx_lock = threading.Lock()
         self._last_cap = CAPABILITY_LIST
+        self._watches = []              # (start, end, fn) called after guest writes
+        self._windows = []              # (start, end, read, write) owned by the device
         self._cap_end = CAP_START
         self.set(VENDOR_ID, 2, vendor)
         self.set(DEVICE_ID, 2, device)
@@ -95,20 +106,42 @@ class PciDevice:
     def get(self, offset, size):
         return int.from_bytes(self.config[offset:offset + size], "little")
 
-    def add_bar(self, index, size, handler, io=True):
-        """A 32-bit BAR of `size` bytes (a power of two; I/O: 4..256 bytes as
+    def add_bar(self, index, size, handler, io=True, is64=False):
+        """A BAR of `size` bytes (a power of two; I/O: 4..256 bytes as
         §6.2.5.1 allows; memory: at least 16) whose accesses go to `handler`
-        (read(offset, size) / write(offset, size, value))."""
-        if not 0 <= index < BAR_COUNT or index in self.bars:
+        (read(offset, size) / write(offset, size, value)).  A 64-bit memory
+        BAR also takes register index + 1 (upper address bits)."""
+        taken = [i for b in self.bars.values() for i in ((b.index, b.index + 1) if b.is64 else (b.index,))]
+        last = index + (1 if is64 else 0)
+        if not 0 <= index or last >= BAR_COUNT or index in taken or last in taken or (is64 and io):
             raise ValueError(f"BAR{index} invalid or already present")
         if size & (size - 1) or not (4 <= size <= 256 if io else size >= 16):
             raise ValueError(f"bad {'I/O' if io else 'memory'} BAR size {size}")
-        bar = self.bars[index] = Bar(index, size, io, handler)
+        bar = self.bars[index] = Bar(index, size, io, handler, is64)
         if io:   # upper 16 bits hardwired to 0: the device decodes 16-bit ports
             self.set(bar.offset, 4, BAR_IO, wmask=~(size - 1) & BAR_IO_MASK & (IO_SPACE_END - 1))
+        elif is64:
+            self.set(bar.offset, 4, BAR_MEM_64, wmask=~(size - 1) & BAR_MEM_MASK)
+            self.set(bar.offset + 4, 4, 0, wmask=0xFFFFFFFF)
         else:
             self.set(bar.offset, 4, 0, wmask=~(size - 1) & BAR_MEM_MASK)
         return bar
+
+    def watch_config(self, start, length, fn):
+        """Call fn() after every guest write that touches [start, start+length)."""
+        self._watches.append((start, start + length, fn))
+
+    def config_window(self, start, length, read, write):
+        """Guest accesses within [start, start+length) go to read(offset,
+        size) / write(offset, size, value) (offset relative to start); an
+        access running across the window's edge is ignored (reads ones)."""
+        self._windows.append((start, start + length, read, write))
+
+    def _window(self, offset, size):
+        for start, end, read, write in self._windows:
+            if offset < end and offset + size > start:
+                return start, end, read, write
+        return None
 
     def add_capability(self, cap_id, body=b"", wmask=b""):
         """Append a capability (§6.7): ID, next pointer, then `body`.
@@ -129,18 +162,34 @@ class PciDevice:
     def program_bar(self, index, address):
         """Firmware-style assignment of a BAR address (no decode change)."""
         bar = self.bars[index]
-        low = BAR_IO if bar.io else 0
-        self.config[bar.offset:bar.offset + 4] = (address | low).to_bytes(4, "little")
+        low = BAR_IO if bar.io else (BAR_MEM_64 if bar.is64 else 0)
+        self.config[bar.offset:bar.offset + 4] = ((address & 0xFFFFFFFF) | low).to_bytes(4, "little")
+        if bar.is64:
+            self.config[bar.offset + 4:bar.offset + 8] = (address >> 32).to_bytes(4, "little")
         self._update_mappings()
 
     # --- configuration accesses (guest side) ---
     def read_config(self, offset, size):
         """Little-endian value of `size` bytes at `offset`; bytes past the
         256-byte space read as ones."""
+        if self._windows:
+            w = self._window(offset, size)
+            if w is not None:
+                start, end, read, _ = w
+                if offset < start or offset + size > end:
+                    return (1 << (8 * size)) - 1
+                return read(offset - start, size) & ((1 << (8 * size)) - 1)
         data = self.config[offset:offset + size]
         return int.from_bytes(bytes(data) + b"\xff" * (size - len(data)), "little")
 
     def write_config(self, offset, size, value):
+        if self._windows:
+            w = self._window(offset, size)
+            if w is not None:
+                start, end, _, write = w
+                if start <= offset and offset + size <= end:
+                    write(offset - start, size, value & ((1 << (8 * size)) - 1))
+                return
         end = min(offset + size, 256)
         cfg, wm, w1c = self.config, self.wmask, self.w1cmask
         with self._intx_lock:       # set_intx updates the status byte from the I/O thread
@@ -151,6 +200,9 @@ class PciDevice:
             if offset < COMMAND + 2:
                 self._drive_line()
             self._update_mappings()
+        for start, wend, fn in self._watches:
+            if offset < wend and end > start:
+                fn()
 
     # --- decoding ---
     def bar_address(self, index):
@@ -161,6 +213,9 @@ class PciDevice:
         cmd = self.get(COMMAND, 2)
         if bar.io:
             addr, on, end = raw & BAR_IO_MASK, cmd & CMD_IO, IO_SPACE_END
+        elif bar.is64:
+            addr = (raw & BAR_MEM_MASK) | self.get(bar.offset + 4, 4) << 32
+            on, end = cmd & CMD_MEMORY, MEM64_SPACE_END
         else:
             addr, on, end = raw & BAR_MEM_MASK, cmd & CMD_MEMORY, MEM_SPACE_END
         if not on or addr == 0 or addr + bar.size > end:

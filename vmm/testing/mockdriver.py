@@ -7,6 +7,9 @@ header in BAR0: any object with read/write at BAR offsets, such as a
 VirtioPciLegacy or a PortWindow on a port bus; legacy initialization per
 §7.2, no FEATURES_OK, rings in the legacy layout at a page frame).
 
+PciModernRegs (vmm/testing/pcimodern_regs.py) does the same for modern
+virtio-pci (§4.1.4) through its capabilities.
+
 Every buffer it allocates can be fenced by guard bytes; `check_guards()`
 reports any guard a device overwrote.
 """
@@ -250,7 +253,10 @@ class MockDriver:
     def __init__(self, transport, mem, arena=0x10000, arena_size=8 << 20, regs=None):
         self.t, self.mem = transport, mem
         if regs is None:
-            regs = PciLegacyRegs if isinstance(transport, pl.VirtioPciLegacy) else MmioRegs
+            from vmm.testing.pcimodern_regs import PciModernRegs
+            from vmm.virtio.pci_modern import VirtioPciModern
+            regs = (PciLegacyRegs if isinstance(transport, pl.VirtioPciLegacy) else
+                    PciModernRegs if isinstance(transport, VirtioPciModern) else MmioRegs)
         self.regs = regs(transport)
         self._next, self._end = arena, arena + arena_size
         self.guards = []              # (gpa, length) filled with GUARD
@@ -281,6 +287,19 @@ class MockDriver:
 
     def ack_interrupt(self):
         return self.regs.ack_interrupt()
+
+    def control(self, q, cls, cmd, data=b""):
+        """A virtio-net control command (§5.1.6.5) on queue `q`; returns the
+        ack byte the device wrote (None if it did not complete the chain)."""
+        hdr = self.alloc(2 + len(data), 2)
+        self.mem.write(hdr, bytes([cls, cmd]) + bytes(data))
+        ack = self.alloc(1, 1, fill=0xEE)
+        head = self.queues[q].add([(hdr, 2 + len(data), False), (ack, 1, True)])
+        self.kick(q)
+        used = dict(self.queues[q].get_used())
+        if head not in used:
+            return None
+        return self.mem.read(ack, 1)[0]
 
     # --- guest memory ---
     def alloc(self, size, align=16, guard=0, fill=0):

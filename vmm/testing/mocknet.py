@@ -29,9 +29,10 @@ class NetDriver(MockDriver):
         self.rx_bufs = {}            # head -> [(gpa, length)]
         self.tx_bufs = {}
 
-    def add_rx(self, size, split=1, guard=16, indirect=False, publish=True, fill=0x5A):
-        """Offer one device-writable receive chain of `size` bytes in `split` pieces."""
-        q = self.queues[RX]
+    def add_rx(self, size, split=1, guard=16, indirect=False, publish=True, fill=0x5A, pair=0):
+        """Offer one device-writable receive chain of `size` bytes in `split`
+        pieces (on queue pair `pair`: queue 2 * pair, §5.1.2)."""
+        q = self.queues[2 * pair + RX]
         segs = []
         for a, b in cuts(size, split):
             gpa = self.alloc(b - a, 16, guard, fill=fill)
@@ -44,10 +45,10 @@ class NetDriver(MockDriver):
         out = b"".join(self.mem.read(g, n) for g, n in self.rx_bufs[head])
         return out[:length]
 
-    def received(self, mrg=False):
+    def received(self, mrg=False, pair=0):
         """Frames the device completed on the receive queue, as (header, frame)
         pairs; with MRG_RXBUF, num_buffers chains make one frame (§5.1.6.4)."""
-        used = self.queues[RX].get_used()
+        used = self.queues[2 * pair + RX].get_used()
         out, i = [], 0
         while i < len(used):
             head, length = used[i]
@@ -64,7 +65,8 @@ class NetDriver(MockDriver):
             i += n
         return out
 
-    def send(self, frame, hdr=None, split=1, indirect=False, guard=16, publish=True, kick=True):
+    def send(self, frame, hdr=None, split=1, indirect=False, guard=16, publish=True, kick=True,
+             pair=0):
         """Offer header + frame as a device-readable chain in `split` pieces."""
         data = (net_hdr() if hdr is None else hdr) + frame
         segs = []
@@ -72,14 +74,14 @@ class NetDriver(MockDriver):
             gpa = self.alloc(b - a, 16, guard)
             self.mem.write(gpa, data[a:b])
             segs.append((gpa, b - a, False))
-        head = self.queues[TX].add(segs, indirect=indirect, publish=publish)
+        head = self.queues[2 * pair + TX].add(segs, indirect=indirect, publish=publish)
         if kick:
-            self.kick(TX)
+            self.kick(2 * pair + TX)
         return head
 
-    def sent(self):
+    def sent(self, pair=0):
         """(head, len) of completed transmit chains."""
-        return self.queues[TX].get_used()
+        return self.queues[2 * pair + TX].get_used()
 
     def mark(self):
         """Allocator position, to give back with release() once the chains

@@ -44,3 +44,19 @@ CLI_HLT = b"\xfa\xf4\xeb\xfd"           # cli; hlt; jmp hlt (power off, as Linux
 UD2 = b"\x0f\x0b"                       # #UD with no IDT -> triple fault
 RESET = out_byte(0x64, 0xFE) + HLT_LOOP  # i8042 reset
 PANIC = out_byte(0x505, 1) + HLT_LOOP    # pvpanic PANICKED
+
+# Ring-0 loops for the control-API tests (pause/resume, Ctrl-Alt-Del):
+# TICKER writes 'x' to the serial port, spins ~0x2000 iterations, repeats.
+TICKER = (b"\xb9\x00\x20\x00\x00"        # mov ecx, 0x2000
+          b"\xe2\xfe"                    # loop $
+          + out_byte(0x3F8, ord("x"))
+          + b"\xeb\xf0")                 # jmp back to mov ecx (-16)
+# KBD_ECHO polls the i8042 status port and copies each byte of its output
+# buffer, raw, to the serial port.
+KBD_ECHO = (b"\xe4\x64"                  # in al, 0x64
+            b"\xa8\x01"                  # test al, 1 (output buffer full)
+            b"\x74\xfa"                  # jz back to the in
+            b"\xe4\x60"                  # in al, 0x60
+            b"\x66\xba\xf8\x03"          # mov dx, 0x3f8
+            b"\xee"                      # out dx, al
+            b"\xeb\xf1")                 # jmp to the start

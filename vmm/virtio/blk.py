@@ -4,8 +4,10 @@
     ...
     dev.close()      # fdatasync + close, idempotent
 
-The queue is drained by the C engine (native/src/blk.c: one call per kick
-for the whole batch); `native=False` runs the same algorithm in Python
+Each queue is drained by the C engine (native/src/blk.c: one call per kick
+for the whole batch); with `num_queues` > 1 the device offers
+VIRTIO_BLK_F_MQ (§5.2.3) and num_queues in its configuration, each queue
+with its own ring and interrupt; `native=False` runs the same algorithm in Python
 (`PyRing` + `_request_py`), for the benchmark and as a cross-check.
 """
 import ctypes
@@ -29,6 +31,7 @@ VIRTIO_BLK_F_SEG_MAX = 2
 VIRTIO_BLK_F_RO = 5
 VIRTIO_BLK_F_BLK_SIZE = 6
 VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_MQ = 12
 VIRTIO_BLK_F_DISCARD = 13
 VIRTIO_BLK_F_WRITE_ZEROES = 14
 
@@ -48,8 +51,11 @@ DISCARD_ALIGNMENT = 8             # sectors (4 KiB)
 # (cylinders, heads, sectors), blk_size, topology (exp, offset, min_io,
 # opt_io), writeback, 3 unused, max_discard_sectors, max_discard_seg,
 # discard_sector_alignment, max_write_zeroes_sectors, max_write_zeroes_seg,
+# writeback, unused, num_queues, max_discard_sectors, max_discard_seg,
+# discard_sector_alignment, max_write_zeroes_sectors, max_write_zeroes_seg,
 # write_zeroes_may_unmap, 3 unused: 60 bytes.
-CONFIG_FORMAT = "<QIIHBBIBBHIB3xIIIIIB3x"
+CONFIG_FORMAT = "<QIIHBBIBBHIBxHIIIIIB3x"
+MAX_QUEUES = 64
 
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 1, 2, 0x10
 
@@ -61,12 +67,15 @@ class BlkError(vd.VirtioError):
 class BlkDevice(vd.VirtioDevice):
     device_type = VIRTIO_ID_BLOCK
 
-    def __init__(self, path, readonly=False, serial=None, native=True, queue_size=QUEUE_SIZE):
+    def __init__(self, path, readonly=False, serial=None, native=True, queue_size=QUEUE_SIZE,
+                 num_queues=1):
         super().__init__()
+        if not 1 <= num_queues <= MAX_QUEUES:
+            raise BlkError(f"disk image {path}: 1 to {MAX_QUEUES} queues, not {num_queues}")
         self.path = os.fspath(path)
         self.readonly = bool(readonly)
         self.native = bool(native)
-        self.queue_max_sizes = (queue_size,)
+        self.queue_max_sizes = (queue_size,) * num_queues
         if isinstance(serial, str):
             serial = serial.encode()
         serial = serial or b""
@@ -87,16 +96,23 @@ class BlkDevice(vd.VirtioDevice):
         f = (vd.bit(vd.VIRTIO_F_VERSION_1) | vd.bit(vd.VIRTIO_F_RING_EVENT_IDX)
              | vd.bit(vd.VIRTIO_F_RING_INDIRECT_DESC) | vd.bit(VIRTIO_BLK_F_SIZE_MAX)
              | vd.bit(VIRTIO_BLK_F_SEG_MAX) | vd.bit(VIRTIO_BLK_F_BLK_SIZE) | vd.bit(VIRTIO_BLK_F_FLUSH))
+        if num_queues > 1:
+            f |= vd.bit(VIRTIO_BLK_F_MQ)
         if self.readonly:
             f |= vd.bit(VIRTIO_BLK_F_RO)
         else:
             f |= vd.bit(VIRTIO_BLK_F_DISCARD) | vd.bit(VIRTIO_BLK_F_WRITE_ZEROES)
         self.features = f
-        self._ring = None
+        self._rings = []
         self._interrupt = None
         self.stats = {"kicks": 0, "requests": 0, "ioerr": 0}
         self.ioloop = None        # for timers of the slow path (set by the owner)
         self.intercept = None     # limiter/faults/trace/hook: vmm/virtio/intercept.py
+
+    @property
+    def _ring(self):
+        """Queue 0's ring (the only one without MQ)."""
+        return self._rings[0] if self._rings else None
 
     def _open(self):
         flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC
@@ -120,7 +136,7 @@ class BlkDevice(vd.VirtioDevice):
     def config_bytes(self):
         return struct.pack(
             CONFIG_FORMAT, self.capacity, SIZE_MAX, self.queue_max_sizes[0] - 2,
-            0, 0, 0, SECTOR, 0, 0, 0, 0, 0,
+            0, 0, 0, SECTOR, 0, 0, 0, 0, 0, self.num_queues,
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, DISCARD_ALIGNMENT,
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1)
 
@@ -128,17 +144,20 @@ class BlkDevice(vd.VirtioDevice):
     def activate(self, mem, queues, interrupt):
         if self.fd < 0:
             raise BlkError(f"disk image {self.path} is closed")
+        # §5.2.5: without MQ only queue 0; with it, the queues the driver enabled
+        used = queues if self.has(VIRTIO_BLK_F_MQ) else queues[:1]
         q = queues[0]
-        if not q.ready or q.size > q.max_size:
+        if not q.ready or any(x.ready and x.size > x.max_size for x in used):
             raise BlkError(f"disk image {self.path}: queue 0 not ready or too large at DRIVER_OK")
         ring = NativeRing if self.native else PyRing
-        self._ring = ring(mem, q, event_idx=self.has(vd.VIRTIO_F_RING_EVENT_IDX),
-                          indirect=self.has(vd.VIRTIO_F_RING_INDIRECT_DESC))
+        kw = dict(event_idx=self.has(vd.VIRTIO_F_RING_EVENT_IDX),
+                  indirect=self.has(vd.VIRTIO_F_RING_INDIRECT_DESC))
+        self._rings = [ring(mem, x, **kw) if x.ready else None for x in used]
         self._interrupt = interrupt
 
     def reset(self):
         super().reset()
-        self._ring = None
+        self._rings = []
         self._interrupt = None
         if self.intercept is not None:
             self.intercept.paused = False
@@ -154,30 +173,71 @@ class BlkDevice(vd.VirtioDevice):
         from vmm.virtio.intercept import configure_blk
         configure_blk(self, **changes)
 
+    @property
+    def budget(self):
+        """Requests done per queue_notify() call at most (issue #14: a guest
+        must not keep the device's thread busy for as long as it likes)."""
+        return self._blk.budget or lib.PV_BLK_BUDGET
+
+    @budget.setter
+    def budget(self, n):
+        self._blk.budget = n
+
     def queue_notify(self, index):
-        ring = self._ring
-        if index != 0 or ring is None or ring.broken:
-            return
+        """Process up to `budget` requests; returns True if the budget ran
+        out (the transport then calls again later: no request is lost, and
+        none is done twice since the ring's position is kept)."""
+        rings = self._rings
+        ring = rings[index] if 0 <= index < len(rings) else None
+        if ring is None or ring.broken:
+            return False
         self.stats["kicks"] += 1
         if self.intercept is not None and self.native:      # the slow path, off by default
-            completed, irq, err, ioerr = self.intercept.process(self, ring)
+            completed, irq, err, ioerr, more = self.intercept.process(self, ring, index)
         elif self.native:
             res = self._res
             lib.pv_blk_process(ring.vq, self._blk, ring.chain, res)
-            completed, irq, err, ioerr = res.completed, res.interrupt, -res.error, res.ioerr
+            completed, irq, err, ioerr, more = (res.completed, res.interrupt, -res.error,
+                                                res.ioerr, res.more)
         else:
-            completed, irq, err, ioerr = self._process_py(ring)
+            completed, irq, err, ioerr, more = self._process_py(ring)
         self.stats["requests"] += completed
         self.stats["ioerr"] += ioerr
         if irq:
-            self._interrupt.used(0)
+            self._interrupt.used(index)
         if err:
-            self._interrupt.needs_reset(QueueError(err, 0))
+            self._interrupt.needs_reset(QueueError(err, index))
+            return False
+        return bool(more)
+
+    def replace_image(self, path):
+        """Back the disk by another image (Firecracker's PATCH /drives path_on_host;
+        the caller holds the device quiescent, e.g. the VM paused, and then
+        raises a configuration-change interrupt, §5.2.4: capacity may change).
+        On error the old image stays in use."""
+        old_path, old_fd = self.path, self.fd
+        self.path = os.fspath(path)
+        try:
+            fd = self._open()
+        except BaseException:
+            self.path = old_path
+            raise
+        self.fd = fd
+        self.size = os.lseek(fd, 0, os.SEEK_END)
+        self.capacity = self.size // SECTOR
+        self._blk.fd = fd
+        self._blk.capacity = self.capacity
+        if old_fd >= 0:
+            try:
+                if not self.readonly:
+                    os.fdatasync(old_fd)
+            finally:
+                os.close(old_fd)
 
     def close(self):
         """Flush and close the image (idempotent)."""
         fd, self.fd = self.fd, -1
-        self._ring = None
+        self._rings = []
         icpt, self.intercept = self.intercept, None
         if icpt is not None:
             icpt.close()          # stops its timers, closes its trace file
@@ -190,23 +250,27 @@ class BlkDevice(vd.VirtioDevice):
 
     # --- the same engine in Python ---
     def _process_py(self, ring):
-        completed = ioerr = err = 0
+        completed = ioerr = err = more = 0
+        budget = self.budget
         try:
             while True:
-                chain = ring.pop()
+                chain = ring.pop() if completed < budget else None
                 while chain is not None:
                     status, used_len = self._request_py(chain)
                     ioerr += status == S_IOERR
                     ring.push(chain.head, used_len)
                     completed += 1
-                    chain = ring.pop()
+                    chain = ring.pop() if completed < budget else None
+                if completed >= budget:
+                    more = 1
+                    break
                 if not ring.enable_notify():
                     break
         except QueueError as e:
             ring.fail(e.code)
             err = e.code
         irq = bool(completed) and ring.need_interrupt()
-        return completed, irq, err, ioerr
+        return completed, irq, err, ioerr, more
 
     def _request_py(self, chain):
         rd, wr = chain.readable, chain.writable

@@ -92,6 +92,10 @@ class VirtioDevice:
         raise NotImplementedError
 
     def queue_notify(self, index):
+        """The driver kicked queue `index`.  A device that bounds the work
+        done per call returns True when work is left: the transport calls
+        again later (after other fds on the I/O thread), so no request is
+        lost and a stop is never held up for long."""
         raise NotImplementedError
 
     def reset(self):

@@ -122,32 +122,41 @@ class BlkIntercept(_Base):
             ok, n = in_len == 0 and out_len == 0, 0
         return typ, sector, n if typ in (T_IN, T_OUT) else 0, ok
 
-    def process(self, dev, ring):
-        """Drain queue 0 as pv_blk_process does; (completed, irq, err, ioerr)."""
+    def process(self, dev, ring, index=0):
+        """Drain a queue as pv_blk_process does, at most dev.budget requests;
+        (completed, irq, err, ioerr, more)."""
         with self.lock:
             vq, c = ring.vq, ring.chain
-            completed = ioerr = err = 0
+            completed = ioerr = err = taken = more = 0
+            budget = dev.budget
             while not self.paused:
-                while not self.paused:
+                while not self.paused and taken < budget:
                     r = lib.pv_vq_pop(vq, c)
                     if r <= 0:
                         err = -r if r < 0 else 0
                         break
-                    s = self._one(dev, ring, c)
+                    s = self._one(dev, ring, index, c)
                     if s is None:                   # deferred (delay) or given back
+                        taken += not self.paused
                         continue
+                    taken += 1
                     if s < 0:
                         vq.broken = -s
                         err = -s
                         break
                     ioerr += s == S_IOERR
                     completed += 1
-                if err or self.paused or not lib.pv_vq_enable_notify(vq):
+                if err or self.paused:
+                    break
+                if taken >= budget:
+                    more = 1
+                    break
+                if not lib.pv_vq_enable_notify(vq):
                     break
             irq = bool(completed) and bool(lib.pv_vq_need_interrupt(vq))
-            return completed, irq, err, ioerr
+            return completed, irq, err, ioerr, more
 
-    def _one(self, dev, ring, c):
+    def _one(self, dev, ring, index, c):
         start = time.monotonic()
         typ, sector, nbytes, ok = self._parse(c)
         if not ok:                                   # let the C engine judge the framing
@@ -172,8 +181,8 @@ class BlkIntercept(_Base):
             saved = ffi.new("struct pv_chain *")
             ffi.memmove(saved, c, ffi.sizeof("struct pv_chain"))
             self.delayed += 1
-            self.timers.call_later(delay, self._complete_later, dev, ring, saved, status,
-                                   start, typ, sector, nbytes, fault)
+            self.timers.call_later(delay, self._complete_later, dev, ring, index, saved,
+                                   status, start, typ, sector, nbytes, fault)
             return None
         return self._perform(dev, ring, c, status, start, typ, sector, nbytes, fault)
 
@@ -194,29 +203,33 @@ class BlkIntercept(_Base):
             hook.blk_done(BlkRequest(typ, sector, nbytes, None), s)
         return s
 
-    def _complete_later(self, dev, ring, c, status, start, typ, sector, nbytes, fault):
+    def _complete_later(self, dev, ring, index, c, status, start, typ, sector, nbytes, fault):
         with self.lock:
             self.delayed -= 1
-            if self.closed or dev._ring is not ring or ring.vq.broken:
+            irq = dev._interrupt
+            if self.closed or ring not in dev._rings or ring.vq.broken or irq is None:
                 return                                   # reset meanwhile: dropped with the ring
             s = self._perform(dev, ring, c, status, start, typ, sector, nbytes, fault)
             if s < 0:
                 ring.vq.broken = -s
-                dev._interrupt.needs_reset(_queue_error(-s))
+                irq.needs_reset(_queue_error(-s, index))
                 return
             dev.stats["requests"] += 1
             dev.stats["ioerr"] += s == S_IOERR
             if lib.pv_vq_need_interrupt(ring.vq):
-                dev._interrupt.used(0)
+                irq.used(index)
 
     def _pause(self, dev, wait):
         self.paused = True
         self.timers.call_later(wait, self.resume, dev)
 
     def resume(self, dev):
-        """Timer (or an update): run the queue again."""
+        """Timer (or an update): run the queues again (the limiter is the
+        device's, shared by its queues)."""
         self.paused = False
-        dev.queue_notify(0)
+        for i, ring in enumerate(list(dev._rings)):
+            if ring is not None:
+                _notify(dev, i)
 
 
 def _set_status_byte(c, s):
@@ -228,21 +241,32 @@ def _set_status_byte(c, s):
             return
 
 
-def _queue_error(code):
+def _queue_error(code, index):
     from vmm.virtio.queue import QueueError
-    return QueueError(code, 0)
+    return QueueError(code, index)
+
+
+def _notify(dev, index):
+    """Process queue `index` as a driver notification would (through the
+    transport: its lock, its activation check, and again while the device
+    reports work left)."""
+    t = dev._interrupt
+    if t is not None and hasattr(t, "notify"):
+        t.notify(index)
 
 
 class NetIntercept(_Base):
-    """Frames through Python: limiters per direction, faults, pcap, hook."""
+    """Frames through Python: limiters per direction, faults, pcap, hook.
+    Per-pair state (frames due, pauses) is keyed by the queue pair's index;
+    the limiters are per device, shared by its pairs."""
 
     def __init__(self, ioloop=None, rx_limiter=None, tx_limiter=None, faults=None,
                  pcap=None, hook=None):
         super().__init__(ioloop)
         self.rx_limiter, self.tx_limiter = rx_limiter, tx_limiter
         self.faults, self.pcap, self.hook = faults, pcap, hook
-        self.rx_paused = self.tx_paused = False
-        self.rx_ready = collections.deque()     # frames (with header) due for the guest
+        self.rx_paused, self.tx_paused = set(), set()    # pair indexes
+        self.rx_ready = collections.defaultdict(collections.deque)  # frames due for the guest
         self.in_flight = 0                      # frames waiting on an injected delay
 
     @property
@@ -254,6 +278,10 @@ class NetIntercept(_Base):
     def link_up(self):
         f = self.faults
         return f is None or f.link_up
+
+    @property
+    def pending(self):
+        return self.in_flight or any(self.rx_ready.values())
 
     def _frames(self, direction, frame, hdr):
         """[(delay, frame)] after the hook and the faults."""
@@ -268,13 +296,13 @@ class NetIntercept(_Base):
         return self.faults.decide(direction, frame, hdr)
 
     # --- transmit (dev._lock held) ---
-    def tx(self, dev, ring, res):
-        vq, c, net = ring.vq, ring.chain, dev._net
+    def tx(self, dev, p, ring, res):
+        vq, c, net = ring.vq, ring.chain, p.net
         budget = net.budget or lib.PV_NET_BUDGET
         hdr = net.hdr_len
         completed, err, more = 0, 0, False
-        while not self.tx_paused:
-            while completed < budget and not self.tx_paused:
+        while p.index not in self.tx_paused:
+            while completed < budget and p.index not in self.tx_paused:
                 r = lib.pv_vq_pop(vq, c)
                 if r <= 0:
                     err = -r if r < 0 else 0
@@ -287,9 +315,9 @@ class NetIntercept(_Base):
                 if lim is not None:
                     wait = lim.consume(len(frame) - hdr, 1)
                     if wait:
-                        vq.last_avail = (vq.last_avail - 1) & 0xFFFF
-                        self.tx_paused = True
-                        self.timers.call_later(wait, self._resume_tx, dev)
+                        vq.last_avail = (vq.last_avail - 1) & 0xFFFF   # popped again later
+                        self.tx_paused.add(p.index)
+                        self.timers.call_later(wait, self._resume_tx, dev, p)
                         break
                 if self.pcap is not None:
                     self.pcap.write(frame[hdr:])
@@ -299,12 +327,12 @@ class NetIntercept(_Base):
                 for delay, f in outs:
                     if delay > 0:
                         self.in_flight += 1
-                        self.timers.call_later(delay, self._send_later, dev, f)
+                        self.timers.call_later(delay, self._send_later, dev, p, f)
                     else:
-                        self._send(dev, f)
+                        self._send(dev, p, f)
                 lib.pv_vq_push(vq, c.head, 0)
                 completed += 1
-            if err or self.tx_paused:
+            if err or p.index in self.tx_paused:
                 break
             if completed >= budget:
                 more = True
@@ -313,12 +341,12 @@ class NetIntercept(_Base):
                 break
         _result(res, vq, completed, -err if err else 0, int(more))
 
-    def _send(self, dev, frame):
-        net, backend = dev._net, dev.backend
-        if backend is None:
+    def _send(self, dev, p, frame):
+        net = p.net
+        if dev.backend is None:
             return
         try:
-            os.write(backend.fd, frame)
+            os.write(p.fd, frame)
         except OSError as e:
             net.last_errno = e.errno
             if e.errno in (errno.EAGAIN, errno.ENOBUFS, errno.EIO):
@@ -329,26 +357,27 @@ class NetIntercept(_Base):
         net.tx_packets += 1
         net.tx_bytes += len(frame) - net.hdr_len
 
-    def _send_later(self, dev, frame):
+    def _send_later(self, dev, p, frame):
         with dev._lock:
             self.in_flight -= 1
             if not self.closed:
-                self._send(dev, frame)
+                self._send(dev, p, frame)
 
-    def _resume_tx(self, dev):
-        self.tx_paused = False
-        dev.queue_notify(1)
+    def _resume_tx(self, dev, p):
+        self.tx_paused.discard(p.index)
+        _notify(dev, 2 * p.index + 1)
 
     # --- receive (dev._lock held) ---
-    def rx(self, dev, ring, res):
-        vq, c, net = ring.vq, ring.chain, dev._net
+    def rx(self, dev, p, ring, res):
+        vq, c, net = ring.vq, ring.chain, p.net
         hdr = net.hdr_len
         budget = net.budget or lib.PV_NET_BUDGET
+        ready = self.rx_ready[p.index]
         used_before, interrupt, err = vq.used_idx, False, 0
         state = lib.PV_NET_RX_MORE
         reads = 0
         while True:
-            if self.rx_paused:
+            if p.index in self.rx_paused:
                 state = lib.PV_NET_RX_NOBUF      # stop polling until the timer
                 break
             if net.pending:                        # a frame waits for buffers
@@ -361,16 +390,16 @@ class NetIntercept(_Base):
                     state = lib.PV_NET_RX_NOBUF
                     break
                 continue
-            if self.rx_ready:
-                frame = self.rx_ready[0]
+            if ready:
+                frame = ready[0]
                 lim = self.rx_limiter
                 if lim is not None:
                     wait = lim.consume(len(frame) - hdr, 1)
                     if wait:
-                        self.rx_paused = True
-                        self.timers.call_later(wait, self._resume_rx, dev)
+                        self.rx_paused.add(p.index)
+                        self.timers.call_later(wait, self._resume_rx, dev, p)
                         continue
-                self.rx_ready.popleft()
+                ready.popleft()
                 if self.pcap is not None:
                     self.pcap.write(frame[hdr:])
                 n = min(len(frame), lib.PV_NET_SINK_SIZE)
@@ -380,7 +409,7 @@ class NetIntercept(_Base):
             if reads >= budget:
                 break
             try:
-                frame = os.read(net.fd, lib.PV_NET_SINK_SIZE)
+                frame = os.read(p.fd, lib.PV_NET_SINK_SIZE)
             except BlockingIOError:
                 state = lib.PV_NET_RX_IDLE
                 break
@@ -399,27 +428,28 @@ class NetIntercept(_Base):
             for delay, f in outs:
                 if delay > 0:
                     self.in_flight += 1
-                    self.timers.call_later(delay, self._deliver_later, dev, f)
+                    self.timers.call_later(delay, self._deliver_later, dev, p, f)
                 else:
-                    self.rx_ready.append(f)
+                    ready.append(f)
         completed = (vq.used_idx - used_before) & 0xFFFF
         if completed and not interrupt:
             interrupt = bool(lib.pv_vq_need_interrupt(vq))
         res.completed, res.interrupt, res.error, res.state = completed, int(interrupt), err, state
 
-    def _deliver_later(self, dev, frame):
+    def _deliver_later(self, dev, p, frame):
         self.in_flight -= 1
         if not self.closed:
-            self.rx_ready.append(frame)
-            dev.poll_rx()
+            self.rx_ready[p.index].append(frame)
+            dev.poll_rx(p.index)
 
-    def _resume_rx(self, dev):
-        self.rx_paused = False
-        dev.poll_rx()
+    def _resume_rx(self, dev, p):
+        self.rx_paused.discard(p.index)
+        dev.poll_rx(p.index)
 
     def reset(self):
         self.rx_ready.clear()
-        self.rx_paused = self.tx_paused = False
+        self.rx_paused.clear()
+        self.tx_paused.clear()
 
 
 def _result(res, vq, completed, error, state):
@@ -463,7 +493,6 @@ def configure_blk(dev, **changes):
     if not icpt.active and not icpt.delayed and icpt is not dev.intercept:
         icpt.close()
     if was_paused:                  # an update takes effect now, not at the old deadline
-        icpt.paused = False
         _kick(dev, icpt, 0)
 
 
@@ -475,9 +504,10 @@ def configure_net(dev, **changes):
             icpt = NetIntercept(dev.ioloop)
         old_link = icpt.link_up
         _apply(dev, icpt, changes, ("rx_limiter", "tx_limiter", "faults", "pcap", "hook"))
-        was_paused = icpt.rx_paused or icpt.tx_paused
-        icpt.rx_paused = icpt.tx_paused = False
-        keep = icpt.active or icpt.in_flight or icpt.rx_ready
+        was_paused = bool(icpt.rx_paused or icpt.tx_paused)
+        icpt.rx_paused.clear()
+        icpt.tx_paused.clear()
+        keep = icpt.active or icpt.pending
         dev.intercept = icpt if keep else None
         link_changed = icpt.link_up != old_link
     if not keep:
@@ -491,11 +521,12 @@ def configure_net(dev, **changes):
 def _kick(dev, icpt, queue):
     """Run the device's queues again, on the I/O thread when there is one."""
     def go():
-        if queue is None:
-            dev.queue_notify(1)
+        if queue is None:                # every queue pair of a NIC
+            for i in range(dev.active_pairs):
+                _notify(dev, 2 * i + 1)
             dev.poll_rx()
         else:
-            dev.queue_notify(queue)
+            icpt.resume(dev)
     if dev.ioloop is not None and not icpt.closed:
         icpt.timers.call_later(0, go)
     else:

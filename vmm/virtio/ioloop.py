@@ -1,13 +1,18 @@
-"""One epoll thread that services eventfds (KVM ioeventfds for QueueNotify,
-§4.2.3.3), so a queue kick never returns to Python on a vCPU thread.
+"""An epoll thread that services eventfds (KVM ioeventfds for QueueNotify,
+§4.2.3.3), so a queue kick never returns to Python on a vCPU thread.  A
+Machine gives each device its own IoLoop (Cloud Hypervisor's model): a slow
+fdatasync on one disk does not hold up another disk or a NIC.
 
     loop = IoLoop(); loop.start()
     loop.add(fd, callback)   # callback() runs on the loop thread when fd is readable
     ...
-    loop.stop(); loop.close()
+    loop.stop(timeout)       # False if a handler is still running after `timeout`
+    loop.close()
 
-Handlers must drain their fd (drain_eventfd); an exception in a handler is
-logged and the loop keeps running.
+Handlers must drain their fd (drain_eventfd) and bound their work per call
+(re-signal their eventfd to be called again): the loop checks for a stop
+between calls.  An exception in a handler is logged (one line; the
+traceback with --debug) and the loop keeps running.
 """
 import logging
 import os
@@ -39,6 +44,11 @@ class IoLoop:
         self._thread = None
         self._stop = False
         self.errors = 0      # handler exceptions seen (logged)
+        # pause(): the thread parks between handlers until resume(); fds stay
+        # readable (epoll is level-triggered), so nothing is lost meanwhile.
+        self._pause_req = False
+        self._parked = threading.Event()
+        self._resume = threading.Event()
 
     @property
     def running(self):
@@ -64,20 +74,52 @@ class IoLoop:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
-    def stop(self, timeout=5.0):
-        """Stop the thread after the handler in progress (if any) returns."""
-        if self._thread is None:
+    def request_stop(self):
+        """Ask the thread to stop after the handler in progress (no wait)."""
+        if self._thread is not None:
+            self._stop = True
+            self._resume.set()          # a paused loop wakes up to stop
+            signal_eventfd(self._wake)
+
+    def pause(self, timeout=5.0):
+        """Park the thread once the handler in progress (if any) has returned;
+        no handler runs until resume()."""
+        if not self.running:
             return
-        self._stop = True
+        self._parked.clear()
+        self._resume.clear()
+        self._pause_req = True
         signal_eventfd(self._wake)
+        if not self._parked.wait(timeout):
+            raise RuntimeError(f"{self.name}: I/O thread did not pause in {timeout} s")
+
+    def resume(self):
+        self._pause_req = False
+        self._resume.set()
+
+    @property
+    def paused(self):
+        return self._pause_req and self._parked.is_set()
+
+    def stop(self, timeout=5.0):
+        """Stop the thread after the handler in progress (if any) returns.
+        Returns False if it is still running after `timeout` seconds (a
+        handler stuck in a system call): then the fds and whatever the
+        handlers use must stay open."""
+        if self._thread is None:
+            return True
+        self.request_stop()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            raise RuntimeError(f"{self.name}: I/O thread did not stop in {timeout} s")
+            return False
         self._thread = None
         drain_eventfd(self._wake)
+        return True
 
     def close(self):
-        self.stop()
+        if not self.stop():
+            log.error("%s: I/O thread did not stop; leaving its fds open", self.name)
+            return
         if self._ep is not None:
             self._ep.close()
             os.close(self._wake)
@@ -93,18 +135,25 @@ class IoLoop:
 
     def _run(self):
         while not self._stop:
+            if self._pause_req:
+                drain_eventfd(self._wake)
+                self._parked.set()
+                self._resume.wait()
+                self._parked.clear()
+                continue
             try:
                 events = self._ep.poll()
             except InterruptedError:
                 continue
             for fd, _ in events:
-                if fd == self._wake or self._stop:
+                if fd == self._wake or self._stop or self._pause_req:
                     continue
                 handler = self._handlers.get(fd)
                 if handler is None:
                     continue
                 try:
                     handler()
-                except Exception:
+                except Exception as e:
                     self.errors += 1
-                    log.exception("%s: handler for fd %d failed", self.name, fd)
+                    log.error("%s: handler for fd %d failed: %s", self.name, fd, e)
+                    log.debug("traceback", exc_info=True)   # with --debug

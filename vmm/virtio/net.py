@@ -5,8 +5,13 @@
     dev.stats       # rx/tx packets, bytes, drops, errors
     dev.close()     # closes the tap (a tap we created goes away)
 
-Queue 0 receives, queue 1 transmits (§5.1.2; no control queue, one pair).
-Frames move in C (native/src/net.c): one call per kick or per tap wake-up
+Queue 2n receives and 2n+1 transmits for pair n (§5.1.2).  With
+`queue_pairs` > 1 the device offers VIRTIO_NET_F_MQ and a control queue
+(last, index 2N; vmm/virtio/net_ctrl.py); each pair has its own tap queue
+fd (IFF_MULTI_QUEUE), and only the pairs the driver turned on
+(VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET; one after negotiation, §5.1.6.5.5) keep
+their tap queue attached, so the kernel never steers frames to a queue
+nobody reads.  Frames move in C (native/src/net.c): one call per kick or per tap wake-up
 drains a batch, no Python per packet.  The tap fd is polled by the I/O loop
 only while the guest has receive buffers: when they run out, polling stops
 until the driver kicks the receive queue (it does, since the device asks
@@ -14,7 +19,8 @@ for that notification, §2.6.7.1).
 
 `backend` is a vmm.tap.Tap, or any object with `fd`, `offload_ok`,
 `set_vnet_hdr_len(n)`, `set_offload(flags)` and `close()` (the tests use a
-datagram socketpair).  Without an `ioloop`, the owner calls `poll_rx()` when
+datagram socketpair); with several pairs also `fds` (one per pair) and
+`set_queue_enabled(index, on)`.  Without an `ioloop`, the owner calls `poll_rx()` when
 the backend is readable.
 """
 import hashlib
@@ -23,6 +29,7 @@ import threading
 
 from vmm.native import ffi, lib
 from vmm.virtio import device as vd
+from vmm.virtio.net_ctrl import ControlQueue
 from vmm.virtio.queue import NativeRing, QueueError
 
 VIRTIO_ID_NET = 1
@@ -35,6 +42,9 @@ F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN = 7, 8, 9
 F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN = 11, 12, 13
 F_MRG_RXBUF = 15
 F_STATUS = 16
+F_CTRL_VQ, F_CTRL_RX, F_MQ, F_CTRL_MAC_ADDR = 17, 18, 22, 23
+MAX_PAIRS = 64
+CTRL_QUEUE_SIZE = 64
 
 S_LINK_UP = 1                     # §5.1.4 status
 QUEUE_SIZE = 256
@@ -57,50 +67,73 @@ def default_mac(seed):
     return bytes([0x52, 0x54, 0x00]) + h[:3]
 
 
+class _Pair:
+    """One receive/transmit queue pair over one backend fd (the C state)."""
+
+    def __init__(self, index, fd):
+        self.index = index
+        self.fd = fd
+        self.sink = ffi.new("uint8_t[]", lib.PV_NET_SINK_SIZE)
+        self.net = ffi.new("struct pv_net *")
+        self.net.fd = fd
+        self.net.sink = self.sink
+        self.rx = self.tx = None
+        self.polling = False
+
+
 class NetDevice(vd.VirtioDevice):
     device_type = VIRTIO_ID_NET
 
     def __init__(self, backend, mac=None, ioloop=None, queue_size=QUEUE_SIZE,
-                 mrg_rxbuf=True, offload=True):
+                 mrg_rxbuf=True, offload=True, queue_pairs=1):
         super().__init__()
         if queue_size > 512:              # chain + sink must fit one readv (IOV_MAX)
             raise NetError("virtio-net: queue size at most 512")
+        if not 1 <= queue_pairs <= MAX_PAIRS:
+            raise NetError(f"virtio-net: 1 to {MAX_PAIRS} queue pairs")
+        fds = list(getattr(backend, "fds", None) or [backend.fd])
+        if len(fds) < queue_pairs:
+            raise NetError(f"virtio-net: {queue_pairs} queue pairs need as many backend queues")
         self.backend = backend
         self.mac = bytes(mac) if mac is not None else default_mac(getattr(backend, "name", "net"))
         if len(self.mac) != 6:
             raise NetError("virtio-net: a MAC address is 6 bytes")
         self.ioloop = ioloop
-        self.queue_max_sizes = (queue_size, queue_size)
+        self.max_pairs = queue_pairs
+        self.ctrl_index = 2 * queue_pairs if queue_pairs > 1 else None
+        self.queue_max_sizes = (queue_size,) * (2 * queue_pairs) + (
+            (CTRL_QUEUE_SIZE,) if self.ctrl_index is not None else ())
         f = (vd.bit(vd.VIRTIO_F_VERSION_1) | vd.bit(vd.VIRTIO_F_RING_EVENT_IDX)
              | vd.bit(vd.VIRTIO_F_RING_INDIRECT_DESC) | vd.bit(F_MAC) | vd.bit(F_STATUS))
+        if self.ctrl_index is not None:
+            f |= vd.bit(F_CTRL_VQ) | vd.bit(F_CTRL_RX) | vd.bit(F_MQ) | vd.bit(F_CTRL_MAC_ADDR)
         if mrg_rxbuf:
             f |= vd.bit(F_MRG_RXBUF)
         if offload and getattr(backend, "offload_ok", False):
             for b in OFFLOAD_FEATURES:
                 f |= vd.bit(b)
         self.features = f
-        self._sink = ffi.new("uint8_t[]", lib.PV_NET_SINK_SIZE)
-        self._net = ffi.new("struct pv_net *")
-        self._net.fd = backend.fd
-        self._net.sink = self._sink
+        self._pairs = [_Pair(i, fds[i]) for i in range(queue_pairs)]
+        self._net = self._pairs[0].net    # pair 0's C state (tests tune its budget)
         self._res = ffi.new("struct pv_net_result *")
         self._lock = threading.Lock()     # rings vs. reset; tap wake-ups vs. kicks
-        self._rx = self._tx = None
         self._interrupt = None
-        self._polling = False
+        self._ctrl = None
         self.intercept = None             # limiters/faults/pcap/hook: vmm/virtio/intercept.py
-        self.polling_changes = 0          # times the tap left/rejoined the poll set
-        self.kicks = [0, 0]
+        self.active_pairs = 1
+        self.rx_mode = {}                 # VIRTIO_NET_CTRL_RX state the driver set
+        self.mac_tables = ([], [])        # VIRTIO_NET_CTRL_MAC_TABLE_SET: unicast, multicast
+        self.polling_changes = 0          # times a tap queue left/rejoined the poll set
+        self.kicks = [0] * len(self.queue_max_sizes)
 
     # --- configuration (§5.1.4: mac, status, max_virtqueue_pairs, mtu) ---
     def config_bytes(self):
         link = S_LINK_UP if self.intercept is None or self.intercept.link_up else 0
-        return struct.pack("<6sHHH", self.mac, link, 1, 0)
+        return struct.pack("<6sHHH", self.mac, link, self.max_pairs, 0)
 
     @property
     def stats(self):
-        n = self._net
-        return {k: int(getattr(n, k)) for k in STAT_FIELDS}
+        return {k: sum(int(getattr(p.net, k)) for p in self._pairs) for k in STAT_FIELDS}
 
     @property
     def hdr_len(self):
@@ -110,9 +143,13 @@ class NetDevice(vd.VirtioDevice):
     def activate(self, mem, queues, interrupt):
         if self.backend is None:
             raise NetError("virtio-net: backend is closed")
-        for q in queues:
-            if not q.ready or q.size > q.max_size:
-                raise NetError(f"virtio-net: queue {q.index} not ready or too large at DRIVER_OK")
+        mq = self.has(F_MQ)
+        npairs = self.max_pairs if mq else 1
+        for q in queues[:2 * npairs]:
+            if q.ready and q.size > q.max_size:
+                raise NetError(f"virtio-net: queue {q.index} too large at DRIVER_OK")
+        if not (queues[0].ready and queues[1].ready):
+            raise NetError("virtio-net: queue pair 0 not ready at DRIVER_OK")
         mrg = self.has(F_MRG_RXBUF)
         hdr = HDR_LEN if self.has(vd.VIRTIO_F_VERSION_1) or mrg else LEGACY_HDR_LEN
         self.backend.set_vnet_hdr_len(hdr)
@@ -130,23 +167,31 @@ class NetDevice(vd.VirtioDevice):
         kw = dict(event_idx=self.has(vd.VIRTIO_F_RING_EVENT_IDX),
                   indirect=self.has(vd.VIRTIO_F_RING_INDIRECT_DESC))
         with self._lock:
-            self._net.hdr_len = hdr
-            self._net.mrg_rxbuf = int(mrg)
-            self._net.pending = 0
-            self._rx = NativeRing(mem, queues[RX], **kw)
-            self._tx = NativeRing(mem, queues[TX], **kw)
             self._interrupt = interrupt
-            self._set_polling(True)
+            for p in self._pairs[:npairs]:
+                rxq, txq = queues[2 * p.index], queues[2 * p.index + 1]
+                p.net.hdr_len = hdr
+                p.net.mrg_rxbuf = int(mrg)
+                p.net.pending = 0
+                if rxq.ready and txq.ready:
+                    p.rx, p.tx = NativeRing(mem, rxq, **kw), NativeRing(mem, txq, **kw)
+            if self.has(F_CTRL_VQ) and self.ctrl_index is not None and queues[self.ctrl_index].ready:
+                self._ctrl = ControlQueue(self, mem, queues[self.ctrl_index], **kw)
+            self._set_active_pairs(1)     # §5.1.6.5.5: one pair until VQ_PAIRS_SET
 
     def reset(self):
         super().reset()
         with self._lock:
-            self._set_polling(False)
-            if self._net.pending:           # a frame held for buffers that never came
-                self._net.rx_drops += 1
-                self._net.pending = 0
-            self._rx = self._tx = None
+            for p in self._pairs:
+                self._set_polling(p, False)
+                if p.net.pending:         # a frame held for buffers that never came
+                    p.net.rx_drops += 1
+                    p.net.pending = 0
+                p.rx = p.tx = None
+            self._ctrl = None
             self._interrupt = None
+            self.rx_mode = {}
+            self.mac_tables = ([], [])
             if self.intercept is not None:
                 self.intercept.reset()
 
@@ -157,34 +202,57 @@ class NetDevice(vd.VirtioDevice):
         configure_net(self, **changes)
 
     def queue_notify(self, index):
-        if index not in (RX, TX):
+        if not 0 <= index < len(self.kicks):
             return
         self.kicks[index] += 1
-        if index == RX:
-            self.poll_rx()          # buffers came: deliver what waits, poll again
+        if index == self.ctrl_index:
+            with self._lock:
+                if self._ctrl is not None:
+                    self._ctrl.process()
+            return
+        pair, is_tx = divmod(index, 2)
+        p = self._pairs[pair]
+        if not is_tx:
+            self.poll_rx(pair)      # buffers came: deliver what waits, poll again
             return
         with self._lock:
-            while self._tx is not None and self._process_tx():
-                self._process_rx()  # a long burst: let receive in between
+            while p.tx is not None and self._process_tx(p):
+                self._process_rx(p)  # a long burst: let receive in between
 
-    def poll_rx(self):
+    def poll_rx(self, pair=None):
         """The backend is readable (I/O loop), or receive buffers came.  With
         an I/O loop one batch per call (epoll is level-triggered and calls
-        again); without, until the backend is drained or buffers run out."""
+        again); without, until the backend is drained or buffers run out.
+        `pair` None: every active pair."""
         with self._lock:
-            while (self._process_rx() == lib.PV_NET_RX_MORE and self.ioloop is None
-                   and self._rx is not None):
-                pass
+            pairs = self._pairs[:self.active_pairs] if pair is None else [self._pairs[pair]]
+            for p in pairs:
+                while (self._process_rx(p) == lib.PV_NET_RX_MORE and self.ioloop is None
+                       and p.rx is not None):
+                    pass
 
     @property
     def polling(self):
-        """Whether the backend is watched (False while the guest has no buffers)."""
-        return self._polling
+        """Whether pair 0's backend queue is watched (False while the guest
+        has no buffers)."""
+        return self._pairs[0].polling
+
+    def set_queue_pairs(self, n):
+        """VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (lock held by the control queue).
+        Returns False for a count the device cannot take (§5.1.6.5.5)."""
+        if not self.has(F_MQ) or not 1 <= n <= self.max_pairs:
+            return False
+        if any(p.rx is None for p in self._pairs[:n]):
+            return False                  # a pair the driver never set up
+        self._set_active_pairs(n)
+        return True
 
     def close(self):
         with self._lock:
-            self._set_polling(False)
-            self._rx = self._tx = None
+            for p in self._pairs:
+                self._set_polling(p, False)
+                p.rx = p.tx = None
+            self._ctrl = None
             backend, self.backend = self.backend, None
             icpt, self.intercept = self.intercept, None
         if icpt is not None:
@@ -193,51 +261,60 @@ class NetDevice(vd.VirtioDevice):
             backend.close()
 
     # --- internals (self._lock held) ---
-    def _set_polling(self, on):
+    def _set_active_pairs(self, n):
+        self.active_pairs = n
+        enable = getattr(self.backend, "set_queue_enabled", None)
+        for p in self._pairs:
+            on = p.index < n and p.rx is not None
+            if enable is not None and len(self._pairs) > 1:
+                enable(p.index, on)
+            self._set_polling(p, on)
+
+    def _set_polling(self, p, on):
         on = bool(on) and self.backend is not None
-        if on == self._polling:
+        if on == p.polling:
             return
         if self.ioloop is not None:
             if on:
-                self.ioloop.add(self.backend.fd, self.poll_rx)
+                self.ioloop.add(p.fd, lambda: self.poll_rx(p.index))
             else:
-                self.ioloop.remove(self.backend.fd)
-        self._polling = on
+                self.ioloop.remove(p.fd)
+        p.polling = on
         self.polling_changes += 1
 
-    def _finish(self, index, res):
+    def _finish(self, p, index, res):
         if res.interrupt:
             self._interrupt.used(index)
         if res.error:
-            self._set_polling(False)
+            self._set_polling(p, False)
             self._interrupt.needs_reset(QueueError(-res.error, index))
-            self._rx = self._tx = None
+            p.rx = p.tx = None
             return False
         return True
 
-    def _process_rx(self):
-        ring = self._rx
-        if ring is None:
+    def _process_rx(self, p):
+        ring = p.rx
+        if ring is None or p.index >= self.active_pairs:
             return lib.PV_NET_RX_IDLE
         res = self._res
         if self.intercept is not None:                 # the slow path, off by default
-            self.intercept.rx(self, ring, res)
+            self.intercept.rx(self, p, ring, res)
         else:
-            lib.pv_net_rx(ring.vq, self._net, ring.chain, res)
+            lib.pv_net_rx(ring.vq, p.net, ring.chain, res)
         state = res.state
-        if not self._finish(RX, res):
+        if not self._finish(p, 2 * p.index, res):
             return lib.PV_NET_RX_IDLE
-        # no buffers: leave the tap alone until the driver kicks queue 0
-        self._set_polling(state != lib.PV_NET_RX_NOBUF)
+        # no buffers: leave the tap alone until the driver kicks the receive queue
+        self._set_polling(p, state != lib.PV_NET_RX_NOBUF)
         return state
 
-    def _process_tx(self):
-        """Drain the transmit queue; True if the budget ran out (more to do)."""
-        ring = self._tx
+    def _process_tx(self, p):
+        """Drain a transmit queue; True if the budget ran out (more to do)."""
+        ring = p.tx
         res = self._res
         if self.intercept is not None:
-            self.intercept.tx(self, ring, res)
+            self.intercept.tx(self, p, ring, res)
         else:
-            lib.pv_net_tx(ring.vq, self._net, ring.chain, res)
+            lib.pv_net_tx(ring.vq, p.net, ring.chain, res)
         more = bool(res.state)
-        return self._finish(TX, res) and more
+        return self._finish(p, 2 * p.index + 1, res) and more

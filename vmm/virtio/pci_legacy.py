@@ -48,6 +48,9 @@ _HEADER = struct.Struct("<IIIHHHBB")
 VENDOR = 0x1AF4                 # Red Hat, Inc. (virtio)
 # §4.1.2.3 transitional PCI device IDs by virtio device type
 TRANSITIONAL_IDS = {1: 0x1000, 2: 0x1001, 5: 0x1002, 3: 0x1003, 8: 0x1004, 4: 0x1005, 9: 0x1009}
+# vsock (19) has none in the spec; Linux's legacy driver takes any ID in
+# 0x1000-0x103f and reads the device type from the subsystem ID.
+TRANSITIONAL_IDS[19] = 0x1000 + 19 - 1
 # PCI class codes (as QEMU gives them): network/ethernet, storage/SCSI, other
 CLASS_CODES = {1: 0x020000, 2: 0x010000}
 CLASS_OTHER = 0xFF0000

@@ -27,6 +27,8 @@ E_RING, E_AVAIL_IDX, E_HEAD, E_NEXT, E_RANGE, E_LOOP, E_INDIRECT, E_ORDER, E_REQ
     lib.PV_VQ_E_RING, lib.PV_VQ_E_AVAIL_IDX, lib.PV_VQ_E_HEAD, lib.PV_VQ_E_NEXT,
     lib.PV_VQ_E_RANGE, lib.PV_VQ_E_LOOP, lib.PV_VQ_E_INDIRECT, lib.PV_VQ_E_ORDER,
     lib.PV_VQ_E_REQ)
+E_TOO_BIG = lib.PV_VQ_E_TOO_BIG
+MAX_CHAIN_BYTES = lib.PV_VQ_MAX_CHAIN_BYTES     # the used ring's len is 32 bits
 
 ERRORS = {
     E_RING: "ring size or addresses invalid (not RAM, misaligned, size not a power of 2)",
@@ -38,6 +40,7 @@ ERRORS = {
     E_INDIRECT: "bad indirect descriptor (not negotiated, nested, with NEXT, or bad length)",
     E_ORDER: "device-readable descriptor after a device-writable one",
     E_REQ: "chain does not frame a request (too short or payload in the wrong direction)",
+    E_TOO_BIG: "descriptor chain's buffers total 4 GiB or more",
 }
 
 
@@ -204,7 +207,7 @@ class PyRing:
         head = self._u16(self._avail + 4 + 2 * (self.last_avail % self.size))
         if head >= self.size:
             self._fail(E_HEAD)
-        table, tsize, i, total, indirect = self._desc, self.size, head, 0, False
+        table, tsize, i, total, indirect, nbytes = self._desc, self.size, head, 0, False, 0
         readable, writable, arr = [], [], self.mem.array
         while True:
             addr, length, flags, nxt = struct.unpack_from("<QIHH", self._mv, table + 16 * i)
@@ -218,6 +221,9 @@ class PyRing:
             total += 1
             if total > self.size:
                 self._fail(E_LOOP)
+            nbytes += length
+            if nbytes > MAX_CHAIN_BYTES:
+                self._fail(E_TOO_BIG)
             off = self._host(addr, length)
             if flags & VRING_DESC_F_WRITE:
                 writable.append(arr[off:off + length])

@@ -14,7 +14,7 @@ import os
 import threading
 
 from vmm.virtio import device as vd
-from vmm.virtio.ioloop import drain_eventfd
+from vmm.virtio.ioloop import drain_eventfd, signal_eventfd
 from vmm.virtio.queue import Virtqueue
 
 log = logging.getLogger("pyvmm.virtio")
@@ -34,6 +34,10 @@ class Transport(vd.Interrupt):
         self._ioloop = ioloop
         self._lock = threading.RLock()      # status, activation and queue processing
         self._isr_lock = threading.Lock()
+        # Guards read-modify-writes of `status`: needs_reset() comes from a
+        # device thread that may hold the device's own lock (virtio-net), so
+        # it cannot take self._lock (lock order: _lock -> device -> this one).
+        self._status_lock = threading.Lock()
         self.queues = [Virtqueue(i, n) for i, n in enumerate(device.queue_max_sizes)]
         self._notify_fds = []
         self.interrupts = 0                 # interrupts signalled (for tests and stats)
@@ -46,19 +50,24 @@ class Transport(vd.Interrupt):
         queue_index)` hands each to KVM (KVM_IOEVENTFD)."""
         if self._ioloop is None:
             raise ValueError("queue notify eventfds need an ioloop to service them")
-        for q in self.queues:
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._notify_fds.append(fd)
-            if register is not None:
-                register(fd, q.index)
-            self._ioloop.add(fd, self._eventfd_handler(fd, q.index))
+        try:
+            for q in self.queues:
+                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._notify_fds.append(fd)
+                if register is not None:
+                    register(fd, q.index)
+                self._ioloop.add(fd, self._eventfd_handler(fd, q.index))
+        except BaseException:
+            self._close_notify_fds()    # the caller never gets a transport to close
+            raise
 
     @property
     def notify_fds(self):
         return list(self._notify_fds)
 
     def _reset_state(self):
-        self.status = 0
+        with self._status_lock:
+            self.status = 0
         self.interrupt_status = 0
         self.driver_features = 0
         self.queue_sel = 0
@@ -75,13 +84,16 @@ class Transport(vd.Interrupt):
             self.needs_reset_reason = None
         self.ack_interrupt()
 
-    def close(self):
-        """Detach the notify eventfds and close the device (after the VM stopped)."""
+    def _close_notify_fds(self):
         for fd in self._notify_fds:
             if self._ioloop is not None:
                 self._ioloop.remove(fd)
             os.close(fd)
         self._notify_fds = []
+
+    def close(self):
+        """Detach the notify eventfds and close the device (after the VM stopped)."""
+        self._close_notify_fds()
         with self._lock:
             self.device.close()
 
@@ -118,30 +130,45 @@ class Transport(vd.Interrupt):
         self._signal(vd.INT_CONFIG)
 
     def needs_reset(self, reason):
+        """Any thread (an I/O thread, possibly holding the device's lock)."""
         log.warning("%s %s: device needs reset: %s", self.NAME, type(self.device).__name__, reason)
-        self.needs_reset_reason = str(reason)
-        self.status |= vd.DEVICE_NEEDS_RESET
-        if self.status & vd.DRIVER_OK:          # §2.1.2
+        with self._status_lock:     # against a vCPU's concurrent status write
+            self.needs_reset_reason = str(reason)
+            self.status |= vd.DEVICE_NEEDS_RESET
+            live = self.status & vd.DRIVER_OK
+        if live:                                # §2.1.2
             self._signal(vd.INT_CONFIG)
 
     # --- notifications ---
     def _eventfd_handler(self, fd, index):
         def handler():
             drain_eventfd(fd)
-            self.notify(index)
+            if self._notify_once(index):
+                # the device's budget ran out: come back after the loop's
+                # other fds (and a possible stop request), as for a new kick
+                signal_eventfd(fd)
         return handler
 
     def notify(self, index):
-        """A driver notification for queue `index` (any thread)."""
+        """A driver notification for queue `index` written on a vCPU thread
+        (no ioeventfd): that vCPU waits until the queue is drained."""
+        while self._notify_once(index):
+            pass
+
+    def _notify_once(self, index):
+        """One device call; True if the device has work left."""
         with self._lock:
             if (not self.activated or self.status & vd.DEVICE_NEEDS_RESET
                     or not 0 <= index < len(self.queues)):
-                return
+                return False
             try:
-                self.device.queue_notify(index)
+                return bool(self.device.queue_notify(index))
             except Exception as e:   # a device bug must not take the VMM down
-                log.exception("virtio device %s: queue %d", type(self.device).__name__, index)
+                log.error("virtio device %s: queue %d: internal error: %s",
+                          type(self.device).__name__, index, e)
+                log.debug("traceback", exc_info=True)   # with --debug
                 self.needs_reset(f"internal error: {e}")
+                return False
 
     # --- features and queues ---
     def _offered(self):
@@ -197,9 +224,13 @@ class Transport(vd.Interrupt):
                 else:
                     if self.legacy:     # §7.2: no FEATURES_OK, features are final now
                         self.device.acked_features = self.driver_features & self._offered()
-                    self.status = value | (self.status & vd.DEVICE_NEEDS_RESET)
+                    self._set_status(value)
                     self._activate()
                     return
+            self._set_status(value)
+
+    def _set_status(self, value):
+        with self._status_lock:     # keep a DEVICE_NEEDS_RESET set meanwhile
             self.status = value | (self.status & vd.DEVICE_NEEDS_RESET)
 
     def _features_ok(self, value):

@@ -238,3 +238,40 @@ def test_cli_no_permission(ns):
     assert p.returncode == 1 and "permission denied" in p.stderr, p.stderr
     assert p.stderr.strip().count("\n") == 0
     assert "pvt5" not in links(ns)
+
+
+def test_multi_queue_tap(ns):
+    """queues=N opens N fds with IFF_MULTI_QUEUE; a detached queue gets no
+    frames (TUNSETQUEUE), and every fd goes away on close."""
+    tap = ns.call(Tap, "pvtmq", queues=3)
+    try:
+        assert len(tap.fds) == 3 and tap.fd == tap.fds[0] and tap.created
+        from vmm.native import lib
+        assert all(lib.pv_tap_getiff_flags(fd) & lib.IFF_MULTI_QUEUE for fd in tap.fds)
+        tap.set_queue_enabled(1, False)
+        tap.set_queue_enabled(2, False)
+        tap.set_queue_enabled(2, False)          # twice: no error
+        ns.ip("link", "set", "pvtmq", "up")
+        s = ns.call(packet_socket, "pvtmq", ETH_P)
+        try:
+            frame = bytes(6 * [0xFF]) + PEER_MAC + struct.pack("!H", ETH_P) + b"mq" * 30
+            for _ in range(8):
+                s.send(frame)
+            time.sleep(0.2)
+            got = []
+            for fd in tap.fds:
+                n = 0
+                while True:
+                    try:
+                        os.read(fd, 4096)
+                        n += 1
+                    except BlockingIOError:
+                        break
+                got.append(n)
+            assert got[0] == 8 and got[1:] == [0, 0]   # only the attached queue reads frames
+        finally:
+            s.close()
+        tap.set_queue_enabled(1, True)
+    finally:
+        tap.close()
+    assert tap.fds == [] and "pvtmq" not in links(ns)

@@ -1,0 +1,196 @@
+"""The control API driving tiny ring-0 guests (milliseconds each): boot
+through the API, real pause/resume (the guest's serial output stops and
+restarts), Ctrl-Alt-Del scancodes reaching the guest through the i8042,
+--config-file with --no-api, pyvmm-firecracker's flags."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import vmm.testing.tinyguest as T
+from vmm.api.client import ApiClient, wait_for_socket
+from vmm.machine import STATUS
+
+pytestmark = pytest.mark.usefixtures("needs_kvm")
+
+
+class Output:
+    """A process's stdout collected on a thread."""
+
+    def __init__(self, stream):
+        self.data = bytearray()
+        self.t = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.t.start()
+
+    def _read(self, stream):
+        while True:
+            chunk = os.read(stream.fileno(), 4096)
+            if not chunk:
+                return
+            self.data += chunk
+
+    def wait_for(self, n, timeout=20):
+        deadline = time.monotonic() + timeout
+        while len(self.data) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return len(self.data) >= n
+
+
+@pytest.fixture
+def vmm_api(tmp_path):
+    """Start `pyvmm api`; yields (process, client, output)."""
+    sock = str(tmp_path / "api.sock")
+    p = subprocess.Popen([sys.executable, "-m", "vmm", "api", "--api-sock", sock],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_for_socket(sock, 20, p), p.stderr.read()
+        out = Output(p.stdout)
+        with ApiClient(sock) as api:
+            yield p, api, out
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+    assert not os.path.exists(sock)
+
+
+def start(api, tmp_path, code):
+    k = T.make_elf(code, str(tmp_path / "guest.elf"))
+    api.put("/boot-source", {"kernel_image_path": k, "boot_args": "console=ttyS0"})
+    api.put("/machine-config", {"vcpu_count": 1, "mem_size_mib": 32})
+    api.action("InstanceStart")
+
+
+def test_pause_really_stops_the_guest(vmm_api, tmp_path):
+    p, api, out = vmm_api
+    start(api, tmp_path, T.TICKER)
+    assert api.get("/")["state"] == "Running"
+    assert out.wait_for(20)
+    api.patch("/vm", {"state": "Paused"})
+    assert api.get("/")["state"] == "Paused"
+    n = len(out.data)
+    time.sleep(1.0)
+    assert len(out.data) == n, "the guest wrote to its console while paused"
+    api.patch("/vm", {"state": "Paused"})           # idempotent, as Firecracker
+    api.patch("/vm", {"state": "Resumed"})
+    assert api.get("/")["state"] == "Running"
+    assert out.wait_for(n + 20), "no console output after resume"
+    p.terminate()
+    assert p.wait(20) == STATUS["signal"]
+
+
+def test_send_ctrl_alt_del_reaches_the_guest_i8042(vmm_api, tmp_path):
+    p, api, out = vmm_api
+    start(api, tmp_path, T.KBD_ECHO)
+    api.action("SendCtrlAltDel")
+    assert out.wait_for(4)
+    assert bytes(out.data[:4]) == bytes([0x14, 0x11, 0xE0, 0x71])   # set-2 make codes
+    p.terminate()
+    p.wait(20)
+
+
+def test_instance_start_errors_keep_the_vmm_alive(vmm_api, tmp_path):
+    p, api, out = vmm_api
+    bad = tmp_path / "bad.elf"
+    bad.write_bytes(b"not a kernel at all")
+    api.put("/boot-source", {"kernel_image_path": str(bad)})
+    status, obj = api.request("PUT", "/actions", {"action_type": "InstanceStart"})
+    assert status == 400 and "InstanceStart" in obj["fault_message"]
+    assert api.get("/")["state"] == "Not started"
+    start(api, tmp_path, T.serial_text("ok\n") + T.CLI_HLT)     # a good one still boots
+    assert p.wait(20) == 0
+    assert out.wait_for(3) and bytes(out.data) == b"ok\n"
+
+
+def test_config_file_without_api(tmp_path):
+    k = T.make_elf(T.serial_text("from config\n") + T.CLI_HLT, str(tmp_path / "g.elf"))
+    metrics = tmp_path / "metrics.json"
+    cfg = tmp_path / "vm.json"
+    cfg.write_text(json.dumps({
+        "boot-source": {"kernel_image_path": k, "boot_args": "console=ttyS0"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 32},
+        "drives": [], "network-interfaces": [],
+        "metrics": {"metrics_path": str(metrics)}}))
+    p = subprocess.run([sys.executable, "-m", "vmm", "api", "--no-api", "--config-file", str(cfg)],
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == b"from config\n"
+    line = json.loads(metrics.read_text().splitlines()[-1])      # flushed on exit
+    assert line["vcpu"]["exit_io_out"] >= len("from config\n")
+    assert line["api_server"]["process_startup_time_us"] > 0
+
+
+def test_config_file_errors_are_one_line(tmp_path):
+    cfg = tmp_path / "vm.json"
+    for doc, needle in [({"boot-source": {"kernel_image_path": "/nonexistent"}}, "no such file"),
+                        ({"vsock": {"guest_cid": 3, "uds_path": "/tmp/v"}}, "not supported yet"),
+                        ({"bogus": {}}, "unknown section"),
+                        ({"machine-config": {"vcpu_count": 1}}, "mem_size_mib")]:
+        cfg.write_text(json.dumps(doc))
+        p = subprocess.run([sys.executable, "-m", "vmm", "api", "--no-api", "--config-file",
+                            str(cfg)], capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        err = p.stderr.decode()
+        assert p.returncode == 2 and needle in err and err.count("\n") == 1, err
+
+
+def test_existing_socket_path_is_one_line_error(tmp_path):
+    sock = tmp_path / "taken.sock"
+    sock.write_text("")
+    p = subprocess.run([sys.executable, "-m", "vmm", "api", "--api-sock", str(sock)],
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "already exists" in err and err.count("\n") == 1, err
+
+
+def test_pyvmm_firecracker_flags(tmp_path):
+    fc = [sys.executable, "-c", "import sys; from vmm.api.cli import firecracker_main; "
+                                "sys.exit(firecracker_main())"]
+    v = subprocess.run(fc + ["--version"], capture_output=True, text=True, timeout=60)
+    first = v.stdout.splitlines()[0]
+    assert first.startswith("Firecracker v1.") and first.count(".") == 2
+    k = T.make_elf(T.serial_text("fc\n") + T.CLI_HLT, str(tmp_path / "g.elf"))
+    cfg = tmp_path / "vm.json"
+    cfg.write_text(json.dumps({"boot-source": {"kernel_image_path": k},
+                               "machine-config": {"vcpu_count": 1, "mem_size_mib": 32}}))
+    sock = str(tmp_path / "fc.sock")
+    p = subprocess.run(fc + ["--api-sock", sock, "--id", "vm1", "--boot-timer",
+                             "--seccomp-level", "2", "--config-file", str(cfg), "--level", "Debug",
+                             "--log-path", str(tmp_path / "fc.log")],
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == b"fc\n"
+    assert not os.path.exists(sock)
+
+
+def test_run_with_api_sock(tmp_path):
+    """`pyvmm run --api-sock`: a VM started by hand can be inspected and paused."""
+    k = T.make_elf(T.TICKER, str(tmp_path / "g.elf"))
+    sock = str(tmp_path / "run.sock")
+    p = subprocess.Popen([sys.executable, "-m", "vmm", "run", "--kernel", k, "--mem", "32M",
+                          "--api-sock", sock, "--timeout", "60"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_for_socket(sock, 20, p)
+        out = Output(p.stdout)
+        with ApiClient(sock) as api:
+            assert api.get("/")["state"] == "Running"
+            cfg = api.get("/vm/config")
+            assert cfg["boot-source"]["kernel_image_path"] == k
+            assert cfg["machine-config"]["mem_size_mib"] == 32
+            assert out.wait_for(10)
+            api.patch("/vm", {"state": "Paused"})
+            n = len(out.data)
+            time.sleep(0.5)
+            assert len(out.data) == n
+            api.patch("/vm", {"state": "Resumed"})
+            assert out.wait_for(n + 10)
+        p.terminate()
+        assert p.wait(20) == STATUS["signal"]
+        assert not os.path.exists(sock)
+    finally:
+        if p.poll() is None:
+            p.kill()

@@ -1,0 +1,137 @@
+"""Firecracker's API resources (firecracker.yaml v1.14.1, `definitions:`):
+their fields, JSON types and which are required, and a validator that turns
+a request body into a dict or raises ApiError with a one-line reason.
+
+Like Firecracker (serde with deny_unknown_fields) an unknown field is an
+error; an optional field given as null counts as absent.  Fields that belong
+to features another issue implements (rate limiters, vhost-user) are
+recognised and refused with a clear message rather than silently ignored.
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+API_VERSION = "1.14.1"     # the firecracker.yaml these resources were read from
+
+
+class ApiError(Exception):
+    """A bad request: HTTP 400 with {"fault_message": str(self)}."""
+
+
+@dataclass(frozen=True)
+class F:
+    type: type                      # str, int, bool, dict, list
+    required: bool = False
+    enum: Optional[Tuple] = None
+    unsupported: Optional[str] = None   # reason, if pyvmm refuses the field for now
+    minimum: Optional[int] = None
+    ci: bool = False                # enum compared case-insensitively
+
+
+RATE_LIMITERS = "rate limiters are not supported yet (issue #12)"
+
+SCHEMAS = {
+    "BootSource": {
+        "kernel_image_path": F(str, required=True),
+        "initrd_path": F(str),
+        "boot_args": F(str),
+    },
+    "MachineConfiguration": {
+        "vcpu_count": F(int, required=True, minimum=1),
+        "mem_size_mib": F(int, required=True, minimum=1),
+        "smt": F(bool),
+        "track_dirty_pages": F(bool),
+        "cpu_template": F(str, enum=("C3", "T2", "T2S", "T2CL", "T2A", "V1N1", "None")),
+        "huge_pages": F(str, enum=("None", "2M")),
+    },
+    "Drive": {
+        "drive_id": F(str, required=True),
+        "is_root_device": F(bool, required=True),
+        "path_on_host": F(str),
+        "is_read_only": F(bool),
+        "partuuid": F(str),
+        "cache_type": F(str, enum=("Unsafe", "Writeback")),
+        "io_engine": F(str, enum=("Sync", "Async")),
+        "rate_limiter": F(dict, unsupported=RATE_LIMITERS),
+        "socket": F(str, unsupported="vhost-user-block drives are not supported by pyvmm"),
+    },
+    "PartialDrive": {
+        "drive_id": F(str, required=True),
+        "path_on_host": F(str),
+        "rate_limiter": F(dict, unsupported=RATE_LIMITERS),
+    },
+    "NetworkInterface": {
+        "iface_id": F(str, required=True),
+        "host_dev_name": F(str, required=True),
+        "guest_mac": F(str),
+        "rx_rate_limiter": F(dict, unsupported=RATE_LIMITERS),
+        "tx_rate_limiter": F(dict, unsupported=RATE_LIMITERS),
+    },
+    "PartialNetworkInterface": {
+        "iface_id": F(str, required=True),
+        "rx_rate_limiter": F(dict, unsupported=RATE_LIMITERS),
+        "tx_rate_limiter": F(dict, unsupported=RATE_LIMITERS),
+    },
+    "InstanceActionInfo": {
+        "action_type": F(str, required=True,
+                         enum=("FlushMetrics", "InstanceStart", "SendCtrlAltDel")),
+    },
+    "Vm": {
+        "state": F(str, required=True, enum=("Paused", "Resumed")),
+    },
+    "Logger": {
+        "log_path": F(str),
+        "level": F(str, enum=("Error", "Warning", "Info", "Debug", "Trace", "Off"), ci=True),
+        "show_level": F(bool),
+        "show_log_origin": F(bool),
+        "module": F(str),
+    },
+    "Metrics": {
+        "metrics_path": F(str, required=True),
+    },
+}
+
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object",
+               list: "an array"}
+
+
+def check_type(value, ftype):
+    if ftype is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, ftype)
+
+
+def validate(schema, body, partial=False):
+    """Check `body` (parsed JSON) against SCHEMAS[schema]; returns a new dict
+    without the null fields.  `partial` skips the required check (PATCH of
+    machine-config, where every field is optional)."""
+    fields = SCHEMAS[schema]
+    if not isinstance(body, dict):
+        raise ApiError(f"{schema}: the request body must be a JSON object")
+    out = {}
+    for name, value in body.items():
+        spec = fields.get(name)
+        if spec is None:
+            raise ApiError(f"{schema}: unknown field `{name}` (expected one of: "
+                           f"{', '.join(fields)})")
+        if value is None:
+            continue
+        if spec.unsupported:
+            raise ApiError(f"{schema}: `{name}`: {spec.unsupported}")
+        if not check_type(value, spec.type):
+            raise ApiError(f"{schema}: `{name}` must be {_TYPE_NAMES[spec.type]}")
+        if spec.enum is not None:
+            match = [e for e in spec.enum if (e.lower() == value.lower() if spec.ci else e == value)]
+            if not match:
+                raise ApiError(f"{schema}: `{name}` must be one of {', '.join(spec.enum)} "
+                               f"(got {value!r})")
+            value = match[0]
+        if spec.minimum is not None and value < spec.minimum:
+            raise ApiError(f"{schema}: `{name}` must be at least {spec.minimum}")
+        if spec.type is int and value > 1 << 53:
+            raise ApiError(f"{schema}: `{name}` is too large")
+        out[name] = value
+    if not partial:
+        missing = [n for n, s in fields.items() if s.required and n not in out]
+        if missing:
+            raise ApiError(f"{schema}: missing required field `{missing[0]}`")
+    return out
