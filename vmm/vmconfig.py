@@ -52,6 +52,7 @@ class Drive:
     partuuid: Optional[str] = None
     cache_type: str = "Unsafe"
     io_engine: str = "Sync"
+    rate_limiter: Optional[dict] = None      # Firecracker's RateLimiter (vmm/api/limits.py)
 
 
 @dataclass
@@ -59,6 +60,8 @@ class NetIface:
     iface_id: str
     host_dev_name: str
     guest_mac: Optional[str] = None
+    rx_rate_limiter: Optional[dict] = None
+    tx_rate_limiter: Optional[dict] = None
 
 
 @dataclass
@@ -78,6 +81,7 @@ class VmConfig:
     nets: Dict[str, NetIface] = field(default_factory=dict)
     logger: Optional[Logger] = None
     metrics_path: Optional[str] = None
+    entropy: Optional[dict] = None      # PUT /entropy body: a virtio-rng device
 
     # -- views ---------------------------------------------------------------
     def ordered_drives(self):
@@ -110,13 +114,16 @@ class VmConfig:
             out["logger"] = _strip(vars(self.logger))
         if self.metrics_path is not None:
             out["metrics"] = {"metrics_path": self.metrics_path}
+        if self.entropy is not None:
+            out["entropy"] = _strip(self.entropy)
         return out
 
     # -- building ------------------------------------------------------------
     def to_machine_config(self, serial_out=None, serial_in=None, timeout=None):
         """The MachineConfig vmm.machine builds from; raises ConfigError."""
-        from vmm.devices import DeviceSpecError, DriveSpec, NetSpec
+        from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, RngSpec
         from vmm.machine import MachineConfig
+        from vmm.virtio.ratelimit import RateLimiter, RateLimitError
         import os
         b = self.boot_source
         if b is None:
@@ -129,14 +136,22 @@ class VmConfig:
             devices = []
             for d in self.ordered_drives():
                 spec = DriveSpec.from_fields(d.path_on_host, readonly=d.is_read_only,
-                                             serial=d.drive_id.encode()[:20].decode("utf-8", "ignore"))
+                                             serial=d.drive_id.encode()[:20].decode("utf-8", "ignore"),
+                                             rate_limiter=RateLimiter.from_dict(d.rate_limiter))
                 spec.drive_id = d.drive_id
                 devices.append(spec)
             for n in self.nets.values():
-                spec = NetSpec.from_fields(n.host_dev_name, mac=n.guest_mac)
+                spec = NetSpec.from_fields(
+                    n.host_dev_name, mac=n.guest_mac,
+                    rx_rate_limiter=RateLimiter.from_dict(n.rx_rate_limiter),
+                    tx_rate_limiter=RateLimiter.from_dict(n.tx_rate_limiter))
                 spec.iface_id = n.iface_id
                 devices.append(spec)
-        except DeviceSpecError as e:
+            if self.entropy is not None:
+                spec = RngSpec("")
+                spec.rate_limiter = RateLimiter.from_dict(self.entropy.get("rate_limiter"))
+                devices.append(spec)
+        except (DeviceSpecError, RateLimitError) as e:
             raise ConfigError(str(e)) from None
         return MachineConfig(kernel=b.kernel_image_path, initrd=b.initrd_path,
                              cmdline=self.cmdline(), mem_size=m.mem_size_mib << 20,
