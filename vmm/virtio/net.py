@@ -198,7 +198,7 @@ class NetDevice(vd.VirtioDevice):
     def configure(self, **changes):
         """rx_limiter=, tx_limiter=, faults=, pcap=, hook= (None removes), also
         while running (a link change raises a config interrupt): intercept.py."""
-        from vmm.virtio.intercept import configure_net
+        from vmm.virtio.intercept_net import configure_net
         configure_net(self, **changes)
 
     def queue_notify(self, index):
