@@ -76,3 +76,16 @@ def test_rate_limited_ops_resume_by_timer(gmem, loop):
     assert 0.15 < elapsed < 1.0
     assert dev.stats["throttled"] >= 2
     t.close()
+
+
+def test_on_legacy_pci(gmem):
+    from vmm.virtio.pci_legacy import TRANSITIONAL_IDS, VirtioPciLegacy
+    dev = RngDevice()
+    t = VirtioPciLegacy(dev, gmem)
+    d = MockDriver(t, gmem)
+    assert d.init()
+    assert TRANSITIONAL_IDS[4] == 0x1005
+    head, bufs = offer(d, 256)
+    d.kick(0)
+    assert dict(d.queues[0].get_used())[head] == 256
+    t.close()
