@@ -24,7 +24,7 @@ $(PYTHON):
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 
 install: $(PYTHON)
-	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 
 guest:
 	bash guests/build.sh
@@ -39,7 +39,7 @@ unit: install
 	$(PYTHON) -m pytest -q tests/unit tests/native
 
 bench: setup
-	$(PYTHON) -m pip install -q -e '.[test,bench]'
+	$(PYTHON) -m pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
 	$(PYTHON) -m bench $(BENCH_ARGS)
 
 clean:

@@ -2,13 +2,16 @@
 
     python -m bench [--quick] [--only NAME[,NAME...]] [--budget MINUTES]
 
-Modules, in order: boot, exits, pio, blk, net, memory, startstop, guest, api, vsock, faults.  Each
+Modules, in order: boot, startup, exits, pio, blk, net, starve, inguest,
+memory, startstop, guest, api, vsock, faults.  Each
 runs in a child process (`python -m bench --child ...`, which imports the
 module and calls its main(argv)) with a time limit, so a missing, failing or
 hanging module is recorded in bench/results/run.json and the report, and the
 run goes on.  The whole run stops starting modules when --budget is used up
-(default 27 minutes; a full run takes about 15 minutes on an idle 2-core
-software-KVM host, --quick about 5).
+(default 60 minutes; a full run takes about 30 minutes on an idle 2-core
+software-KVM host, much longer when the machine is shared, --quick about 12).
+A full run first removes every result file of an earlier run; --only keeps
+the other modules' files and status.
 
 QEMU (`qemu-system-x86_64`, Debian package qemu-system-x86) is the
 side-by-side reference; if it is absent it is installed with apt-get when
@@ -17,6 +20,7 @@ figures are pyvmm-only.
 """
 import argparse
 import datetime
+import glob
 import importlib
 import json
 import os
@@ -32,15 +36,18 @@ from bench import common
 
 # name: (full argv, quick argv, time limit in seconds)
 MODULES = {
-    "boot": (["--reps", "5", "--init-reps", "3"], ["--reps", "3", "--init-reps", "1"], 900),
+    "boot": (["--reps", "5", "--init-reps", "2"], ["--reps", "3", "--init-reps", "1"], 900),
+    "startup": (["--reps", "7"], ["--reps", "3"], 240),
     "exits": (["--reps", "5"], ["--reps", "3", "--count", "30000"], 180),
     "pio": (["--reps", "5"], ["--reps", "3"], 300),
-    "blk": (["--reps", "5"], ["--reps", "3", "--size-mib", "64", "--requests", "25600"], 400),
+    "blk": (["--reps", "5"], ["--reps", "3", "--size-mib", "64", "--requests", "4096"], 600),
     "net": (["--reps", "5"], ["--reps", "3"], 400),
-    "memory": (["--guest", "both", "--reps", "5", "--linux-reps", "2"],
+    "starve": (["--pings", "200"], ["--pings", "60"], 300),
+    "memory": (["--guest", "both", "--reps", "5", "--linux-reps", "1"],
                ["--guest", "tiny", "--reps", "3"], 900),
     "startstop": (["--reps", "5"], ["--reps", "3"], 240),
-    "guest": (["--reps", "2"], ["--reps", "1"], 1200),
+    "inguest": (["--reps", "1"], ["--reps", "1", "--vmms", "pyvmm-mmio,qemu"], 1500),
+    "guest": (["--reps", "1"], ["--reps", "1"], 1200),
     "api": (["--reps", "5"], ["--reps", "3", "--requests", "1000"], 300),
     "vsock": (["--reps", "5"], ["--reps", "3", "--mib", "64", "--idle", "2"], 300),
     "faults": (["--reps", "5"], ["--reps", "3", "--requests", "12800", "--frames", "12800",
@@ -54,28 +61,7 @@ def now():
 
 
 # -- the child: one module, in its own process --------------------------------------
-def blk_adapter(mod, argv):
-    """bench/blk.py prints its figures without saving them: capture the
-    samples it hands to its report() and save them as blk.json."""
-    captured = {}
-    orig = mod.report
-
-    def report(results, args):
-        captured["results"], captured["args"] = results, args
-        return orig(results, args)
-    mod.report = report
-    res = mod.main(argv)
-    if isinstance(res, dict) or "results" not in captured:
-        return res
-    out = {"image_mib": captured["args"].size_mib, "reps": captured["args"].reps,
-           "rand4k_iops": {}, "seq64k_MBps": {}}
-    for (kind, label), (n, times) in captured["results"].items():
-        rates = [n / t if kind == "rand4k" else n * 65536 / t / 1e6 for t in times]
-        out["rand4k_iops" if kind == "rand4k" else "seq64k_MBps"][label] = common.stats(rates)
-    return out
-
-
-ADAPTERS = {"blk": blk_adapter}
+ADAPTERS = {}        # name: callable(module, argv) for a module whose main() saves nothing
 
 
 def child(name, status_path, argv):
@@ -94,11 +80,11 @@ def child(name, status_path, argv):
         call = ADAPTERS.get(name, lambda m, a: m.main(a))
         try:
             res = call(mod, argv)
-        except SystemExit as e:       # argparse rejected the arguments: try its defaults
-            if e.code != 2 or not argv:
+        except SystemExit as e:       # argparse rejected the arguments: the module failed
+            if e.code in (0, None):
                 raise
-            st["note"] = f"rejected {' '.join(argv)}; ran with its defaults"
-            res = call(mod, [])
+            st["error"] = f"exited with status {e.code} (arguments: {' '.join(argv) or 'none'})"
+            return 0
         path = os.path.join(common.RESULTS, f"{name}.json")
         if os.path.exists(path) and os.path.getmtime(path) >= t0 - 1:
             st["status"] = "ok"
@@ -158,7 +144,13 @@ def host_info():
 
 
 def run_module(name, argv, limit):
-    """Run one module in a child process group; returns its status dict."""
+    """Run one module in a child process group; returns its status dict.
+    Its previous result file is removed first, so a module that fails leaves
+    no figures behind (the report would otherwise show an old run's)."""
+    try:
+        os.unlink(os.path.join(common.RESULTS, f"{name}.json"))
+    except FileNotFoundError:
+        pass
     fd, status_path = tempfile.mkstemp(prefix=f"pyvmm-bench-{name}-", suffix=".json")
     os.close(fd)
     os.unlink(status_path)
@@ -202,8 +194,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (about 5 minutes)")
     ap.add_argument("--only", metavar="NAME[,NAME]",
                     help=f"run only these modules ({','.join(MODULES)})")
-    ap.add_argument("--budget", type=float, default=27, metavar="MINUTES",
-                    help="stop starting modules after this many minutes (default 27)")
+    ap.add_argument("--budget", type=float, default=60, metavar="MINUTES",
+                    help="stop starting modules after this many minutes (default 60)")
     args = ap.parse_args(argv)
     names = list(MODULES)
     if args.only:
@@ -212,9 +204,12 @@ def main(argv=None):
         if bad:
             ap.error(f"unknown module(s) {','.join(bad)}; choose from {','.join(MODULES)}")
     os.makedirs(common.RESULTS, exist_ok=True)
+    if not args.only:           # a full run starts from nothing: no figure of an older run
+        for path in glob.glob(os.path.join(common.RESULTS, "*.json")):
+            os.unlink(path)
     ensure_qemu()
     run = {}
-    if os.path.exists(RUN_JSON):
+    if args.only and os.path.exists(RUN_JSON):   # a partial run keeps the others' status
         try:
             with open(RUN_JSON) as f:
                 run = json.load(f)

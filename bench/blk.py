@@ -1,107 +1,138 @@
-"""virtio-blk throughput through the mock driver, against plain preadv.
+"""virtio-blk through the real notify/interrupt path, against the fastest
+plain program doing the same I/O.
 
     python -m bench.blk [--size-mib 256] [--reps 5] [--image PATH]
 
-On a page-cached raw image: 4 KiB random reads per second and 64 KiB
-sequential MB/s through VirtioMmio + BlkDevice (C engine and pure-Python
-engine; the C engine also through legacy and modern virtio-pci, the latter
-with MSI-X vectors on irqfds of a FakeVm), and the same reads done directly: os.preadv from Python, and a C
-pread loop (the physical limit).  Each figure is min / median / max over
---reps repetitions; ratios use medians.  The driver side is vectorized
-(numpy writes a whole batch of headers and avail entries, one QueueNotify per
-batch of 128 requests, each an indirect descriptor of 3 buffers, as Linux
-does), so what is measured is the device.
+Device figures ("real path"): pyvmm's BlkDevice on its transport (virtio-mmio
+or legacy virtio-pci) is serviced by pyvmm's I/O thread (vmm.virtio.ioloop),
+exactly as in a VM: the queue's notify eventfd (the one KVM's ioeventfd would
+signal) wakes it, it runs the engine (sync or io_uring) and signals the
+interrupt eventfd (the one KVM's irqfd would deliver).  The driver is a C
+loop (bench/driver.c) on the benchmark's own thread with the GIL released:
+it keeps QD requests in flight (indirect descriptors: header, data, status,
+as Linux lays them out), kicks only when the device asks (EVENT_IDX), sleeps
+on the interrupt eventfd, acknowledges each interrupt through the transport's
+registers (a call into pyvmm, the MMIO/PIO exit a guest's handler takes) and
+refills the ring.  Not included: the guest's own costs and KVM's exit and
+injection costs (measured by bench/exits.py, bench/pio.py and the in-guest
+figures of bench/inguest.py).
+
+Workloads on a page-cached raw image (--size-mib, random bytes): 4 KiB
+random and 64 KiB sequential, read and write, at queue depth 1 and 32.
+
+Limits: the same I/O done by a plain C program on the same image: a
+pread/pwrite loop (QD1 is exactly that), and at QD32 also io_uring with 32
+in flight; the faster of the two is the limit.
+
+Also "device processing cost": the old in-thread figure (the driver calls
+the transport's QueueNotify on the same thread: no eventfd, no I/O thread,
+no interrupt), labelled as such: what the C engine costs per request alone.
+Each figure: min / median / max over --reps; ratios of medians.
 """
 import argparse
 import os
-import statistics
 import time
 
 import numpy as np
 
+from bench import cdriver
+from bench.common import save, stats
 from vmm.memory import GuestMemory, MiB
-from vmm.native import ffi, lib
+from vmm.native import ffi as nffi, lib as nlib
+from vmm.testing.mockdriver import MockDriver
 from vmm.virtio import mmio as m
 from vmm.virtio.blk import BlkDevice
-from vmm.virtio import pci_legacy as pl
+from vmm.virtio.ioloop import IoLoop
 from vmm.virtio.mmio import VirtioMmio
 from vmm.virtio.pci_legacy import VirtioPciLegacy
-from vmm.virtio import pci_modern as pm
-from vmm.testing.fakevm import FakeVm
-from vmm.testing.mockdriver import MockDriver
-from vmm.testing.pcimodern_regs import PciModernRegs
 from vmm.virtio.queue import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 
-BATCH = 128
-HDR = np.dtype([("type", "<u4"), ("reserved", "<u4"), ("sector", "<u8")])
+T_IN, T_OUT = 0, 1
+ONE = (1).to_bytes(8, "little")
+KINDS = {"rand4k": 4096, "seq64k": 65536}
+DEPTHS = (1, 32)
+# (transport, engine) pairs measured: both engines on mmio, the default on pci
+PATHS = (("mmio", "sync"), ("mmio", "io_uring"), ("pci", "sync"))
 
 
-class FastDriver:
-    """Fixed request slots, so a batch costs a few numpy operations."""
+class RealPath:
+    """A BlkDevice on a transport served by an IoLoop, and the C driver's rings."""
 
-    def __init__(self, dev, mem, req_len, transport="mmio"):
-        self.mem = mem
-        regs = None
+    def __init__(self, image, mem, transport, engine, max_len, cffi):
+        self.ffi, self.lib = cffi
+        self.loop = IoLoop()
+        self.loop.start()
+        self.irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.dev = BlkDevice(image, io_engine=engine, ioloop=self.loop)
         if transport == "pci":
-            self.t = VirtioPciLegacy(dev, mem)
-            self.notify = lambda: self.t.write(pl.QUEUE_NOTIFY, 2, 0)
-            self.ack = lambda: self.t.read(pl.ISR, 1)          # what the guest's INTx handler does
-        elif transport == "pci-modern":                         # MSI-X: no ISR read at all
-            self.t = pm.VirtioPciModern(dev, mem, vm=FakeVm())
-            self.notify = lambda: self.t.write(pm.NOTIFY, 2, 0)
-            self.ack = lambda: None
-            regs = lambda t: PciModernRegs(t, msix=True)
+            self.t = VirtioPciLegacy(self.dev, mem, irq_line=self._line, ioloop=self.loop,
+                                     ioeventfd=lambda *a, **k: None)
         else:
-            self.t = VirtioMmio(dev, mem)
-            self.notify = lambda: self.t.write(m.QUEUE_NOTIFY, 4, 0)
-            self.ack = lambda: self.t.write(m.INTERRUPT_ACK, 4, self.t.read(m.INTERRUPT_STATUS, 4))
-        self.d = MockDriver(self.t, mem, arena=0x10000, arena_size=48 * MiB, regs=regs)
+            self.t = VirtioMmio(self.dev, mem, irq=self.irq, ioloop=self.loop,
+                                register_ioeventfd=lambda *a: None)
+        self.mem = mem
+        self.d = MockDriver(self.t, mem, arena=0x10000, arena_size=48 * MiB)
         if not self.d.init():
             raise RuntimeError("feature negotiation failed")
-        self.q = q = self.d.queues[0]
-        d = self.d
-        self.hdr_gpa = d.alloc(16 * BATCH, 16)
-        self.data_gpa = d.alloc(req_len * BATCH, 4096)
-        self.status_gpa = d.alloc(BATCH, 16)
-        tables = d.alloc(48 * BATCH, 16)
-        for k in range(BATCH):
-            t = tables + 48 * k
-            q.write_desc(0, self.hdr_gpa + 16 * k, 16, VRING_DESC_F_NEXT, 1, table=t)
-            q.write_desc(1, self.data_gpa + req_len * k, req_len,
-                         VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2, table=t)
-            q.write_desc(2, self.status_gpa + k, 1, VRING_DESC_F_WRITE, 0, table=t)
-            q.write_desc(k, t, 48, VRING_DESC_F_INDIRECT)
-        self.headers = mem.view(self.hdr_gpa, 16 * BATCH).view(HDR)
-        self.headers["type"] = 0                     # VIRTIO_BLK_T_IN
-        self.status = mem.view(self.status_gpa, BATCH)
-        off = mem.offset(q.avail)
-        self.avail_ring = mem.array[off + 4:off + 4 + 2 * q.size].view("<u2")
-        self.avail_idx = mem.array[off + 2:off + 4].view("<u2")
-        off = mem.offset(q.used)
-        self.used_idx = mem.array[off + 2:off + 4].view("<u2")
-        self.used_event = mem.array[mem.offset(q.avail) + 4 + 2 * q.size:][:2].view("<u2")
-        self.slots = np.arange(BATCH, dtype=np.uint16)
-        self.idx = 0
+        q = self.q = self.d.queues[0]
+        depth = max(DEPTHS)
+        self.hdr = self.d.alloc(16 * depth, 16)
+        self.status = self.d.alloc(depth, 16)
+        self.data = self.d.alloc(max_len * depth, 4096)
+        self.tables = self.d.alloc(48 * depth, 16)
+        r = self.ring = self.ffi.new("struct bd_ring *")
+        r.desc = self.ffi.cast("uint8_t *", mem.host_addr(q.desc, 16 * q.size))
+        r.avail = self.ffi.cast("uint8_t *", mem.host_addr(q.avail, 6 + 2 * q.size))
+        r.used = self.ffi.cast("uint8_t *", mem.host_addr(q.used, 6 + 8 * q.size))
+        r.size = q.size
+        r.event_idx = int(q.event_idx)
+        r.notify_fd = self.t.notify_fds[0]
+        r.irq_fd = self.irq
+        # the guest's interrupt handler: vm_interrupt / vp_interrupt read (and ack) ISR
+        self.ack = self.ffi.callback("int(void)", self._ack)
 
-    def run(self, sectors):
-        """Read at every sector (a multiple of BATCH of them), batch by batch."""
-        size = self.q.size
-        for start in range(0, len(sectors), BATCH):
-            self.headers["sector"] = sectors[start:start + BATCH]
-            self.status[:] = 0xFF
-            pos = (self.idx + self.slots) % size
-            self.avail_ring[pos] = self.slots
-            self.idx = (self.idx + BATCH) & 0xFFFF
-            self.used_event[0] = self.idx
-            self.avail_idx[0] = self.idx
-            self.notify()
-            if self.used_idx[0] != self.idx or self.status.any():
-                raise RuntimeError(f"batch failed: used {self.used_idx[0]} != {self.idx}, "
-                                   f"device status 0x{self.t.status:x}")
-            self.ack()
+    def _line(self, level):
+        if level:
+            os.write(self.irq, ONE)
+
+    def _ack(self):
+        self.d.ack_interrupt()
+        return 0
+
+    def layout(self, length, write):
+        """Slot k = descriptor k -> indirect table k: header, data, status."""
+        q = self.q
+        for k in range(max(DEPTHS)):
+            t = self.tables + 48 * k
+            q.write_desc(0, self.hdr + 16 * k, 16, VRING_DESC_F_NEXT, 1, table=t)
+            q.write_desc(1, self.data + length * k, length,
+                         (0 if write else VRING_DESC_F_WRITE) | VRING_DESC_F_NEXT, 2, table=t)
+            q.write_desc(2, self.status + k, 1, VRING_DESC_F_WRITE, 0, table=t)
+            q.write_desc(k, t, 48, VRING_DESC_F_INDIRECT)
+
+    def run(self, sectors, depth, write):
+        """All requests at `sectors`, `depth` in flight; returns seconds."""
+        w = self.ffi.new("struct bd_work *")
+        w.mode, w.depth, w.n = 0, depth, len(sectors)
+        w.headers = self.ffi.cast("uint8_t *", self.mem.host_addr(self.hdr, 16 * depth))
+        w.status = self.ffi.cast("uint8_t *", self.mem.host_addr(self.status, depth))
+        w.type = T_OUT if write else T_IN
+        w.sectors = self.ffi.cast("uint64_t *", sectors.ctypes.data)
+        w.timeout_ms = 10000
+        w.ack = self.ack
+        t0 = time.perf_counter()
+        r = self.lib.bd_run(self.ring, w)
+        dt = time.perf_counter() - t0
+        if r < 0:
+            raise OSError(-r, f"driver loop: {os.strerror(-r)} after {w.done} of {w.n} requests")
+        if w.errors:
+            raise RuntimeError(f"{w.errors} requests failed")
+        return dt
 
     def close(self):
         self.t.close()
+        self.loop.close()
+        os.close(self.irq)
 
 
 def make_image(path, size):
@@ -117,17 +148,87 @@ def make_image(path, size):
 
 def workload(kind, size, n, rng):
     if kind == "rand4k":
-        return rng.integers(0, size // 4096, n, dtype=np.uint64) * 8, 4096
-    count = size // 65536
-    return (np.arange(n, dtype=np.uint64) % count) * 128, 65536
+        return rng.integers(0, size // 4096, n, dtype=np.uint64) * 8
+    return (np.arange(n, dtype=np.uint64) % (size // 65536)) * 128
 
 
-def time_reps(fn, reps):
-    out = []
-    for _ in range(reps):
+def limits(path, length, sectors, depth, write, reps, cffi):
+    """The plain program's rate (requests/s) and which program it was: a C
+    pread/pwrite loop, and at depth > 1 also io_uring with `depth` in flight;
+    the faster is the limit."""
+    ffi, lib = cffi
+    fd = os.open(path, os.O_RDWR)
+    buf = np.zeros(length * max(DEPTHS), np.uint8)
+    offs = (sectors * 512).astype(np.uint64)
+    offs_p = nffi.cast("uint64_t *", offs.ctypes.data)
+    bufp = nffi.cast("uint8_t *", buf.ctypes.data)
+    n = len(sectors)
+
+    def timed(call):
         t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+        r = call()
+        if r < 0:
+            raise OSError(-r, "plain I/O reference")
+        return n / (time.perf_counter() - t0)
+    cands = {f"C p{'write' if write else 'read'} loop": lambda: lib.bd_prw_loop(
+        fd, ffi.cast("uint8_t *", buf.ctypes.data), length,
+        ffi.cast("uint64_t *", offs.ctypes.data), n, int(write))}
+    if depth > 1:
+        cands[f"io_uring, {depth} in flight"] = lambda: nlib.pv_bench_uring(
+            fd, bufp, length, offs_p, n, depth, int(write))
+    best = None
+    try:
+        for label, call in cands.items():
+            timed(call)
+            s = stats([timed(call) for _ in range(reps)])
+            if best is None or s["median"] > best[1]["median"]:
+                best = (label, s)
+        return best
+    finally:
+        os.close(fd)
+
+
+def in_thread(image, mem, sectors, length, reps):
+    """Device processing cost: the driver notifies on the same thread (no
+    eventfd, no I/O thread, no interrupt); batches of 32 requests per kick."""
+    dev = BlkDevice(image)
+    t = VirtioMmio(dev, mem)
+    d = MockDriver(t, mem, arena=0x10000, arena_size=48 * MiB)
+    assert d.init()
+    q = d.queues[0]
+    batch = 32
+    hdr, data, status = d.alloc(16 * batch), d.alloc(length * batch, 4096), d.alloc(batch)
+    tables = d.alloc(48 * batch)
+    for k in range(batch):
+        tb = tables + 48 * k
+        q.write_desc(0, hdr + 16 * k, 16, VRING_DESC_F_NEXT, 1, table=tb)
+        q.write_desc(1, data + length * k, length, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2, table=tb)
+        q.write_desc(2, status + k, 1, VRING_DESC_F_WRITE, 0, table=tb)
+        q.write_desc(k, tb, 48, VRING_DESC_F_INDIRECT)
+    heads = mem.view(hdr, 16 * batch).view(np.dtype([("t", "<u4"), ("r", "<u4"), ("s", "<u8")]))
+    heads["t"] = T_IN
+    a = mem.offset(q.avail)
+    ring = mem.array[a + 4:a + 4 + 2 * q.size].view("<u2")
+    aidx = mem.array[a + 2:a + 4].view("<u2")
+    uevt = mem.array[a + 4 + 2 * q.size:a + 6 + 2 * q.size].view("<u2")
+    slots = np.arange(batch, dtype=np.uint16)
+    n = len(sectors) // batch * batch
+    idx = [0]
+
+    def go():
+        t0 = time.perf_counter()
+        for s in range(0, n, batch):
+            heads["s"] = sectors[s:s + batch]
+            ring[(idx[0] + slots) % q.size] = slots
+            idx[0] = (idx[0] + batch) & 0xFFFF
+            uevt[0] = idx[0]
+            aidx[0] = idx[0]
+            t.write(m.QUEUE_NOTIFY, 4, 0)
+            d.ack_interrupt()
+        return n / (time.perf_counter() - t0)
+    go()
+    out = stats([go() for _ in range(reps)])
+    t.close()
     return out
 
 
@@ -135,78 +236,66 @@ def bench(args):
     size = args.size_mib * MiB
     make_image(args.image, size)
     rng = np.random.default_rng(1)
+    cffi = cdriver.load()
     mem = GuestMemory(64 * MiB)
-    results = {}
-    for kind, n_fast, n_slow in (("rand4k", args.requests, args.requests // 20),
-                                 ("seq64k", size // 65536, size // 65536 // 8)):
-        sectors, length = workload(kind, size, n_fast, rng)
-        n_fast = len(sectors) // BATCH * BATCH
-        sectors = sectors[:n_fast]
-        n_slow = max(BATCH, n_slow // BATCH * BATCH)
-        fd = os.open(args.image, os.O_RDONLY)
-        buf = np.zeros(length, np.uint8)
-        offs = (sectors * 512).astype(np.uint64)
-        offs_c = ffi.cast("uint64_t *", offs.ctypes.data)
-        bufp = ffi.cast("void *", buf.ctypes.data)
-        mv = memoryview(buf)
-        offs_list = offs.tolist()
-
-        def py_preadv():
-            for off in offs_list:
-                os.preadv(fd, [mv], off)
-        runs = {"preadv (C loop)": (n_fast, lambda: lib.pv_bench_pread(fd, bufp, length, offs_c, n_fast)),
-                "os.preadv (Python)": (n_fast, py_preadv)}
-        for label, native, n, transport in (("device, C engine", True, n_fast, "mmio"),
-                                            ("device, C engine, legacy virtio-pci", True, n_fast, "pci"),
-                                            ("device, C engine, modern virtio-pci", True, n_fast,
-                                             "pci-modern"),
-                                            ("device, Python engine", False, n_slow, "mmio")):
-            dev = BlkDevice(args.image, readonly=True, native=native)
-            drv = FastDriver(dev, mem, length, transport)
-            drv.run(sectors[:BATCH])                 # warm up
-            runs[label] = (n, lambda drv=drv, n=n: drv.run(sectors[:n]))
-            results[(kind, label)] = (n, time_reps(runs[label][1], args.reps))
-            drv.close()
-        for label in ("preadv (C loop)", "os.preadv (Python)"):
-            n, fn = runs[label]
-            fn()
-            results[(kind, label)] = (n, time_reps(fn, args.reps))
-        os.close(fd)
-    mem.close()
-    report(results, args)
-
-
-def report(results, args):
-    print(f"virtio-blk via mock driver, {args.size_mib} MiB page-cached image {args.image}, "
-          f"{args.reps} reps, batches of {BATCH} indirect requests\n")
-    medians = {}
-    for kind, unit in (("rand4k", "4 KiB random reads, requests/s"),
-                       ("seq64k", "64 KiB sequential reads, MB/s")):
-        print(f"{unit:<44} {'min':>10} {'median':>10} {'max':>10}")
-        for label in ("device, C engine", "device, C engine, legacy virtio-pci",
-                      "device, C engine, modern virtio-pci", "device, Python engine",
-                      "preadv (C loop)", "os.preadv (Python)"):
-            n, times = results[(kind, label)]
-            rates = [n / t if kind == "rand4k" else n * 65536 / t / 1e6 for t in times]
-            medians[(kind, label)] = statistics.median(rates)
-            print(f"  {label:<42} {min(rates):>10,.0f} {statistics.median(rates):>10,.0f} {max(rates):>10,.0f}")
-        dev = medians[(kind, "device, C engine")]
-        print(f"  ratio device(C) / preadv(C loop):      {dev / medians[(kind, 'preadv (C loop)')]:.2f}")
-        print(f"  ratio device(C) / os.preadv(Python):   {dev / medians[(kind, 'os.preadv (Python)')]:.2f}")
-        print(f"  ratio device(C) / device(Python):      {dev / medians[(kind, 'device, Python engine')]:.1f}")
-        pci = medians[(kind, "device, C engine, legacy virtio-pci")]
-        print(f"  ratio device(C, pci) / preadv(C loop): {pci / medians[(kind, 'preadv (C loop)')]:.2f}")
-        mod = medians[(kind, "device, C engine, modern virtio-pci")]
-        print(f"  ratio device(C, modern pci) / preadv:  {mod / medians[(kind, 'preadv (C loop)')]:.2f}\n")
+    res = {"what": "requests/s through the real path (notify eventfd -> pyvmm I/O thread -> "
+                   "interrupt eventfd), C driver on its own thread; limit: plain C program, "
+                   "same image, same I/O",
+           "image_mib": args.size_mib, "reps": args.reps, "device": {}, "limit": {},
+           "processing_cost": {}}
+    counts = {("rand4k", 1): args.requests // 4, ("rand4k", 32): args.requests,
+              ("seq64k", 1): args.requests // 8, ("seq64k", 32): args.requests // 4}
+    work = {}
+    for kind, length in KINDS.items():
+        for depth in DEPTHS:
+            work[(kind, depth)] = workload(kind, size, counts[(kind, depth)], rng)
+    try:
+        paths = [tuple(x.split(":")) for x in args.paths.split(",")] if args.paths else PATHS
+        for transport, engine in paths:
+            rp = RealPath(args.image, mem, transport, engine, max(KINDS.values()), cffi)
+            try:
+                for kind, length in KINDS.items():
+                    for write in (False, True):
+                        rp.layout(length, write)
+                        for depth in DEPTHS:
+                            secs = work[(kind, depth)]
+                            rp.run(secs[:depth * 4], depth, write)          # warm up
+                            samples = [len(secs) / rp.run(secs, depth, write) for _ in range(args.reps)]
+                            key = f"{kind} {'write' if write else 'read'} QD{depth}"
+                            res["device"].setdefault(key, {})[f"{transport} {engine}"] = stats(samples)
+                            s = res["device"][key][f"{transport} {engine}"]
+                            print(f"  {key:22s} {transport:4s} {engine:8s} {s['median']:>10,.0f} req/s",
+                                  flush=True)
+            finally:
+                rp.close()
+        for kind, length in KINDS.items():
+            for write in (False, True) if not args.no_limits else ():
+                for depth in DEPTHS:
+                    key = f"{kind} {'write' if write else 'read'} QD{depth}"
+                    label, s = limits(args.image, length, work[(kind, depth)], depth, write,
+                                      args.reps, cffi)
+                    res["limit"][key] = dict(s, how=label)
+                    print(f"  {key:22s} limit ({label}) {s['median']:>10,.0f} req/s", flush=True)
+        for kind, length in KINDS.items():
+            res["processing_cost"][f"{kind} read"] = in_thread(args.image, mem, work[(kind, 32)],
+                                                               length, args.reps)
+    finally:
+        mem.close()
+    print("saved", save("blk", res))
+    return res
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-mib", type=int, default=256)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--requests", type=int, default=128 * 800, help="4 KiB requests per repetition")
+    p.add_argument("--requests", type=int, default=16384,
+                   help="4 KiB requests per repetition at QD32 (QD1: a quarter; 64 KiB: fewer)")
     p.add_argument("--image", default="/tmp/pyvmm-bench-blk.img")
-    bench(p.parse_args(argv))
+    p.add_argument("--paths", help="transport:engine[,...] (default: " +
+                   ",".join(f"{t}:{e}" for t, e in PATHS) + ")")
+    p.add_argument("--no-limits", action="store_true", help=argparse.SUPPRESS)
+    return bench(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -29,10 +29,8 @@ def first_instruction(reps):
     for name, cmd in (("pyvmm", pyvmm_cmd(elf, mem="64M")), ("qemu", qemu_cmd(elf, mem="64M"))):
         if name == "qemu" and not have_qemu():
             continue
-        samples = [time_to_marker(cmd, b"!", 30) for _ in range(reps)]
-        samples = [s for s in samples if s is not None]
-        if samples:
-            out[name] = stats(samples)
+        s = stats([time_to_marker(cmd, b"!", 30) for _ in range(reps)])
+        out[name] = s if s else {"failed": reps}
     tmp.cleanup()
     return out
 
@@ -52,10 +50,8 @@ def boot_to_init(reps):
         # adds nothing so both VMMs see the same command line.
         if name == "pyvmm":
             cmd += ["--cpu-template", "host"] if cpuid.kernel_args("auto") else []
-        samples = [time_to_marker(cmd, INIT_MARKER, 300) for _ in range(reps)]
-        samples = [s for s in samples if s is not None]
-        if samples:
-            out[name] = stats(samples)
+        s = stats([time_to_marker(cmd, INIT_MARKER, 300) for _ in range(reps)])
+        out[name] = s if s else {"failed": reps}
     return out
 
 

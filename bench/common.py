@@ -14,8 +14,18 @@ QEMU = "qemu-system-x86_64"
 
 
 def stats(samples):
-    return {"min": min(samples), "median": statistics.median(samples), "max": max(samples),
-            "n": len(samples)}
+    """min / median / max of the samples; None entries are failed samples:
+    they are counted ("failed") and reported, never silently dropped.  None
+    if every sample failed."""
+    good = [s for s in samples if s is not None]
+    if not good:
+        return None
+    out = {"min": min(good), "median": statistics.median(good), "max": max(good),
+           "n": len(good)}
+    if len(good) != len(samples):
+        out["failed"] = len(samples) - len(good)
+        print(f"  warning: {out['failed']} of {len(samples)} samples failed", file=sys.stderr)
+    return out
 
 
 def fmt(s, unit="", scale=1.0, digits=3):
@@ -96,9 +106,12 @@ def compare(results, title, unit, scale=1.0, detail=None):
     note after each line."""
     print(f"{title} (min / median / max)")
     for name, s in results.items():
+        if not s or "median" not in s:
+            print(f"  {name:6s} FAILED ({(s or {}).get('failed', '?')} samples)")
+            continue
         extra = f"   ({detail(s)})" if detail else ""
         print(f"  {name:6s} {fmt(s, unit, scale)}{extra}")
-    if "pyvmm" in results and "qemu" in results:
+    if "median" in results.get("pyvmm", {}) and "median" in results.get("qemu", {}):
         ratio = results["pyvmm"]["median"] / results["qemu"]["median"]
         print(f"  pyvmm/qemu median ratio: {ratio:.2f}")
         return ratio

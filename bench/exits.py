@@ -47,8 +47,8 @@ def measure(cmd, count, reps, timeout=120):
     rates = []
     for _ in range(reps):
         t = spawn_markers(cmd, [OPEN, CLOSE], timeout)
-        if OPEN in t and CLOSE in t and t[CLOSE] > t[OPEN]:
-            rates.append(count / (t[CLOSE] - t[OPEN]))
+        ok = OPEN in t and CLOSE in t and t[CLOSE] > t[OPEN]
+        rates.append(count / (t[CLOSE] - t[OPEN]) if ok else None)   # None: a failed sample
     return rates
 
 
@@ -66,8 +66,7 @@ def main(argv=None):
         if name == "qemu" and not have_qemu():
             continue
         rates = measure(cmd, args.count, args.reps)
-        if rates:
-            res["mmio_exits_per_s"][name] = stats(rates)
+        res["mmio_exits_per_s"][name] = stats(rates) or {"failed": len(rates)}
     ratio = compare(res["mmio_exits_per_s"], f"MMIO exits/s ({args.count} writes to 0x{ADDR:x})",
                     " exits/s", detail=lambda s: f"{1e6 / s['median']:.1f} us per exit")
     if ratio is not None:

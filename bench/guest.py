@@ -63,24 +63,17 @@ def main(argv=None):
     for _ in range(args.reps):
         _, out, rc = run_guest("syscall")
         m = re.search(r"sysbench: (\d+) getppid calls in (\d+) us, (\d+) ns each", out)
-        if m and rc == 0:
-            syscall_ns.append(int(m.group(3)))
+        syscall_ns.append(int(m.group(3)) if m and rc == 0 else None)
         wall, out, rc = run_guest("poweroff")
-        if rc == 0 and "pyvmm-guest: done" in out:
-            poweroff_s.append(wall)
-        t = init_to_prompt()
-        if t is not None:
-            prompt_s.append(t)
+        poweroff_s.append(wall if rc == 0 and "pyvmm-guest: done" in out else None)
+        prompt_s.append(init_to_prompt())
     res = {}
-    if syscall_ns:
-        res["syscall_ns"] = stats(syscall_ns)
-        print(f"guest getppid() cost        {fmt(res['syscall_ns'], ' ns')}")
-    if prompt_s:
-        res["init_to_prompt_s"] = stats(prompt_s)
-        print(f"Run /init -> shell prompt   {fmt(res['init_to_prompt_s'], ' s')}")
-    if poweroff_s:
-        res["boot_to_poweroff_s"] = stats(poweroff_s)
-        print(f"boot -> power-off (exit 0)  {fmt(res['boot_to_poweroff_s'], ' s')}")
+    for key, samples, label, unit in (("syscall_ns", syscall_ns, "guest getppid() cost", " ns"),
+                                      ("init_to_prompt_s", prompt_s, "Run /init -> shell prompt", " s"),
+                                      ("boot_to_poweroff_s", poweroff_s, "boot -> power-off (exit 0)", " s")):
+        s = stats(samples)
+        res[key] = s if s else {"failed": len(samples)}
+        print(f"{label:28s}{fmt(s, unit) if s else 'FAILED'}")
     print("saved", save("guest", res))
     return res
 

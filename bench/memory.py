@@ -83,7 +83,93 @@ def overhead(pid, guest_size=GUEST_MEM):
             "pss": tot["pss"] - ram["pss"], "guest_touched": ram["rss"], "total_rss": tot["rss"]}
 
 
-def sample(cmd, ready, timeout, settle, stdin=subprocess.DEVNULL):
+def category(path):
+    """What a mapping of the VMM is, for the breakdown."""
+    base = os.path.basename(path)
+    if path.startswith("anon_inode:kvm") or path.startswith("anon_inode:[kvm"):
+        return f"KVM structures ({base.split(':', 1)[-1]})"
+    if path == "[heap]":
+        return "C heap (malloc: interpreter, cffi, small Python allocations)"
+    if path.startswith("[stack"):
+        return "main thread stack"
+    if path == "":
+        return "anonymous mmaps (pymalloc arenas, thread stacks, buffers)"
+    if "numpy" in path:
+        return "numpy (shared objects)"
+    if "_cffi_backend" in base:
+        return "cffi backend (.so)"
+    if base.startswith("_native") or "vmm/_native" in path:
+        return "pyvmm native module (.so)"
+    if "python" in base or "libpython" in base:
+        return "Python interpreter (binary, libpython)"
+    if base.endswith(".so") or ".so." in base:
+        if "/lib-dynload/" in path or "site-packages" in path:
+            return "Python extension modules (.so)"
+        return "system libraries (libc, libm, ...)"
+    if path.startswith("["):
+        return f"kernel-provided {path}"
+    return "other files"
+
+
+def breakdown(pid, guest_size=GUEST_MEM):
+    """{category: {"rss", "anon"}} in bytes, guest RAM left out; plus which
+    numpy / cffi files are mapped at all."""
+    maps = read_smaps(pid)
+    cands = [m for m in maps if m["path"] == "" and guest_size <= m["size"] <= guest_size + 8 * MiB]
+    ram = max(cands, key=lambda m: (m["rss"], -m["size"])) if cands else None
+    out = {}
+    for m in maps:
+        if m is ram:
+            continue
+        c = out.setdefault(category(m["path"]), {"rss": 0, "anon": 0})
+        c["rss"] += m["rss"]
+        c["anon"] += m["anon"]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["rss"]))
+
+
+# Python-level allocations per top-level module after start-up (tracemalloc):
+# what each imported package costs in Python objects, for a tiny guest VM.
+TRACE_RUNNER = r"""
+import tracemalloc, sys, json, os
+tracemalloc.start(1)
+from vmm import cli, machine
+M = machine.Machine
+def run(self):
+    snap = tracemalloc.take_snapshot()
+    per = {}
+    for st in snap.statistics("filename"):
+        f = st.traceback[0].filename
+        if "/vmm/" in f:
+            key = "vmm." + f.split("/vmm/", 1)[1].replace("/", ".").removesuffix(".py")
+            key = ".".join(key.split(".")[:2])
+        elif "site-packages/" in f:
+            key = f.split("site-packages/", 1)[1].split("/")[0]
+        elif f.startswith("<"):
+            key = "interpreter (frozen modules, compiled code)"
+        else:
+            key = "stdlib " + os.path.basename(os.path.dirname(f)) + "/" + os.path.basename(f)                 if "/lib/python" in f and os.path.basename(os.path.dirname(f)) != "python3.11"                 else "stdlib " + os.path.basename(f).removesuffix(".py")
+        per[key] = per.get(key, 0) + st.size
+    os.write(2, ("TRACE " + json.dumps(dict(sorted(per.items(), key=lambda kv: -kv[1])[:25]))
+                 + " MODULES " + json.dumps(sorted(m for m in sys.modules if m.split(".")[0]
+                                                   in ("numpy", "cffi", "_cffi_backend"))) + "\n").encode())
+    return 0
+M.run = run
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def python_allocations(elf):
+    p = subprocess.run([sys.executable, "-c", TRACE_RUNNER, "run", "--kernel", elf, "--mem", "256M",
+                        "--serial", "file:/dev/null"], capture_output=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    m = re.search(rb"TRACE (\{.*\}) MODULES (\[.*\])\n", p.stderr)
+    if not m:
+        return None
+    import json
+    return {"per_module_bytes": json.loads(m.group(1)), "numpy_or_cffi_modules": json.loads(m.group(2))}
+
+
+def sample(cmd, ready, timeout, settle, stdin=subprocess.DEVNULL, want_breakdown=False):
     """Start `cmd`, wait until every byte string in `ready` has appeared on its
     stdout in order, wait `settle` seconds, return overhead(); None on failure."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -108,6 +194,8 @@ def sample(cmd, ready, timeout, settle, stdin=subprocess.DEVNULL):
             time.sleep(0.05)
         if p.poll() is not None:
             return None
+        if want_breakdown:
+            return overhead(p.pid), breakdown(p.pid)
         return overhead(p.pid)
     finally:
         p.kill()
@@ -120,9 +208,11 @@ def run_pair(cmds, ready, reps, timeout, settle, stdin):
         if name == "qemu" and not have_qemu():
             continue
         got = [sample(cmd, ready, timeout, settle, stdin) for _ in range(reps)]
-        got = [g for g in got if g]
-        if got:
-            out[name] = {k: stats([g[k] / MiB for g in got]) for k in got[0]}
+        keys = next((list(g) for g in got if g), None)
+        if keys is None:
+            out[name] = {"failed": reps}
+            continue
+        out[name] = {k: stats([g[k] / MiB if g else None for g in got]) for k in keys}
     return out
 
 
@@ -131,8 +221,13 @@ def tiny(reps):
     d = tmp.name
     elf = touch_guest(os.path.join(d, "touch.elf"))
     try:
-        return run_pair((("pyvmm", pyvmm_cmd(elf, mem="256M")), ("qemu", qemu_cmd(elf, mem="256M"))),
-                        [READY], reps, 60, 1.0, subprocess.DEVNULL)
+        out = run_pair((("pyvmm", pyvmm_cmd(elf, mem="256M")), ("qemu", qemu_cmd(elf, mem="256M"))),
+                       [READY], reps, 60, 1.0, subprocess.DEVNULL)
+        got = sample(pyvmm_cmd(elf, mem="256M"), [READY], 60, 1.0, want_breakdown=True)
+        if got:
+            out["pyvmm_breakdown_mib"] = {k: {x: v[x] / MiB for x in v} for k, v in got[1].items()}
+        out["pyvmm_python_allocations"] = python_allocations(elf)
+        return out
     finally:
         tmp.cleanup()
 
@@ -167,14 +262,26 @@ def main(argv=None):
         if not r:
             continue
         for name, s in r.items():
+            if name not in ("pyvmm", "qemu") or "rss" not in s:
+                continue
             line = "  ".join(f"{k} {s[k]['min']:.1f}/{s[k]['median']:.1f}/{s[k]['max']:.1f}"
                              for k in ("rss", "anon", "guest_touched"))
             print(f"  {g:6s} {name:6s} {line}")
-        if "pyvmm" in r and "qemu" in r:
+        if "rss" in r.get("pyvmm", {}) and "rss" in r.get("qemu", {}):
             for k in ("rss", "anon"):
                 ratio = r["pyvmm"][k]["median"] / r["qemu"][k]["median"]
                 res[f"{g}_{k}_ratio"] = ratio
                 print(f"  {g:6s} pyvmm/qemu median {k} overhead ratio: {ratio:.2f}")
+    bd = (res.get("tiny") or {}).get("pyvmm_breakdown_mib")
+    if bd:
+        print("pyvmm (tiny guest) RSS / anon by kind of mapping, guest RAM left out, MiB:")
+        for k, v in bd.items():
+            print(f"  {k:60s} {v['rss']:7.2f} {v['anon']:7.2f}")
+    pa = (res.get("tiny") or {}).get("pyvmm_python_allocations")
+    if pa:
+        print("Python allocations by module (tracemalloc, KiB):",
+              ", ".join(f"{k} {v / 1024:.0f}" for k, v in list(pa["per_module_bytes"].items())[:12]))
+        print("numpy/cffi modules loaded:", pa["numpy_or_cffi_modules"])
     print("saved", save("memory", res))
     return res
 

@@ -1,199 +1,206 @@
-"""virtio-net throughput through the mock driver and a tap, against a plain
-read/write loop on the same tap.
+"""virtio-net through the real notify/interrupt path and a tap, against a
+plain read/write loop on the same tap.
 
-    python -m bench.net [--reps 5] [--small 20000] [--big 1500]
+    python -m bench.net [--reps 5] [--small 20480] [--big 1536]
 
 Everything happens in a private network namespace (deleted at the end): a
 tap with MTU 65521, up, and an AF_PACKET socket on it as the peer.
-TX: the driver posts batches of 128 one-descriptor chains (header + frame)
-and kicks once per batch; the device writes them to the tap (the namespace's
-stack then drops the unknown ethertype).  The plain loop write()s the same
-frame the same number of times from C.  RX: the peer queues N frames in the
-tap first, then the device drains them into posted buffers (the driver
-re-posts each consumed buffer, 256 at a time); the plain loop read()s them
-from C.  The plain loops go through the device's own 256 buffers in turn, so
-both see the same memory (one hot buffer would flatter the loop).  Figures are min / median / max over --reps, ratios of medians.
-Frames: 60 bytes ("small") and 65535 bytes ("64 KiB", the largest a tap takes
-at this MTU), plus the 12-byte virtio_net_hdr.
+
+Device figures ("real path"): pyvmm's NetDevice on its transport (virtio-mmio
+or legacy virtio-pci) is serviced by pyvmm's I/O thread as in a VM: queue
+kicks arrive on the notify eventfds (KVM's ioeventfd), the tap is polled by
+the same thread, interrupts go out on an eventfd (KVM's irqfd).  The driver
+is the C loop of bench/driver.c on the benchmark's thread (GIL released):
+TX keeps the whole ring (256 frames) in flight, refilling as frames complete;
+RX posts every buffer and re-posts each one used; it kicks when the device
+asks (EVENT_IDX), sleeps on the interrupt eventfd and acknowledges each
+interrupt through the transport's registers.
+TX: the device writes each frame to the tap (the namespace's stack drops the
+unknown ethertype).  RX: the peer first queues N frames in the tap, then the
+clock runs while the device moves them into the driver's buffers.
+Limits: a C loop of write()s (TX) or read()s (RX) of the same frames on the
+same tap, through the same 256 buffers in turn.
+Frames: 60 bytes ("small") and 65535 bytes ("64 KiB", the largest a tap
+takes at this MTU), plus the 12-byte virtio_net_hdr.  Figures are min /
+median / max over --reps, ratios of medians.
 """
 import argparse
+import os
 import socket
-import statistics
 import time
 
-import numpy as np
-
+from bench import cdriver
+from bench.common import save, stats
 from vmm.memory import GuestMemory, MiB
-from vmm.native import ffi, lib
-from vmm.testing.netns import NetNs, packet_socket
 from vmm.tap import Tap
-from vmm.virtio import mmio as m
-from vmm.virtio.mmio import VirtioMmio
 from vmm.testing.mockdriver import MockDriver
+from vmm.testing.netns import NetNs, packet_socket
+from vmm.virtio.ioloop import IoLoop
+from vmm.virtio.mmio import VirtioMmio
 from vmm.virtio.net import NetDevice
+from vmm.virtio.pci_legacy import VirtioPciLegacy
 from vmm.virtio.queue import VRING_DESC_F_WRITE
-
-from bench.common import save
 
 HDR = 12
 ETH_P = 0x88B5
 TAP = "pvbench0"
 SIZES = {"small": 60, "64k": 65535}
 RX_BUF = {"small": 1526, "64k": 65562}
+ONE = (1).to_bytes(8, "little")
+TRANSPORTS = ("mmio", "pci")
 
 
-class Ring:
-    """numpy views of one queue, `size` slots: slot k = descriptor k = buffer k."""
+class Queue:
+    """One queue's C-driver ring; slot k = descriptor k = buffer k."""
 
-    def __init__(self, d, q, buf_len, writable, mem):
-        self.q, self.mem = q, mem
-        self.data = d.alloc(buf_len * q.size, 4096)
+    def __init__(self, rp, index, buf_len, writable):
+        ffi, mem = rp.ffi, rp.mem
+        q = self.q = rp.d.queues[index]
+        self.data = rp.d.alloc(buf_len * q.size, 4096)
         for k in range(q.size):
             q.write_desc(k, self.data + buf_len * k, buf_len, VRING_DESC_F_WRITE if writable else 0)
-        a, u = mem.offset(q.avail), mem.offset(q.used)
-        arr = mem.array
-        self.ring = arr[a + 4:a + 4 + 2 * q.size].view("<u2")
-        self.avail_idx = arr[a + 2:a + 4].view("<u2")
-        self.used_event = arr[a + 4 + 2 * q.size:a + 6 + 2 * q.size].view("<u2")
-        self.used_idx = arr[u + 2:u + 4].view("<u2")
-        self.idx = 0
-        self.pos = np.arange(q.size, dtype=np.uint32)
-
-    def post(self, n):
-        p = (self.idx + self.pos[:n]) & 0xFFFF
-        self.ring[p % self.q.size] = p % self.q.size
-        self.idx = (self.idx + n) & 0xFFFF
-        self.used_event[0] = self.idx
-        self.avail_idx[0] = self.idx
+        r = self.ring = ffi.new("struct bd_ring *")
+        r.desc = ffi.cast("uint8_t *", mem.host_addr(q.desc, 16 * q.size))
+        r.avail = ffi.cast("uint8_t *", mem.host_addr(q.avail, 6 + 2 * q.size))
+        r.used = ffi.cast("uint8_t *", mem.host_addr(q.used, 6 + 8 * q.size))
+        r.size = q.size
+        r.event_idx = int(q.event_idx)
+        r.notify_fd = rp.t.notify_fds[index]
+        r.irq_fd = rp.irq
 
 
-class Bench:
-    def __init__(self, ns, mem):
-        self.ns = ns
-        self.tap = ns.call(Tap, TAP)
-        ns.ip("link", "set", TAP, "mtu", "65521", "txqueuelen", "100000", "up")
-        self.peer = ns.call(packet_socket, TAP, ETH_P)
-        self.peer.setblocking(True)
-        self.peer.setsockopt(socket.SOL_SOCKET, 32, 512 * MiB)    # SO_SNDBUFFORCE
+class RealPath:
+    def __init__(self, tap, mem, transport, kind, cffi):
+        self.ffi, self.lib = cffi
         self.mem = mem
-        self.dev = NetDevice(self.tap)
-        self.t = VirtioMmio(self.dev, mem)
+        self.loop = IoLoop()
+        self.loop.start()
+        self.irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.dev = NetDevice(tap, ioloop=self.loop)
+        if transport == "pci":
+            self.t = VirtioPciLegacy(self.dev, mem, irq_line=self._line, ioloop=self.loop,
+                                     ioeventfd=lambda *a, **k: None)
+        else:
+            self.t = VirtioMmio(self.dev, mem, irq=self.irq, ioloop=self.loop,
+                                register_ioeventfd=lambda *a: None)
         self.d = MockDriver(self.t, mem, arena=0x10000, arena_size=60 * MiB)
-
-    def setup(self, kind):
-        self.kind = kind
-        self.d._next = 0x10000
-        self.t.write(m.STATUS, 4, 0)
-        assert self.d.init()
-        self.rx = Ring(self.d, self.d.queues[0], RX_BUF[kind], True, self.mem)
-        self.tx = Ring(self.d, self.d.queues[1], HDR + SIZES[kind], False, self.mem)
-        frame = bytes(HDR) + b"\xff" * 6 + b"\x02" * 6 + ETH_P.to_bytes(2, "big")
-        frame += bytes(SIZES[kind] - 14)
+        if not self.d.init():
+            raise RuntimeError("feature negotiation failed")
+        self.rx = Queue(self, 0, RX_BUF[kind], True)
+        self.frame = bytes(HDR) + b"\xff" * 6 + b"\x02" * 6 + ETH_P.to_bytes(2, "big")
+        self.frame += bytes(SIZES[kind] - 14)
+        self.tx = Queue(self, 1, len(self.frame), False)
         for k in range(self.tx.q.size):
-            self.mem.write(self.tx.data + len(frame) * k, frame)
-        self.frame = frame
+            mem.write(self.tx.data + len(self.frame) * k, self.frame)
+        self.ack = self.ffi.callback("int(void)", self._ack)
 
-    def device_tx(self, n):
-        batch = 128
-        for _ in range(n // batch):
-            before = int(self.tx.used_idx[0])
-            self.tx.post(batch)
-            self.t.write(m.QUEUE_NOTIFY, 4, 1)
-            if (int(self.tx.used_idx[0]) - before) & 0xFFFF != batch:
-                raise RuntimeError("TX batch not completed")
-        return n // batch * batch
+    def _line(self, level):
+        if level:
+            os.write(self.irq, ONE)
 
-    def fill_tap(self, n):
-        """Queue n frames in the tap (from the namespace side)."""
-        f = b"\x02" * 6 + b"\x04" * 6 + ETH_P.to_bytes(2, "big") + bytes(len(self.frame) - HDR - 14)
-        for _ in range(n):
-            self.peer.send(f)
+    def _ack(self):
+        self.d.ack_interrupt()
+        return 0
 
-    def device_rx(self, n):
-        """Post every free buffer and kick; re-post what the device used and
-        kick again (it stopped polling when the buffers ran out), as a guest."""
-        got, last = 0, int(self.rx.used_idx[0])
-        free = self.rx.q.size - ((self.rx.idx - last) & 0xFFFF)
-        while True:
-            self.rx.post(free)
-            self.t.write(m.QUEUE_NOTIFY, 4, 0)
-            now = int(self.rx.used_idx[0])
-            free, last = (now - last) & 0xFFFF, now
-            got += free
-            if got >= n or free == 0:
-                return got
-
-    def plain(self, n, write):
-        """read()/write() from C through the device's own buffers, in turn."""
-        ring = self.tx if write else self.rx
-        stride = len(self.frame) if write else RX_BUF[self.kind]
-        buf = ffi.cast("void *", self.mem.host_addr(ring.data, stride * ring.q.size))
-        r = lib.pv_bench_tap(self.tap.fd, buf, stride, n, int(write), stride, ring.q.size)
+    def run(self, queue, n, mode):
+        w = self.ffi.new("struct bd_work *")
+        w.mode, w.depth, w.n = mode, queue.q.size, n
+        w.timeout_ms = 3000
+        w.ack = self.ack
+        t0 = time.perf_counter()
+        r = self.lib.bd_run(queue.ring, w)
+        dt = time.perf_counter() - t0
         if r < 0:
-            raise OSError(-r, "plain tap loop")
-        return r // len(self.frame) if write else n
+            raise OSError(-r, f"driver loop: {os.strerror(-r)} after {w.done} of {n} frames")
+        return w.done / dt
 
     def close(self):
-        self.t.close()
-        self.peer.close()
+        self.t.close()          # the device; the tap stays open for the next one
+        self.loop.close()
+        os.close(self.irq)
 
 
-def timed(fn, n):
+class DetachedTap:
+    """The tap for a NetDevice that must not close it (several devices in turn)."""
+
+    def __init__(self, tap):
+        self._tap = tap
+
+    def __getattr__(self, name):
+        return getattr(self._tap, name)
+
+    def close(self):
+        pass
+
+
+def fill_tap(peer, frame_len, n):
+    f = b"\x02" * 6 + b"\x04" * 6 + ETH_P.to_bytes(2, "big") + bytes(frame_len - 14)
+    for _ in range(n):
+        peer.send(f)
+
+
+def plain(lib, ffi, tap_fd, mem, queue, stride, n, write):
+    buf = ffi.cast("uint8_t *", mem.host_addr(queue.data, stride * queue.q.size))
     t0 = time.perf_counter()
-    done = fn(n)
-    return done, time.perf_counter() - t0
+    r = lib.bd_tap_loop(tap_fd, buf, stride, n, int(write), stride, queue.q.size)
+    dt = time.perf_counter() - t0
+    if r < 0:
+        raise OSError(-r, "plain tap loop")
+    return r / dt, r
 
 
 def run(args):
-    results = {}
+    ffi, lib = cffi = cdriver.load()
+    res = {"what": "frames/s through the real path (notify eventfds and tap polling on pyvmm's "
+                   "I/O thread, interrupt eventfd), C driver on its own thread; limit: plain C "
+                   "read()/write() loop on the same tap", "device": {}, "limit": {}}
     with NetNs("pyvmm-bench") as ns:
+        tap = ns.call(Tap, TAP)
+        ns.ip("link", "set", TAP, "mtu", "65521", "txqueuelen", "100000", "up")
+        peer = ns.call(packet_socket, TAP, ETH_P)
+        peer.setblocking(True)
+        peer.setsockopt(socket.SOL_SOCKET, 32, 512 * MiB)    # SO_SNDBUFFORCE
         mem = GuestMemory(64 * MiB)
-        b = Bench(ns, mem)
         try:
             for kind, n in (("small", args.small), ("64k", args.big)):
-                b.setup(kind)
-                for label, fn, rx in (("TX device", b.device_tx, False),
-                                      ("TX plain write()", lambda k: b.plain(k, True), False),
-                                      ("RX device", b.device_rx, True),
-                                      ("RX plain read()", lambda k: b.plain(k, False), True)):
-                    rates = []
-                    for _ in range(args.reps):
-                        if rx:
-                            b.fill_tap(n)
-                        done, dt = timed(fn, n)
-                        if done < n * 0.99:
-                            raise RuntimeError(f"{kind} {label}: {done} of {n} frames")
-                        rates.append(done / dt)
-                    results[(kind, label)] = rates
-                    st = b.dev.stats
-                    assert st["rx_drops"] == st["rx_errors"] == st["tx_errors"] == 0, st
+                flen = SIZES[kind]
+                for transport in TRANSPORTS:
+                    rp = RealPath(DetachedTap(tap), mem, transport, kind, cffi)
+                    try:
+                        rp.run(rp.tx, 256, 1)                          # warm up
+                        tx = [rp.run(rp.tx, n, 1) for _ in range(args.reps)]
+                        rx = []
+                        for _ in range(args.reps):
+                            fill_tap(peer, flen, n)
+                            rx.append(rp.run(rp.rx, n, 2))
+                        st = rp.dev.stats
+                        if st["tx_errors"] or st["rx_errors"]:
+                            raise RuntimeError(f"device errors: {st}")
+                        limit_q = (rp.tx, rp.rx)
+                    finally:
+                        rp.close()
+                    for d, samples in (("TX", tx), ("RX", rx)):
+                        res["device"].setdefault(f"{kind} {d}", {})[transport] = stats(samples)
+                        print(f"  {kind:5s} {d} {transport:4s} {stats(samples)['median']:>12,.0f} frames/s",
+                              flush=True)
+                # limits: the same frames through the same buffers, plain C loops
+                txq, rxq = limit_q
+                tx_l, rx_l = [], []
+                for _ in range(args.reps):
+                    tx_l.append(plain(lib, ffi, tap.fd, mem, txq, HDR + flen, n, True)[0])
+                    fill_tap(peer, flen, n)
+                    rate, got = plain(lib, ffi, tap.fd, mem, rxq, RX_BUF[kind], n, False)
+                    rx_l.append(rate if got >= n * 0.99 else None)
+                for d, samples in (("TX", tx_l), ("RX", rx_l)):
+                    res["limit"][f"{kind} {d}"] = stats(samples)
+                    print(f"  {kind:5s} {d} limit {stats(samples)['median']:>12,.0f} frames/s", flush=True)
         finally:
-            b.close()
+            peer.close()
+            tap.close()
             mem.close()
-    report(results, args)
-
-
-def report(results, args):
-    print(f"virtio-net via mock driver and a tap in a private namespace, {args.reps} reps "
-          f"({args.small} small / {args.big} 64 KiB frames per rep)\n")
-    out = {}
-    for kind, flen in SIZES.items():
-        print(f"{kind} frames ({flen} bytes){'':<14} {'min':>12} {'median':>12} {'max':>12}")
-        med = {}
-        for label in ("TX device", "TX plain write()", "RX device", "RX plain read()"):
-            rates = results[(kind, label)]
-            med[label] = statistics.median(rates)
-            gbit = [r * flen * 8 / 1e9 for r in rates]
-            print(f"  {label:<18} pkt/s {min(rates):>12,.0f} {med[label]:>12,.0f} {max(rates):>12,.0f}")
-            print(f"  {'':<18} Gbit/s {min(gbit):>11.2f} {statistics.median(gbit):>12.2f} "
-                  f"{max(gbit):>12.2f}")
-            out[f"{kind} {label}"] = {"pps": rates, "gbit_median": statistics.median(gbit)}
-        for d in ("TX", "RX"):
-            ratio = med[f"{d} device"] / med[f"{d} plain {'write()' if d == 'TX' else 'read()'}"]
-            out[f"{kind} {d} ratio"] = ratio
-            print(f"  ratio {d} device / plain: {ratio:.2f}")
-        print()
-    save("net", out)
+    res["frame_bytes"] = SIZES
+    print("saved", save("net", res))
+    return res
 
 
 def main(argv=None):
@@ -201,7 +208,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--small", type=int, default=20480, help="small frames per repetition")
     p.add_argument("--big", type=int, default=1536, help="64 KiB frames per repetition")
-    run(p.parse_args(argv))
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ the median, and pyvmm/QEMU ratios of the medians.
 """
 import argparse
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -116,6 +117,13 @@ def main(argv=None):
     ap.add_argument("--exits", type=int, default=200000)
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="pyvmm-pio-")
+    try:
+        return measure(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args, tmp):
     disk = os.path.join(tmp, "disk.img")
     with open(disk, "wb") as f:
         f.truncate(1 << 20)

@@ -26,7 +26,8 @@ import sys
 from bench.common import RESULTS
 
 RESERVED = ("latest", "run")          # files in RESULTS that are not module results
-ORDER = ["boot", "exits", "pio", "blk", "net", "memory", "startstop", "guest", "vsock"]
+ORDER = ["boot", "startup", "exits", "pio", "blk", "net", "starve", "inguest", "memory", "startstop",
+         "guest", "api", "vsock", "faults"]
 QEMU = "QEMU microvm"
 
 
@@ -36,8 +37,13 @@ def as_stats(v, scale=1.0):
     number; None if `v` is none of those."""
     if isinstance(v, dict) and "median" in v:
         med = v["median"]
-        return {"min": v.get("min", med) * scale, "median": med * scale,
-                "max": v.get("max", med) * scale, "n": v.get("n", 1)}
+        out = {"min": v.get("min", med) * scale, "median": med * scale,
+               "max": v.get("max", med) * scale, "n": v.get("n", 1)}
+        if v.get("failed"):
+            out["failed"] = v["failed"]
+        return out
+    if isinstance(v, dict) and v.get("failed"):      # every sample failed
+        return {"all_failed": v["failed"]}
     if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v):
         return {"min": min(v) * scale, "median": statistics.median(v) * scale,
                 "max": max(v) * scale, "n": len(v)}
@@ -51,10 +57,22 @@ def row(module, family, figure, unit, pyvmm, ref_name=None, ref=None, higher_is_
     """goal: (op, value) on the ratio pyvmm/ref, op '>=' or '<='."""
     if pyvmm is None:
         return None
+    failed = []
+    if "all_failed" in pyvmm:
+        failed.append(f"pyvmm: all {pyvmm['all_failed']} samples failed")
+        pyvmm = None
+    if ref and "all_failed" in ref:
+        failed.append(f"{ref_name}: all {ref['all_failed']} samples failed")
+        ref = None
+    for who, s in (("pyvmm", pyvmm), (ref_name, ref)):
+        if s and s.get("failed"):
+            failed.append(f"{who}: {s['failed']} of {s['failed'] + s['n']} samples failed")
+    if failed:
+        note = "; ".join(filter(None, [note] + failed))
     r = {"module": module, "family": family, "figure": figure, "unit": unit,
          "pyvmm": pyvmm, "ref_name": ref_name if ref else None, "ref": ref,
          "ratio": None, "higher_is_better": higher_is_better, "goal": None, "goal_met": None}
-    if ref and ref["median"]:
+    if pyvmm and ref and ref["median"]:
         r["ratio"] = pyvmm["median"] / ref["median"]
         if goal:
             op, val = goal
@@ -122,55 +140,46 @@ def norm_pio(d):
 
 
 def norm_blk(d):
-    """blk.json as written by `python -m bench` (bench/__main__.py captures
-    bench/blk.py's results): {"rand4k_iops"|"seq64k_MBps": {label: stats}};
-    reference: the C preadv loop on the same page-cached image (the limit)."""
+    """bench/blk.py: {"device": {"<kind> <read|write> QD<n>": {"<transport> <engine>":
+    stats req/s}}, "limit": {same key: stats + "how"}, "processing_cost":
+    {"<kind> read": stats}}.  64 KiB figures are shown in MB/s."""
     rows = []
-    for key, fig, unit in (("rand4k_iops", "4 KiB random reads", "req/s"),
-                           ("seq64k_MBps", "64 KiB sequential reads", "MB/s")):
-        v = d.get(key)
-        if not isinstance(v, dict):
-            continue
-        devs = [k for k in v if "device" in k.lower()]
-        dev = next((v[k] for k in devs if "c engine" in k.lower() or k.lower() == "device_c"),
-                   v[devs[0]] if devs else None)
-        lim = next((v[k] for k in v if k.lower().startswith("preadv")), None)
-        rows.append(row("blk", "virtio-blk", f"{fig} via device", unit, as_stats(dev),
-                        "preadv loop (limit)", as_stats(lim), True, (">=", 0.8)))
+    for key, paths in d.get("device", {}).items():
+        kind, rw, qd = key.split()
+        scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
+        what = {"rand4k": "4 KiB random", "seq64k": "64 KiB sequential"}.get(kind, kind)
+        lim = d.get("limit", {}).get(key)
+        goal = (">=", 0.8) if qd != "QD1" else (">=", 0.5)
+        for path, st in paths.items():
+            transport, engine = path.split()
+            rows.append(row("blk", f"virtio-blk real path ({transport}, {engine})",
+                            f"{what} {rw}s, {qd}", unit, as_stats(st, scale),
+                            f"plain {lim['how']} (limit)" if lim else None,
+                            as_stats(lim, scale) if lim else None, True, goal))
+    for key, st in d.get("processing_cost", {}).items():
+        kind = key.split()[0]
+        scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
+        rows.append(row("blk", "virtio-blk device processing cost only",
+                        f"{key}s, in-thread (no eventfd, no I/O thread, no interrupt)", unit,
+                        as_stats(st, scale)))
     return rows
 
 
 def norm_net(d):
-    """Assumed from bench/net.py as it stood (being written): keys
-    "<small|64k> <TX|RX> device" and "<small|64k> <TX|RX> plain write()|read()",
-    each {"pps": [samples], "gbit_median": x}; small frames are reported in
-    packets/s, 64 KiB frames in Gbit/s (samples scaled by gbit_median /
-    median(pps), or taken from a "gbit" sample list if present).  Reference:
-    the plain write()/read() loop on the same tap (the limit)."""
+    """bench/net.py: {"device": {"<small|64k> <TX|RX>": {transport: stats frames/s}},
+    "limit": {same key: stats}, "frame_bytes": {kind: bytes}}; small frames in
+    packets/s, 64 KiB frames in Gbit/s."""
     rows = []
-
-    def series(v, gbit):
-        if not isinstance(v, dict):
-            return as_stats(v) if not gbit else None
-        if gbit:
-            if "gbit" in v:
-                return as_stats(v["gbit"])
-            pps = as_stats(v.get("pps"))
-            if pps and "gbit_median" in v and pps["median"]:
-                return as_stats(v.get("pps"), v["gbit_median"] / pps["median"])
-            return None
-        return as_stats(v.get("pps"))
-
-    for kind, gbit, label, unit in (("small", False, "small frames", "pkt/s"),
-                                    ("64k", True, "64 KiB frames", "Gbit/s")):
-        for dirn in ("TX", "RX"):
-            dev_key = next((k for k in d if k.lower().startswith(f"{kind} {dirn} device".lower())), None)
-            lim_key = next((k for k in d if k.lower().startswith(f"{kind} {dirn} plain".lower())), None)
-            if dev_key is None:
-                continue
-            rows.append(row("net", "virtio-net", f"{dirn} {label} via device", unit,
-                            series(d[dev_key], gbit), "plain tap read/write (limit)",
-                            series(d.get(lim_key), gbit) if lim_key else None, True, (">=", 0.8)))
+    sizes = d.get("frame_bytes", {"small": 60, "64k": 65535})
+    for key, per in d.get("device", {}).items():
+        kind, dirn = key.split()
+        scale, unit = (sizes.get(kind, 65535) * 8 / 1e9, "Gbit/s") if kind == "64k" else (1.0, "pkt/s")
+        what = "64 KiB frames" if kind == "64k" else f"{sizes.get(kind, 60)}-byte frames"
+        lim = d.get("limit", {}).get(key)
+        for transport, st in per.items():
+            rows.append(row("net", f"virtio-net real path ({transport})", f"{dirn} {what}", unit,
+                            as_stats(st, scale), f"plain tap {'write' if dirn == 'TX' else 'read'} loop (limit)",
+                            as_stats(lim, scale) if lim else None, True, (">=", 0.8)))
     return rows
 
 
@@ -184,7 +193,55 @@ def norm_memory(d):
             py, q = v.get("pyvmm", {}).get(k), v.get("qemu", {}).get(k)
             rows.append(row("memory", "Memory", f"VMM overhead, {what} ({gname})", "MiB",
                             as_stats(py), QEMU, as_stats(q), False,
-                            ("<=", 1 / 3) if k == "rss" else None))
+                            ("<=", 0.5) if k == "rss" else ("<=", 1.0)))
+    return rows
+
+
+def norm_startup(d):
+    """bench/startup.py: {"steps": {step: stats s}, "qemu_total": stats s}."""
+    rows = []
+    steps = d.get("steps", {})
+    for k, st in steps.items():
+        if k == "total":
+            rows.append(row("startup", "Start-up", "pyvmm run → first guest instruction (total)", "ms",
+                            as_stats(st, 1000), QEMU, as_stats(d.get("qemu_total"), 1000), False,
+                            ("<=", 1.0)))
+        else:
+            rows.append(row("startup", "Start-up step (pyvmm only)", k, "ms", as_stats(st, 1000),
+                            higher_is_better=False))
+    return rows
+
+
+def norm_inguest(d):
+    """bench/inguest.py: {"figures": {figure: {"pyvmm-mmio"|"pyvmm-pci"|"qemu": stats}},
+    "units": {figure: unit}}; ping is a latency (lower is better)."""
+    rows = []
+    units = d.get("units", {})
+    for fig, per in d.get("figures", {}).items():
+        lower = fig.startswith("ping")
+        q = as_stats(per.get("qemu"))
+        for vmm in ("pyvmm-mmio", "pyvmm-pci"):
+            if vmm not in per:
+                continue
+            label = {"disk read 4k": "O_DIRECT 4 KiB reads", "disk write 4k": "O_DIRECT 4 KiB writes",
+                     "disk read 1m": "O_DIRECT 1 MiB reads", "disk write 1m": "O_DIRECT 1 MiB writes",
+                     "tcp guest->host": "TCP guest → host", "ping rtt": "ping guest → host, average RTT"
+                     }.get(fig, fig)
+            rows.append(row("inguest", f"In guest ({vmm.split('-')[1]} transport)", label,
+                            units.get(fig, ""), as_stats(per[vmm]), QEMU + " (virtio-mmio)", q,
+                            not lower, ("<=", 1.0) if lower else (">=", 1.0)))
+    return rows
+
+
+def norm_starve(d):
+    """bench/starve.py: NIC RX latency (median, p99 in us) idle and during a disk flush storm."""
+    rows = []
+    idle, busy = d.get("idle"), d.get("flush storm")
+    if not (isinstance(idle, dict) and isinstance(busy, dict)):
+        return rows
+    for k, what in (("median_us", "median"), ("p99_us", "99th percentile")):
+        rows.append(row("starve", "Isolation", f"NIC RX latency during a disk flush storm, {what}",
+                        "µs", as_stats(busy.get(k)), "same, disk idle", as_stats(idle.get(k)), False))
     return rows
 
 
@@ -268,7 +325,8 @@ def norm_vsock(d):
 
 NORMALIZERS = {"boot": norm_boot, "exits": norm_exits, "pio": norm_pio, "blk": norm_blk,
                "net": norm_net, "memory": norm_memory, "startstop": norm_startstop,
-               "guest": norm_guest, "api": norm_api, "vsock": norm_vsock}
+               "guest": norm_guest, "api": norm_api, "vsock": norm_vsock,
+               "startup": norm_startup, "inguest": norm_inguest, "starve": norm_starve}
 
 
 # -- collecting --------------------------------------------------------------------
@@ -286,13 +344,19 @@ def iso(ts):
 
 def collect(results=RESULTS):
     run = load_json(os.path.join(results, "run.json")) or {}
-    sources, rows = {}, []
+    sources, rows, details = {}, [], {}
     files = {os.path.splitext(os.path.basename(p))[0]: p
              for p in glob.glob(os.path.join(results, "*.json"))}
     names = [n for n in ORDER if n in files] + sorted(n for n in files if n not in ORDER
                                                       and n not in RESERVED)
+    status = run.get("modules", {})
     for name in names:
         path = files[name]
+        if name in status and status[name].get("status") != "ok":
+            # the run says this module failed: a file left by an earlier run is not its figure
+            sources[name] = {"file": os.path.relpath(path, os.path.dirname(results)),
+                             "error": "ignored: the module failed in the last run"}
+            continue
         d = load_json(path)
         src = {"file": os.path.relpath(path, os.path.dirname(results)), "measured": iso(os.path.getmtime(path))}
         if not isinstance(d, dict):
@@ -309,9 +373,15 @@ def collect(results=RESULTS):
         src["rows"] = len(got)
         sources[name] = src
         rows += got
+        if name == "startup":
+            details["startup"] = {"steps": d.get("steps"), "imports": d.get("imports")}
+        if name == "memory" and isinstance(d.get("tiny"), dict):
+            details["memory"] = {k: d["tiny"].get(k) for k in ("pyvmm_breakdown_mib",
+                                                              "pyvmm_python_allocations")}
     return {"generated": iso(datetime.datetime.now().timestamp()), "host": run.get("host", {}),
             "run": {k: run.get(k) for k in ("started", "finished", "quick") if k in run},
-            "modules": run.get("modules", {}), "sources": sources, "rows": rows}
+            "modules": run.get("modules", {}), "sources": sources, "rows": rows,
+            "details": details}
 
 
 # -- Markdown --------------------------------------------------------------------
@@ -342,14 +412,16 @@ def markdown(rep):
         goal = "–"
         if r["goal"]:
             goal = f"{r['goal'].replace('<=', '≤').replace('>=', '≥')} {'✅' if r['goal_met'] else '❌'}"
-        lines.append(f"| {r['family']}: {r['figure']} | {r['unit']} {arrow} | {trio(r['pyvmm'])} | "
+        fig = f"{r['family']}: {r['figure']}" + (f" ({r['note']})" if r.get("note") else "")
+        py = trio(r["pyvmm"]) if r["pyvmm"] else "**failed**"
+        lines.append(f"| {fig} | {r['unit']} {arrow} | {py} | "
                      f"{r['ref_name'] or '–'} | {ref} | {ratio} | {goal} |")
     notes = []
     for name, m in sorted(rep["modules"].items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else 99):
-        if m.get("status") != "ok":
-            src = rep["sources"].get(name)
-            tail = f"; figures shown are from {src['measured']}" if src and src.get("rows") else ""
-            notes.append(f"- `{name}`: {m.get('status')}: {m.get('error', '')}".rstrip(": ") + tail)
+        if m.get("status") != "ok":     # a failed module is a row of its own, never old figures
+            why = f"{m.get('status')}: {m.get('error', '')}".rstrip(": ").replace("|", "/")
+            lines.append(f"| **{name}: FAILED, not measured** ({why}) | | | | | | |")
+            notes.append(f"- `{name}`: {why}")
     for name, src in rep["sources"].items():
         if src.get("error"):
             notes.append(f"- `{name}`: {src['error']}")
@@ -366,7 +438,35 @@ def markdown(rep):
         out.append("Host: " + ", ".join(f"{k} {v}" for k, v in h.items() if v) + ".")
     if notes:
         out += ["", "Notes:"] + notes
+    out += details_md(rep.get("details") or {})
     return "\n".join(out) + "\n"
+
+
+def details_md(det):
+    """The start-up and memory breakdowns, as small tables."""
+    out = []
+    st = det.get("startup") or {}
+    if st.get("steps"):
+        out += ["", "Where `pyvmm run`'s time to the first guest instruction goes (median of the "
+                "runs, ms; bench/startup.py):", "", "| Step | ms |", "|---|---|"]
+        out += [f"| {k} | {v['median'] * 1000:.1f} |" for k, v in st["steps"].items() if v]
+    if st.get("imports"):
+        out += ["", "Import self time by package, one `python -X importtime -c 'import vmm.cli'` (ms): "
+                + ", ".join(f"{k} {v * 1000:.1f}" for k, v in st["imports"].items())]
+    mem = det.get("memory") or {}
+    bd = mem.get("pyvmm_breakdown_mib")
+    if bd:
+        out += ["", "pyvmm's own memory with the tiny guest, by kind of mapping (guest RAM left out; "
+                "MiB; bench/memory.py):", "", "| Mapping | RSS | anonymous |", "|---|---|---|"]
+        out += [f"| {k} | {v['rss']:.2f} | {v['anon']:.2f} |" for k, v in bd.items() if v["rss"] >= 0.01]
+    pa = mem.get("pyvmm_python_allocations")
+    if pa:
+        per = pa.get("per_module_bytes", {})
+        out += ["", "Python allocations still live when the vCPU starts, by module (tracemalloc, "
+                "KiB; code objects of every module are counted under the interpreter's importer): "
+                + ", ".join(f"{k} {v / 1024:.0f}" for k, v in list(per.items())[:15])
+                + f". numpy loaded: {'yes' if any(m.startswith('numpy') for m in pa.get('numpy_or_cffi_modules', [])) else 'no'}."]
+    return out
 
 
 # -- chart ----------------------------------------------------------------------------
@@ -381,7 +481,7 @@ def chart(rep, path):
 
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    rows = rep["rows"]
+    rows = [r for r in rep["rows"] if r["pyvmm"]]      # failed figures are in the table only
     if not rows:
         return None
     ncol = 4
@@ -474,6 +574,10 @@ def chart(rep, path):
 
 
 def short_ref(name):
+    if name == QEMU + " (virtio-mmio)":
+        return "QEMU"
+    if name and name.startswith("plain ") and name.endswith(" (limit)"):
+        return "limit"
     return {"QEMU microvm": "QEMU", "QEMU microvm (UART register)": "QEMU UART",
             "preadv loop (limit)": "preadv", "plain tap read/write (limit)":
             "plain tap"}.get(name, name or "ref")

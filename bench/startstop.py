@@ -44,16 +44,12 @@ def main(argv=None):
         if name == "qemu" and not have_qemu():
             continue
         batch(cmd, 1)                      # warm the page cache
-        rates, failed = [], 0
+        rates = []
         for _ in range(args.reps):
             t = batch(cmd, args.vms)
-            if t is None:
-                failed += 1
-            else:
-                rates.append(args.vms / t)
-        res["failed_batches"][name] = failed
-        if rates:
-            res["vms_per_s"][name] = stats(rates)
+            rates.append(None if t is None else args.vms / t)
+        res["failed_batches"][name] = rates.count(None)
+        res["vms_per_s"][name] = stats(rates) or {"failed": args.reps}
     ratio = compare(res["vms_per_s"], f"VMs started and stopped per second ({args.vms} in a row)",
                     " VMs/s", detail=lambda s: f"{1000 / s['median']:.0f} ms per VM")
     if ratio is not None:

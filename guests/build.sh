@@ -80,6 +80,10 @@ if [ ! -s "$icpio" ]; then
         -o "$root/bin/sysbench" src/sysbench.c
     # AF_VSOCK echo server and clients for the virtio-vsock tests (static libc).
     gcc -static -O2 -s -o "$root/bin/vsock" src/vsock.c
+    # In-guest disk and TCP benchmark of bench/inguest.py (static: libc's
+    # sockets and O_DIRECT; same binary under pyvmm and QEMU).
+    gcc -static -O2 -o "$root/bin/iobench" src/iobench.c
+    strip "$root/bin/iobench"
     cp -r initramfs/. "$root/"
     chmod 755 "$root/init" "$root/etc/rc"
     (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet) > "$icpio.tmp"

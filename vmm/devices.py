@@ -1,6 +1,6 @@
 """Command-line device specs and how they attach to a Machine.
 
-`--drive file=PATH[,readonly=on][,serial=S][,transport=T][,queues=N]` becomes
+`--drive file=PATH[,readonly=on][,serial=S][,transport=T][,queues=N][,io_engine=E]` becomes
 a DriveSpec, `--net tap=NAME[,mac=M][,transport=T][,queues=N]` a NetSpec
 (T: mmio, pci, pci-legacy or pci-transitional); attach() opens the device and
 wires it on its transport (vmm.devices for mmio, vmm.virtio.pci_legacy for
@@ -130,6 +130,8 @@ class VirtioSpec:
     fastest boot, what the default guest and microVM kernels use; pci for
     guests that only have virtio-pci drivers)."""
 
+    slow = {}       # slow-path settings (faults, tracing, hooks, limiters): none
+
     def __init__(self, opts, what):
         self.transport_name = opts.get("transport", "mmio")
         if self.transport_name not in TRANSPORTS:
@@ -170,12 +172,13 @@ class VirtioSpec:
 
 
 class DriveSpec(VirtioSpec):
-    """`--drive file=PATH[,readonly=on][,serial=S][,transport=mmio|pci]` plus the
+    """`--drive file=PATH[,readonly=on][,serial=S][,transport=...][,queues=N]` plus the
     slow-path options (README "Fault injection and tracing", "Entropy and
     rate limiters"): faults=SPEC, trace=FILE, hook=SOURCE:NAME,
     bw=SIZE:REFILL_MS[:BURST], ops=N:REFILL_MS[:BURST]."""
-    KEYS = ("file", "readonly", "serial", "transport", "queues", "faults", "trace", "hook",
-            "bw", "ops")
+    KEYS = ("file", "readonly", "serial", "transport", "queues", "faults", "trace", "hook", "bw", "ops",
+            "io_engine")
+    IO_ENGINES = ("sync", "io_uring")   # Firecracker's io_engine Sync / Async
 
     def __init__(self, text):
         opts = parse_options(text, "--drive", self.KEYS)
@@ -190,11 +193,19 @@ class DriveSpec(VirtioSpec):
         if not (os.path.isfile(self.path) or is_block_device(self.path)):
             raise DeviceSpecError(f"--drive: disk image {self.path}: no such file")
         self.slow = _slow_options(opts, "--drive", faults="disk", limiters=(("bw", "ops"),))
+        _single_queue(self, "--drive")
+        self.io_engine = opts.get("io_engine", "sync")
+        if self.io_engine not in self.IO_ENGINES:
+            raise DeviceSpecError(f"--drive: unknown io_engine {self.io_engine!r} "
+                                  f"(available: {', '.join(self.IO_ENGINES)})")
+        if self.io_engine != "sync" and (self.slow or self.queues > 1):
+            raise DeviceSpecError(f"--drive: io_engine={self.io_engine} needs queues=1 and no "
+                                  "faults=, trace=, hook= or rate limits")
         self._ioloop = None
 
     def attach(self, machine, cmdline):
-        if self.slow:
-            self._ioloop = machine.ioloop()   # limiter and delay timers
+        if self.slow or self.io_engine != "sync":
+            self._ioloop = machine.ioloop()   # limiter/delay timers, io_uring completions
         return super().attach(machine, cmdline)
 
     @classmethod
@@ -205,7 +216,7 @@ class DriveSpec(VirtioSpec):
         VirtioSpec.__init__(self, {"transport": transport}, "drive")
         self.path, self.readonly, self.serial = path, bool(readonly), serial
         self.slow = {"limiter": rate_limiter} if rate_limiter is not None else {}
-        self._ioloop = None
+        self.io_engine, self._ioloop = "sync", None
         if serial is not None and len(serial.encode()) > 20:
             raise DeviceSpecError("drive: serial is at most 20 bytes (virtio-blk GET_ID)")
         if not (os.path.isfile(path) or is_block_device(path)):
@@ -215,7 +226,8 @@ class DriveSpec(VirtioSpec):
     def open_device(self):
         from vmm.virtio import BlkDevice
         dev = BlkDevice(self.path, readonly=self.readonly, serial=self.serial,
-                        num_queues=self.queues)
+                        num_queues=self.queues, io_engine=self.io_engine,
+                        ioloop=self._ioloop)
         if self.slow:
             dev.ioloop = self._ioloop
             try:
@@ -246,6 +258,7 @@ class NetSpec(VirtioSpec):
             raise DeviceSpecError(f"--net: {e}") from None
         self.slow = _slow_options(opts, "--net", faults="net",
                                   limiters=(("rx-bw", "rx-ops"), ("tx-bw", "tx-ops")))
+        _single_queue(self, "--net")
         self._ioloop = None
 
     @classmethod
@@ -345,6 +358,13 @@ class RngSpec(VirtioSpec):
     def open_device(self):
         from vmm.virtio.rng import RngDevice
         return RngDevice(rate_limiter=self.rate_limiter, ioloop=self._ioloop)
+
+
+def _single_queue(spec, what):
+    """The slow path (faults, tracing, hooks, limiters) serves one queue (pair)."""
+    if spec.slow and spec.queues > 1:
+        raise DeviceSpecError(f"{what}: faults=, trace=, pcap=, hook= and rate limits "
+                              "need queues=1")
 
 
 def _slow_options(opts, what, faults, limiters):

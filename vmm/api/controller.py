@@ -287,6 +287,10 @@ class Controller:
         dev = spec.device if spec is not None else None
         if dev is None:
             raise ApiError(f"drive {drive_id} is not attached")
+        if (body.get("rate_limiter") is not None or body.get("faults") is not None) \
+                and getattr(dev, "io_engine", "sync") != "sync":
+            raise ApiError(f"drive {drive_id}: io_engine Async has no rate limiter or faults "
+                           "(use Sync)")
         if body.get("rate_limiter") is not None:        # applies at once (issue #12)
             icpt = dev.intercept
             lim = limits.patched(icpt and icpt.limiter, body["rate_limiter"],

@@ -283,6 +283,9 @@ def configure_blk(dev, **changes):
     one).  With all removed, the C fast path is back."""
     if not dev.native:
         raise ValueError("the request slow path needs the C ring walker (native=True)")
+    if getattr(dev, "_engine", None) is not None:
+        raise ValueError("io_engine=io_uring has no slow path (faults, tracing, hooks, "
+                         "rate limits): use the sync engine")
     icpt = dev.intercept
     if icpt is None:
         icpt = BlkIntercept(dev.ioloop)

@@ -13,6 +13,9 @@ class Rig:
 
     def __init__(self, mem, image, native, irq=None, features=None, **kw):
         self.image = image
+        if native == "io_uring":       # the io_uring engine (C only)
+            native = True
+            kw.setdefault("io_engine", "io_uring")
         self.dev = BlkDevice(image, native=native, **kw)
         self.t = VirtioMmio(self.dev, mem, irq=irq)
         self.d = BlkDriver(self.t, mem)

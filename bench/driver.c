@@ -1,0 +1,207 @@
+/* The guest side of bench/blk.py and bench/net.py's real-path figures: a
+ * virtio driver loop in C, run on its own thread with the GIL released, so
+ * it costs what a guest driver costs and never competes with pyvmm's I/O
+ * thread for the interpreter.  Like Linux's virtio_ring it publishes
+ * requests in the available ring, kicks only when the device asked for it
+ * (VIRTIO_F_RING_EVENT_IDX, virtio 1.1 §2.6.7.2) by writing the queue's
+ * notify eventfd (what KVM's ioeventfd does when a guest writes QueueNotify),
+ * then sleeps on the interrupt eventfd the device signals (what KVM's irqfd
+ * delivers), acknowledges the interrupt through the transport's registers
+ * (a callback into Python: the MMIO/PIO exit a guest's interrupt handler
+ * takes), and harvests the used ring.
+ *
+ * Slot k of a run is descriptor k, already laid out by Python: an indirect
+ * table (blk: header, data, status) or one buffer (net).  Bench-only code:
+ * compiled by bench/cdriver.py, not part of pyvmm. */
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+struct bd_ring {
+    uint8_t *desc, *avail, *used;    /* host pointers of the three areas */
+    uint32_t size;
+    uint32_t event_idx;
+    int notify_fd, irq_fd;
+    uint16_t avail_idx, last_used;
+    uint64_t kicks, interrupts;
+};
+
+struct bd_work {
+    uint32_t mode;                   /* 0: blk requests, 1: net TX buffers, 2: net RX buffers */
+    uint32_t depth;                  /* requests in flight */
+    uint64_t n;                      /* requests (blk, net TX) or frames (net RX) */
+    uint8_t *headers;                /* blk: 16 bytes per slot */
+    uint8_t *status;                 /* blk: 1 byte per slot */
+    uint32_t type;                   /* blk: T_IN / T_OUT */
+    const uint64_t *sectors;         /* blk: sector of request i */
+    int timeout_ms;                  /* give up when no interrupt comes this long */
+    int (*ack)(void);                /* acknowledge the interrupt (transport registers) */
+    uint64_t done, bytes, errors;
+    uint32_t base;                   /* slots are descriptors base .. base+depth-1 */
+};
+
+#define AVAIL_IDX(r) ((volatile uint16_t *)((r)->avail + 2))
+#define AVAIL_RING(r, i) ((volatile uint16_t *)((r)->avail + 4 + 2 * (i)))
+#define USED_EVENT(r) ((volatile uint16_t *)((r)->avail + 4 + 2 * (r)->size))
+#define USED_IDX(r) ((volatile uint16_t *)((r)->used + 2))
+#define USED_ELEM(r, i) ((volatile uint32_t *)((r)->used + 4 + 8 * (i)))
+#define AVAIL_EVENT(r) ((volatile uint16_t *)((r)->used + 4 + 8 * (r)->size))
+#define USED_F_NO_NOTIFY 1
+
+static void put(struct bd_ring *r, uint16_t head)
+{
+    *AVAIL_RING(r, r->avail_idx % r->size) = head;
+    r->avail_idx++;
+}
+
+/* Publish and kick if needed (Linux virtqueue_kick_prepare). */
+static int publish(struct bd_ring *r, uint16_t old)
+{
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    *AVAIL_IDX(r) = r->avail_idx;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int kick;
+    if (r->event_idx) {
+        uint16_t ev = *AVAIL_EVENT(r), nw = r->avail_idx;
+        kick = (uint16_t)(nw - ev - 1) < (uint16_t)(nw - old);
+    } else {
+        kick = !(*(volatile uint16_t *)r->used & USED_F_NO_NOTIFY);
+    }
+    if (kick) {
+        uint64_t one = 1;
+        if (write(r->notify_fd, &one, 8) != 8)
+            return -errno;
+        r->kicks++;
+    }
+    return 0;
+}
+
+static void submit_blk(struct bd_ring *r, struct bd_work *w, uint32_t slot, uint64_t i)
+{
+    uint8_t *h = w->headers + 16 * slot;
+    memcpy(h, &w->type, 4);
+    memset(h + 4, 0, 4);
+    memcpy(h + 8, &w->sectors[i], 8);
+    w->status[slot] = 0xFF;
+    put(r, (uint16_t)(slot + w->base));
+}
+
+/* Returns 0 when w->n requests (frames) completed, -ETIMEDOUT if the device
+ * went quiet, or -errno. */
+long bd_run(struct bd_ring *r, struct bd_work *w)
+{
+    uint64_t submitted = 0;
+    uint32_t depth = w->depth < r->size ? w->depth : r->size;
+    uint16_t old = r->avail_idx;
+    w->done = w->bytes = w->errors = 0;
+    /* `depth` requests (blk), frames (TX) or buffers (RX) in flight, a new
+     * one for each completed */
+    /* RX: exactly n buffers are ever posted, so none is left for frames that
+     * arrive before the next run (they wait in the tap until the clock runs) */
+    for (uint32_t s = 0; s < depth && submitted < w->n; s++, submitted++) {
+        if (w->mode == 0)
+            submit_blk(r, w, s, submitted);
+        else
+            put(r, (uint16_t)(s + w->base));
+    }
+    if (r->event_idx)
+        *USED_EVENT(r) = r->last_used;
+    int e = publish(r, old);
+    if (e < 0)
+        return e;
+    while (w->done < w->n) {
+        struct pollfd p = {.fd = r->irq_fd, .events = POLLIN};
+        /* Linux re-checks the used ring after re-enabling interrupts, so
+         * only sleep when nothing is there */
+        if (*USED_IDX(r) == r->last_used) {
+            int k = poll(&p, 1, w->timeout_ms);
+            if (k < 0 && errno == EINTR)
+                continue;
+            if (k < 0)
+                return -errno;
+            if (k == 0)
+                return -ETIMEDOUT;
+            uint64_t v;
+            if (read(r->irq_fd, &v, 8) < 0 && errno != EAGAIN)
+                return -errno;
+            r->interrupts++;
+            if (w->ack)
+                w->ack();
+        }
+        old = r->avail_idx;
+        for (;;) {
+            uint16_t used = *USED_IDX(r);
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            while (r->last_used != used) {
+                volatile uint32_t *el = USED_ELEM(r, r->last_used % r->size);
+                uint32_t id = el[0] - w->base, len = el[1];
+                r->last_used++;
+                w->done++;
+                w->bytes += len;
+                if (id >= depth && w->mode == 0)
+                    return -EPROTO;
+                if (w->mode == 0) {
+                    if (w->status[id] != 0)
+                        w->errors++;
+                    if (submitted < w->n)
+                        submit_blk(r, w, id, submitted++);
+                } else if (submitted < w->n) {
+                    put(r, (uint16_t)(id + w->base));  /* RX: the buffer goes back; TX: next frame */
+                    submitted++;
+                }
+            }
+            if (r->event_idx)
+                *USED_EVENT(r) = r->last_used;
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            if (*USED_IDX(r) == r->last_used)
+                break;
+        }
+        if (r->avail_idx != old && (e = publish(r, old)) < 0)
+            return e;
+    }
+    return 0;
+}
+
+/* the references ("limits") for net: n read()s or write()s on a tap, one
+ * frame each, cycling through nslots buffers `stride` apart; returns frames
+ * moved or -errno (a read that would block ends the loop) */
+long bd_tap_loop(int fd, uint8_t *buf, uint64_t len, uint64_t n, int write_, uint64_t stride,
+                 uint32_t nslots)
+{
+    uint64_t frames = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint8_t *p = buf + (i % nslots) * stride;
+        ssize_t r = write_ ? write(fd, p, len) : read(fd, p, len);
+        if (r < 0) {
+            if (errno == EINTR) {
+                i--;
+                continue;
+            }
+            if (errno == EAGAIN)
+                break;
+            return -errno;
+        }
+        frames++;
+    }
+    return (long)frames;
+}
+
+/* the QD1 reference for blk: n pread()s or pwrite()s of `len` at offsets[i]
+ * into one buffer; returns requests done or -errno */
+long bd_prw_loop(int fd, uint8_t *buf, uint64_t len, const uint64_t *offsets, uint64_t n,
+                 int write_)
+{
+    for (uint64_t i = 0; i < n; i++) {
+        ssize_t r = write_ ? pwrite(fd, buf, len, (off_t)offsets[i])
+                           : pread(fd, buf, len, (off_t)offsets[i]);
+        if (r < 0 && errno == EINTR) {
+            i--;
+            continue;
+        }
+        if (r < 0)
+            return -errno;
+    }
+    return (long)n;
+}

@@ -1,0 +1,183 @@
+"""Where `pyvmm run`'s time to the guest's first instruction goes, side by
+side with QEMU's total.
+
+    python -m bench.startup [--reps 5]
+
+The guest is bench/boot.py's tiny ELF whose first instruction writes "!" to
+the UART.  pyvmm is started through a small runner that wraps the start-up
+steps with timestamps on CLOCK_MONOTONIC (shared by all processes, so the
+parent's spawn time and the child's steps are on one clock):
+
+  spawn + interpreter   fork/exec, interpreter init and site (incl. .pth files)
+  imports               `import vmm.cli` and everything it pulls in
+  guest memory          GuestMemory (mmap of --mem)
+  kernel load           ELF / bzImage parse and copy, initrd
+  KVM setup             /dev/kvm, VM, irqchip/PIT, memory slot
+  devices               UART, i8042, pvpanic, virtio attach
+  boot structures       zero page, MP table, GDT, page tables
+  vCPU setup            KVM_CREATE_VCPU, CPUID, MSRs, LAPIC, registers
+  to first instruction  thread start, first KVM_RUN until the "!" reaches us
+
+Also: the import time per top-level module (`python -X importtime`, self
+time summed per package), and QEMU's start → first instruction.
+"""
+import argparse
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.common import have_qemu, qemu_cmd, save, stats
+from vmm.testing import tinyguest
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = r"""
+import time, sys, json, os
+T = {"main": time.monotonic()}
+from vmm import cli
+T["imports"] = time.monotonic()
+from vmm import machine as M
+def wrap(obj, name, key):
+    f = getattr(obj, name)
+    def w(*a, **k):
+        t = time.monotonic()
+        try:
+            return f(*a, **k)
+        finally:
+            T[key] = T.get(key, 0) + time.monotonic() - t
+    setattr(obj, name, w)
+wrap(M, "GuestMemory", "guest memory")
+wrap(M.loader, "load_kernel", "kernel load")
+wrap(M.boot, "load_initrd", "kernel load")
+wrap(M.Vm, "setup_platform", "KVM setup")
+wrap(M.Vm, "add_memory", "KVM setup")
+wrap(M, "Kvm", "KVM setup")
+wrap(M, "Vm", "KVM setup")
+wrap(M.Machine, "_add_legacy_devices", "devices")
+wrap(M.boot, "write_zero_page", "boot structures")
+wrap(M.mptable, "write", "boot structures")
+wrap(M.regs, "write_gdt", "boot structures")
+wrap(M.regs, "write_page_tables", "boot structures")
+wrap(M.Vcpu, "set_cpuid", "vCPU setup")
+wrap(M.Vcpu, "set_msrs", "vCPU setup")
+wrap(M, "Vcpu", "vCPU setup")
+wrap(M.regs, "setup_lapic", "vCPU setup")
+wrap(M.regs, "setup_sregs", "vCPU setup")
+wrap(M.regs, "setup_regs", "vCPU setup")
+wrap(M.regs, "setup_fpu", "vCPU setup")
+run = M.Machine.run
+def run_w(self):
+    T["run"] = time.monotonic()
+    os.write(2, ("STARTUP " + json.dumps(T) + "\n").encode())
+    return run(self)
+M.Machine.run = run_w
+sys.exit(cli.main(sys.argv[1:]))
+"""
+STEPS = ("guest memory", "kernel load", "KVM setup", "devices", "boot structures", "vCPU setup")
+
+
+def one(elf):
+    t0 = time.monotonic()
+    p = subprocess.Popen([sys.executable, "-c", RUNNER, "run", "--kernel", elf, "--mem", "64M"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         cwd=HERE)
+    t_bang, steps, err = None, None, b""
+    try:
+        while time.monotonic() - t0 < 30 and (t_bang is None or steps is None):
+            r, _, _ = select.select([p.stdout, p.stderr], [], [], 1)
+            for f in r:
+                b = os.read(f.fileno(), 4096)
+                if f is p.stdout and b"!" in b and t_bang is None:
+                    t_bang = time.monotonic()
+                if f is p.stderr:
+                    err += b
+                    m = re.search(rb"STARTUP (\{.*\})\n", err)
+                    if m:
+                        steps = json.loads(m.group(1))
+    finally:
+        p.kill()
+        p.wait()
+    if t_bang is None or steps is None:
+        return None
+    out = {"spawn + interpreter": steps["main"] - t0, "imports": steps["imports"] - steps["main"]}
+    accounted = 0.0
+    for s in STEPS:
+        out[s] = steps.get(s, 0.0)
+        accounted += out[s]
+    out["other (config, argument parsing)"] = max(0.0, steps["run"] - steps["imports"] - accounted)
+    out["to first instruction"] = t_bang - steps["run"]
+    out["total"] = t_bang - t0
+    return out
+
+
+def import_breakdown():
+    """Self time of `import vmm.cli` per top-level package (us -> s)."""
+    p = subprocess.run([sys.executable, "-X", "importtime", "-c", "import vmm.cli"],
+                       capture_output=True, text=True, cwd=HERE)
+    per = {}
+    for line in p.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
+        if not m:
+            continue
+        name = m.group(4)
+        top = name.split(".")[0]
+        if name.startswith("vmm._native"):
+            top = "vmm._native (cffi extension)"
+        elif top == "vmm":
+            top = "vmm (pyvmm's modules)"
+        elif top.startswith("__editable__"):
+            top = "setuptools editable-install finder"
+        per[top] = per.get(top, 0) + int(m.group(1)) / 1e6
+    return dict(sorted(per.items(), key=lambda kv: -kv[1])[:15])
+
+
+def qemu_first(elf):
+    cmd = qemu_cmd(elf, mem="64M")
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        while time.monotonic() - t0 < 30:
+            if select.select([p.stdout], [], [], 1)[0]:
+                b = os.read(p.stdout.fileno(), 4096)
+                if b"!" in b:
+                    return time.monotonic() - t0
+                if not b:
+                    return None
+    finally:
+        p.kill()
+        p.wait()
+    return None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="pyvmm-bench-") as d:
+        elf = tinyguest.make_elf(tinyguest.serial_text("!") + tinyguest.CLI_HLT, os.path.join(d, "t.elf"))
+        one(elf)                                   # warm the page cache
+        runs = [one(elf) for _ in range(args.reps)]
+        q = [qemu_first(elf) for _ in range(args.reps)] if have_qemu() else []
+    good = [r for r in runs if r]
+    res = {"what": "pyvmm run -> first guest instruction, by step (seconds)",
+           "steps": {k: stats([r[k] for r in good]) for k in (good[0] if good else {})},
+           "failed": len(runs) - len(good),
+           "imports": import_breakdown()}
+    if q:
+        res["qemu_total"] = stats(q) or {"failed": len(q)}
+    for k, s in res["steps"].items():
+        print(f"  {k:36s} {s['median'] * 1000:7.1f} ms")
+    if q and "median" in res["qemu_total"]:
+        print(f"  {'QEMU start -> first instruction':36s} {res['qemu_total']['median'] * 1000:7.1f} ms")
+    print("  import self time by package (ms):",
+          ", ".join(f"{k} {v * 1000:.1f}" for k, v in res["imports"].items()))
+    print("saved", save("startup", res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
