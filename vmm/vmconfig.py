@@ -162,7 +162,7 @@ class VmConfig:
     @classmethod
     def from_machine_config(cls, mc):
         """Describe a VM started with `pyvmm run` flags in this model."""
-        from vmm.devices import DriveSpec, NetSpec
+        from vmm.devices import DriveSpec, NetSpec, RngSpec
         cfg = cls(boot_source=BootSource(mc.kernel, mc.initrd, mc.cmdline),
                   machine=MachineCfg(vcpu_count=mc.cpus, mem_size_mib=mc.mem_size >> 20,
                                      cpu_template="None"))
@@ -177,6 +177,9 @@ class VmConfig:
                 dev.iface_id = f"net{nn}"
                 cfg.nets[dev.iface_id] = NetIface(dev.iface_id, dev.tap_name, mac)
                 nn += 1
+            elif isinstance(dev, RngSpec):
+                lim = dev.rate_limiter
+                cfg.entropy = {"rate_limiter": _strip(lim.to_dict()) if lim else None}
         return cfg
 
 
