@@ -7,7 +7,7 @@ VENV ?= .venv
 BENCH_ARGS ?=
 PYTHON = $(VENV)/bin/python
 APT_PACKAGES = build-essential python3-dev python3-venv linux-libc-dev linux-source-6.1 busybox-static \
-               flex bison bc libelf-dev libssl-dev cpio lz4 file e2fsprogs iproute2 xz-utils
+               flex bison bc libelf-dev libssl-dev cpio lz4 file e2fsprogs iproute2 xz-utils libseccomp-dev acl
 
 .PHONY: setup deps install guest run test unit bench clean fuzz fuzz-deps fuzz-build
 
@@ -74,7 +74,11 @@ $(FUZZ_BIN)/net: native/fuzz/fuzz_net.c native/fuzz/fuzz_common.h native/src/vir
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_net.c native/src/virtq.c native/src/net.c -o $@
 
-fuzz-build: fuzz-deps $(FUZZ_BIN)/virtq $(FUZZ_BIN)/blk $(FUZZ_BIN)/net $(PYTHON)
+$(FUZZ_BIN)/vsock: native/fuzz/fuzz_vsock.c native/fuzz/fuzz_common.h native/src/virtq.c native/src/vsock.c native/include/*.h
+	@mkdir -p $(FUZZ_BIN)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_vsock.c native/src/virtq.c native/src/vsock.c -o $@
+
+fuzz-build: fuzz-deps $(FUZZ_BIN)/virtq $(FUZZ_BIN)/blk $(FUZZ_BIN)/net $(FUZZ_BIN)/vsock $(PYTHON)
 	$(PYTHON) -m pip install -q -e '.[test,fuzz]'
 
 fuzz: fuzz-build

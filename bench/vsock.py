@@ -11,7 +11,8 @@ CREDIT_UPDATE per pump.  Guest -> host: the driver posts RW packets of 64
 KiB within the device's credit (256 KiB, the production value), the device
 sends them to the socket, a host thread reads them (C loop).  Reference:
 the same byte count through a socketpair, C writer and C reader threads,
-64 KiB at a time.  Ratio = device median ÷ socketpair median.
+64 KiB at a time, the guest's end cycling through as many buffers as the
+device uses.  Ratio = device median ÷ socketpair median.
 
 Idle: a device on an I/O loop with one idle connection for --idle seconds;
 CPU time of the process (all threads) over that window.
@@ -100,19 +101,25 @@ class RxRing:
         self.avail_idx = (self.avail_idx + count) & 0xFFFF
         self.mem.write_int(self.q.avail + 2, self.avail_idx, 2)
 
-    def harvest(self):
-        """Bytes of payload in the new used entries; they are re-posted."""
+    def harvest(self, want_fwd=False):
+        """Bytes of payload in the new used entries (they are re-posted); with
+        `want_fwd`, (bytes, fwd_cnt of the last packet or None)."""
         idx = int(self.used_idx[0])
         n = (idx - self.last) & 0xFFFF
         if not n:
-            return 0
+            return (0, None) if want_fwd else 0
         pos = (self.last + np.arange(n)) % self.n
         entries = self.used[pos]
+        fwd = None
+        if want_fwd:                  # struct virtio_vsock_hdr: le32 fwd_cnt at byte 40
+            head = int(entries[-1, 0])
+            fwd = self.mem.read_int(self.buf + (HDR_LEN + PKT) * head + 40, 4)
         slots = (self.avail_idx + np.arange(n)) % self.n
         self.ring[slots] = entries[:, 0].astype(np.uint16)
         self.last = idx
         self.post(n)
-        return int(entries[:, 1].sum()) - HDR_LEN * n
+        got = int(entries[:, 1].sum()) - HDR_LEN * n
+        return (got, fwd) if want_fwd else got
 
 
 def host_to_guest(tmp, total):
@@ -122,7 +129,7 @@ def host_to_guest(tmp, total):
         buf = ffi.new("uint8_t[]", PKT)
         res = {}
         th = threading.Thread(target=lambda: res.setdefault(
-            "w", lib.pv_bench_stream(r.host.fileno(), buf, PKT, total, 1)))
+            "w", lib.pv_bench_stream(r.host.fileno(), buf, PKT, total, 1, 0, 1)))
         t0 = time.perf_counter()
         th.start()
         got = told = 0
@@ -147,30 +154,33 @@ def host_to_guest(tmp, total):
 
 
 def guest_to_host(tmp, total):
-    r = Rig(tmp)
+    r = Rig(tmp, ring=True)
     try:
         d, mem = r.d, r.mem
         q = d.queues[TX]
-        q.get_used()
         nslots = 8
         base = d.alloc((HDR_LEN + PKT) * nslots, 4096)
         buf = ffi.new("uint8_t[]", PKT)
         res = {}
         th = threading.Thread(target=lambda: res.setdefault(
-            "r", lib.pv_bench_stream(r.host.fileno(), buf, PKT, total, 0)))
+            "r", lib.pv_bench_stream(r.host.fileno(), buf, PKT, total, 0, 0, 1)))
         credit_buf = r.dev.mux.buf_alloc
         # chains k: descriptors 2k (header) and 2k+1 (payload), reused forever
+        q.get_used()
         for k in range(nslots):
             h = base + (HDR_LEN + PKT) * k
             mem.write(h, hdr(d.cid, 2, GPORT, HPORT, OP_RW, PKT, 0, GUEST_BUF, 0))
             q.write_desc(2 * k, h, HDR_LEN, VRING_DESC_F_NEXT, 2 * k + 1)
             q.write_desc(2 * k + 1, h + HDR_LEN, PKT, 0)
         q.free = []
-        rx = d.queues[RX]
+        ring, fd, poll = r.ring, r.dev.fileno, r.dev.poll
         t0 = time.perf_counter()
         th.start()
         sent, peer_fwd, k = 0, 0, 0
         while sent < total:
+            _, fwd = ring.harvest(want_fwd=True)     # CREDIT_UPDATEs from the device
+            if fwd is not None:
+                peer_fwd = sent - ((sent - fwd) & 0xFFFFFFFF)
             posted = 0
             while sent < total and sent - peer_fwd + PKT <= credit_buf:
                 q.put_avail(2 * (k % nslots), publish=False)
@@ -181,13 +191,12 @@ def guest_to_host(tmp, total):
                 q.publish()
                 d.kick(TX)
             else:                     # out of credit: wait for EPOLLOUT as the I/O thread would
-                select.select([r.dev.fileno], [], [], 1.0)
-                r.dev.poll()
-            for p in d.received():    # CREDIT_UPDATEs
-                peer_fwd = max(peer_fwd, p.fwd_cnt + (sent // (1 << 32)) * (1 << 32))
-        while r.dev.mux.vs.rx_bytes < total or r.dev.mux.socks[0] and r.dev.mux.vs.conns[0].pend_len:
-            select.select([r.dev.fileno], [], [], 1.0)
-            r.dev.poll()
+                select.select([fd], [], [], 1.0)
+                poll()
+        while th.is_alive():          # the last packets may wait in the backlog
+            select.select([fd], [], [], 0.1)
+            poll()
+            ring.harvest()
         th.join()
         dt = time.perf_counter() - t0
         assert res["r"] == total, res
@@ -197,13 +206,24 @@ def guest_to_host(tmp, total):
 
 
 def socketpair(total, direction):
+    """The same bytes through a socketpair; the guest's end cycles through as
+    many 64 KiB buffers as the device uses (256 receive buffers for
+    host_to_guest, 8 transmit payloads for guest_to_host), so both see the
+    same memory (one hot buffer would flatter the reference)."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    nslots = 256 if direction == "host_to_guest" else 8
+    one, many = ffi.new("uint8_t[]", PKT), ffi.new("uint8_t[]", (HDR_LEN + PKT) * nslots)
     try:
-        wbuf, rbuf = ffi.new("uint8_t[]", PKT), ffi.new("uint8_t[]", PKT)
-        th = threading.Thread(target=lib.pv_bench_stream, args=(a.fileno(), wbuf, PKT, total, 1))
+        if direction == "host_to_guest":   # host writes one buffer, guest reads into many
+            w = (a.fileno(), one, PKT, total, 1, 0, 1)
+            rd = (b.fileno(), many, PKT, total, 0, HDR_LEN + PKT, nslots)
+        else:                              # guest writes from many, host reads into one
+            w = (a.fileno(), many, PKT, total, 1, HDR_LEN + PKT, nslots)
+            rd = (b.fileno(), one, PKT, total, 0, 0, 1)
+        th = threading.Thread(target=lib.pv_bench_stream, args=w)
         t0 = time.perf_counter()
         th.start()
-        n = lib.pv_bench_stream(b.fileno(), rbuf, PKT, total, 0)
+        n = lib.pv_bench_stream(*rd)
         th.join()
         dt = time.perf_counter() - t0
         assert n == total

@@ -25,7 +25,7 @@ def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     name = sys.argv[1]
-    with atheris.instrument_imports(include=["vmm", "fuzzlib", name]):
+    with atheris.instrument_imports(include=["vmm", "fuzzlib", "apilib", name]):
         target = importlib.import_module(name)
     atheris.Setup([sys.argv[0]] + sys.argv[2:], target.one_input)
     atheris.Fuzz()

@@ -28,13 +28,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BUILD = os.path.join(ROOT, "build", "fuzz")
-NATIVE = ("virtq", "blk", "net")
+NATIVE = ("virtq", "blk", "net", "vsock")
 PER_INPUT_TIMEOUT = 10          # seconds: a longer input is a hang
 
 
 def python_targets():
     d = os.path.join(HERE, "targets")
-    return sorted(f[:-3] for f in os.listdir(d) if f.endswith(".py") and f != "fuzzlib.py")
+    return sorted(f[:-3] for f in os.listdir(d) if f.endswith(".py") and not f.endswith("lib.py"))
 
 
 def target_cmd(name, seconds, work):

@@ -23,6 +23,7 @@ ffibuilder.set_source(
     '#include "pyvmm_native.h"\n',
     sources=[os.path.relpath(p) for p in sorted(glob.glob(os.path.join(HERE, "src", "*.c")))],
     include_dirs=[os.path.join(HERE, "include")],
+    libraries=["seccomp"],          # seccomp-bpf filters (native/src/seccomp.c)
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

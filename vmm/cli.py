@@ -15,6 +15,7 @@ from vmm.kvm.system import KvmUnavailable
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.memory import GuestMemoryError
 from vmm.native import NativeError
+from vmm.seccomp import SeccompError
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -100,6 +101,9 @@ def build_parser():
     r.add_argument("--trace-exits", metavar="FILE",
                    help="write every port I/O and MMIO exit (address, size, direction, "
                         "device) as one JSON line to FILE")
+    r.add_argument("--no-seccomp", action="store_true",
+                   help="do not confine the VMM's threads with seccomp filters (for debugging; "
+                        "see README, Security)")
     r.add_argument("--debug", action="store_true",
                    help="log unhandled port/MMIO accesses and VMM internals to stderr")
     r.add_argument("--api-sock", metavar="PATH",
@@ -146,7 +150,8 @@ def config_from_args(args):
     return MachineConfig(kernel=kernel, initrd=initrd, devices=devices,
                          cmdline=args.cmdline if args.cmdline is not None else guest.DEFAULT_CMDLINE,
                          mem_size=args.mem, cpus=args.cpus, cpu_template=args.cpu_template,
-                         serial_out=serial_out, timeout=args.timeout)
+                         serial_out=serial_out, timeout=args.timeout,
+                         seccomp=not args.no_seccomp)
 
 
 def run(args):
@@ -156,6 +161,9 @@ def run(args):
     try:
         machine = Machine(config)
         try:
+            if config.seccomp:          # the API thread confines itself when it starts
+                from vmm import seccomp
+                seccomp.enable()
             if args.api_sock:
                 server = _serve_api(args.api_sock, machine)
             with console.Console(machine):
@@ -228,7 +236,7 @@ def error_status(e):
     if isinstance(e, (UsageError, DeviceSpecError, ConfigError)):
         return EXIT_USAGE
     if isinstance(e, (KernelError, KvmUnavailable, CpuidError, GuestMemoryError, NativeError,
-                      ValueError, MemoryError, OSError, ApiSocketError, VirtioError)):
+                      ValueError, MemoryError, OSError, ApiSocketError, VirtioError, SeccompError)):
         return EXIT_ERROR
     return None
 

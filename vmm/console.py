@@ -59,6 +59,13 @@ class Console:
         return bytes(out)
 
     def _pump(self):
+        if getattr(self.machine.config, "seccomp", False):
+            from vmm import seccomp
+            try:
+                seccomp.apply("console")
+            except Exception as e:
+                self.machine.stop("error", str(e))
+                return
         serial = self.machine.serial
         while not self.machine.stopping:
             if getattr(self.machine, "paused", False):

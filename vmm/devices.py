@@ -209,14 +209,15 @@ class DriveSpec(VirtioSpec):
         return super().attach(machine, cmdline)
 
     @classmethod
-    def from_fields(cls, path, readonly=False, serial=None, transport="mmio", rate_limiter=None):
+    def from_fields(cls, path, readonly=False, serial=None, transport="mmio", io_engine="sync",
+                    rate_limiter=None):
         """The same spec from separate values (the control API, --config-file):
         no option-string parsing, so a path may contain commas."""
         self = cls.__new__(cls)
         VirtioSpec.__init__(self, {"transport": transport}, "drive")
         self.path, self.readonly, self.serial = path, bool(readonly), serial
+        self.io_engine, self._ioloop = io_engine, None
         self.slow = {"limiter": rate_limiter} if rate_limiter is not None else {}
-        self.io_engine, self._ioloop = "sync", None
         if serial is not None and len(serial.encode()) > 20:
             raise DeviceSpecError("drive: serial is at most 20 bytes (virtio-blk GET_ID)")
         if not (os.path.isfile(path) or is_block_device(path)):
@@ -275,7 +276,7 @@ class NetSpec(VirtioSpec):
             self.mac = parse_mac(mac) if mac is not None else None
         except ValueError as e:
             raise DeviceSpecError(f"network interface: {e}") from None
-        self._ioloop = None
+        self._ioloop, self.slow = None, {}
         return self
 
     def attach(self, machine, cmdline):
@@ -315,15 +316,29 @@ class VsockSpec(VirtioSpec):
         if "uds" not in opts or not opts["uds"]:
             raise DeviceSpecError("--vsock: uds=PATH is required")
         try:
-            self.cid = int(opts.get("cid", "3"), 0)
+            cid = int(opts.get("cid", "3"), 0)
         except ValueError:
             raise DeviceSpecError(f"--vsock: cid must be a number, not {opts['cid']!r}") from None
-        if not 3 <= self.cid < 0xFFFFFFFF:
-            raise DeviceSpecError("--vsock: cid must be from 3 to 4294967294 (0-2 are reserved)")
-        self.uds_path = opts["uds"]
-        parent = os.path.dirname(os.path.abspath(self.uds_path))
+        self._check(cid, opts["uds"], "--vsock")
+
+    @classmethod
+    def from_fields(cls, guest_cid, uds_path, transport="mmio"):
+        """The same spec from separate values (control API, --config-file)."""
+        self = cls.__new__(cls)
+        VirtioSpec.__init__(self, {"transport": transport}, "vsock")
+        self._check(guest_cid, uds_path, "vsock")
+        return self
+
+    def _check(self, cid, uds_path, what):
+        if not 3 <= cid < 0xFFFFFFFF:
+            raise DeviceSpecError(f"{what}: cid must be from 3 to 4294967294 (0-2 are reserved)")
+        if not uds_path:
+            raise DeviceSpecError(f"{what}: the uds path is empty")
+        parent = os.path.dirname(os.path.abspath(uds_path))
         if not os.path.isdir(parent):
-            raise DeviceSpecError(f"--vsock: directory {parent} for uds={self.uds_path} does not exist")
+            raise DeviceSpecError(f"{what}: directory {parent} for uds path {uds_path} "
+                                  "does not exist")
+        self.cid, self.uds_path = cid, uds_path
         self._ioloop = None
 
     def attach(self, machine, cmdline):

@@ -50,6 +50,7 @@ class MachineConfig:
     serial_in: Optional[int] = None          # fd to read console input from
     timeout: Optional[float] = None
     devices: List[object] = field(default_factory=list)
+    seccomp: bool = False      # confine every thread once built (vmm/seccomp.py); the CLI's default
 
 
 class Machine:
@@ -232,11 +233,18 @@ class Machine:
         install_kick_handler()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
+            if self.config.seccomp:     # before any guest I/O can reach them
+                from vmm import seccomp
+                seccomp.enable()
+                for _, loop in self._ioloops:
+                    seccomp.apply_in(loop, "io")
             for vcpu in self.vcpus:
                 t = VcpuThread(self, vcpu)
                 self.threads.append(t)
             for t in self.threads:
                 t.start()
+            if self.config.seccomp:     # last: threads created later would inherit it
+                seccomp.apply("main")
             deadline = None if self.config.timeout is None else time.monotonic() + self.config.timeout
             while not self._stop_event.wait(POWER_OFF_POLL):
                 if deadline is not None and time.monotonic() > deadline:

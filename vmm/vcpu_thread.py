@@ -43,6 +43,9 @@ class VcpuThread(threading.Thread):
 
     def run(self):
         try:
+            if getattr(self.machine.config, "seccomp", False):
+                from vmm import seccomp
+                seccomp.apply("vcpu")   # before the first KVM_RUN
             self._loop()
         except Exception as e:  # any VMM bug or KVM failure ends the machine plainly
             log.debug("vcpu%d failed", self.vcpu.index, exc_info=True)

@@ -20,6 +20,7 @@ from vmm import guest
 CPU_TEMPLATES = {"None": "auto", "C3": "minimal", "T2": "minimal", "T2S": "minimal",
                  "T2CL": "minimal", "T2A": "minimal", "V1N1": "minimal"}
 MAX_VCPUS = 32
+IO_ENGINES = {"Sync": "sync", "Async": "io_uring"}   # Firecracker's -> vmm.virtio.blk's
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,13 @@ class NetIface:
 
 
 @dataclass
+class Vsock:
+    guest_cid: int
+    uds_path: str
+    vsock_id: Optional[str] = None
+
+
+@dataclass
 class Logger:
     log_path: Optional[str] = None
     level: str = "Info"
@@ -82,6 +90,7 @@ class VmConfig:
     logger: Optional[Logger] = None
     metrics_path: Optional[str] = None
     entropy: Optional[dict] = None      # PUT /entropy body: a virtio-rng device
+    vsock: Optional[Vsock] = None
 
     # -- views ---------------------------------------------------------------
     def ordered_drives(self):
@@ -110,6 +119,8 @@ class VmConfig:
         out["machine-config"] = dict(vars(self.machine))
         out["drives"] = [_strip(vars(d)) for d in self.drives.values()]
         out["network-interfaces"] = [_strip(vars(n)) for n in self.nets.values()]
+        if self.vsock is not None:
+            out["vsock"] = _strip(vars(self.vsock))
         if self.logger is not None:
             out["logger"] = _strip(vars(self.logger))
         if self.metrics_path is not None:
@@ -121,7 +132,7 @@ class VmConfig:
     # -- building ------------------------------------------------------------
     def to_machine_config(self, serial_out=None, serial_in=None, timeout=None):
         """The MachineConfig vmm.machine builds from; raises ConfigError."""
-        from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, RngSpec
+        from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, RngSpec, VsockSpec
         from vmm.machine import MachineConfig
         from vmm.virtio.ratelimit import RateLimiter, RateLimitError
         import os
@@ -137,7 +148,8 @@ class VmConfig:
             for d in self.ordered_drives():
                 spec = DriveSpec.from_fields(d.path_on_host, readonly=d.is_read_only,
                                              serial=d.drive_id.encode()[:20].decode("utf-8", "ignore"),
-                                             rate_limiter=RateLimiter.from_dict(d.rate_limiter))
+                                             rate_limiter=RateLimiter.from_dict(d.rate_limiter),
+                                             io_engine=IO_ENGINES[d.io_engine])
                 spec.drive_id = d.drive_id
                 devices.append(spec)
             for n in self.nets.values():
@@ -147,6 +159,8 @@ class VmConfig:
                     tx_rate_limiter=RateLimiter.from_dict(n.tx_rate_limiter))
                 spec.iface_id = n.iface_id
                 devices.append(spec)
+            if self.vsock is not None:
+                devices.append(VsockSpec.from_fields(self.vsock.guest_cid, self.vsock.uds_path))
             if self.entropy is not None:
                 spec = RngSpec("")
                 spec.rate_limiter = RateLimiter.from_dict(self.entropy.get("rate_limiter"))
@@ -162,7 +176,7 @@ class VmConfig:
     @classmethod
     def from_machine_config(cls, mc):
         """Describe a VM started with `pyvmm run` flags in this model."""
-        from vmm.devices import DriveSpec, NetSpec, RngSpec
+        from vmm.devices import DriveSpec, NetSpec, RngSpec, VsockSpec
         cfg = cls(boot_source=BootSource(mc.kernel, mc.initrd, mc.cmdline),
                   machine=MachineCfg(vcpu_count=mc.cpus, mem_size_mib=mc.mem_size >> 20,
                                      cpu_template="None"))
@@ -180,6 +194,8 @@ class VmConfig:
             elif isinstance(dev, RngSpec):
                 lim = dev.rate_limiter
                 cfg.entropy = {"rate_limiter": _strip(lim.to_dict()) if lim else None}
+            elif isinstance(dev, VsockSpec):
+                cfg.vsock = Vsock(dev.cid, dev.uds_path)
         return cfg
 
 

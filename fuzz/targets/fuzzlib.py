@@ -23,7 +23,8 @@ import tempfile
 from vmm.memory import GuestMemory, MiB
 from vmm.pci import bus as pci_bus
 from vmm.pci import device as pd
-from vmm.testing.mockdriver import BlkDriver, DriverError, DriverQueue, MmioRegs, PciLegacyRegs
+from vmm.testing.mockdriver import (BlkDriver, DriverError, DriverQueue, MmioRegs, MockDriver,
+                                    PciLegacyRegs)
 from vmm.testing.mocknet import NetDriver
 from vmm.virtio import device as vd
 from vmm.virtio import mmio as m
@@ -128,11 +129,14 @@ def disk_image():
 class SockBackend:
     """A datagram socketpair with a tap's interface (one message per frame)."""
 
-    def __init__(self):
-        self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        for s in (self.sock, self.peer):
-            s.setblocking(False)
-        self.fd, self.name, self.offload_ok = self.sock.fileno(), "fuzz", False
+    def __init__(self, queues=1):
+        self.pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(queues)]
+        for pair in self.pairs:
+            for s in pair:
+                s.setblocking(False)
+        self.sock, self.peer = self.pairs[0]
+        self.fds = [s.fileno() for s, _ in self.pairs]
+        self.fd, self.name, self.offload_ok = self.fds[0], "fuzz", False
 
     def set_vnet_hdr_len(self, n):
         pass
@@ -150,8 +154,9 @@ class SockBackend:
                 return n
 
     def close(self):
-        self.sock.close()
-        self.peer.close()
+        for pair in self.pairs:
+            for s in pair:
+                s.close()
 
 
 class LegacyMmioRegs(MmioRegs):
@@ -194,67 +199,103 @@ class Guest:
         self.backend = None
         self.image = None
         qsize = p.pick((256, 8, 4, 1024 if device_kind == "blk" else 512))
+        self.uds_dir = None
         if device_kind == "blk":
             self.image = disk_image()
             self.dev = BlkDevice(self.image, readonly=p.byte() & 1, serial=b"fuzz",
                                  native=bool(p.byte() & 1), queue_size=qsize)
+        elif device_kind in ("net", "netmq"):
+            pairs = 2 if device_kind == "netmq" else 1
+            self.backend = SockBackend(pairs)
+            self.dev = NetDevice(self.backend, mrg_rxbuf=bool(p.byte() & 1), queue_size=qsize,
+                                 queue_pairs=pairs)
+        elif device_kind == "vsock":
+            from vmm.virtio.vsock import VsockDevice
+            self.uds_dir = tempfile.mkdtemp(prefix="pyvmm-fuzz-vsock-")
+            self.dev = VsockDevice(os.path.join(self.uds_dir, "v.sock"), queue_size=qsize)
         else:
-            self.backend = SockBackend()
-            self.dev = NetDevice(self.backend, mrg_rxbuf=bool(p.byte() & 1), queue_size=qsize)
+            from vmm.virtio.rng import RngDevice
+            self.dev = RngDevice(queue_size=qsize)
         try:
             self._build(p, transport_kind, device_kind)
         except BaseException:
             self.dev.close()
             if self.backend is not None:
                 self.backend.close()
+            self._rm_uds()
             raise
 
     def _build(self, p, transport_kind, device_kind):
         from vmm.virtio.mmio import VirtioMmio
         from vmm.virtio.pci_legacy import VirtioPciLegacy
         self.pci = None
-        if transport_kind == "pci":
-            self.pio = Bus("pio")
-            self.pci = pci_bus.PciBus(self.pio, Bus("mmio"))
+        self.bar = 0
+        if transport_kind.startswith("pci"):
+            self.pio, self.mmio = Bus("pio"), Bus("mmio")
+            self.pci = pci_bus.PciBus(self.pio, self.mmio)
             self.pio.register(pci_bus.CONFIG_ADDRESS, pci_bus.PORTS, self.pci)
-            self.t = VirtioPciLegacy(self.dev, self.mem, irq_line=lambda level: None)
+            if transport_kind == "pci":
+                self.t = VirtioPciLegacy(self.dev, self.mem, irq_line=lambda level: None)
+                self.window = pl.region_size(len(self.dev.config_bytes()))
+            else:                       # modern (MSI-X through a FakeVm's routing table)
+                from vmm.testing.fakevm import FakeVm
+                from vmm.virtio import pci_modern as pm
+                self.t = pm.VirtioPciModern(self.dev, self.mem, vm=FakeVm(),
+                                            irq_line=lambda level: None)
+                self.bar, self.window = pm.BAR_MODERN, pm.BAR_SIZE
             self.slot = self.pci.add(self.t.pci, irq=5)
-            self.window = pl.region_size(len(self.dev.config_bytes()))
         else:
             self.t = VirtioMmio(self.dev, self.mem, irq=lambda: None,
                                 legacy=transport_kind == "mmio-legacy")
             self.window = m.VirtioMmio.WINDOW
-        drv = BlkDriver if device_kind == "blk" else NetDriver
-        regs = {"pci": PciLegacyRegs, "mmio-legacy": LegacyMmioRegs}.get(transport_kind, MmioRegs)
-        self.d = drv(self.t, self.mem, arena=ARENA, arena_size=ARENA_SIZE, regs=regs)
+        drv = {"blk": BlkDriver, "net": NetDriver, "netmq": NetDriver}.get(device_kind, MockDriver)
+        kw = {}
+        if device_kind == "vsock":
+            from vmm.testing.mockvsock import VsockDriver
+            drv, kw = VsockDriver, dict(rx_buffers=8)
+        if transport_kind == "pci-modern":
+            from vmm.testing.pcimodern_regs import PciModernRegs
+            msix = bool(p.byte() & 1)
+            regs = lambda t: PciModernRegs(t, msix=msix)      # noqa: E731
+        else:
+            regs = {"pci": PciLegacyRegs, "mmio-legacy": LegacyMmioRegs}.get(transport_kind,
+                                                                          MmioRegs)
+        self.d = drv(self.t, self.mem, arena=ARENA, arena_size=ARENA_SIZE, regs=regs, **kw)
         self.tainted = False          # the guest scribbled on its rings: guards may go
         self.ready = False
 
     # register access as the guest does it: PCI through BAR0 where it decodes now
     def bar_base(self):
-        bar = self.t.pci.bars[0]
-        return bar.mapped
+        bar = self.t.pci.bars[self.bar]
+        return bar.mapped, (self.pio if bar.io else self.mmio)
 
     def reg_read(self, off, size):
         if self.pci is not None:
-            base = self.bar_base()
+            base, bus = self.bar_base()
             if base is None:
-                return self.pio.read(0xC000 + off, size)   # nothing there: all ones
-            return self.pio.read(base + off, size)
+                return (1 << (8 * size)) - 1            # nothing decodes there: all ones
+            return bus.read(base + off, size)
         return self.t.read(off, size)
 
     def reg_write(self, off, size, value):
         if self.pci is not None:
-            base = self.bar_base()
+            base, bus = self.bar_base()
             if base is not None:
-                self.pio.write(base + off, size, value)
+                bus.write(base + off, size, value)
             return
         self.t.write(off, size, value)
+
+    def _rm_uds(self):
+        if self.uds_dir is not None:
+            import shutil
+            shutil.rmtree(self.uds_dir, True)
+            self.uds_dir = None
 
     def close(self):
         self.t.close()
         if self.backend is not None:
             self.backend.close()
+        self._rm_uds()
 
     # invariants after every step
     def check(self):
@@ -304,6 +345,33 @@ def _driver_request(g, p):
                        split=1 + p.byte() % 4, indirect=bool(p.byte() & 1))
         g.d.kick()
         _collect(g.d.queues[0])
+    elif g.kind == "vsock":
+        from vmm.testing import mockvsock as mv
+        op = p.pick((mv.OP_REQUEST, mv.OP_RW, mv.OP_RST, mv.OP_SHUTDOWN, mv.OP_CREDIT_UPDATE,
+                     mv.OP_CREDIT_REQUEST, mv.OP_RESPONSE, 0, 99))
+        data = p.bytes(p.pick((0, 16, 100))) if op == mv.OP_RW else b""
+        g.d.packet(p.pick((1025, 1026, 5)), p.pick((52, 1024, 0xFFFFFFFF)), op, data,
+                   flags=p.byte() & 3, buf_alloc=p.pick((65536, 0, 1 << 31)), fwd_cnt=p.int(4),
+                   src_cid=p.pick((None, None, 2, 7)), length=p.pick((None, None, 0xFFFFFFFF)))
+        g.dev.poll()
+        _collect(g.d.queues[0])
+        _collect(g.d.queues[1])
+    elif g.kind == "rng":
+        q = g.d.queues[0]
+        n = p.pick((64, 1, 4096, 0))
+        q.add([(g.d.alloc(max(n, 1), 16, 16), n, True)], indirect=bool(p.byte() & 1))
+        g.d.kick(0)
+        _collect(q)
+    elif g.kind == "netmq" and p.byte() & 1 and len(g.d.queues) > 4:
+        q = g.d.queues[4]                               # the control queue (§5.1.6.5)
+        cmd = bytes([p.pick((4, 0, 1, 9)), p.byte() % 3]) + p.bytes(p.pick((2, 1, 6, 20, 0)))
+        gpa = g.d.alloc(len(cmd), 16, 16)
+        g.mem.write(gpa, cmd)
+        ack = g.d.alloc(1, 1, 16, fill=0xFF)
+        q.add([(gpa, len(cmd), False), (ack, p.pick((1, 1, 0)), True)],
+              indirect=bool(p.byte() & 1))
+        g.d.kick(4)
+        _collect(q)
     else:
         if p.byte() & 1:
             g.d.add_rx(p.pick((1526, 64, 12, 4000)), split=1 + p.byte() % 3,
@@ -343,7 +411,7 @@ def _pci_config(g, p):
         v = g.pio.read(port, size)
         check(0 <= v < 1 << (8 * size), f"config read {v:#x}")
     else:
-        g.pio.write(port, size, p.int(4))
+        g.pio.write(port, size, p.int(4) & ((1 << (8 * size)) - 1))
 
 
 def drive(data, transport_kind, device_kind, max_steps=64):
@@ -359,7 +427,9 @@ def drive(data, transport_kind, device_kind, max_steps=64):
             op = p.byte() % 10
             if op in (0, 1):                            # raw register write
                 off = p.int(2) % (g.window + 8)
-                g.reg_write(off, p.pick((4, 1, 2, 8)), p.int(8))
+                size = p.pick((4, 1, 2, 8))
+                # a guest access carries `size` bytes (KVM's exit data): the bus contract
+                g.reg_write(off, size, p.int(8) & ((1 << (8 * size)) - 1))
                 g.tainted = True        # rings may now be anywhere, over the driver's guards
             elif op == 2:                               # raw register read
                 size = p.pick((4, 1, 2, 8))
@@ -367,11 +437,11 @@ def drive(data, transport_kind, device_kind, max_steps=64):
                 check(isinstance(v, int) and 0 <= v < 1 << (8 * size), f"read {v!r}")
             elif op == 3:                               # a driver brings the device up
                 try:
-                    g.d.reset_arena(ARENA)
+                    g.d._next, g.d.guards = ARENA, []    # forget every buffer
                     g.d.queues = []     # (a refused init leaves none)
                     g.tainted = False
                     g.d.init(features=p.int(8) | p.pick((0, 1 << 32, -1)) & (2 ** 64 - 1),
-                             queue_sizes=[p.pick((256, 1, 8))] * 2)
+                             queue_sizes=[p.pick((256, 1, 8))] * len(g.t.queues))
                 except DriverError:
                     pass
             elif op in (4, 5):

@@ -55,14 +55,17 @@ def one_input(data):
                 value = pci_bus.ENABLE | slot << 11 | (p.byte() & 0xFC)
                 if op & 2:
                     value = p.int(4)
-                pio.write(pci_bus.CONFIG_ADDRESS + (op >> 6 if op & 4 else 0), p.pick((4, 4, 1, 2)), value)
+                size = p.pick((4, 4, 1, 2))
+                pio.write(pci_bus.CONFIG_ADDRESS + (op >> 6 if op & 4 else 0), size,
+                          value & ((1 << (8 * size)) - 1))
             size = p.pick((4, 1, 2, 4))
             port = pci_bus.CONFIG_ADDRESS + p.byte() % 8
             if op & 8:
                 v = pio.read(port, size)
                 check(0 <= v < 1 << (8 * size), f"read {v:#x}")
             else:
-                pio.write(port, size, p.pick((0xFFFFFFFF, 0, p.int(4), 0xC001, 1, 0x407)))
+                pio.write(port, size, p.pick((0xFFFFFFFF, 0, p.int(4), 0xC001, 1, 0x407))
+                          & ((1 << (8 * size)) - 1))
             check_no_errors()
             _check(bus, pio, fns)
     finally:

@@ -4,14 +4,17 @@
  * Header bytes 0..11 set up the queue (fz_setup_vq); byte 12: bit0
  * read-only disk, bit1 start with fallocate(ZERO_RANGE) marked unsupported,
  * bits 2-3: discard/write-zeroes segment limit (1, 2, 32 or 256); byte 13:
- * max sectors per segment (0: the device's 0x3FFFFF).  Ops: process a kick,
+ * max sectors per segment (0: the device's 0x3FFFFF); byte 14: requests per
+ * call (0: PV_BLK_BUDGET).  Ops: process a kick,
  * or rewrite guest memory (between kicks, and at the seam inside a
  * discard/write-zeroes request where a second vCPU could swap a segment).
  * Invariants, besides fuzz_common.h's pop/push tracking:
+ * - every completed request has its status (0, 1 or 2) in its last byte;
  * - the image never changes size (no guest-chosen growth of a host file);
  * - used.idx advances by exactly res.completed; an error leaves the queue
- *   broken and later kicks complete nothing; a kick that leaves requests
- *   behind (a per-call budget) has completed some;
+ *   broken and later kicks complete nothing; a kick completes at most the
+ *   budget, says `more` exactly when it used it all, and otherwise leaves
+ *   no request behind;
  * - guest memory changes only in the popped chains' writable segments and
  *   the used ring. */
 #define _GNU_SOURCE
@@ -88,6 +91,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     reset_image();
     fz_load_mem(data, size);
     fz_track_reset();
+    fz_tr.status_last = 1;
     if (fz_setup_vq(&vq, data, size) < 0)
         return 0;
     uint32_t f = (uint32_t)fz_hdr(data, size, 12, 1);
@@ -100,6 +104,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     blk.max_discard_sectors = blk.max_write_zeroes_sectors = maxsec ? maxsec : 0x3FFFFF;
     blk.max_discard_seg = blk.max_write_zeroes_seg = seg_limits[(f >> 2) & 3];
     memcpy(blk.id, "pyvmm-fuzz-serial-01", sizeof(blk.id));
+    blk.budget = (uint32_t)fz_hdr(data, size, 14, 1);   /* 0: PV_BLK_BUDGET */
+    uint32_t budget = blk.budget ? blk.budget : PV_BLK_BUDGET;
 
     fz_ops_init(&in, data, size);
     hook_in = &in;
@@ -123,8 +129,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             FZ_CHECK(res.completed == 0 && r == -broken, "broken queue processed requests");
         if (r < 0)
             FZ_CHECK(vq.broken == -r, "error %d but queue not broken", r);
-        else if (pv_vq_avail_idx(&vq) != vq.last_avail)   /* a budget may stop early, */
-            FZ_CHECK(res.completed > 0, "kick left requests behind without progress");
+        FZ_CHECK(res.completed <= budget && res.more == (r >= 0 && res.completed == budget),
+                 "completed %u budget %u more %u", res.completed, budget, res.more);
+        if (r >= 0 && !res.more)            /* done: nothing left behind unannounced */
+            FZ_CHECK(pv_vq_avail_idx(&vq) == vq.last_avail, "kick left requests behind");
     }
     pv_blk_seg_hook = NULL;
     hook_in = NULL;

@@ -284,11 +284,27 @@ static void fz_op_guest_write(struct fz_in *in)
 struct fz_track {
     uint32_t nranges, overflow;
     struct { void *p; uint64_t len; } ranges[FZ_MAX_RANGES];
-    uint32_t outstanding[PV_VQ_MAX_SIZE];      /* per head: popped - pushed */
-    uint64_t write_len[PV_VQ_MAX_SIZE];        /* of the last chain popped at that head */
+    /* per queue (a device may drive two) and head: */
+    const struct pv_vq *vq[2];
+    uint32_t outstanding[2][PV_VQ_MAX_SIZE];   /* popped - pushed */
+    uint64_t write_len[2][PV_VQ_MAX_SIZE];     /* of the last chain popped at that head */
+    uint8_t *last_byte[2][PV_VQ_MAX_SIZE];     /* its last writable byte */
     uint32_t pops, pushes;
+    int status_last;                           /* blk: last writable byte is a status */
 };
 static struct fz_track fz_tr;
+
+static int fz_qi(const struct pv_vq *vq)
+{
+    for (int q = 0; q < 2; q++) {
+        if (!fz_tr.vq[q])
+            fz_tr.vq[q] = vq;
+        if (fz_tr.vq[q] == vq)
+            return q;
+    }
+    FZ_CHECK(0, "more than two queues");
+    return 0;
+}
 
 int __real_pv_vq_pop(struct pv_vq *vq, struct pv_chain *c);
 void __real_pv_vq_push(struct pv_vq *vq, uint16_t head, uint32_t len);
@@ -302,9 +318,16 @@ int __wrap_pv_vq_pop(struct pv_vq *vq, struct pv_chain *c)
     if (r <= 0)
         return r;
     fz_check_chain(vq, c);
+    int q = fz_qi(vq);
     fz_tr.pops++;
-    fz_tr.outstanding[c->head]++;
-    fz_tr.write_len[c->head] = c->write_len;
+    fz_tr.outstanding[q][c->head]++;
+    fz_tr.write_len[q][c->head] = c->write_len;
+    fz_tr.last_byte[q][c->head] = NULL;
+    for (uint32_t i = c->nseg; i > c->nread; i--)
+        if (c->iov[i - 1].iov_len) {
+            fz_tr.last_byte[q][c->head] = (uint8_t *)c->iov[i - 1].iov_base + c->iov[i - 1].iov_len - 1;
+            break;
+        }
     for (uint32_t i = c->nread; i < c->nseg; i++) {
         if (fz_tr.nranges == FZ_MAX_RANGES) {
             fz_tr.overflow = 1;
@@ -319,11 +342,18 @@ int __wrap_pv_vq_pop(struct pv_vq *vq, struct pv_chain *c)
 
 void __wrap_pv_vq_push(struct pv_vq *vq, uint16_t head, uint32_t len)
 {
-    FZ_CHECK(head < vq->size && fz_tr.outstanding[head] > 0,
+    int q = fz_qi(vq);
+    FZ_CHECK(head < vq->size && fz_tr.outstanding[q][head] > 0,
              "completion of head %u which the device does not hold", head);
-    FZ_CHECK(len <= fz_tr.write_len[head], "used len %u > chain's writable %llu", len,
-             (unsigned long long)fz_tr.write_len[head]);
-    fz_tr.outstanding[head]--;
+    FZ_CHECK(len <= fz_tr.write_len[q][head], "used len %u > chain's writable %llu", len,
+             (unsigned long long)fz_tr.write_len[q][head]);
+    /* virtio 1.1 §5.2.6: the device wrote the request's status (OK, IOERR
+     * or UNSUPP) into the chain's last byte before completing it */
+    if (fz_tr.status_last)
+        FZ_CHECK(fz_tr.last_byte[q][head] && *fz_tr.last_byte[q][head] <= 2,
+                 "completed head %u with status byte %d", head,
+                 fz_tr.last_byte[q][head] ? *fz_tr.last_byte[q][head] : -1);
+    fz_tr.outstanding[q][head]--;
     fz_tr.pushes++;
     __real_pv_vq_push(vq, head, len);
 }

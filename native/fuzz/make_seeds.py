@@ -82,7 +82,10 @@ class Guest:
             self.ops += v.to_bytes(n, "big")
 
     def bytes(self):
+        # trailing zeros may be meaningful (a ring entry naming head 0):
+        # keep 64 of them before the ops, which land in guest RAM too
         used_mem = bytes(self.mem).rstrip(b"\0")
+        used_mem = bytes(self.mem[:len(used_mem) + 64])
         return self.hdr + used_mem + bytes(reversed(self.ops))
 
 
@@ -184,7 +187,41 @@ def net_seeds():
         write("net", name, g.bytes())
 
 
+def vsock_seeds():
+    TX, RX, POLL, WRITE, READ, SHUT = 0, 2, 4, 5, 6, 7
+
+    def pkt(op, length=0, src_port=2000, dst_port=1000, buf_alloc=65536, fwd_cnt=0):
+        return struct.pack("<QQIIIHHIII", 3, 2, src_port, dst_port, length, 1, op, 0,
+                           buf_alloc, fwd_cnt)
+
+    # receive queue rings at 0x800 (descriptors), 0x900, 0xA00
+    rxq = struct.pack("<HHH", 0x800, 0x900, 0xA00)
+    for name, extra, plan in (
+            ("rw-both-ways", bytes([0, 1, 1, 4]), "rw"),
+            ("three-conns-small-credit", bytes([2, 0, 0, 0]), "rw"),
+            ("credit-and-shutdown", bytes([0, 1, 0, 2]), "ctl")):
+        g = Guest(extra=extra + rxq)
+        g.heap = 0xC00
+        for k in range(3):
+            h = g.alloc(44)
+            d = g.alloc(200, 0x41 + k)
+            g.put(h, pkt(5, 200, src_port=2000 + k, dst_port=1000 + k))
+            g.chain([(h, 44, False), (d, 200, False)], indirect=k == 2)
+        if plan == "ctl":
+            for op in (6, 7, 4):            # CREDIT_UPDATE, CREDIT_REQUEST, SHUTDOWN
+                h = g.alloc(44)
+                g.put(h, pkt(op, fwd_cnt=100))
+                g.chain([(h, 44, False)])
+        g.desc, g.avail, g.next_desc, g.avail_idx = 0x800, 0x900, 0, 0
+        for k in range(3):
+            g.chain([(g.alloc(44), 44, True), (g.alloc(1024), 1024, True)], indirect=k == 1)
+        g.op((WRITE, 1), (100, 2), (0x61, 1), (WRITE | 0x10, 1), (3000, 2), (0x62, 1), POLL,
+             TX, RX, READ, POLL, RX, (SHUT, 1), POLL, RX, TX, (9, 1), (0, 1), (5, 4), (6, 4), RX)
+        write("vsock", name, g.bytes())
+
+
 if __name__ == "__main__":
+    vsock_seeds()
     virtq_seeds()
     blk_seeds()
     net_seeds()

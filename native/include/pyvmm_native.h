@@ -17,6 +17,7 @@ size_t pv_kvm_run_offset(int which);
 
 #include "pyvmm_virtq.h"
 #include "pyvmm_net.h"
+#include "pyvmm_seccomp.h"
 #include "pyvmm_vsock.h"
 #include "pyvmm_uring.h"
 

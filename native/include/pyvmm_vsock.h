@@ -127,7 +127,12 @@ void pv_vsock_conn_free(struct pv_vsock *vs, uint32_t slot);
 long pv_vsock_flush(struct pv_vsock *vs, uint32_t slot);
 void pv_vsock_queue_rst(struct pv_vsock *vs, uint32_t src_port, uint32_t dst_port);
 int pv_vsock_event(struct pv_vq *vq, struct pv_chain *c, uint32_t id);
-/* the reference of bench/vsock.py: n write()s of len bytes to fd, or reads */
-long pv_bench_stream(int fd, void *buf, uint64_t len, uint64_t total, int write_);
+/* a CLOCK_MONOTONIC timerfd (non-blocking) and a one-shot arm in ms; -errno on failure */
+long pv_timerfd_create(void);
+long pv_timerfd_arm(int fd, uint64_t ms);
+/* the reference of bench/vsock.py: write() or read() `total` bytes, `len` at a
+ * time, cycling through nslots buffers `stride` apart from buf */
+long pv_bench_stream(int fd, void *buf, uint64_t len, uint64_t total, int write_,
+                      uint64_t stride, uint32_t nslots);
 
 #endif

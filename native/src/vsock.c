@@ -26,6 +26,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -399,6 +400,21 @@ static int rx_data(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
         if (r <= 0)
             return r;
         uint64_t want = c->write_len - PV_VSOCK_HDR_LEN;
+        if (want == 0) {
+            /* §5.10.6.1 allows a receive buffer that holds just a header:
+             * no room for data, and readv() of nothing returns 0, which
+             * would read as the host's end of stream.  It carries a
+             * CREDIT_UPDATE instead (found by fuzz_vsock's invariant). */
+            struct hdr h;
+            fill_hdr(vs, &h, k->local_port, k->peer_port, PV_VSOCK_OP_CREDIT_UPDATE);
+            h.buf_alloc = k->buf_alloc;
+            h.fwd_cnt = k->fwd_cnt;
+            k->last_fwd_sent = k->fwd_cnt;
+            k->pending &= ~PV_VSOCK_P_CREDIT_UPDATE;
+            segs_put(c, 0, c->nseg, 0, &h, sizeof(h));
+            pv_vq_push(vq, c->head, PV_VSOCK_HDR_LEN);
+            continue;
+        }
         if (want > credit)
             want = credit;
         if (want > PV_VSOCK_MAX_PKT)
@@ -653,12 +669,31 @@ int pv_vsock_event(struct pv_vq *vq, struct pv_chain *c, uint32_t id)
     return 1;
 }
 
-long pv_bench_stream(int fd, void *buf, uint64_t len, uint64_t total, int write_)
+long pv_timerfd_create(void)
+{
+    int fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+long pv_timerfd_arm(int fd, uint64_t ms)
+{
+    struct itimerspec t;
+    memset(&t, 0, sizeof(t));
+    t.it_value.tv_sec = (time_t)(ms / 1000);
+    t.it_value.tv_nsec = (long)(ms % 1000) * 1000000;
+    if (ms == 0)
+        t.it_value.tv_nsec = 1;          /* 0 would disarm it */
+    return timerfd_settime(fd, 0, &t, NULL) < 0 ? -errno : 0;
+}
+
+long pv_bench_stream(int fd, void *buf, uint64_t len, uint64_t total, int write_,
+                      uint64_t stride, uint32_t nslots)
 {
     uint64_t done = 0;
-    while (done < total) {
+    for (uint32_t i = 0; done < total; i++) {
         uint64_t want = total - done < len ? total - done : len;
-        ssize_t r = write_ ? write(fd, buf, want) : read(fd, buf, want);
+        uint8_t *p = (uint8_t *)buf + (uint64_t)(i % (nslots ? nslots : 1)) * stride;
+        ssize_t r = write_ ? write(fd, p, want) : read(fd, p, want);
         if (r < 0) {
             if (errno == EINTR)
                 continue;

@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FUZZ = os.path.join(ROOT, "native", "fuzz")
 SRC = os.path.join(ROOT, "native", "src")
 WRAP = "-Wl,--wrap=pv_vq_pop,--wrap=pv_vq_push"
-TARGETS = {"virtq": ["virtq.c"], "blk": ["virtq.c", "blk.c"], "net": ["virtq.c", "net.c"]}
+TARGETS = {"virtq": ["virtq.c"], "blk": ["virtq.c", "blk.c"], "net": ["virtq.c", "net.c"],
+           "vsock": ["virtq.c", "vsock.c"]}
 
 
 def inputs(target):

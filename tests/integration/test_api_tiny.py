@@ -127,7 +127,7 @@ def test_config_file_without_api(tmp_path):
 def test_config_file_errors_are_one_line(tmp_path):
     cfg = tmp_path / "vm.json"
     for doc, needle in [({"boot-source": {"kernel_image_path": "/nonexistent"}}, "no such file"),
-                        ({"vsock": {"guest_cid": 3, "uds_path": "/tmp/v"}}, "not supported yet"),
+                        ({"balloon": {"amount_mib": 1, "deflate_on_oom": False}}, "not supported"),
                         ({"bogus": {}}, "unknown section"),
                         ({"machine-config": {"vcpu_count": 1}}, "mem_size_mib")]:
         cfg.write_text(json.dumps(doc))
@@ -194,3 +194,37 @@ def test_run_with_api_sock(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_drives_attach_and_swap_under_a_running_tiny_guest(vmm_api, tmp_path):
+    """The drive path through InstanceStart (specs from the API's model) and
+    PATCH /drives swapping the image of an attached virtio-blk device."""
+    p, api, out = vmm_api
+    small, big = tmp_path / "small.img", tmp_path / "big.img"
+    small.write_bytes(bytes(1 << 20))
+    big.write_bytes(bytes(3 << 20))
+    metrics = tmp_path / "m.json"
+    api.put("/metrics", {"metrics_path": str(metrics)})
+    api.put("/drives/data", {"drive_id": "data", "path_on_host": str(small),
+                             "is_root_device": False, "is_read_only": True})
+    fast = tmp_path / "fast.img"
+    fast.write_bytes(bytes(1 << 20))
+    api.put("/drives/fast", {"drive_id": "fast", "path_on_host": str(fast),
+                             "is_root_device": False, "io_engine": "Async"})
+    start(api, tmp_path, T.TICKER)
+    api.patch("/drives/data", {"drive_id": "data", "path_on_host": str(big)})
+    assert api.get("/")["state"] == "Running"             # resumed after the swap
+    assert {d["drive_id"]: d["path_on_host"] for d in api.get("/vm/config")["drives"]}["data"] \
+        == str(big)
+    status, obj = api.request("PATCH", "/drives/data", {"drive_id": "data",
+                                                        "path_on_host": str(tmp_path / "no.img")})
+    assert status == 400 and "no such file" in obj["fault_message"]
+    status, obj = api.request("PATCH", "/drives/fast", {"drive_id": "fast",
+                                                        "path_on_host": str(small)})
+    assert status == 400 and "Async" in obj["fault_message"]
+    api.action("FlushMetrics")
+    line = json.loads(metrics.read_text().splitlines()[-1])
+    assert line["block_data"]["update_count"] == 1
+    assert out.wait_for(len(out.data) + 5)                # the guest still runs
+    p.terminate()
+    assert p.wait(20) == STATUS["signal"]

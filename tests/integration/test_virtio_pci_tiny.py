@@ -43,13 +43,13 @@ def test_config_read_ioeventfd_and_exit(tmp_path):
         assert att.slot == 1 and t.port == pb.IO_BASE and m.pci_irqs == [(1, 0, att.irq)]
         assert pb.get_or_create(m) is m.pci_bus
         writes, notifies = [], []
-        real_write, real_notify = t.write, t.notify
+        real_write, real_notify = t.write, t._notify_once
         t.write = lambda off, size, v: writes.append((off, size, v)) or real_write(off, size, v)
-        t.notify = lambda i: notifies.append(threading.current_thread().name) or real_notify(i)
+        t._notify_once = lambda i: notifies.append(threading.current_thread().name) or real_notify(i)
         assert m.run() == STATUS["reset"]
     finally:
         m.close()
         out.close()
     assert (tmp_path / "serial.out").read_bytes() == struct.pack("<HH", 0x1AF4, 0x1001)
     assert writes == [(pl.QUEUE_SEL, 2, 0)]            # the notifies never exited
-    assert notifies and set(notifies) == {"pyvmm-io"}  # eventfd -> I/O thread (coalesced)
+    assert notifies and set(notifies) == {"pyvmm-io0"}  # eventfd -> the device's I/O thread

@@ -147,8 +147,6 @@ class Controller:
         _same_id("drive_id", drive_id, body)
         if "path_on_host" not in body:
             raise ApiError("Drive: missing required field `path_on_host` (virtio-block drive)")
-        if body.get("io_engine") == "Async":
-            raise ApiError("Drive: io_engine Async (io_uring) is not supported yet (issue #16)")
         d = vc.Drive(**body)
         if d.is_root_device and any(o.is_root_device and o.drive_id != drive_id
                                     for o in self.config.drives.values()):
@@ -157,6 +155,8 @@ class Controller:
             raise ApiError("Drive: partuuid must not be empty")
         _check_image(d.path_on_host, d.is_read_only)
         d.rate_limiter = limits.to_api(limits.from_api(d.rate_limiter, "Drive: rate_limiter"))
+        if d.rate_limiter is not None and d.io_engine == "Async":
+            raise ApiError("Drive: io_engine Async has no rate limiter (use Sync)")
         self.config.drives[drive_id] = d
 
     def put_net(self, body, iface_id):
@@ -189,6 +189,17 @@ class Controller:
         self._pre_boot()
         lim = limits.from_api(body.get("rate_limiter"), "EntropyDevice: rate_limiter")
         self.config.entropy = {"rate_limiter": limits.to_api(lim)}
+
+    def put_vsock(self, body):
+        """Firecracker's PUT /vsock: pre-boot; a second call replaces the first."""
+        self._pre_boot()
+        v = vc.Vsock(**body)
+        from vmm.devices import DeviceSpecError, VsockSpec
+        try:
+            VsockSpec.from_fields(v.guest_cid, v.uds_path)     # the same checks as --vsock
+        except DeviceSpecError as e:
+            raise ApiError(f"Vsock: {e}") from None
+        self.config.vsock = v
 
     def put_logger(self, body):
         lg = vc.Logger(**body)
@@ -303,6 +314,10 @@ class Controller:
         path = body.get("path_on_host")
         if path is None:
             return None
+        if getattr(dev, "io_engine", "sync") != "sync":
+            # io_uring requests can still be in flight on the old file while paused
+            raise ApiError(f"drive {drive_id}: swapping the image of an io_engine Async drive "
+                           "is not supported")
         _check_image(path, d.is_read_only, current=dev.path)
         m = self.machine
         was_paused = m.paused

@@ -55,10 +55,10 @@ ROUTES = [
     Route("/logger", {"PUT": ("Logger", "put_logger")}, "logger"),
     Route("/metrics", {"PUT": ("Metrics", "put_metrics")}, "metrics"),
     Route("/entropy", {"PUT": ("EntropyDevice", "put_entropy")}, "entropy"),
+    Route("/vsock", {"PUT": ("Vsock", "put_vsock")}, "vsock"),
     # Resources other issues implement: refused plainly until then.
     Route("/snapshot/create", unsupported="snapshots are not supported yet (issue #11)"),
     Route("/snapshot/load", unsupported="snapshots are not supported yet (issue #11)"),
-    Route("/vsock", unsupported="vsock is not supported yet (issue #12)"),
     Route("/balloon", unsupported="the balloon device is not supported by pyvmm"),
     Route("/balloon/statistics", unsupported="the balloon device is not supported by pyvmm"),
     Route("/mmds", unsupported="MMDS is not supported by pyvmm"),

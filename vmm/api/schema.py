@@ -91,6 +91,11 @@ SCHEMAS = {
     "Metrics": {
         "metrics_path": F(str, required=True),
     },
+    "Vsock": {
+        "guest_cid": F(int, required=True, minimum=3),
+        "uds_path": F(str, required=True),
+        "vsock_id": F(str),             # deprecated in Firecracker, accepted and kept
+    },
 }
 
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object",

@@ -84,20 +84,22 @@ class Msix:
 
     @property
     def enabled(self):
-        return bool(self.control & CTRL_ENABLE)
+        """MSI-X Enable as of the last Message Control write (kept in a
+        field: this is read for every interrupt)."""
+        return self._was_enabled
 
     @property
     def function_masked(self):
-        return bool(self.control & CTRL_MASKALL)
+        return self._was_maskall
 
     def notify(self, vector):
         """Send `vector`'s message, or set its pending bit while masked.
         Returns True if the message went out.  With MSI-X disabled the
         function does not use it (the owner signals INTx instead)."""
-        if not 0 <= vector < self.vectors or not self.enabled:
+        if not 0 <= vector < self.vectors or not self._was_enabled:
             return False
         with self._lock:
-            if self.function_masked or self.masked[vector]:
+            if self._was_maskall or self.masked[vector]:
                 self.pending[vector] = True
                 return False
             return self._send(vector)
@@ -160,7 +162,8 @@ class Msix:
     # --- Message Control written (configuration space) ---
     def _control_written(self):
         with self._lock:
-            enabled, maskall = self.enabled, self.function_masked
+            ctrl = self.control
+            enabled, maskall = bool(ctrl & CTRL_ENABLE), bool(ctrl & CTRL_MASKALL)
             if (enabled, maskall) == (self._was_enabled, self._was_maskall):
                 return
             self._was_enabled, self._was_maskall = enabled, maskall

@@ -14,6 +14,7 @@ Handlers must drain their fd (drain_eventfd) and bound their work per call
 between calls.  An exception in a handler is logged (one line; the
 traceback with --debug) and the loop keeps running.
 """
+import collections
 import logging
 import os
 import select
@@ -43,6 +44,7 @@ class IoLoop:
         self._ep.register(self._wake, select.EPOLLIN)
         self._thread = None
         self._stop = False
+        self._calls = collections.deque()    # call_soon() functions for the thread
         self.errors = 0      # handler exceptions seen (logged)
         # pause(): the thread parks between handlers until resume(); fds stay
         # readable (epoll is level-triggered), so nothing is lost meanwhile.
@@ -66,6 +68,11 @@ class IoLoop:
                 self._ep.unregister(fd)
             except (OSError, ValueError):
                 pass
+
+    def call_soon(self, fn):
+        """Run fn() on the loop's thread (e.g. to install its seccomp filter)."""
+        self._calls.append(fn)
+        signal_eventfd(self._wake)
 
     def start(self):
         if self.running:
@@ -137,6 +144,7 @@ class IoLoop:
         while not self._stop:
             if self._pause_req:
                 drain_eventfd(self._wake)
+                self._run_calls()
                 self._parked.set()
                 self._resume.wait()
                 self._parked.clear()
@@ -146,14 +154,25 @@ class IoLoop:
             except InterruptedError:
                 continue
             for fd, _ in events:
-                if fd == self._wake or self._stop or self._pause_req:
+                if self._stop or self._pause_req:
+                    break
+                if fd == self._wake:
+                    drain_eventfd(self._wake)
+                    self._run_calls()
                     continue
                 handler = self._handlers.get(fd)
                 if handler is None:
                     continue
-                try:
-                    handler()
-                except Exception as e:
-                    self.errors += 1
-                    log.error("%s: handler for fd %d failed: %s", self.name, fd, e)
-                    log.debug("traceback", exc_info=True)   # with --debug
+                self._call(handler, fd)
+
+    def _run_calls(self):
+        while self._calls:
+            self._call(self._calls.popleft())
+
+    def _call(self, handler, fd=None):
+        try:
+            handler()
+        except Exception as e:
+            self.errors += 1
+            log.error("%s: handler for fd %s failed: %s", self.name, fd, e)
+            log.debug("traceback", exc_info=True)   # with --debug

@@ -22,6 +22,7 @@ import re
 import select
 import socket
 import struct
+import time
 
 from vmm.native import ffi, lib
 
@@ -32,6 +33,7 @@ HOST_CID = 2
 MAX_CONNS = 1024
 BUF_ALLOC = 256 << 10                    # our receive buffer per connection (as Firecracker)
 LOCAL_PORT_FIRST = 1 << 30               # host-initiated connections' ports, as Firecracker
+CONNECT_TIMEOUT = 2.0                    # s for the guest to answer a host CONNECT (as Firecracker)
 MAX_LINE = 32                            # "CONNECT 4294967295\n" is 19 bytes
 CONNECT_RE = re.compile(rb"CONNECT ([0-9]{1,10})\n")
 OPS = range(lib.PV_VSOCK_OP_REQUEST, lib.PV_VSOCK_OP_CREDIT_REQUEST + 1)
@@ -83,8 +85,13 @@ class Muxer:
         self._lines = {}                         # fd -> (socket, bytearray): awaiting CONNECT
         self._next_local = LOCAL_PORT_FIRST
         self.stats = {"host_connects": 0, "guest_connects": 0, "bad_connect_lines": 0,
-                      "guest_connect_refused": 0}
+                      "guest_connect_refused": 0, "connect_timeouts": 0}
         self._watch(self.listener.fileno(), True)
+        self._connecting = {}                    # slot -> deadline of a host CONNECT
+        self._timer = lib.pv_timerfd_create()
+        if self._timer < 0:
+            raise VsockSetupError(f"vsock: timerfd: {os.strerror(-self._timer)}")
+        self._watch(self._timer, True)
 
     def _watch(self, fd, on):
         r = lib.pv_vsock_watch(self.vs, fd, int(on))
@@ -121,6 +128,8 @@ class Muxer:
                 self._accept()
             elif fd in self._lines:
                 self._read_line(fd)
+            elif fd == self._timer:
+                self._expire()
         return n
 
     def _accept(self):
@@ -168,6 +177,31 @@ class Muxer:
         if slot is not None:
             self._conns[slot].pending |= lib.PV_VSOCK_P_REQUEST
             self.stats["host_connects"] += 1
+            if not self._connecting:
+                lib.pv_timerfd_arm(self._timer, int(CONNECT_TIMEOUT * 1000))
+            self._connecting[slot] = time.monotonic() + CONNECT_TIMEOUT
+
+    def _expire(self):
+        """Host CONNECTs the guest did not answer in time: RST (the guest
+        forgets its half) and the host socket is closed."""
+        try:
+            os.read(self._timer, 8)
+        except BlockingIOError:
+            pass
+        now = time.monotonic()
+        for slot, deadline in list(self._connecting.items()):
+            if deadline > now:
+                continue
+            del self._connecting[slot]
+            self.stats["connect_timeouts"] += 1
+            k = self._conns[slot]
+            if k.pending & lib.PV_VSOCK_P_REQUEST:      # never even sent: just drop it
+                self.kill(slot)
+            else:
+                k.pending = lib.PV_VSOCK_P_RST
+        if self._connecting:
+            left = min(self._connecting.values()) - now
+            lib.pv_timerfd_arm(self._timer, max(1, int(left * 1000)))
 
     def _local_port(self, peer):
         while True:
@@ -202,6 +236,7 @@ class Muxer:
     def kill(self, slot):
         """Forget a connection without telling the guest; the host end sees EOF."""
         k = self._conns[slot]
+        self._connecting.pop(slot, None)
         self.by_ports.pop((k.local_port, k.peer_port), None)
         lib.pv_vsock_conn_free(self.vs, slot)
         heapq.heappush(self._free, slot)
@@ -250,6 +285,7 @@ class Muxer:
             return
         k.peer_buf_alloc, k.peer_fwd_cnt = buf_alloc, fwd_cnt
         if op == lib.PV_VSOCK_OP_RESPONSE and k.state == lib.PV_VSOCK_ST_CONNECTING:
+            self._connecting.pop(slot, None)
             try:
                 self.socks[slot].send(b"OK %d\n" % k.local_port)
             except OSError:
@@ -315,4 +351,7 @@ class Muxer:
                 os.unlink(self.uds_path)
             except OSError:
                 pass
+        if self._timer >= 0:
+            os.close(self._timer)
+            self._timer = -1
         self.ep.close()

@@ -234,7 +234,7 @@ def test_post_boot_rules(api, ctl, kernel, disk):
     assert "no drive with id" in fault(api, "PATCH", "/drives/zz", {"drive_id": "zz"})
 
 
-@pytest.mark.parametrize("url", ["/snapshot/create", "/snapshot/load", "/vsock",
+@pytest.mark.parametrize("url", ["/snapshot/create", "/snapshot/load",
                                  "/balloon", "/mmds", "/cpu-config"])
 def test_other_issues_endpoints_refused(api, url):
     msg = fault(api, "PUT", url, {"x": 1})

@@ -516,3 +516,70 @@ def test_with_io_loop(tmp_path):
         r.close()
     finally:
         loop.close()
+
+
+def test_host_connect_times_out_when_guest_does_not_answer(rig, monkeypatch):
+    from vmm.virtio import vsock_mux
+    monkeypatch.setattr(vsock_mux, "CONNECT_TIMEOUT", 0.2)
+    r = rig()
+    h = r.host_connect(82)
+    pk = r.pump()
+    assert ops(pk) == [OP_REQUEST]
+    h2 = r.host_connect(83)                           # answered in time: survives
+    pk2 = r.pump()
+    r.d.packet(83, pk2[0].src_port, OP_RESPONSE, buf_alloc=4096)
+    deadline = time.monotonic() + 5
+    got = []
+    while time.monotonic() < deadline and OP_RST not in ops(got):
+        import select
+        select.select([r.dev.fileno], [], [], 0.5)
+        got += r.pump(1)
+    assert [(p.op, p.dst_port) for p in got] == [(OP_RST, 82)], got
+    h.settimeout(5)
+    assert h.recv(10) == b""
+    h2.settimeout(5)
+    assert h2.recv(64).startswith(b"OK ")
+    c = r.dev.counters()
+    assert c["connect_timeouts"] == 1 and c["connections"] == 1
+
+
+def test_random_packets_never_break_the_device(rig):
+    """Hostile guest: random headers (ops, ports, CIDs, lengths, flags,
+    credit) around two live connections; the device answers with packets or
+    RSTs, never raises, never writes outside its buffers."""
+    r = rig()
+    r.listen(52)
+    g, hs = guest_connect(r)
+    hs.setblocking(False)
+    gh, h = host_connect(r)
+    h.setblocking(False)
+    rnd = random.Random(12)
+    for i in range(3000):
+        op = rnd.choice([0, 1, 2, 3, 4, 5, 5, 5, 6, 7, 8, 0xFFFF])
+        sport = rnd.choice([1000, 80, 5, 0xFFFFFFFF])
+        dport = rnd.choice([52, gh.peer_port, 7, 0])
+        data = rnd.randbytes(rnd.choice([0, 1, 100, 5000]))
+        length = rnd.choice([len(data), len(data), 0, len(data) + 1, 0xFFFFFFFF])
+        cid = rnd.choice([3, 3, 3, 2, 0xFFFFFFFFFFFFFFFF])
+        dcid = rnd.choice([2, 2, 2, 3, 1])
+        r.d.send(hdr(cid, dcid, sport, dport, op, length, rnd.getrandbits(32),
+                     rnd.getrandbits(32), rnd.getrandbits(32), rnd.choice([1, 1, 2])), data,
+                 kick=i % 7 == 0, split=rnd.choice([None, 512, 1033]))
+        if i % 50 == 0:
+            try:
+                h.send(rnd.randbytes(3000))
+                hs.recv(1 << 16)
+            except (BlockingIOError, OSError):
+                pass
+            r.pump(1)
+    r.d.kick(TX)
+    r.pump()
+    assert not r.t.status & vd.DEVICE_NEEDS_RESET
+    assert r.d.check_guards() == []
+    assert r.dev.counters()["malformed"] > 0
+    # still serves new connections
+    r.listen(60)
+    g2, hs2 = guest_connect(r, port=60, gport=4242)
+    g2.write(b"fine")
+    hs2.settimeout(5)
+    assert hs2.recv(10) == b"fine"

@@ -1,0 +1,143 @@
+/* seccomp-bpf filters for the VMM's threads, built with libseccomp.
+ *
+ * Each thread installs its own filter (no TSYNC): the allow-list of its
+ * kind (vmm/seccomp.py).  A filter cannot be removed, and a thread created
+ * later inherits it, so the main thread installs its own last.  The default
+ * action is SECCOMP_RET_TRAP: the kernel sends SIGSYS without running the
+ * call; on_sigsys() writes one line naming the thread kind and the system
+ * call, restores SIGSYS's default action and re-sends it, so the process
+ * ends killed by SIGSYS as soon as the handler returns (with KILL_PROCESS
+ * nothing would say which call was refused).  The handler only uses
+ * async-signal-safe calls and data prepared before any filter: the names
+ * table and the thread's kind.
+ *
+ * SAFETY: nothing here reads guest memory; the names come from our own
+ * table in vmm/seccomp.py. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <seccomp.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "pyvmm_native.h"
+
+#define NR_NAMES 512                 /* x86-64 system call numbers are below this */
+
+static char *names[NR_NAMES];        /* filled once, before the first filter */
+static int names_ready;
+static __thread char thread_kind[16];
+static int active;
+
+static void put(char *buf, size_t *n, size_t cap, const char *s)
+{
+    while (*s && *n + 1 < cap)
+        buf[(*n)++] = *s++;
+}
+
+static void put_num(char *buf, size_t *n, size_t cap, long v)
+{
+    char tmp[24];
+    int k = 0;
+    unsigned long u = v < 0 ? (unsigned long)-v : (unsigned long)v;
+    do
+        tmp[k++] = (char)('0' + u % 10);
+    while ((u /= 10) && k < (int)sizeof(tmp));
+    if (v < 0 && *n + 1 < cap)
+        buf[(*n)++] = '-';
+    while (k && *n + 1 < cap)
+        buf[(*n)++] = tmp[--k];
+}
+
+static void on_sigsys(int sig, siginfo_t *si, void *ctx)
+{
+    char buf[200];
+    size_t n = 0;
+    int nr = si->si_syscall;
+    put(buf, &n, sizeof(buf), "pyvmm: seccomp: ");
+    put(buf, &n, sizeof(buf), thread_kind[0] ? thread_kind : "unconfined");
+    put(buf, &n, sizeof(buf), " thread made a forbidden system call: ");
+    put(buf, &n, sizeof(buf), nr >= 0 && nr < NR_NAMES && names[nr] ? names[nr] : "?");
+    put(buf, &n, sizeof(buf), " (");
+    put_num(buf, &n, sizeof(buf), nr);
+    put(buf, &n, sizeof(buf), "); ending the VMM\n");
+    ssize_t w = write(STDERR_FILENO, buf, n);
+    (void)w;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = SIG_DFL;
+    sigaction(SIGSYS, &sa, NULL);
+    /* pending until this handler returns (SIGSYS is blocked meanwhile) */
+    syscall(SYS_tgkill, getpid(), (pid_t)syscall(SYS_gettid), SIGSYS);
+}
+
+static int setup_once(void)
+{
+    if (names_ready)
+        return 0;
+    for (int nr = 0; nr < NR_NAMES; nr++)
+        names[nr] = seccomp_syscall_resolve_num_arch(SCMP_ARCH_NATIVE, nr);   /* or NULL */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_sigsys;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSYS, &sa, NULL) < 0)
+        return -errno;
+    /* A core file of the VMM would hold guest memory, and the SIGSYS ending
+     * would write one each time: no core files once confined. */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_CORE, &rl) == 0) {
+        rl.rlim_cur = 0;
+        setrlimit(RLIMIT_CORE, &rl);
+    }
+    names_ready = 1;
+    return 0;
+}
+
+int pv_seccomp_resolve(const char *name)
+{
+    return seccomp_syscall_resolve_name(name);
+}
+
+int pv_seccomp_active(void)
+{
+    return active;
+}
+
+/* Install on the calling thread a filter allowing exactly `names`.  Returns
+ * 0, -PV_SECCOMP_E_NAME with *bad_index set, or -errno. */
+int pv_seccomp_apply(const char *kind, const char *const *names_in, int n, int *bad_index)
+{
+    int r = setup_once();
+    if (r < 0)
+        return r;
+    scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_TRAP);
+    if (!ctx)
+        return -ENOMEM;
+    for (int i = 0; i < n; i++) {
+        int nr = seccomp_syscall_resolve_name(names_in[i]);
+        if (nr == __NR_SCMP_ERROR) {
+            *bad_index = i;
+            seccomp_release(ctx);
+            return -PV_SECCOMP_E_NAME;
+        }
+        r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, nr, 0);
+        if (r < 0) {
+            *bad_index = i;
+            seccomp_release(ctx);
+            return r;
+        }
+    }
+    strncpy(thread_kind, kind, sizeof(thread_kind) - 1);
+    prctl(PR_SET_NAME, thread_kind, 0, 0, 0);    /* shows in top -H, ps -L */
+    r = seccomp_load(ctx);                        /* sets no_new_privs first */
+    seccomp_release(ctx);
+    if (r == 0)
+        __atomic_store_n(&active, 1, __ATOMIC_RELEASE);
+    return r;
+}

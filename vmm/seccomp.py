@@ -1,0 +1,151 @@
+"""seccomp-bpf confinement of the VMM's threads (issue #14), as Firecracker
+does: once the VM is built, every thread installs a filter allowing only
+the system calls its kind needs; anything else ends the VMM with SIGSYS
+after one line on stderr naming the thread kind and the call
+(native/src/seccomp.c, built with libseccomp).
+
+    seccomp.apply("vcpu")       # on the thread to confine; raises SeccompError
+
+Thread kinds and who applies them:
+    main     Machine.run(), after every other thread is started (a filter
+             is inherited by threads created later, so the main thread goes last)
+    vcpu     VcpuThread.run(), before its first KVM_RUN
+    io       each device's IoLoop thread, at Machine.run() before the vCPUs start
+    console  the console input thread, when it starts
+    api      the API server thread (vmm/api), when it starts
+
+The allow-lists are one table, ALLOW below: a feature that needs a new call
+(io_uring, vsock sockets, snapshot files...) adds it to the kinds that make
+it, with a comment saying why.  To find what a thread calls:
+`strace -f -o trace pyvmm run --no-seccomp ...`.
+"""
+import threading
+
+# Every thread: memory management by Python and glibc malloc, locks and
+# condition variables (futex), sleeping and time, signal delivery and
+# return (the vCPU kick, SIGSYS's own ending), logging to stderr, exiting.
+COMMON = (
+    "brk", "mmap", "munmap", "mremap", "madvise", "mprotect",
+    "futex", "sched_yield", "getpid", "gettid", "tgkill",
+    "clock_gettime", "clock_nanosleep", "nanosleep", "gettimeofday",
+    "rt_sigreturn", "rt_sigprocmask", "rt_sigaction", "sigaltstack",
+    "write", "exit", "exit_group", "getrandom",
+)
+
+ALLOW = {
+    # Waits for the vCPUs and the stop event, handles SIGINT/SIGTERM/SIGHUP,
+    # kicks vCPUs; then tears down: stops the I/O threads (eventfd write,
+    # epoll_ctl), flushes and closes the disk images, closes the KVM fds and
+    # unmaps guest memory, restores the terminal (ioctl TCSETS*), removes
+    # the API socket (unlink), exits.
+    "main": COMMON + (
+        "read", "close", "ioctl", "fdatasync", "fsync", "epoll_ctl", "flock",
+        "fstat", "newfstatat", "lseek", "fcntl", "unlink",
+    ),
+    # KVM_RUN and the register/state ioctls of a vCPU fd; port and MMIO
+    # exits: the serial console's output (write), interrupts through KVM
+    # irqfds (eventfd write) and KVM_IRQ_LINE (ioctl on the VM fd), virtio
+    # queue notifications without an ioeventfd (the devices' I/O below).
+    "vcpu": COMMON + (
+        "ioctl", "read", "readv", "writev", "preadv", "pwritev", "pread64", "pwrite64",
+        "fdatasync", "fallocate", "epoll_ctl",
+    ),
+    # One per device: epoll over its eventfds (and a tap); virtio-blk reads,
+    # writes, FLUSH and DISCARD/WRITE_ZEROES on the image; virtio-net frames
+    # to and from the tap; interrupts through irqfds (eventfd write) or
+    # KVM_IRQ_LINE (legacy virtio-pci INTx: ioctl).
+    "io": COMMON + (
+        "epoll_wait", "epoll_pwait", "epoll_ctl", "read", "readv", "writev",
+        "preadv", "pwritev", "pread64", "pwrite64", "fdatasync", "fallocate", "ioctl",
+    ),
+    # Reads stdin (select with a timeout) and feeds the UART: its interrupt
+    # is KVM_IRQ_LINE on the VM fd.
+    "console": COMMON + ("select", "pselect6", "poll", "read", "ioctl"),
+    # The API server thread (vmm/api/server.py) of `pyvmm run --api-sock`:
+    # serves HTTP over its Unix socket; pause/resume (vCPU kicks, I/O thread
+    # wake-ups) and inspection; PATCH /drives swaps a disk image (open, lock,
+    # size, flush and close the old one).  (`pyvmm api` builds the VM on the
+    # main thread; its API thread starts unconfined, see README, Security.)
+    "api": COMMON + (
+        "accept4", "accept", "recvfrom", "recvmsg", "sendto", "sendmsg", "read", "close",
+        "shutdown", "getsockopt", "setsockopt", "getsockname", "poll", "ppoll", "select",
+        "pselect6", "epoll_wait", "epoll_pwait", "epoll_ctl", "fstat", "newfstatat",
+        "fcntl", "ioctl", "lseek", "openat", "flock", "fdatasync", "fsync", "statx",
+        "unlink",
+    ),
+}
+
+KINDS = tuple(ALLOW)
+
+# Test-only: PYVMM_SECCOMP_SELFTEST=<kind> in the environment makes a thread
+# of that kind call sync(2), allowed nowhere, right after its filter is in
+# (tests/integration/test_seccomp.py).  The environment is the host user's,
+# never the guest's.
+SELFTEST_ENV = "PYVMM_SECCOMP_SELFTEST"
+
+
+class SeccompError(Exception):
+    """The filter could not be installed (one line)."""
+
+
+_enabled = False
+
+
+def enable():
+    """Turn confinement on for this process (pyvmm run without --no-seccomp;
+    Machine.run with MachineConfig.seccomp).  Until then apply() does
+    nothing, so a library user or a test process is never confined by a
+    thread that calls apply() unconditionally (the API server)."""
+    global _enabled
+    _enabled = True
+
+
+def enabled():
+    return _enabled
+
+
+def apply(kind):
+    """Confine the calling thread to ALLOW[kind] if enable() was called;
+    cannot be undone."""
+    import os
+    from vmm.native import ffi, lib
+    if kind not in ALLOW:
+        raise SeccompError(f"seccomp: unknown thread kind {kind!r}")
+    if not _enabled:
+        return
+    names = sorted(set(ALLOW[kind]))
+    cnames = [ffi.new("char[]", n.encode()) for n in names]
+    arr = ffi.new("const char *[]", cnames)
+    bad = ffi.new("int *")
+    r = lib.pv_seccomp_apply(kind.encode(), arr, len(names), bad)
+    if r == -lib.PV_SECCOMP_E_NAME:
+        raise SeccompError(f"seccomp: {names[bad[0]]!r} is not a system call on this machine")
+    if r < 0:
+        raise SeccompError(f"seccomp: cannot install the {kind} filter: {os.strerror(-r)} "
+                           "(--no-seccomp runs without)")
+    if os.environ.get(SELFTEST_ENV) == kind:
+        os.sync()
+
+
+def active():
+    """Whether any thread of this process is confined."""
+    from vmm.native import lib
+    return bool(lib.pv_seccomp_active())
+
+
+def apply_in(loop, kind="io", timeout=5.0):
+    """Have an IoLoop's thread confine itself; waits until it has."""
+    done, err = threading.Event(), []
+
+    def call():
+        try:
+            apply(kind)
+        except Exception as e:
+            err.append(e)
+        finally:
+            done.set()
+    loop.call_soon(call)
+    if not done.wait(timeout):
+        raise SeccompError(f"seccomp: {loop.name} did not install its filter in {timeout:g} s")
+    if err:
+        raise err[0]
