@@ -42,9 +42,8 @@ from vmm.virtio.queue import QueueError
 from vmm.virtio.ratelimit import RateLimiter, TokenBucket
 from vmm.virtio.trace import BlkTracer, PcapWriter
 
-from bench.blk import BATCH, FastDriver, make_image
 from bench.common import save
-from bench.net import Ring
+from vmm.testing.streams import BATCH, BatchBlkDriver as FastDriver, FixedRing as Ring
 
 HDR = 12
 
@@ -119,6 +118,17 @@ class SockBackend:
     def close(self):
         self.sock.close()
         self.peer.close()
+
+
+def make_image(path, size):
+    """A random image, read once so it is in the page cache."""
+    with open(path, "wb") as f:
+        chunk = os.urandom(MiB)
+        for _ in range(size // MiB):
+            f.write(chunk)
+    with open(path, "rb") as f:
+        while f.read(8 * MiB):
+            pass
 
 
 def rates(fn, n, reps):
