@@ -48,7 +48,7 @@ ALLOW = {
     # queue notifications without an ioeventfd (the devices' I/O below).
     "vcpu": COMMON + (
         "ioctl", "read", "readv", "writev", "preadv", "pwritev", "pread64", "pwrite64",
-        "fdatasync", "fallocate", "epoll_ctl",
+        "fdatasync", "fallocate", "epoll_ctl", "timerfd_create", "timerfd_settime",
     ),
     # One per device: epoll over its eventfds (and a tap); virtio-blk reads,
     # writes, FLUSH and DISCARD/WRITE_ZEROES on the image; virtio-net frames
@@ -57,6 +57,8 @@ ALLOW = {
     "io": COMMON + (
         "epoll_wait", "epoll_pwait", "epoll_ctl", "read", "readv", "writev",
         "preadv", "pwritev", "pread64", "pwrite64", "fdatasync", "fallocate", "ioctl",
+        # rate limiters and injected delays (vmm/virtio/timer.py): a timerfd per device
+        "timerfd_create", "timerfd_settime",
     ),
     # Reads stdin (select with a timeout) and feeds the UART: its interrupt
     # is KVM_IRQ_LINE on the VM fd.
@@ -72,6 +74,8 @@ ALLOW = {
         "pselect6", "epoll_wait", "epoll_pwait", "epoll_ctl", "fstat", "newfstatat",
         "fcntl", "ioctl", "lseek", "openat", "flock", "fdatasync", "fsync", "statx",
         "unlink",
+        # PATCH of rate limiters/faults re-runs a paused queue through the device's timer
+        "timerfd_create", "timerfd_settime",
     ),
 }
 
