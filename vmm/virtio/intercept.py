@@ -26,7 +26,9 @@ import threading
 import time
 
 from vmm.native import ffi, lib
+from vmm.virtio.queue import QueueError
 from vmm.virtio.timer import Timers
+from vmm.virtio.trace import BLK_TYPES     # at load: I/O threads may not import (seccomp)
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
@@ -42,7 +44,6 @@ class BlkRequest:
 
     @property
     def kind(self):
-        from vmm.virtio.trace import BLK_TYPES
         return BLK_TYPES.get(self.type, str(self.type))
 
     def __repr__(self):
@@ -242,7 +243,6 @@ def _set_status_byte(c, s):
 
 
 def _queue_error(code, index):
-    from vmm.virtio.queue import QueueError
     return QueueError(code, index)
 
 
