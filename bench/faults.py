@@ -42,9 +42,8 @@ from vmm.virtio.queue import QueueError
 from vmm.virtio.ratelimit import RateLimiter, TokenBucket
 from vmm.virtio.trace import BlkTracer, PcapWriter
 
-from bench.blk import BATCH, FastDriver, make_image
 from bench.common import save
-from bench.net import Ring
+from vmm.testing.streams import BATCH, BatchBlkDriver as FastDriver, FixedRing as Ring
 
 HDR = 12
 
@@ -53,18 +52,21 @@ class AbsentBlk(BlkDevice):
     """queue_notify as before the slow path existed (C engine only)."""
 
     def queue_notify(self, index):
-        ring = self._ring
-        if index != 0 or ring is None or ring.broken:
-            return
+        rings = self._rings
+        ring = rings[index] if 0 <= index < len(rings) else None
+        if ring is None or ring.broken:
+            return False
         self.stats["kicks"] += 1
         res = self._res
         lib.pv_blk_process(ring.vq, self._blk, ring.chain, res)
         self.stats["requests"] += res.completed
+        self.stats["ioerr"] += res.ioerr
         if res.interrupt:
-            self._interrupt.used(0)
+            self._interrupt.used(index)
         if res.error:
-            self._interrupt.needs_reset(QueueError(-res.error, 0))
-        return bool(res.more)         # the per-call budget (issue #14): the transport calls again
+            self._interrupt.needs_reset(QueueError(-res.error, index))
+            return False
+        return bool(res.more)
 
 
 class AbsentNet(NetDevice):
@@ -119,6 +121,17 @@ class SockBackend:
     def close(self):
         self.sock.close()
         self.peer.close()
+
+
+def make_image(path, size):
+    """A random image, read once so it is in the page cache."""
+    with open(path, "wb") as f:
+        chunk = os.urandom(MiB)
+        for _ in range(size // MiB):
+            f.write(chunk)
+    with open(path, "rb") as f:
+        while f.read(8 * MiB):
+            pass
 
 
 def rates(fn, n, reps):

@@ -209,13 +209,15 @@ class DriveSpec(VirtioSpec):
         return super().attach(machine, cmdline)
 
     @classmethod
-    def from_fields(cls, path, readonly=False, serial=None, transport="mmio", io_engine="sync"):
+    def from_fields(cls, path, readonly=False, serial=None, transport="mmio", io_engine="sync",
+                    rate_limiter=None):
         """The same spec from separate values (the control API, --config-file):
         no option-string parsing, so a path may contain commas."""
         self = cls.__new__(cls)
         VirtioSpec.__init__(self, {"transport": transport}, "drive")
         self.path, self.readonly, self.serial = path, bool(readonly), serial
-        self.io_engine, self._ioloop, self.slow = io_engine, None, {}
+        self.io_engine, self._ioloop = io_engine, None
+        self.slow = {"limiter": rate_limiter} if rate_limiter is not None else {}
         if serial is not None and len(serial.encode()) > 20:
             raise DeviceSpecError("drive: serial is at most 20 bytes (virtio-blk GET_ID)")
         if not (os.path.isfile(path) or is_block_device(path)):
@@ -267,11 +269,14 @@ class NetSpec(VirtioSpec):
         self._ioloop = None
 
     @classmethod
-    def from_fields(cls, tap_name, mac=None, transport="mmio"):
+    def from_fields(cls, tap_name, mac=None, transport="mmio", rx_rate_limiter=None,
+                    tx_rate_limiter=None):
         """The same spec from separate values (control API, --config-file)."""
         from vmm.tap import check_name, parse_mac
         self = cls.__new__(cls)
         VirtioSpec.__init__(self, {"transport": transport}, "network interface")
+        self.slow = {k: v for k, v in (("rx_limiter", rx_rate_limiter),
+                                       ("tx_limiter", tx_rate_limiter)) if v is not None}
         try:
             self.tap_name = check_name(tap_name)
             self.mac = parse_mac(mac) if mac is not None else None
@@ -355,6 +360,7 @@ class VsockSpec(VirtioSpec):
     def open_device(self):
         from vmm.virtio.vsock import VsockDevice
         return VsockDevice(self.uds_path, guest_cid=self.cid, ioloop=self._ioloop)
+
 
 
 class RngSpec(VirtioSpec):

@@ -57,6 +57,8 @@ ALLOW = {
         "sendmsg", "sendto", "socket(a0==AF_UNIX)", "connect", "shutdown", "close", "timerfd_settime",
 
         "io_uring_enter",   # io_engine=io_uring: a notification without ioeventfd submits
+
+        "fdatasync", "fallocate", "epoll_ctl", "timerfd_create", "timerfd_settime",
     ),
     # One per device: epoll over its eventfds (and a tap); virtio-blk reads,
     # writes, FLUSH and DISCARD/WRITE_ZEROES on the image; virtio-net frames
@@ -75,6 +77,9 @@ ALLOW = {
         "close", "timerfd_settime", "getsockname", "getsockopt",
 
         "io_uring_enter",   # io_engine=io_uring: submit on a kick, reap on the ring's eventfd
+
+        # rate limiters and injected delays (vmm/virtio/timer.py): a timerfd per device
+        "timerfd_create", "timerfd_settime",
     ),
     # Reads stdin (select with a timeout) and feeds the UART: its interrupt
     # is KVM_IRQ_LINE on the VM fd.
@@ -96,6 +101,9 @@ ALLOW = {
         "ftruncate", "pwrite64", "rename", "renameat", "renameat2",
 
         "io_uring_enter",   # io_engine=io_uring: requests in flight finish before a swap
+
+        # PATCH of rate limiters/faults re-runs a paused queue through the device's timer
+        "timerfd_create", "timerfd_settime",
     ),
 }
 

@@ -53,6 +53,7 @@ class Drive:
     partuuid: Optional[str] = None
     cache_type: str = "Unsafe"
     io_engine: str = "Sync"
+    rate_limiter: Optional[dict] = None      # Firecracker's RateLimiter (vmm/api/limits.py)
 
 
 @dataclass
@@ -60,6 +61,8 @@ class NetIface:
     iface_id: str
     host_dev_name: str
     guest_mac: Optional[str] = None
+    rx_rate_limiter: Optional[dict] = None
+    tx_rate_limiter: Optional[dict] = None
 
 
 @dataclass
@@ -86,6 +89,7 @@ class VmConfig:
     nets: Dict[str, NetIface] = field(default_factory=dict)
     logger: Optional[Logger] = None
     metrics_path: Optional[str] = None
+    entropy: Optional[dict] = None      # PUT /entropy body: a virtio-rng device
     vsock: Optional[Vsock] = None
 
     # -- views ---------------------------------------------------------------
@@ -121,13 +125,16 @@ class VmConfig:
             out["logger"] = _strip(vars(self.logger))
         if self.metrics_path is not None:
             out["metrics"] = {"metrics_path": self.metrics_path}
+        if self.entropy is not None:
+            out["entropy"] = _strip(self.entropy)
         return out
 
     # -- building ------------------------------------------------------------
     def to_machine_config(self, serial_out=None, serial_in=None, timeout=None):
         """The MachineConfig vmm.machine builds from; raises ConfigError."""
-        from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, VsockSpec
+        from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, RngSpec, VsockSpec
         from vmm.machine import MachineConfig
+        from vmm.virtio.ratelimit import RateLimiter, RateLimitError
         import os
         b = self.boot_source
         if b is None:
@@ -141,16 +148,24 @@ class VmConfig:
             for d in self.ordered_drives():
                 spec = DriveSpec.from_fields(d.path_on_host, readonly=d.is_read_only,
                                              serial=d.drive_id.encode()[:20].decode("utf-8", "ignore"),
+                                             rate_limiter=RateLimiter.from_dict(d.rate_limiter),
                                              io_engine=IO_ENGINES[d.io_engine])
                 spec.drive_id = d.drive_id
                 devices.append(spec)
             for n in self.nets.values():
-                spec = NetSpec.from_fields(n.host_dev_name, mac=n.guest_mac)
+                spec = NetSpec.from_fields(
+                    n.host_dev_name, mac=n.guest_mac,
+                    rx_rate_limiter=RateLimiter.from_dict(n.rx_rate_limiter),
+                    tx_rate_limiter=RateLimiter.from_dict(n.tx_rate_limiter))
                 spec.iface_id = n.iface_id
                 devices.append(spec)
             if self.vsock is not None:
                 devices.append(VsockSpec.from_fields(self.vsock.guest_cid, self.vsock.uds_path))
-        except DeviceSpecError as e:
+            if self.entropy is not None:
+                spec = RngSpec("")
+                spec.rate_limiter = RateLimiter.from_dict(self.entropy.get("rate_limiter"))
+                devices.append(spec)
+        except (DeviceSpecError, RateLimitError) as e:
             raise ConfigError(str(e)) from None
         return MachineConfig(kernel=b.kernel_image_path, initrd=b.initrd_path,
                              cmdline=self.cmdline(), mem_size=m.mem_size_mib << 20,
@@ -161,7 +176,7 @@ class VmConfig:
     @classmethod
     def from_machine_config(cls, mc):
         """Describe a VM started with `pyvmm run` flags in this model."""
-        from vmm.devices import DriveSpec, NetSpec, VsockSpec
+        from vmm.devices import DriveSpec, NetSpec, RngSpec, VsockSpec
         cfg = cls(boot_source=BootSource(mc.kernel, mc.initrd, mc.cmdline),
                   machine=MachineCfg(vcpu_count=mc.cpus, mem_size_mib=mc.mem_size >> 20,
                                      cpu_template="None",
@@ -177,6 +192,9 @@ class VmConfig:
                 dev.iface_id = f"net{nn}"
                 cfg.nets[dev.iface_id] = NetIface(dev.iface_id, dev.tap_name, mac)
                 nn += 1
+            elif isinstance(dev, RngSpec):
+                lim = dev.rate_limiter
+                cfg.entropy = {"rate_limiter": _strip(lim.to_dict()) if lim else None}
             elif isinstance(dev, VsockSpec):
                 cfg.vsock = Vsock(dev.cid, dev.uds_path)
         return cfg

@@ -14,7 +14,7 @@ import queue
 import threading
 
 from vmm import vmconfig as vc
-from vmm.api import routes
+from vmm.api import limits, routes
 from vmm.api.metrics import Metrics
 from vmm.api.schema import API_VERSION, ApiError, validate
 from vmm.api.snapshot import SnapshotMixin
@@ -156,6 +156,9 @@ class Controller(SnapshotMixin):
         if d.partuuid is not None and not d.partuuid.strip():
             raise ApiError("Drive: partuuid must not be empty")
         _check_image(d.path_on_host, d.is_read_only)
+        d.rate_limiter = limits.to_api(limits.from_api(d.rate_limiter, "Drive: rate_limiter"))
+        if d.rate_limiter is not None and d.io_engine == "Async":
+            raise ApiError("Drive: io_engine Async has no rate limiter (use Sync)")
         self.config.drives[drive_id] = d
 
     def put_net(self, body, iface_id):
@@ -179,7 +182,15 @@ class Controller(SnapshotMixin):
                     and other.guest_mac.lower() == n.guest_mac.lower():
                 raise ApiError(f"guest MAC {n.guest_mac} is already used by "
                                f"interface {other.iface_id}")
+        for k in ("rx_rate_limiter", "tx_rate_limiter"):
+            setattr(n, k, limits.to_api(limits.from_api(getattr(n, k), f"NetworkInterface: {k}")))
         self.config.nets[iface_id] = n
+
+    def put_entropy(self, body):
+        """A virtio-rng device fed by getrandom(2) (issue #12), optionally rate limited."""
+        self._pre_boot()
+        lim = limits.from_api(body.get("rate_limiter"), "EntropyDevice: rate_limiter")
+        self.config.entropy = {"rate_limiter": limits.to_api(lim)}
 
     def put_vsock(self, body):
         """Firecracker's PUT /vsock: pre-boot; a second call replaces the first."""
@@ -290,14 +301,27 @@ class Controller(SnapshotMixin):
         d = self.config.drives.get(drive_id)
         if d is None:
             raise ApiError(f"no drive with id {drive_id}")
-        path = body.get("path_on_host")
-        if path is None:
-            return None
         spec = next((s for s in self.machine.config.devices
                      if getattr(s, "drive_id", None) == drive_id), None)
         dev = spec.device if spec is not None else None
         if dev is None:
             raise ApiError(f"drive {drive_id} is not attached")
+        if (body.get("rate_limiter") is not None or body.get("faults") is not None) \
+                and getattr(dev, "io_engine", "sync") != "sync":
+            raise ApiError(f"drive {drive_id}: io_engine Async has no rate limiter or faults "
+                           "(use Sync)")
+        if body.get("rate_limiter") is not None:        # applies at once (issue #12)
+            icpt = dev.intercept
+            lim = limits.patched(icpt and icpt.limiter, body["rate_limiter"],
+                                 "PartialDrive: rate_limiter")
+            dev.configure(limiter=lim)
+            d.rate_limiter = limits.to_api(lim)
+        if body.get("faults") is not None:              # pyvmm's extension (issue #15)
+            dev.configure(faults=limits.faults_from_api(body["faults"], "disk",
+                                                        "PartialDrive: faults"))
+        path = body.get("path_on_host")
+        if path is None:
+            return None
         if getattr(dev, "io_engine", "sync") != "sync":
             # io_uring requests can still be in flight on the old file while paused
             raise ApiError(f"drive {drive_id}: swapping the image of an io_engine Async drive "
@@ -329,9 +353,28 @@ class Controller(SnapshotMixin):
         if not self.started:
             raise ApiError(BEFORE_BOOT)
         _same_id("iface_id", iface_id, body)
-        if iface_id not in self.config.nets:
+        n = self.config.nets.get(iface_id)
+        if n is None:
             raise ApiError(f"no network interface with id {iface_id}")
-        return None       # only rate limiters can be patched; the schema refuses them
+        spec = next((s for s in self.machine.config.devices
+                     if getattr(s, "iface_id", None) == iface_id), None)
+        dev = spec.device if spec is not None else None
+        if dev is None:
+            raise ApiError(f"network interface {iface_id} is not attached")
+        changes = {}
+        for k in ("rx_rate_limiter", "tx_rate_limiter"):    # apply at once (issue #12)
+            if body.get(k) is not None:
+                key = k[:2] + "_limiter"
+                icpt = dev.intercept
+                changes[key] = limits.patched(icpt and getattr(icpt, key), body[k],
+                                              f"PartialNetworkInterface: {k}")
+                setattr(n, k, limits.to_api(changes[key]))
+        if body.get("faults") is not None:              # pyvmm's extension (issue #15)
+            changes["faults"] = limits.faults_from_api(body["faults"], "net",
+                                                       "PartialNetworkInterface: faults")
+        if changes:
+            dev.configure(**changes)
+        return None
 
     # -- periodic work (server thread) ------------------------------------------------
     def tick(self):

@@ -54,6 +54,7 @@ ROUTES = [
     Route("/vm/config", {"GET": (None, "get_vm_config")}, "vm_config"),
     Route("/logger", {"PUT": ("Logger", "put_logger")}, "logger"),
     Route("/metrics", {"PUT": ("Metrics", "put_metrics")}, "metrics"),
+    Route("/entropy", {"PUT": ("EntropyDevice", "put_entropy")}, "entropy"),
     Route("/vsock", {"PUT": ("Vsock", "put_vsock")}, "vsock"),
     # Resources other issues implement: refused plainly until then.
     Route("/snapshot/create", {"PUT": ("SnapshotCreateParams", "put_snapshot_create")},

@@ -27,8 +27,6 @@ class F:
     ci: bool = False                # enum compared case-insensitively
 
 
-RATE_LIMITERS = "rate limiters are not supported yet (issue #12)"
-
 SCHEMAS = {
     "BootSource": {
         "kernel_image_path": F(str, required=True),
@@ -51,25 +49,30 @@ SCHEMAS = {
         "partuuid": F(str),
         "cache_type": F(str, enum=("Unsafe", "Writeback")),
         "io_engine": F(str, enum=("Sync", "Async")),
-        "rate_limiter": F(dict, unsupported=RATE_LIMITERS),
+        "rate_limiter": F(dict),
         "socket": F(str, unsupported="vhost-user-block drives are not supported by pyvmm"),
     },
     "PartialDrive": {
         "drive_id": F(str, required=True),
         "path_on_host": F(str),
-        "rate_limiter": F(dict, unsupported=RATE_LIMITERS),
+        "rate_limiter": F(dict),
+        "faults": F(str),           # pyvmm: fault SPEC (vmm/virtio/faults.py), "" = none
     },
     "NetworkInterface": {
         "iface_id": F(str, required=True),
         "host_dev_name": F(str, required=True),
         "guest_mac": F(str),
-        "rx_rate_limiter": F(dict, unsupported=RATE_LIMITERS),
-        "tx_rate_limiter": F(dict, unsupported=RATE_LIMITERS),
+        "rx_rate_limiter": F(dict),
+        "tx_rate_limiter": F(dict),
     },
     "PartialNetworkInterface": {
         "iface_id": F(str, required=True),
-        "rx_rate_limiter": F(dict, unsupported=RATE_LIMITERS),
-        "tx_rate_limiter": F(dict, unsupported=RATE_LIMITERS),
+        "rx_rate_limiter": F(dict),
+        "tx_rate_limiter": F(dict),
+        "faults": F(str),           # pyvmm: fault SPEC, e.g. "link=down", "" = none
+    },
+    "EntropyDevice": {
+        "rate_limiter": F(dict),
     },
     "InstanceActionInfo": {
         "action_type": F(str, required=True,

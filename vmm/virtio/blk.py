@@ -221,7 +221,7 @@ class BlkDevice(vd.VirtioDevice):
             return False
         self.stats["kicks"] += 1
         if self.intercept is not None and self.native:      # the slow path, off by default
-            completed, irq, err, ioerr, more = self.intercept.process(self, ring)
+            completed, irq, err, ioerr, more = self.intercept.process(self, ring, index)
         elif self._engines and self.native:
             completed, irq, err, ioerr, more = self._engines[index].submit(ring, self._interrupt)
         elif self.native:

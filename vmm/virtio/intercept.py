@@ -17,16 +17,18 @@ running), each request goes through Python here: popped by the C ring walker
   the timer (requests may complete out of order, as virtio allows).
 - Hooks: `hook.blk_request(req)` / `hook.net_frame(direction, frame)` see every
   request (see examples/hooks.py); their return value may decide its fate.
+
+This file holds the shared parts and the virtio-blk path; intercept_net.py
+the virtio-net one.
 """
-import collections
-import errno
-import os
 import struct
 import threading
 import time
 
 from vmm.native import ffi, lib
+from vmm.virtio.queue import QueueError
 from vmm.virtio.timer import Timers
+from vmm.virtio.trace import BLK_TYPES     # at load: I/O threads may not import (seccomp)
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
@@ -42,7 +44,6 @@ class BlkRequest:
 
     @property
     def kind(self):
-        from vmm.virtio.trace import BLK_TYPES
         return BLK_TYPES.get(self.type, str(self.type))
 
     def __repr__(self):
@@ -122,38 +123,41 @@ class BlkIntercept(_Base):
             ok, n = in_len == 0 and out_len == 0, 0
         return typ, sector, n if typ in (T_IN, T_OUT) else 0, ok
 
-    def process(self, dev, ring):
-        """Process a queue as pv_blk_process does, at most dev.budget requests
-        per call (issue #14); (completed, irq, err, ioerr, more)."""
+    def process(self, dev, ring, index=0):
+        """Drain a queue as pv_blk_process does, at most dev.budget requests;
+        (completed, irq, err, ioerr, more)."""
         with self.lock:
             vq, c = ring.vq, ring.chain
-            completed = ioerr = err = popped = 0
-            budget, more = dev.budget, False
-            while not self.paused and not more:
-                while not self.paused:
-                    if popped >= budget:
-                        more = True
-                        break
+            completed = ioerr = err = taken = more = 0
+            budget = dev.budget
+            while not self.paused:
+                while not self.paused and taken < budget:
                     r = lib.pv_vq_pop(vq, c)
                     if r <= 0:
                         err = -r if r < 0 else 0
                         break
-                    popped += 1
-                    s = self._one(dev, ring, c)
+                    s = self._one(dev, ring, index, c)
                     if s is None:                   # deferred (delay) or given back
+                        taken += not self.paused
                         continue
+                    taken += 1
                     if s < 0:
                         vq.broken = -s
                         err = -s
                         break
                     ioerr += s == S_IOERR
                     completed += 1
-                if err or self.paused or more or not lib.pv_vq_enable_notify(vq):
+                if err or self.paused:
+                    break
+                if taken >= budget:
+                    more = 1
+                    break
+                if not lib.pv_vq_enable_notify(vq):
                     break
             irq = bool(completed) and bool(lib.pv_vq_need_interrupt(vq))
             return completed, irq, err, ioerr, more
 
-    def _one(self, dev, ring, c):
+    def _one(self, dev, ring, index, c):
         start = time.monotonic()
         typ, sector, nbytes, ok = self._parse(c)
         if not ok:                                   # let the C engine judge the framing
@@ -178,8 +182,8 @@ class BlkIntercept(_Base):
             saved = ffi.new("struct pv_chain *")
             ffi.memmove(saved, c, ffi.sizeof("struct pv_chain"))
             self.delayed += 1
-            self.timers.call_later(delay, self._complete_later, dev, ring, saved, status,
-                                   start, typ, sector, nbytes, fault)
+            self.timers.call_later(delay, self._complete_later, dev, ring, index, saved,
+                                   status, start, typ, sector, nbytes, fault)
             return None
         return self._perform(dev, ring, c, status, start, typ, sector, nbytes, fault)
 
@@ -200,29 +204,33 @@ class BlkIntercept(_Base):
             hook.blk_done(BlkRequest(typ, sector, nbytes, None), s)
         return s
 
-    def _complete_later(self, dev, ring, c, status, start, typ, sector, nbytes, fault):
+    def _complete_later(self, dev, ring, index, c, status, start, typ, sector, nbytes, fault):
         with self.lock:
             self.delayed -= 1
-            if self.closed or ring not in dev._rings or ring.vq.broken:
+            irq = dev._interrupt
+            if self.closed or ring not in dev._rings or ring.vq.broken or irq is None:
                 return                                   # reset meanwhile: dropped with the ring
             s = self._perform(dev, ring, c, status, start, typ, sector, nbytes, fault)
             if s < 0:
                 ring.vq.broken = -s
-                dev._interrupt.needs_reset(_queue_error(-s))
+                irq.needs_reset(_queue_error(-s, index))
                 return
             dev.stats["requests"] += 1
             dev.stats["ioerr"] += s == S_IOERR
             if lib.pv_vq_need_interrupt(ring.vq):
-                dev._interrupt.used(0)
+                irq.used(index)
 
     def _pause(self, dev, wait):
         self.paused = True
         self.timers.call_later(wait, self.resume, dev)
 
     def resume(self, dev):
-        """Timer (or an update): run the queue again."""
+        """Timer (or an update): run the queues again (the limiter is the
+        device's, shared by its queues)."""
         self.paused = False
-        dev.queue_notify(0)
+        for i, ring in enumerate(list(dev._rings)):
+            if ring is not None:
+                _notify(dev, i)
 
 
 def _set_status_byte(c, s):
@@ -234,200 +242,17 @@ def _set_status_byte(c, s):
             return
 
 
-def _queue_error(code):
-    from vmm.virtio.queue import QueueError
-    return QueueError(code, 0)
+def _queue_error(code, index):
+    return QueueError(code, index)
 
 
-class NetIntercept(_Base):
-    """Frames through Python: limiters per direction, faults, pcap, hook."""
-
-    def __init__(self, ioloop=None, rx_limiter=None, tx_limiter=None, faults=None,
-                 pcap=None, hook=None):
-        super().__init__(ioloop)
-        self.rx_limiter, self.tx_limiter = rx_limiter, tx_limiter
-        self.faults, self.pcap, self.hook = faults, pcap, hook
-        self.rx_paused = self.tx_paused = False
-        self.rx_ready = collections.deque()     # frames (with header) due for the guest
-        self.in_flight = 0                      # frames waiting on an injected delay
-
-    @property
-    def active(self):
-        return any(x is not None for x in (self.rx_limiter, self.tx_limiter, self.faults,
-                                           self.pcap, self.hook))
-
-    @property
-    def link_up(self):
-        f = self.faults
-        return f is None or f.link_up
-
-    def _frames(self, direction, frame, hdr):
-        """[(delay, frame)] after the hook and the faults."""
-        if self.hook is not None and hasattr(self.hook, "net_frame"):
-            r = self.hook.net_frame(direction, frame[hdr:])
-            if r is False or r == "drop":
-                return []
-            if isinstance(r, (bytes, bytearray)):
-                frame = frame[:hdr] + bytes(r)
-        if self.faults is None:
-            return [(0.0, frame)]
-        return self.faults.decide(direction, frame, hdr)
-
-    # --- transmit (dev._lock held) ---
-    def tx(self, dev, ring, res, net=None):
-        vq, c = ring.vq, ring.chain
-        net = dev._net if net is None else net      # the queue pair's C state
-        budget = net.budget or lib.PV_NET_BUDGET
-        hdr = net.hdr_len
-        completed, err, more = 0, 0, False
-        while not self.tx_paused:
-            while completed < budget and not self.tx_paused:
-                r = lib.pv_vq_pop(vq, c)
-                if r <= 0:
-                    err = -r if r < 0 else 0
-                    break
-                if c.nread != c.nseg or c.read_len < hdr or c.nseg > 1024:
-                    vq.broken = err = lib.PV_VQ_E_REQ
-                    break
-                frame = _chain_bytes(c, 0, c.nseg)
-                lim = self.tx_limiter
-                if lim is not None:
-                    wait = lim.consume(len(frame) - hdr, 1)
-                    if wait:
-                        vq.last_avail = (vq.last_avail - 1) & 0xFFFF
-                        self.tx_paused = True
-                        self.timers.call_later(wait, self._resume_tx, dev)
-                        break
-                if self.pcap is not None:
-                    self.pcap.write(frame[hdr:])
-                outs = self._frames("tx", frame, hdr) if self.link_up else []
-                if not outs:
-                    net.tx_drops += 1
-                for delay, f in outs:
-                    if delay > 0:
-                        self.in_flight += 1
-                        self.timers.call_later(delay, self._send_later, dev, f)
-                    else:
-                        self._send(dev, f)
-                lib.pv_vq_push(vq, c.head, 0)
-                completed += 1
-            if err or self.tx_paused:
-                break
-            if completed >= budget:
-                more = True
-                break
-            if not lib.pv_vq_enable_notify(vq):
-                break
-        _result(res, vq, completed, -err if err else 0, int(more))
-
-    def _send(self, dev, frame):
-        net, backend = dev._net, dev.backend
-        if backend is None:
-            return
-        try:
-            os.write(backend.fd, frame)
-        except OSError as e:
-            net.last_errno = e.errno
-            if e.errno in (errno.EAGAIN, errno.ENOBUFS, errno.EIO):
-                net.tx_drops += 1
-            else:
-                net.tx_errors += 1
-            return
-        net.tx_packets += 1
-        net.tx_bytes += len(frame) - net.hdr_len
-
-    def _send_later(self, dev, frame):
-        with dev._lock:
-            self.in_flight -= 1
-            if not self.closed:
-                self._send(dev, frame)
-
-    def _resume_tx(self, dev):
-        self.tx_paused = False
-        dev.queue_notify(1)
-
-    # --- receive (dev._lock held) ---
-    def rx(self, dev, ring, res, net=None):
-        vq, c = ring.vq, ring.chain
-        net = dev._net if net is None else net
-        hdr = net.hdr_len
-        budget = net.budget or lib.PV_NET_BUDGET
-        used_before, interrupt, err = vq.used_idx, False, 0
-        state = lib.PV_NET_RX_MORE
-        reads = 0
-        while True:
-            if self.rx_paused:
-                state = lib.PV_NET_RX_NOBUF      # stop polling until the timer
-                break
-            if net.pending:                        # a frame waits for buffers
-                lib.pv_net_rx_held(vq, net, c, res)
-                interrupt |= bool(res.interrupt)
-                if res.error:
-                    err = res.error
-                    break
-                if res.state == lib.PV_NET_RX_NOBUF:
-                    state = lib.PV_NET_RX_NOBUF
-                    break
-                continue
-            if self.rx_ready:
-                frame = self.rx_ready[0]
-                lim = self.rx_limiter
-                if lim is not None:
-                    wait = lim.consume(len(frame) - hdr, 1)
-                    if wait:
-                        self.rx_paused = True
-                        self.timers.call_later(wait, self._resume_rx, dev)
-                        continue
-                self.rx_ready.popleft()
-                if self.pcap is not None:
-                    self.pcap.write(frame[hdr:])
-                n = min(len(frame), lib.PV_NET_SINK_SIZE)
-                ffi.memmove(net.sink, frame, n)
-                net.pending = n
-                continue
-            if reads >= budget:
-                break
-            try:
-                frame = os.read(net.fd, lib.PV_NET_SINK_SIZE)
-            except BlockingIOError:
-                state = lib.PV_NET_RX_IDLE
-                break
-            except OSError as e:
-                net.rx_errors += 1
-                net.last_errno = e.errno
-                state = lib.PV_NET_RX_NOBUF        # as the C path: stop polling until a kick
-                break
-            reads += 1
-            if len(frame) < hdr or not self.link_up:
-                net.rx_drops += 1
-                continue
-            outs = self._frames("rx", frame, hdr)
-            if not outs:
-                net.rx_drops += 1
-            for delay, f in outs:
-                if delay > 0:
-                    self.in_flight += 1
-                    self.timers.call_later(delay, self._deliver_later, dev, f)
-                else:
-                    self.rx_ready.append(f)
-        completed = (vq.used_idx - used_before) & 0xFFFF
-        if completed and not interrupt:
-            interrupt = bool(lib.pv_vq_need_interrupt(vq))
-        res.completed, res.interrupt, res.error, res.state = completed, int(interrupt), err, state
-
-    def _deliver_later(self, dev, frame):
-        self.in_flight -= 1
-        if not self.closed:
-            self.rx_ready.append(frame)
-            dev.poll_rx()
-
-    def _resume_rx(self, dev):
-        self.rx_paused = False
-        dev.poll_rx()
-
-    def reset(self):
-        self.rx_ready.clear()
-        self.rx_paused = self.tx_paused = False
+def _notify(dev, index):
+    """Process queue `index` as a driver notification would (through the
+    transport: its lock, its activation check, and again while the device
+    reports work left)."""
+    t = dev._interrupt
+    if t is not None and hasattr(t, "notify"):
+        t.notify(index)
 
 
 def _result(res, vq, completed, error, state):
@@ -458,6 +283,9 @@ def configure_blk(dev, **changes):
     one).  With all removed, the C fast path is back."""
     if not dev.native:
         raise ValueError("the request slow path needs the C ring walker (native=True)")
+    if getattr(dev, "_engine", None) is not None:
+        raise ValueError("io_engine=io_uring has no slow path (faults, tracing, hooks, "
+                         "rate limits): use the sync engine")
     icpt = dev.intercept
     if icpt is None:
         icpt = BlkIntercept(dev.ioloop)
@@ -471,39 +299,18 @@ def configure_blk(dev, **changes):
     if not icpt.active and not icpt.delayed and icpt is not dev.intercept:
         icpt.close()
     if was_paused:                  # an update takes effect now, not at the old deadline
-        icpt.paused = False
         _kick(dev, icpt, 0)
-
-
-def configure_net(dev, **changes):
-    """Set any of rx_limiter, tx_limiter, faults, pcap, hook on a NetDevice."""
-    with dev._lock:
-        icpt = dev.intercept
-        if icpt is None:
-            icpt = NetIntercept(dev.ioloop)
-        old_link = icpt.link_up
-        _apply(dev, icpt, changes, ("rx_limiter", "tx_limiter", "faults", "pcap", "hook"))
-        was_paused = icpt.rx_paused or icpt.tx_paused
-        icpt.rx_paused = icpt.tx_paused = False
-        keep = icpt.active or icpt.in_flight or icpt.rx_ready
-        dev.intercept = icpt if keep else None
-        link_changed = icpt.link_up != old_link
-    if not keep:
-        icpt.close()
-    if link_changed and dev._interrupt is not None:
-        dev._interrupt.config()      # §5.1.4: the driver rereads status (LINK_UP)
-    if was_paused or link_changed:
-        _kick(dev, icpt, None)
 
 
 def _kick(dev, icpt, queue):
     """Run the device's queues again, on the I/O thread when there is one."""
     def go():
-        if queue is None:
-            dev.queue_notify(1)
+        if queue is None:                # every queue pair of a NIC
+            for i in range(dev.active_pairs):
+                _notify(dev, 2 * i + 1)
             dev.poll_rx()
         else:
-            dev.queue_notify(queue)
+            icpt.resume(dev)
     if dev.ioloop is not None and not icpt.closed:
         icpt.timers.call_later(0, go)
     else:

@@ -125,12 +125,12 @@ class NetDevice(vd.VirtioDevice):
         self._lock = threading.Lock()     # rings vs. reset; tap wake-ups vs. kicks
         self._interrupt = None
         self._ctrl = None
+        self.intercept = None             # limiters/faults/pcap/hook: vmm/virtio/intercept.py
         self.active_pairs = 1
         self.rx_mode = {}                 # VIRTIO_NET_CTRL_RX state the driver set
         self.mac_tables = ([], [])        # VIRTIO_NET_CTRL_MAC_TABLE_SET: unicast, multicast
         self.polling_changes = 0          # times a tap queue left/rejoined the poll set
         self.kicks = [0] * len(self.queue_max_sizes)
-        self.intercept = None             # limiters/faults/pcap/hook: vmm/virtio/intercept.py
 
     # --- configuration (§5.1.4: mac, status, max_virtqueue_pairs, mtu) ---
     def config_bytes(self):
@@ -204,7 +204,7 @@ class NetDevice(vd.VirtioDevice):
     def configure(self, **changes):
         """rx_limiter=, tx_limiter=, faults=, pcap=, hook= (None removes), also
         while running (a link change raises a config interrupt): intercept.py."""
-        from vmm.virtio.intercept import configure_net
+        from vmm.virtio.intercept_net import configure_net
         configure_net(self, **changes)
 
     def queue_notify(self, index):
@@ -326,7 +326,7 @@ class NetDevice(vd.VirtioDevice):
             return lib.PV_NET_RX_IDLE
         res = self._res
         if self.intercept is not None:                 # the slow path, off by default
-            self.intercept.rx(self, ring, res, p.net)
+            self.intercept.rx(self, p, ring, res)
         else:
             lib.pv_net_rx(ring.vq, p.net, ring.chain, res)
         state = res.state
@@ -341,7 +341,7 @@ class NetDevice(vd.VirtioDevice):
         ring = p.tx
         res = self._res
         if self.intercept is not None:
-            self.intercept.tx(self, ring, res, p.net)
+            self.intercept.tx(self, p, ring, res)
         else:
             lib.pv_net_tx(ring.vq, p.net, ring.chain, res)
         more = bool(res.state)

@@ -14,6 +14,7 @@ the queue (no busy loop; the request is served exactly once).
 import os
 import threading
 
+from vmm.native import ffi, lib
 from vmm.virtio import device as vd
 from vmm.virtio.queue import E_REQ, NativeRing, QueueError
 from vmm.virtio.timer import Timers
@@ -85,41 +86,47 @@ class RngDevice(vd.VirtioDevice):
             if ring is None or ring.broken or self._paused:
                 return
             done = 0
+            vq, c = ring.vq, ring.chain
             try:
                 while True:
-                    chain = ring.pop()
-                    while chain is not None:
-                        n = min(chain.write_len, MAX_REQUEST)
+                    r = lib.pv_vq_pop(vq, c)
+                    while r > 0:
+                        n = min(c.write_len, MAX_REQUEST)
                         lim = self.rate_limiter
                         wait = lim.consume(n) if lim is not None else 0.0
                         if wait:
-                            ring.vq.last_avail = (ring.vq.last_avail - 1) & 0xFFFF  # stays queued
+                            vq.last_avail = (vq.last_avail - 1) & 0xFFFF   # stays queued
                             self._pause(wait)
                             break
-                        if chain.read_len:         # §5.4.6.1: device-writable only
+                        if c.nread:                # §5.4.6.1: device-writable only
                             raise QueueError(E_REQ, 0)
-                        self._fill(chain.writable, n)
-                        ring.push(chain.head, n)
+                        self._fill(c, n)
+                        lib.pv_vq_push(vq, c.head, n)
                         done += 1
                         self.stats["bytes"] += n
-                        chain = ring.pop()
-                    if self._paused or not ring.enable_notify():
+                        r = lib.pv_vq_pop(vq, c)
+                    if r < 0:
+                        raise QueueError(-r, 0)
+                    if self._paused or not lib.pv_vq_enable_notify(vq):
                         break
             except QueueError as e:
-                ring.fail(e.code)
+                vq.broken = e.code
                 self._interrupt.needs_reset(e)
             self.stats["requests"] += done
-            if done and ring.need_interrupt():
+            if done and lib.pv_vq_need_interrupt(vq):
                 self._interrupt.used(0)
 
-    def _fill(self, views, n):
-        data = memoryview(self._source(n)) if n else b""
+    def _fill(self, c, n):
+        """`n` random bytes into the chain's buffers, straight through cffi
+        (no numpy: this runs on a confined I/O thread, which may not import).
+        SAFETY: the segments were checked to lie in guest RAM by pv_vq_pop."""
+        data = self._source(n) if n else b""
         pos = 0
-        for v in views:
-            take = min(len(v), n - pos)
+        for i in range(c.nseg):
+            take = min(c.iov[i].iov_len, n - pos)
             if take <= 0:
                 break
-            v[:take] = data[pos:pos + take]
+            ffi.memmove(c.iov[i].iov_base, data[pos:pos + take], take)
             pos += take
 
     def _pause(self, wait):

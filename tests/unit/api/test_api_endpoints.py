@@ -109,9 +109,9 @@ def test_drives(api, disk, tmp_path):
     assert "missing required field `is_root_device`" in fault(
         api, "PUT", "/drives/x", {"drive_id": "x", "path_on_host": disk})
     assert "path_on_host" in fault(api, "PUT", "/drives/x", {"drive_id": "x", "is_root_device": False})
-    assert "issue #12" in fault(api, "PUT", "/drives/x", {
-        "drive_id": "x", "path_on_host": disk, "is_root_device": False,
-        "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}})
+    assert "rate_limiter.bandwidth: size and refill_time are required" in fault(
+        api, "PUT", "/drives/x", {"drive_id": "x", "path_on_host": disk, "is_root_device": False,
+                                  "rate_limiter": {"bandwidth": {"size": 1}}})
     assert "must be one of" in fault(api, "PUT", "/drives/x", {
         "drive_id": "x", "path_on_host": disk, "is_root_device": False, "cache_type": "Fast"})
     # null is "absent", as serde's Option
@@ -155,8 +155,8 @@ def test_network_interfaces(api):
         "iface_id": "eth1", "host_dev_name": "tap1", "guest_mac": "52:54:00:00:00:01"})
     assert "invalid interface name" in fault(api, "PUT", "/network-interfaces/eth1", {
         "iface_id": "eth1", "host_dev_name": "a/b"})
-    assert "issue #12" in fault(api, "PUT", "/network-interfaces/eth1", {
-        "iface_id": "eth1", "host_dev_name": "tap1", "rx_rate_limiter": {}})
+    assert "unknown field `bw`" in fault(api, "PUT", "/network-interfaces/eth1", {
+        "iface_id": "eth1", "host_dev_name": "tap1", "rx_rate_limiter": {"bw": {}}})
     assert "missing required field `host_dev_name`" in fault(
         api, "PUT", "/network-interfaces/eth1", {"iface_id": "eth1"})
     assert "before starting" in fault(api, "PATCH", "/network-interfaces/eth0", {"iface_id": "eth0"})
@@ -233,7 +233,7 @@ def test_post_boot_rules(api, ctl, kernel, disk):
     assert "no drive with id" in fault(api, "PATCH", "/drives/zz", {"drive_id": "zz"})
 
 
-@pytest.mark.parametrize("url", ["/entropy",
+@pytest.mark.parametrize("url", [
                                  "/balloon", "/mmds", "/cpu-config"])
 def test_other_issues_endpoints_refused(api, url):
     msg = fault(api, "PUT", url, {"x": 1})
@@ -317,3 +317,126 @@ def test_routes_have_handlers():
         for method, (schema, name) in r.methods.items():
             assert callable(getattr(Controller, name)), name
             assert schema is None or schema in SCHEMAS
+
+
+def test_rate_limiters_and_entropy_pre_boot(api, tmp_path):
+    """Issue #12: rate_limiter on drives and NICs, PUT /entropy; zero-size
+    buckets are Firecracker's "disabled"; GET /vm/config shows them."""
+    disk = str(tmp_path / "rl.img")
+    with open(disk, "wb") as f:
+        f.write(bytes(4096))
+    lim = {"bandwidth": {"size": 1048576, "refill_time": 100},
+           "ops": {"size": 100, "one_time_burst": 10, "refill_time": 100}}
+    api.put("/drives/rl", {"drive_id": "rl", "path_on_host": disk, "is_root_device": False,
+                           "rate_limiter": lim})
+    api.put("/network-interfaces/n1", {"iface_id": "n1", "host_dev_name": "tap7",
+                                       "rx_rate_limiter": {"ops": {"size": 0, "refill_time": 0}},
+                                       "tx_rate_limiter": {"ops": {"size": 5, "refill_time": 10}}})
+    api.put("/entropy", {"rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 1000}}})
+    cfg = api.get("/vm/config")
+    drive = next(d for d in cfg["drives"] if d["drive_id"] == "rl")
+    assert drive["rate_limiter"] == {
+        "bandwidth": {"size": 1048576, "one_time_burst": 0, "refill_time": 100},
+        "ops": {"size": 100, "one_time_burst": 10, "refill_time": 100}}
+    net = next(n for n in cfg["network-interfaces"] if n["iface_id"] == "n1")
+    assert "rx_rate_limiter" not in net and net["tx_rate_limiter"]["ops"]["size"] == 5
+    assert cfg["entropy"]["rate_limiter"]["bandwidth"]["size"] == 4096
+    assert "rate_limiter.ops: size and refill_time must be positive" in fault(api, "PUT", "/entropy", {
+        "rate_limiter": {"ops": {"size": -1, "refill_time": 5}}})
+    assert "unknown field" in fault(api, "PUT", "/entropy", {"rate": 1})
+
+
+def test_patch_rate_limiters_apply_to_running_devices(api, ctl, disk):
+    """PATCH /drives and /network-interfaces change the limiter of the live
+    device (issue #12): a bucket given replaces, one left out stays, a
+    disabled one (size 0) goes, and with none left the C fast path is back."""
+    import socket
+    from vmm.virtio.blk import BlkDevice
+    from vmm.virtio.net import NetDevice
+
+    class Spec:
+        def __init__(self, dev, **ids):
+            self.device = dev
+            self.__dict__.update(ids)
+
+    class Backend:
+        def __init__(self):
+            self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.fd, self.name, self.offload_ok = self.sock.fileno(), "s", False
+
+        def close(self):
+            self.sock.close()
+            self.peer.close()
+
+    api.put("/drives/d", {"drive_id": "d", "path_on_host": disk, "is_root_device": False})
+    api.put("/network-interfaces/n", {"iface_id": "n", "host_dev_name": "tap5"})
+    blk, net = BlkDevice(disk), NetDevice(Backend())
+    m = StandIn()
+    m.config.devices = [Spec(blk, drive_id="d"), Spec(net, iface_id="n")]
+    ctl.attach(m)
+    try:
+        api.patch("/drives/d", {"drive_id": "d", "rate_limiter": {
+            "bandwidth": {"size": 1000, "refill_time": 10}, "ops": {"size": 5, "refill_time": 10}}})
+        lim = blk.intercept.limiter
+        assert (lim.bandwidth.size, lim.ops.size) == (1000, 5)
+        api.patch("/drives/d", {"drive_id": "d", "rate_limiter": {
+            "ops": {"size": 7, "refill_time": 10}}})
+        assert (lim.bandwidth.size, lim.ops.size) == (1000, 7)       # bandwidth kept
+        api.patch("/drives/d", {"drive_id": "d", "rate_limiter": {
+            "bandwidth": {"size": 0, "refill_time": 0}, "ops": {"size": 0, "refill_time": 0}}})
+        assert blk.intercept is None                                  # fast path again
+        api.patch("/network-interfaces/n", {"iface_id": "n",
+                                            "tx_rate_limiter": {"ops": {"size": 3, "refill_time": 9}}})
+        assert net.intercept.tx_limiter.ops.size == 3 and net.intercept.rx_limiter is None
+        cfg = api.get("/vm/config")
+        assert cfg["network-interfaces"][0]["tx_rate_limiter"]["ops"]["size"] == 3
+        assert "size and refill_time are required" in fault(
+            api, "PATCH", "/network-interfaces/n",
+            {"iface_id": "n", "rx_rate_limiter": {"ops": {"size": 3}}})
+    finally:
+        blk.close()
+        net.close()
+
+
+def test_patch_faults_extension(api, ctl, disk):
+    """pyvmm's `faults` on PATCH (issue #15): rules on the running disk, a
+    link switch on the NIC (config interrupt), "" removes them."""
+    import socket
+    from vmm.virtio.blk import BlkDevice
+    from vmm.virtio.net import NetDevice
+
+    class Spec:
+        def __init__(self, dev, **ids):
+            self.device = dev
+            self.__dict__.update(ids)
+
+    class Backend:
+        def __init__(self):
+            self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.fd, self.name, self.offload_ok = self.sock.fileno(), "s", False
+
+        def close(self):
+            self.sock.close()
+            self.peer.close()
+
+    api.put("/drives/d", {"drive_id": "d", "path_on_host": disk, "is_root_device": False})
+    api.put("/network-interfaces/n", {"iface_id": "n", "host_dev_name": "tap5"})
+    blk, net = BlkDevice(disk), NetDevice(Backend())
+    m = StandIn()
+    m.config.devices = [Spec(blk, drive_id="d"), Spec(net, iface_id="n")]
+    ctl.attach(m)
+    try:
+        api.patch("/drives/d", {"drive_id": "d", "faults": "read-error@8-15;seed=3"})
+        assert blk.faults_counts() == {"read-error@8-15": 0}
+        assert "unknown disk rule 'read-eror'" in fault(
+            api, "PATCH", "/drives/d", {"drive_id": "d", "faults": "read-eror@1"})
+        api.patch("/drives/d", {"drive_id": "d", "faults": ""})
+        assert blk.intercept is None
+        assert net.config_bytes()[6] == 1
+        api.patch("/network-interfaces/n", {"iface_id": "n", "faults": "link=down"})
+        assert net.config_bytes()[6] == 0                 # VIRTIO_NET_S_LINK_UP off
+        api.patch("/network-interfaces/n", {"iface_id": "n", "faults": ""})
+        assert net.config_bytes()[6] == 1 and net.intercept is None
+    finally:
+        blk.close()
+        net.close()

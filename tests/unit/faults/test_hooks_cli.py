@@ -79,3 +79,12 @@ def test_cli_errors_are_one_line(tmp_path, cls, text, msg):
     with pytest.raises(DeviceSpecError) as e:
         cls(prefix + text)
     assert str(e.value).startswith(msg) and "\n" not in str(e.value)
+
+
+def test_run_flags_describe_entropy_in_vm_config():
+    from vmm.machine import MachineConfig
+    from vmm.vmconfig import VmConfig
+    cfg = VmConfig.from_machine_config(MachineConfig(kernel="k", devices=[RngSpec("ops=10:100")]))
+    assert cfg.to_dict()["entropy"] == {
+        "rate_limiter": {"ops": {"size": 10, "one_time_burst": 0, "refill_time": 100}}}
+    assert VmConfig.from_machine_config(MachineConfig(kernel="k")).to_dict().get("entropy") is None

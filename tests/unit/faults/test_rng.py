@@ -62,7 +62,8 @@ def test_rate_limited_ops_resume_by_timer(gmem, loop):
     # 10 ops per 100 ms, no burst: 30 requests take ~0.2 s after the first 10
     lim = RateLimiter(ops=TokenBucket(10, 100))
     dev, t, d = make(gmem, rate_limiter=lim, ioloop=loop)
-    heads = [offer(d, 32)[0] for _ in range(30)]
+    for _ in range(30):
+        offer(d, 32)
     t0 = time.monotonic()
     d.kick(0)
     assert len(d.queues[0].get_used()) == 10        # the rest wait for tokens
@@ -74,4 +75,17 @@ def test_rate_limited_ops_resume_by_timer(gmem, loop):
     assert got == 30 and dev.stats["requests"] == 30   # each served exactly once
     assert 0.15 < elapsed < 1.0
     assert dev.stats["throttled"] >= 2
+    t.close()
+
+
+def test_on_legacy_pci(gmem):
+    from vmm.virtio.pci_legacy import TRANSITIONAL_IDS, VirtioPciLegacy
+    dev = RngDevice()
+    t = VirtioPciLegacy(dev, gmem)
+    d = MockDriver(t, gmem)
+    assert d.init()
+    assert TRANSITIONAL_IDS[4] == 0x1005
+    head, bufs = offer(d, 256)
+    d.kick(0)
+    assert dict(d.queues[0].get_used())[head] == 256
     t.close()
