@@ -22,10 +22,8 @@ import vmm.testing.tinyguest as T
 from vmm.virtio.trace import read_pcap
 
 TIMEOUT = 1200
-# clocksource=jiffies: the default guest kernel of 2026-11-23 stops in clocksource_done_booting
-# (initcall_debug) on this software-KVM host unless it keeps the jiffies clocksource
 BASE = ("console=ttyS0 reboot=k panic=-1 pvpanic_mmio.ioport=0x505 rodata=off 8250.nr_uarts=1 nopti "
-        "i8042.noaux i8042.nokbd clocksource=jiffies")
+        "i8042.noaux i8042.nokbd")
 GUEST_IP, HOST_IP = "10.78.0.2", "10.78.0.1"
 TAP, TAP2 = "pvflt0", "pvflt1"
 BAD = 2048                      # first injected bad sector (8 sectors: one 4 KiB block)
