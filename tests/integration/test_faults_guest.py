@@ -110,7 +110,7 @@ def test_faults_rng_pcap_one_boot(tmp_path):
         out = shell(p, console, f"dd if=/dev/vda of=/dev/null bs=512 skip={BAD} count=1 "
                                 f"iflag=direct; echo BAD-RC=$?")
         assert "BAD-RC=1" in out.replace("BAD-RC=$?", ""), out
-        out = shell(p, console, "dmesg | grep 'I/O error'")
+        out = shell(p, console, "dmesg > /tmp/kmsg; grep 'I/O error' /tmp/kmsg")
         assert f"I/O error, dev vda, sector {BAD} op 0x0:(READ)" in out, out
         good = 100
         out = shell(p, console, f"dd if=/dev/vda bs=512 skip={good} count=8 iflag=direct "
