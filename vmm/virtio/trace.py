@@ -43,11 +43,30 @@ def _open(path, what):
         raise TraceError(f"cannot open {what} {path}: {e.strerror}") from None
 
 
-class PcapWriter:
-    def __init__(self, path):
+class _TraceFile:
+    """A trace file shared by threads: writes, flush and close under one lock;
+    writes after close() are dropped."""
+
+    def __init__(self, path, what):
         self.path = os.fspath(path)
-        self._f = _open(self.path, "pcap file")
+        self._f = _open(self.path, what)
         self._lock = threading.Lock()
+
+    def flush(self):
+        with self._lock:
+            if self._f is not None:
+                self._f.flush()
+
+    def close(self):
+        with self._lock:
+            f, self._f = self._f, None
+        if f is not None:
+            f.close()
+
+
+class PcapWriter(_TraceFile):
+    def __init__(self, path):
+        super().__init__(path, "pcap file")
         self._f.write(struct.pack("<IHHiIII", PCAP_MAGIC, 2, 4, 0, 0, SNAPLEN,
                                   LINKTYPE_ETHERNET))
         self._f.flush()
@@ -67,17 +86,6 @@ class PcapWriter:
             self._f.write(frame[:cap])
             self.frames += 1
 
-    def flush(self):
-        with self._lock:
-            if self._f is not None:
-                self._f.flush()
-
-    def close(self):
-        with self._lock:
-            f, self._f = self._f, None
-        if f is not None:
-            f.close()
-
 
 def read_pcap(path):
     """[(timestamp, frame bytes)] of a pcap file written by PcapWriter (tests)."""
@@ -95,13 +103,11 @@ def read_pcap(path):
     return out
 
 
-class JsonLines:
+class JsonLines(_TraceFile):
     """A file of one JSON object per line, shared by threads."""
 
     def __init__(self, path, what):
-        self.path = os.fspath(path)
-        self._f = _open(self.path, what)
-        self._lock = threading.Lock()
+        super().__init__(path, what)
         self.lines = 0
 
     def write(self, obj):
@@ -110,17 +116,6 @@ class JsonLines:
             if self._f is not None:
                 self._f.write(line)
                 self.lines += 1
-
-    def flush(self):
-        with self._lock:
-            if self._f is not None:
-                self._f.flush()
-
-    def close(self):
-        with self._lock:
-            f, self._f = self._f, None
-        if f is not None:
-            f.close()
 
 
 class BlkTracer(JsonLines):
