@@ -36,10 +36,19 @@ def user():
         for dev in ("/dev/kvm", "/dev/net/tun"):
             subprocess.run(["setfacl", "-m", f"u:{UID}:rw", dev], check=True)
             granted.append(dev)
+        # the checkout (and its venv) may sit below a 0700 directory, e.g. a
+        # mktemp -d clone: let the uid traverse to it, and only that
+        for top in (ROOT, os.path.realpath(sys.executable)):
+            a = os.path.dirname(os.path.abspath(top))
+            while a != "/":
+                if not os.stat(a).st_mode & 0o001:
+                    subprocess.run(["setfacl", "-m", f"u:{UID}:x", a], check=True)
+                    granted.append(a)
+                a = os.path.dirname(a)
         yield UID, d
     finally:
         for dev in granted:
-            subprocess.run(["setfacl", "-x", f"u:{UID}", dev], check=True)
+            subprocess.run(["setfacl", "-x", f"u:{UID}", dev], check=False)
         shutil.rmtree(d, ignore_errors=True)
 
 
