@@ -70,10 +70,10 @@ wrap(M.regs, "setup_sregs", "vCPU setup")
 wrap(M.regs, "setup_regs", "vCPU setup")
 wrap(M.regs, "setup_fpu", "vCPU setup")
 run = M.Machine.run
-def run_w(self):
+def run_w(self, *a, **k):
     T["run"] = time.monotonic()
     os.write(2, ("STARTUP " + json.dumps(T) + "\n").encode())
-    return run(self)
+    return run(self, *a, **k)
 M.Machine.run = run_w
 sys.exit(cli.main(sys.argv[1:]))
 """

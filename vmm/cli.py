@@ -15,8 +15,6 @@ from vmm.kvm.system import KvmUnavailable
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.memory import GuestMemoryError
 from vmm.native import NativeError
-from vmm.kvm.state import StateError
-from vmm.snapshot import SnapshotError
 from vmm.seccomp import SeccompError
 
 EXIT_USAGE = 2
@@ -303,6 +301,7 @@ def snapshot_command(args):
     """`pyvmm snapshot`: PATCH /vm Paused, PUT /snapshot/create, PATCH /vm
     Resumed, as a user would with curl."""
     from vmm.api.client import ApiClient, ApiRequestError
+    from vmm.snapshot import SnapshotError
     try:
         with ApiClient(args.api_sock, timeout=600) as api:
             was = api.get("/")["state"]
@@ -348,8 +347,11 @@ def guarded(fn, args):
 def error_status(e):
     """The exit status for an expected error (printed as one line), or None
     for a bug (shown with its traceback)."""
+    # imported here, not at the top: start-up cost (snapshot pulls in hashlib)
     from vmm.api.server import ApiSocketError
-    from vmm.virtio.device import VirtioError   # imported late: start-up cost
+    from vmm.kvm.state import StateError
+    from vmm.snapshot import SnapshotError
+    from vmm.virtio.device import VirtioError
     from vmm.vmconfig import ConfigError
     if isinstance(e, (UsageError, DeviceSpecError, ConfigError)):
         return EXIT_USAGE

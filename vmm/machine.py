@@ -1,12 +1,12 @@
 """A VM built from a MachineConfig: memory, vCPUs, boot state, devices and the
 run loop.  `Machine(config).run()` returns the exit status (see STATUS)."""
+from __future__ import annotations
+
 import logging
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import List, Optional
 
 from vmm.arch.x86 import boot, cpuid, layout, loader, mptable, regs
 from vmm.bus import Bus
@@ -18,6 +18,7 @@ from vmm.kvm.system import Kvm
 from vmm.kvm.vcpu import Vcpu
 from vmm.kvm.vm import Vm
 from vmm.memory import GuestMemory
+from vmm.record import Factory, Record
 from vmm.vcpu_thread import VcpuThread, install_kick_handler
 
 log = logging.getLogger("pyvmm")
@@ -38,20 +39,19 @@ POWER_OFF_POLL = 0.25 # seconds between checks for all vCPUs halted with IF=0
 IO_STOP_TIMEOUT = 5.0 # seconds close() waits for the device I/O threads, all together
 
 
-@dataclass
-class MachineConfig:
+class MachineConfig(Record):
     kernel: str
-    initrd: Optional[str] = None
+    initrd: str | None = None
     cmdline: str = "console=ttyS0"
     mem_size: int = 256 << 20
     cpus: int = 1
     cpu_template: str = "auto"
-    serial_out: Optional[object] = None      # binary file object; None = stdout
-    serial_in: Optional[int] = None          # fd to read console input from
-    timeout: Optional[float] = None
-    devices: List[object] = field(default_factory=list)
+    serial_out: object | None = None         # binary file object; None = stdout
+    serial_in: int | None = None             # fd to read console input from
+    timeout: float | None = None
+    devices: list[object] = Factory(list)
     track_dirty_pages: bool = False          # KVM dirty log on, for diff snapshots
-    restore: Optional[object] = None         # a vmm.snapshot.Restore: build from a snapshot
+    restore: object | None = None            # a vmm.snapshot.Restore: build from a snapshot
     seccomp: bool = False      # confine every thread once built (vmm/seccomp.py); the CLI's default
 
 

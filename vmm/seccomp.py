@@ -117,7 +117,9 @@ KINDS = tuple(ALLOW)
 def parse_entry(entry):
     """'name' -> (name, -1, 0); 'name(aN==V)' -> (name, N, value)."""
     import re
-    import socket
+    # the C module: socket's constants without socket.py's enum set-up, which
+    # cost milliseconds on each vCPU thread's way to its first KVM_RUN
+    import _socket as socket
     m = re.fullmatch(r"(\w+)(?:\(a([0-5])==(\w+)\))?", entry)
     if not m:
         raise SeccompError(f"seccomp: bad allow-list entry {entry!r}")

@@ -1,7 +1,7 @@
 """One configuration model for a VM, shared by the control API, --config-file
 and (for describing a running VM) `pyvmm run`: Firecracker's resources
 (boot-source, machine-config, drives, network-interfaces, logger, metrics)
-as plain dataclasses, and the conversion to the MachineConfig that
+as plain records (vmm/record.py), and the conversion to the MachineConfig that
 vmm.machine builds from.
 
 Field names and defaults follow Firecracker's OpenAPI spec (firecracker.yaml,
@@ -9,10 +9,10 @@ v1.14.1): mem_size_mib defaults to 128, vcpu_count to 1; a root drive goes
 first (so it is /dev/vda) and adds `root=/dev/vda rw|ro` (or
 `root=PARTUUID=... rw|ro`) to the kernel command line, as Firecracker does.
 """
-from dataclasses import dataclass, field
-from typing import Dict, Optional
+from __future__ import annotations
 
 from vmm import guest
+from vmm.record import Factory, Record
 
 # Firecracker's CPU templates (all of them mask CPUID bits on top of the host's)
 # mapped onto ours; "None" means "no template", which on software KVM cannot boot
@@ -27,15 +27,13 @@ class ConfigError(ValueError):
     """A configuration that cannot be used (one line, for a 400 or the CLI)."""
 
 
-@dataclass
-class BootSource:
+class BootSource(Record):
     kernel_image_path: str
-    initrd_path: Optional[str] = None
-    boot_args: Optional[str] = None
+    initrd_path: str | None = None
+    boot_args: str | None = None
 
 
-@dataclass
-class MachineCfg:
+class MachineCfg(Record):
     vcpu_count: int = 1
     mem_size_mib: int = 128
     smt: bool = False
@@ -44,53 +42,48 @@ class MachineCfg:
     huge_pages: str = "None"
 
 
-@dataclass
-class Drive:
+class Drive(Record):
     drive_id: str
     path_on_host: str
     is_root_device: bool = False
     is_read_only: bool = False
-    partuuid: Optional[str] = None
+    partuuid: str | None = None
     cache_type: str = "Unsafe"
     io_engine: str = "Sync"
-    rate_limiter: Optional[dict] = None      # Firecracker's RateLimiter (vmm/api/limits.py)
+    rate_limiter: dict | None = None      # Firecracker's RateLimiter (vmm/api/limits.py)
 
 
-@dataclass
-class NetIface:
+class NetIface(Record):
     iface_id: str
     host_dev_name: str
-    guest_mac: Optional[str] = None
-    rx_rate_limiter: Optional[dict] = None
-    tx_rate_limiter: Optional[dict] = None
+    guest_mac: str | None = None
+    rx_rate_limiter: dict | None = None
+    tx_rate_limiter: dict | None = None
 
 
-@dataclass
-class Vsock:
+class Vsock(Record):
     guest_cid: int
     uds_path: str
-    vsock_id: Optional[str] = None
+    vsock_id: str | None = None
 
 
-@dataclass
-class Logger:
-    log_path: Optional[str] = None
+class Logger(Record):
+    log_path: str | None = None
     level: str = "Info"
     show_level: bool = False
     show_log_origin: bool = False
-    module: Optional[str] = None
+    module: str | None = None
 
 
-@dataclass
-class VmConfig:
-    boot_source: Optional[BootSource] = None
-    machine: MachineCfg = field(default_factory=MachineCfg)
-    drives: Dict[str, Drive] = field(default_factory=dict)      # insertion order kept
-    nets: Dict[str, NetIface] = field(default_factory=dict)
-    logger: Optional[Logger] = None
-    metrics_path: Optional[str] = None
-    entropy: Optional[dict] = None      # PUT /entropy body: a virtio-rng device
-    vsock: Optional[Vsock] = None
+class VmConfig(Record):
+    boot_source: BootSource | None = None
+    machine: MachineCfg = Factory(MachineCfg)
+    drives: dict[str, Drive] = Factory(dict)      # insertion order kept
+    nets: dict[str, NetIface] = Factory(dict)
+    logger: Logger | None = None
+    metrics_path: str | None = None
+    entropy: dict | None = None      # PUT /entropy body: a virtio-rng device
+    vsock: Vsock | None = None
 
     # -- views ---------------------------------------------------------------
     def ordered_drives(self):

@@ -4,8 +4,7 @@ tools that ask for "the firecracker binary" can run pyvmm unchanged."""
 import argparse
 import sys
 
-from vmm.api.schema import API_VERSION
-from vmm.api.controller import VMM_VERSION
+from vmm.api.version import API_VERSION, VMM_VERSION
 
 API_HELP = """Run one microVM controlled through Firecracker's REST API on a Unix socket
 (firecracker.yaml v%s). Configure it with PUT /boot-source, /machine-config,

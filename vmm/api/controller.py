@@ -16,13 +16,12 @@ import threading
 from vmm import vmconfig as vc
 from vmm.api import limits, routes
 from vmm.api.metrics import Metrics
-from vmm.api.schema import API_VERSION, ApiError, validate
+from vmm.api.schema import ApiError, validate
+from vmm.api.version import API_VERSION, APP_NAME, VMM_VERSION
 from vmm.api.snapshot import SnapshotMixin
 
 log = logging.getLogger("pyvmm.api")
 
-VMM_VERSION = "0.1.0"
-APP_NAME = "pyvmm"
 START_TIMEOUT = 120.0      # seconds the API waits for the main thread to build the VM
 
 LOG_LEVELS = {"Error": logging.ERROR, "Warning": logging.WARNING, "Info": logging.INFO,

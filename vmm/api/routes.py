@@ -8,16 +8,17 @@ a pattern matches one path segment and is passed as a keyword argument.
 To add a resource (say /vsock), add a Route here and the method on the
 Controller (or a mixin); until then `unsupported` answers 400 with the reason.
 """
-from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
 
 
-@dataclass(frozen=True)
 class Route:
-    pattern: str
-    methods: Dict[str, Tuple[Optional[str], str]] = field(default_factory=dict)
-    metric: str = ""
-    unsupported: Optional[str] = None
+    """A plain class, not a dataclass: see schema.F."""
+    __slots__ = ("pattern", "methods", "metric", "unsupported")
+
+    def __init__(self, pattern, methods=None, metric="", unsupported=None):
+        self.pattern = pattern
+        self.methods = methods or {}    # method -> (schema name or None, handler name)
+        self.metric = metric
+        self.unsupported = unsupported
 
     def match(self, path):
         """{param: value} if `path` matches, else None."""

@@ -7,24 +7,27 @@ error; an optional field given as null counts as absent.  Fields that belong
 to features another issue implements (rate limiters, vhost-user) are
 recognised and refused with a clear message rather than silently ignored.
 """
-from dataclasses import dataclass
-from typing import Optional, Tuple
-
-API_VERSION = "1.14.1"     # the firecracker.yaml these resources were read from
+from vmm.api.version import API_VERSION  # noqa: F401 (the firecracker.yaml read; re-exported)
 
 
 class ApiError(Exception):
     """A bad request: HTTP 400 with {"fault_message": str(self)}."""
 
 
-@dataclass(frozen=True)
 class F:
-    type: type                      # str, int, bool, dict, list
-    required: bool = False
-    enum: Optional[Tuple] = None
-    unsupported: Optional[str] = None   # reason, if pyvmm refuses the field for now
-    minimum: Optional[int] = None
-    ci: bool = False                # enum compared case-insensitively
+    """One field of a resource.  A plain class, not a dataclass: this module
+    loads before the API socket accepts, and dataclasses (with inspect) cost
+    more start-up time than everything else here."""
+    __slots__ = ("type", "required", "enum", "unsupported", "minimum", "ci")
+
+    def __init__(self, type, required=False, enum=None, unsupported=None, minimum=None,
+                 ci=False):
+        self.type = type                # str, int, bool, dict, list
+        self.required = required
+        self.enum = enum                # tuple of allowed values, or None
+        self.unsupported = unsupported  # reason, if pyvmm refuses the field for now
+        self.minimum = minimum
+        self.ci = ci                    # enum compared case-insensitively
 
 
 SCHEMAS = {

@@ -13,12 +13,26 @@ Wiring a disk into a VM (see VirtioMmio's docstring):
 On legacy virtio-pci (pci_legacy.py) the same device sits behind a PCI
 function: `VirtioPciAttachment(open_device)` wires it into a Machine.
 """
-from vmm.virtio.blk import BlkDevice, BlkError
-from vmm.virtio.device import VirtioDevice, VirtioError
-from vmm.virtio.ioloop import IoLoop
-from vmm.virtio.mmio import VirtioMmio
-from vmm.virtio.pci_legacy import VirtioPciAttachment, VirtioPciLegacy
-from vmm.virtio.queue import QueueError, Virtqueue
+# The names below load on first use (PEP 562): importing one submodule (the
+# rate limiter for the API, say) must not pull in every device and transport,
+# whose imports are most of a VMM's start-up time.
+_LAZY = {"BlkDevice": "blk", "BlkError": "blk", "VirtioDevice": "device",
+         "VirtioError": "device", "IoLoop": "ioloop", "VirtioMmio": "mmio",
+         "VirtioPciAttachment": "pci_legacy", "VirtioPciLegacy": "pci_legacy",
+         "QueueError": "queue", "Virtqueue": "queue"}
 
-__all__ = ["BlkDevice", "BlkError", "IoLoop", "QueueError", "VirtioDevice", "VirtioError",
-           "VirtioMmio", "VirtioPciAttachment", "VirtioPciLegacy", "Virtqueue"]
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    sub = _LAZY.get(name)
+    if sub is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"{__name__}.{sub}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -15,7 +15,6 @@ per queue) instead and completes them when they finish
 during the kick.
 """
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -449,7 +448,9 @@ def _rw_all(fd, bufs, off, write):
     return True
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# dlopen(NULL): libc is already mapped in every Python process; find_library("c")
+# would run /sbin/ldconfig -p in a child process at import (milliseconds of start-up).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 

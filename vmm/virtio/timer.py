@@ -10,7 +10,6 @@ no polling: the loop sleeps in epoll until the earliest deadline.  Without
 an I/O loop, the owner calls `run_due()` (tests).
 """
 import ctypes
-import ctypes.util
 import heapq
 import itertools
 import os
@@ -20,7 +19,9 @@ import time
 CLOCK_MONOTONIC = 1
 TFD_NONBLOCK, TFD_CLOEXEC = 0o4000, 0o2000000
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# dlopen(NULL): libc is already mapped in every Python process; find_library("c")
+# would run /sbin/ldconfig -p in a child process at import (milliseconds of start-up).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _Timespec(ctypes.Structure):

@@ -1,13 +1,15 @@
 """Linux x86 boot protocol: the zero page (struct boot_params), command line,
 initrd placement and the e820 memory map.  Layout of boot_params comes from
 <asm/bootparam.h> through cffi (vmm.native)."""
+from __future__ import annotations
+
 import os
-from dataclasses import dataclass
 
 from vmm.arch.x86 import layout as L
 from vmm.arch.x86.loader import KernelError
 from vmm.memory import MMIO_HOLE_END
 from vmm.native import ffi, lib
+from vmm.record import Record
 
 BOOT_FLAG = 0xAA55
 HDRS_MAGIC = 0x53726448
@@ -15,8 +17,7 @@ LOADER_TYPE_UNDEFINED = 0xFF   # "bootloader not registered" (boot protocol)
 PAGE = 4096
 
 
-@dataclass
-class Initrd:
+class Initrd(Record):
     addr: int
     size: int
 

@@ -4,11 +4,13 @@ and uncompressed ELF vmlinux (its 64-bit entry with a synthesized zero page).
 Returns a KernelImage telling where the kernel sits and where to enter; the
 zero page itself is written by vmm/arch/x86/boot.py.
 """
+from __future__ import annotations
+
 import struct
-from dataclasses import dataclass
 
 from vmm.arch.x86.layout import HIGH_MEM
 from vmm.native import lib
+from vmm.record import Record
 
 HDRS_MAGIC = 0x53726448    # "HdrS" (boot protocol header signature)
 MIN_PROTOCOL = 0x0206
@@ -21,8 +23,7 @@ class KernelError(Exception):
     """The kernel file cannot be booted; the message is one line for the user."""
 
 
-@dataclass
-class KernelImage:
+class KernelImage(Record):
     kind: str              # "bzImage" or "elf"
     entry: int             # guest-physical 64-bit entry point
     start: int             # lowest guest-physical byte the kernel occupies
