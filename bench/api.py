@@ -2,8 +2,13 @@
 
 - process start -> API socket accepting: wall ms (measured from outside:
   fork/exec until connect() succeeds) and CPU ms (the VMM's own
-  process_startup_time_cpu_us metric, Firecracker's name; its published
-  target is 8 CPU ms), for `pyvmm api --api-sock`;
+  process_startup_time_cpu_us metric, Firecracker's name, recorded as the
+  socket starts listening; its published target is 8 CPU ms), for
+  `pyvmm api --api-sock`; and process start -> first `GET /` answered (sent
+  as soon as connect() succeeds: the server thread starts after the socket
+  listens, so this is what a client waits for), wall and CPU ms (every
+  thread's on-CPU time from /proc/PID/task/*/schedstat at that moment);
+  beside them, `python -c pass` (spawn -> exit) as the interpreter's floor;
 - `GET /` round trip over a kept-alive connection, 1,000 requests: p50/p99,
   through http.client (vmm.api.client) and with a raw socket (what the
   server itself costs);
@@ -56,8 +61,34 @@ def pct(samples, p):
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
+def cpu_ms(pid):
+    """On-CPU time so far of every thread of `pid` (ns resolution, unlike
+    /proc/PID/stat's clock ticks)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / 1e6
+
+
+def interpreter_floor(reps):
+    """`python -c pass`, spawn -> exit (wall ms), the same way as below."""
+    out = []
+    for _ in range(reps):
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        out.append((time.monotonic() - t0) * 1000)
+    return out
+
+
 def socket_ready(d, reps):
-    wall, cpu, cpu_ext = [], [], []
+    """(wall to accepting, its CPU (the metric), wall to the first GET /
+    answered, CPU then), ms, one list each."""
+    wall, cpu, wall_first, cpu_first = [], [], [], []
+    req = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
     for i in range(reps):
         sock = os.path.join(d, f"start{i}.sock")
         metrics = os.path.join(d, f"m{i}.json")
@@ -67,12 +98,31 @@ def socket_ready(d, reps):
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
         try:
-            if not wait_for_socket(sock, 30, p):
+            s = None
+            while time.monotonic() - t0 < 30 and p.poll() is None:
+                s = socket.socket(socket.AF_UNIX)
+                try:
+                    s.connect(sock)
+                    break
+                except OSError:
+                    s.close()
+                    s = None
+                    time.sleep(0.0005)
+            if s is None:
                 raise RuntimeError("pyvmm api did not open its socket")
             wall.append((time.monotonic() - t0) * 1000)
-            with open(f"/proc/{p.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            cpu_ext.append((int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK"))
+            with s:
+                s.sendall(req)
+                data = b""
+                while not data.endswith(b"}"):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        raise RuntimeError("pyvmm api closed the connection")
+                    data += chunk
+            wall_first.append((time.monotonic() - t0) * 1000)
+            cpu_first.append(cpu_ms(p.pid))
+            if not data.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"GET / answered {data[:40]!r}")
             with ApiClient(sock) as api:
                 api.action("FlushMetrics")
             line = json.loads(open(metrics).read().splitlines()[-1])
@@ -80,7 +130,7 @@ def socket_ready(d, reps):
         finally:
             p.terminate()
             p.wait(10)
-    return wall, cpu, cpu_ext
+    return wall, cpu, wall_first, cpu_first
 
 
 def round_trips(d, n):
@@ -178,7 +228,8 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=1000, help="GET / round trips")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pyvmm-bench-api-") as d:
-        wall, cpu, cpu_ext = socket_ready(d, args.reps)
+        floor = interpreter_floor(args.reps)
+        wall, cpu, wall_first, cpu_first = socket_ready(d, args.reps)
         client, raw = round_trips(d, args.requests)
         first, answered = instance_start(d, args.reps, settle=1.0)
         cold, _ = instance_start(d, args.reps, settle=0.0)
@@ -186,7 +237,9 @@ def main(argv=None):
     res = {
         "socket_ready_wall_ms": stats(wall),
         "socket_ready_cpu_ms": stats(cpu),
-        "socket_ready_cpu_ms_proc_stat": stats(cpu_ext),
+        "first_get_answered_wall_ms": stats(wall_first),
+        "first_get_answered_cpu_ms": stats(cpu_first),
+        "python_c_pass_wall_ms": stats(floor),
         "firecracker_target_cpu_ms": 8,
         "get_root_us": {"requests": args.requests,
                         "http_client": {"p50": pct(client, 50), "p99": pct(client, 99)},
@@ -199,6 +252,9 @@ def main(argv=None):
     print(f"process start -> API socket accepting: {stats(wall)['median']:.1f} ms wall, "
           f"{stats(cpu)['median']:.1f} ms CPU (median of {args.reps}; goal < 40 ms wall, "
           f"Firecracker's target 8 CPU ms)")
+    print(f"process start -> first GET / answered: {stats(wall_first)['median']:.1f} ms wall, "
+          f"{stats(cpu_first)['median']:.1f} ms CPU; `python -c pass` takes "
+          f"{stats(floor)['median']:.1f} ms wall")
     print(f"GET / round trip over {args.requests}: http.client p50 {pct(client, 50):.0f} µs "
           f"p99 {pct(client, 99):.0f} µs; raw socket p50 {pct(raw, 50):.0f} µs "
           f"p99 {pct(raw, 99):.0f} µs")

@@ -8,6 +8,7 @@ import re
 import sys
 
 from vmm import guest
+from vmm.clihelp import HelpFormatter, RawDescriptionHelpFormatter
 from vmm.arch.x86.cpuid import TEMPLATES, CpuidError
 from vmm.arch.x86.loader import KernelError
 from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, RngSpec, VsockSpec
@@ -52,11 +53,11 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     p = Parser(prog="pyvmm", description="A small virtual machine monitor on Linux KVM.",
-               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STATUS_HELP)
+               formatter_class=RawDescriptionHelpFormatter, epilog=STATUS_HELP)
     p.add_argument("--version", action="version", version="pyvmm 0.1.0")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     r = sub.add_parser("run", help="boot a Linux kernel",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STATUS_HELP,
+                       formatter_class=RawDescriptionHelpFormatter, epilog=STATUS_HELP,
                        description="Boot a Linux kernel (bzImage or ELF vmlinux). Without "
                                    "--kernel, boots the default guest built by `make guest`.")
     r.add_argument("--kernel", metavar="PATH", help="kernel image: bzImage or ELF vmlinux")
@@ -113,7 +114,7 @@ def build_parser():
                         "(pause/resume, inspect, swap drives of this VM)")
     from vmm.api.cli import API_HELP, add_api_arguments
     a = sub.add_parser("api", help="run a VM driven by the Firecracker-compatible API",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=RawDescriptionHelpFormatter,
                        description=API_HELP, epilog=STATUS_HELP)
     add_api_arguments(a)
     add_restore_parser(sub)
@@ -122,7 +123,7 @@ def build_parser():
 
 def add_restore_parser(sub):
     r = sub.add_parser("restore", help="continue a VM from a snapshot",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STATUS_HELP,
+                       formatter_class=RawDescriptionHelpFormatter, epilog=STATUS_HELP,
                        description="Rebuild a VM in this process from a snapshot's state file "
                                    "and memory file (mapped copy-on-write, never modified) and "
                                    "continue it.  Disks and taps are reopened at the paths the "
@@ -151,6 +152,7 @@ def add_restore_parser(sub):
     r.add_argument("--no-seccomp", action="store_true",
                    help="do not confine the VMM's threads with seccomp filters (for debugging)")
     s = sub.add_parser("snapshot", help="snapshot a running VM through its API socket",
+                       formatter_class=HelpFormatter,
                        description="Pause the VM served on --api-sock (pyvmm run/restore/api "
                                    "--api-sock), write its state and memory files, and resume it "
                                    "unless --leave-paused.")

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from vmm.api.version import API_VERSION, VMM_VERSION
+from vmm.clihelp import RawDescriptionHelpFormatter
 
 API_HELP = """Run one microVM controlled through Firecracker's REST API on a Unix socket
 (firecracker.yaml v%s). Configure it with PUT /boot-source, /machine-config,
@@ -73,10 +74,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def guarded(fn, args):
-    """As vmm.cli.guarded, without importing the VMM before the socket is up."""
-    import logging
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="pyvmm: %(message)s")
+    """As vmm.cli.guarded, without importing the VMM (or logging: the runner
+    sets it up once the socket is accepting) before the socket is up."""
     try:
         return fn(args)
     except KeyboardInterrupt:
@@ -98,7 +97,7 @@ def api_main(argv):
     """`pyvmm api ...` (dispatched by vmm.__main__ before vmm.cli is imported:
     the socket is up before the VMM's modules are loaded)."""
     p = Parser(prog="pyvmm api", description=API_HELP, epilog=STATUS_NOTE,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=RawDescriptionHelpFormatter)
     add_api_arguments(p)
     return guarded(run_api, p.parse_args(argv))
 
@@ -126,7 +125,7 @@ def firecracker_main(argv=None):
         kept.append(a)
         i += 1
     p = Parser(prog="pyvmm-firecracker", description=API_HELP,
-               formatter_class=argparse.RawDescriptionHelpFormatter,
+               formatter_class=RawDescriptionHelpFormatter,
                epilog="Accepted and ignored (Firecracker flags without meaning for pyvmm): "
                       + ", ".join(IGNORED_FLAGS) + "\n\n" + STATUS_NOTE)
     add_api_arguments(p)

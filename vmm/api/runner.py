@@ -1,20 +1,20 @@
 """The process side of `pyvmm api` / `pyvmm-firecracker`: start the API
 server thread, apply --config-file, wait on the main thread for
 InstanceStart, then build and run the Machine exactly as `pyvmm run` does
-(same devices, exit statuses, signals), and clean up (socket removed)."""
-import json
-import logging
+(same devices, exit statuses, signals), and clean up (socket removed).
+
+Start-up order (issue #10's figure, process start -> API socket accepting):
+the socket is created first, with little more than argparse, os and socket
+loaded; then logging, the controller and the server thread, which answers
+the connections queued meanwhile; the VMM's own modules (KVM, cffi,
+devices) load last, while the client configures the VM.  Imports are
+therefore inside the functions here, on purpose."""
 import os
 import signal
 import sys
 import time
 
-from vmm.api.controller import Controller
-from vmm.api.metrics import Metrics
-from vmm.api.server import ApiServer
-from vmm.vmconfig import ConfigError
-
-log = logging.getLogger("pyvmm.api")
+from vmm.api.listen import close_unix, listen_unix
 
 # --config-file sections -> the API request that configures each (a list
 # section is one request per element, keyed by its id field).
@@ -46,6 +46,8 @@ def process_start_times():
 
 def apply_config_file(ctl, path):
     """Configure `ctl` from a Firecracker JSON config file; raises ConfigError."""
+    import json
+    from vmm.vmconfig import ConfigError
     try:
         with open(path, "rb") as f:
             doc = json.loads(f.read().decode("utf-8"))
@@ -98,33 +100,42 @@ class _Signals:
 
 def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log_path=None,
           level=None, metrics_path=None, debug=False, stdin_console=True, use_seccomp=True):
-    """Run one microVM under the control API; returns the exit status."""
-    ctl = Controller(instance_id, metrics=Metrics())
-    logger = {}
-    if log_path is not None:
-        logger["log_path"] = log_path
-    if level is not None:
-        logger["level"] = level
-    if logger:
-        _put(ctl, "/logger", logger, "--log-path/--level")
-    if metrics_path is not None:
-        _put(ctl, "/metrics", {"metrics_path": metrics_path}, "--metrics-path")
+    """Run one microVM under the control API; returns the exit status.
+    `debug`: VMM internals on stderr (the logging set-up is done here, once
+    the socket is accepting)."""
     server = None
     machine = None
     start_paused = False
+    ctl = None
     with _Signals() as sig:
+        # clients can connect from here on (the kernel queues them until the
+        # server thread below accepts)
+        listener = listen_unix(api_sock) if api_sock is not None else None
+        # as Firecracker, recorded when the API server is about to serve
+        startup = process_start_times()
         try:
-            if api_sock is not None:
-                server = ApiServer(api_sock, ctl.handle, tick=ctl.tick)
-                server.bind()           # clients can connect from here on
-            # recorded before the first request can be served
-            ctl.metrics.startup.update(zip(("process_startup_time_us",
-                                            "process_startup_time_cpu_us"),
-                                           process_start_times()))
-            if server is not None:
+            import logging
+            logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                                format="pyvmm: %(message)s")
+            from vmm.api.controller import Controller
+            from vmm.api.metrics import Metrics
+            from vmm.api.server import ApiServer
+            ctl = Controller(instance_id, metrics=Metrics(*startup))
+            logger = {}
+            if log_path is not None:
+                logger["log_path"] = log_path
+            if level is not None:
+                logger["level"] = level
+            if logger:
+                _put(ctl, "/logger", logger, "--log-path/--level")
+            if metrics_path is not None:
+                _put(ctl, "/metrics", {"metrics_path": metrics_path}, "--metrics-path")
+            if listener is not None:
+                server = ApiServer(api_sock, ctl.handle, tick=ctl.tick, sock=listener)
+                listener = None             # the server owns (and removes) it now
                 server.start()
-            # The VMM's modules (KVM, cffi, devices) load now, after the socket
-            # is accepting, while the client configures the VM.
+            # The VMM's modules (KVM, cffi, devices) load now, while the
+            # client configures the VM.
             from vmm import cli, console  # noqa: F401 (cli: what `pyvmm run` has loaded,
             from vmm.machine import STATUS, Machine  # so nothing imports once confined)
             if config_file is not None:
@@ -143,7 +154,8 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
                         req.machine_config.seccomp = use_seccomp
                         machine = Machine(req.machine_config)
                     except Exception as e:     # reported to the client; keep serving
-                        log.debug("InstanceStart failed", exc_info=True)
+                        logging.getLogger("pyvmm.api").debug("InstanceStart failed",
+                                                             exc_info=True)
                         for dev in req.machine_config.devices:
                             dev.close()
                         req.finish(str(e) or type(e).__name__)
@@ -173,7 +185,7 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
                 print(f"pyvmm: {machine.stop_message or machine.stop_reason}", file=sys.stderr)
             return status
         finally:
-            if ctl.metrics.configured:
+            if ctl is not None and ctl.metrics.configured:
                 try:
                     ctl.metrics.flush(machine)
                 except Exception:
@@ -181,9 +193,13 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
                 ctl.metrics.close()
             if server is not None:
                 server.close()
+            if listener is not None:        # failed before the server took it over
+                close_unix(listener, api_sock)
 
 
 def _put(ctl, url, body, what):
+    import json
+    from vmm.vmconfig import ConfigError
     status, obj = ctl.handle("PUT", url, json.dumps(body).encode())
     if status != 204:
         raise ConfigError(f"{what}: {obj['fault_message']}")

@@ -22,21 +22,19 @@ import socket
 import threading
 import time
 
+from vmm.api.listen import ApiSocketError, close_unix, listen_unix  # noqa: F401 (re-exported)
+
 log = logging.getLogger("pyvmm.api")
 
 MAX_HEAD = 8 * 1024
 MAX_BODY = 51200
-MAX_CONNECTIONS = 1024
+MAX_CONNECTIONS = 1024     # the listen backlog (vmm/api/listen.py)
 RECV_SIZE = 64 * 1024
 MAX_PENDING_OUT = 1 << 20  # a client that pipelines without reading is dropped
 TICK = 1.0                 # seconds between handler ticks (periodic metrics)
 
 REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request",
            500: "Internal Server Error"}
-
-
-class ApiSocketError(Exception):
-    pass
 
 
 class HttpError(Exception):
@@ -105,12 +103,14 @@ class Connection:
 
 
 class ApiServer:
-    def __init__(self, path, handler, tick=None):
+    def __init__(self, path, handler, tick=None, sock=None):
+        """`sock`: the descriptor listen_unix() made at `path` (the server
+        owns it from here on); None to create it in bind() or start()."""
         self.path = os.fspath(path)
         self.handler = handler
         self.tick = tick
         self.requests = 0
-        self._sock = None
+        self._sock = None if sock is None else socket.socket(fileno=sock)
         self._sel = None
         self._thread = None
         self._stop = False
@@ -121,21 +121,7 @@ class ApiServer:
     # -- lifecycle ------------------------------------------------------------------
     def bind(self):
         """Create the listening socket (0600); an existing path is an error."""
-        if os.path.lexists(self.path):
-            raise ApiSocketError(f"API socket {self.path} already exists (another VMM running? "
-                                 "remove it first)")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)          # the socket file is created 0600, no window
-        try:
-            sock.bind(self.path)
-        except OSError as e:
-            sock.close()
-            raise ApiSocketError(f"cannot create API socket {self.path}: {e.strerror}") from None
-        finally:
-            os.umask(old)
-        sock.listen(MAX_CONNECTIONS)
-        sock.setblocking(False)
-        self._sock = sock
+        self._sock = socket.socket(fileno=listen_unix(self.path, MAX_CONNECTIONS))
 
     def start(self):
         if self._sock is None:
@@ -175,12 +161,8 @@ class ApiServer:
             os.close(self._wake_r)
             os.close(self._wake_w)
         if self._sock is not None:
-            self._sock.close()
+            close_unix(self._sock.detach(), self.path)
             self._sock = None
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
     def __enter__(self):
         self.start()
