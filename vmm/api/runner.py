@@ -107,6 +107,7 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
     machine = None
     start_paused = False
     ctl = None
+    early = None
     with _Signals() as sig:
         # clients can connect from here on (the kernel queues them until the
         # server thread below accepts)
@@ -134,14 +135,18 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
                 server = ApiServer(api_sock, ctl.handle, tick=ctl.tick, sock=listener)
                 listener = None             # the server owns (and removes) it now
                 server.start()
-            # The VMM's modules (KVM, cffi, devices) load now, while the
-            # client configures the VM.
+            # While the client configures the VM: the KVM VM is created on a
+            # thread (vmm/kvm/early.py) and the VMM's modules (KVM, cffi,
+            # devices) load here, so that InstanceStart has little left to do.
+            from vmm.kvm.early import EarlyVm
+            early = EarlyVm.start()
             from vmm import cli, console  # noqa: F401 (cli: what `pyvmm run` has loaded,
             from vmm.machine import STATUS, Machine  # so nothing imports once confined)
             if config_file is not None:
                 apply_config_file(ctl, config_file)
                 mc = ctl.config.to_machine_config()
                 mc.seccomp = use_seccomp
+                mc.early = early
                 machine = Machine(mc)
             else:
                 while machine is None:
@@ -152,12 +157,14 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
                         continue
                     try:
                         req.machine_config.seccomp = use_seccomp
+                        req.machine_config.early = early
                         machine = Machine(req.machine_config)
                     except Exception as e:     # reported to the client; keep serving
                         logging.getLogger("pyvmm.api").debug("InstanceStart failed",
                                                              exc_info=True)
                         for dev in req.machine_config.devices:
                             dev.close()
+                        early = EarlyVm.start()     # Machine() closed the last one
                         req.finish(str(e) or type(e).__name__)
                         continue
                     start_paused = req.start_paused      # a snapshot loaded without resume_vm
@@ -195,6 +202,8 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
                 server.close()
             if listener is not None:        # failed before the server took it over
                 close_unix(listener, api_sock)
+            if early is not None:           # not used (no InstanceStart): release it
+                early.close()
 
 
 def _put(ctl, url, body, what):

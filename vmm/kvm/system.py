@@ -29,12 +29,19 @@ class Kvm:
         if missing:
             raise KvmUnavailable("KVM lacks " + ", ".join(missing))
         self.vcpu_mmap_size = ioctl(self.fd, "KVM_GET_VCPU_MMAP_SIZE")
+        self._cpuid = None
 
     def check_extension(self, cap):
         return ioctl(self.fd, "KVM_CHECK_EXTENSION", getattr(lib, cap))
 
     def supported_cpuid(self):
-        """List of dicts (function, index, flags, eax, ebx, ecx, edx)."""
+        """List of dicts (function, index, flags, eax, ebx, ecx, edx): fresh
+        copies of the table KVM reported the first time (it does not change)."""
+        if self._cpuid is None:
+            self._cpuid = self._read_supported_cpuid()
+        return [dict(e) for e in self._cpuid]
+
+    def _read_supported_cpuid(self):
         n = 128
         while True:
             buf = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
