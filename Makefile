@@ -23,8 +23,12 @@ deps:
 $(PYTHON):
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 
+# compileall: the bytecode a non-editable install would have.  Without it, and with
+# PYTHONDONTWRITEBYTECODE set (as on this project's hosts), every `pyvmm` start
+# compiled its modules again: 150 ms more to a guest's first instruction.
 install: $(PYTHON)
 	$(PYTHON) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PYTHON) -m compileall -q vmm
 
 guest:
 	bash guests/build.sh

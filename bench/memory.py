@@ -134,7 +134,7 @@ import tracemalloc, sys, json, os
 tracemalloc.start(1)
 from vmm import cli, machine
 M = machine.Machine
-def run(self):
+def run(self, *a, **k):
     snap = tracemalloc.take_snapshot()
     per = {}
     for st in snap.statistics("filename"):

@@ -268,7 +268,13 @@ def norm_api(d):
                as_stats(d.get("socket_ready_wall_ms")), higher_is_better=False),
            row("api", fam, "process start → API socket accepting (CPU)", "ms",
                as_stats(d.get("socket_ready_cpu_ms")), "Firecracker target",
-               as_stats(d.get("firecracker_target_cpu_ms")), False)]
+               as_stats(d.get("firecracker_target_cpu_ms")), False),
+           row("api", fam, "process start → first GET / answered (wall)", "ms",
+               as_stats(d.get("first_get_answered_wall_ms")), higher_is_better=False),
+           row("api", fam, "process start → first GET / answered (CPU, all threads)", "ms",
+               as_stats(d.get("first_get_answered_cpu_ms")), higher_is_better=False),
+           row("api", fam, "python -c pass, spawn → exit (the interpreter's floor)", "ms",
+               as_stats(d.get("python_c_pass_wall_ms")), higher_is_better=False)]
     for client in ("http_client", "raw_socket"):
         for p in ("p50", "p99"):
             v = g.get(client, {}).get(p)
