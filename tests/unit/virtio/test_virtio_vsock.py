@@ -326,6 +326,7 @@ def test_our_credit_held_while_host_does_not_read(rig):
     # all credit used: fwd_cnt counts only what the socket took, the rest waits
     assert g.credit == 0 and len(sent) >= 256 << 10
     assert g.peer_fwd_cnt < len(sent)
+    assert 0 < r.dev.counters()["backlog_bytes"] <= len(sent) - g.peer_fwd_cnt
     hs.setblocking(False)
     got = bytearray()
     for _ in range(200):                  # the host reads; EPOLLOUT flushes the rest
