@@ -357,6 +357,12 @@ class VsockSpec(VirtioSpec):
         self._ioloop = machine.ioloop()     # host sockets are polled by the I/O thread
         return super().attach(machine, cmdline)
 
+    def snapshot_options(self):
+        """A restore reopens the same uds path; connections are not carried
+        over (the guest gets TRANSPORT_RESET, vmm/virtio/vsock.py)."""
+        return {"kind": "vsock", "cid": self.cid, "uds": self.uds_path,
+                "transport": self.transport_name}
+
     def open_device(self):
         from vmm.virtio.vsock import VsockDevice
         return VsockDevice(self.uds_path, guest_cid=self.cid, ioloop=self._ioloop)
@@ -448,6 +454,8 @@ def spec_from_options(opts, override=None):
         cls, keep = NetSpec, {"transport", "mac", "queues"}
     elif kind == "rng":
         cls, keep = RngSpec, {"transport"}
+    elif kind == "vsock":
+        cls, keep = VsockSpec, {"transport", "cid"}
     else:
         raise DeviceSpecError(f"snapshot has a device of unknown kind {kind!r}")
     if override is not None:
