@@ -309,7 +309,7 @@ def norm_generic(module, d):
 
 def norm_vsock(d):
     """bench/vsock.py: {"host_to_guest"|"guest_to_host": {"device", "socketpair"} in
-    MB/s, "idle_cpu_fraction": stats}."""
+    MB/s, "idle_cpu_fraction"(_no_connection): stats}."""
     rows = []
     for key, label in (("host_to_guest", "host → guest"), ("guest_to_host", "guest → host")):
         v = d.get(key)
@@ -320,6 +320,10 @@ def norm_vsock(d):
     rows.append(row("vsock", "virtio-vsock", "CPU of an idle device (one idle connection)",
                     "% of a core", as_stats(d.get("idle_cpu_fraction"), 100),
                     higher_is_better=False))
+    if d.get("idle_cpu_fraction_no_connection") is not None:
+        rows.append(row("vsock", "virtio-vsock", "CPU of an idle device (no connection)",
+                        "% of a core", as_stats(d["idle_cpu_fraction_no_connection"], 100),
+                        higher_is_better=False))
     return rows
 
 
