@@ -191,11 +191,11 @@ class VsockDevice(vd.VirtioDevice):
             while True:
                 lib.pv_vsock_tx(ring.vq, mux.vs, ring.chain, res)
                 state = res.state
-                hdr, payload = bytes(res.hdr), res.payload
+                pkt = (bytes(res.hdr), res.payload) if state == 1 else None
                 if not self._finish(TX, res):
                     return
-                if state == 1:
-                    mux.handle_packet(hdr, payload)
+                if pkt is not None:
+                    mux.handle_packet(*pkt)
                 elif state != 2:
                     break
         mux.reap()
