@@ -142,6 +142,9 @@ def add_restore_parser(sub):
                         "size; other options stay as in the snapshot")
     r.add_argument("--net", metavar="tap=NAME", action="append", default=[],
                    help="use another tap for the snapshot's NICs, in order (the MAC stays)")
+    r.add_argument("--vsock", metavar="uds=PATH", action="append", default=[],
+                   help="listen on another uds path for the snapshot's vsock device (e.g. a "
+                        "second clone of one snapshot); the guest CID stays")
     r.add_argument("--serial", metavar="stdio|file:PATH", default="stdio",
                    help="where the guest's serial console goes (default stdio)")
     r.add_argument("--timeout", metavar="SECONDS", type=float,
@@ -188,11 +191,15 @@ def restore_config(args):
     saved = restore.device_options()
     drives = [i for i, o in enumerate(saved) if o.get("kind") == "drive"]
     nics = [i for i, o in enumerate(saved) if o.get("kind") == "net"]
+    socks = [i for i, o in enumerate(saved) if o.get("kind") == "vsock"]
     if len(args.drive) > len(drives) or len(args.net) > len(nics):
         raise UsageError(f"the snapshot has {len(drives)} disks and {len(nics)} NICs; "
                          f"more --drive/--net overrides were given")
+    if len(args.vsock) > len(socks):
+        raise UsageError(f"the snapshot has {len(socks)} vsock devices; more --vsock were given")
     overrides = dict(zip(drives, args.drive))
     overrides.update(zip(nics, args.net))
+    overrides.update(zip(socks, args.vsock))
     devices = [spec_from_options(o, overrides.get(i)) for i, o in enumerate(saved)]
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be positive")

@@ -459,7 +459,7 @@ def spec_from_options(opts, override=None):
     else:
         raise DeviceSpecError(f"snapshot has a device of unknown kind {kind!r}")
     if override is not None:
-        what = "--drive" if kind == "drive" else "--net"
+        what = {"drive": "--drive", "vsock": "--vsock"}.get(kind, "--net")
         given = parse_options(override, what, cls.KEYS)
         for k in keep:
             if k in given and str(given[k]) != str(opts.get(k)):

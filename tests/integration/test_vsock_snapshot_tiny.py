@@ -1,6 +1,7 @@
 """A tiny ring-0 guest with a virtio-vsock device (no driver: the device is
 never activated) can be snapshotted and restored in a new process, which
-listens on the same uds path again (vsock snapshots used to be refused).
+listens on the same uds path again (vsock snapshots used to be refused),
+or on another one with `pyvmm restore --vsock uds=PATH` (a clone).
 The TRANSPORT_RESET a running driver gets after a restore is tested with the
 mock driver (tests/unit/virtio/test_virtio_vsock.py)."""
 import os
@@ -22,7 +23,8 @@ ALPHABET = bytes.fromhex("66baf803" "b361" "88d8" "ee" "fec3" "80fb7b" "7502" "b
                          "b900400000" "ffc9" "75fc" "ebe9")
 
 
-def test_vm_with_vsock_snapshots_and_restores(tmp_path):
+@pytest.mark.parametrize("clone", [False, True])
+def test_vm_with_vsock_snapshots_and_restores(tmp_path, clone):
     k = T.make_elf(ALPHABET, str(tmp_path / "alpha.elf"))
     uds = str(tmp_path / "v.sock")
     s, m = tmp_path / "a.state", tmp_path / "a.mem"
@@ -32,8 +34,11 @@ def test_vm_with_vsock_snapshots_and_restores(tmp_path):
     p = subprocess.run(cmd, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr.decode()
     assert not os.path.exists(uds)                    # removed when that VMM stopped
+    extra = []
+    if clone:
+        extra, uds = ["--vsock", f"uds={tmp_path / 'clone.sock'}"], str(tmp_path / "clone.sock")
     r = subprocess.Popen([sys.executable, "-m", "vmm", "restore", "--snapshot", str(s),
-                          "--mem", str(m), "--resume", "--timeout", "4"],
+                          "--mem", str(m), "--resume", "--timeout", "4", *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
@@ -44,6 +49,7 @@ def test_vm_with_vsock_snapshots_and_restores(tmp_path):
         c.connect(uds)
         c.close()
         out, err = r.communicate(timeout=120)
+        assert not os.path.exists(str(tmp_path / "v.sock"))   # (a clone never touched it)
     finally:
         if r.poll() is None:
             r.kill()

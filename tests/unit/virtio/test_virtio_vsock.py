@@ -680,3 +680,9 @@ def test_snapshot_options_rebuild_the_spec(tmp_path):
     opts = VsockSpec(f"cid=7,uds={uds},transport=pci").snapshot_options()
     spec = spec_from_options(opts)
     assert (type(spec), spec.cid, spec.uds_path, spec.transport_name) == (VsockSpec, 7, uds, "pci")
+    other = str(tmp_path / "clone.sock")                # pyvmm restore --vsock uds=PATH
+    spec = spec_from_options(opts, f"uds={other}")
+    assert (spec.cid, spec.uds_path, spec.transport_name) == (7, other, "pci")
+    from vmm.devices import DeviceSpecError
+    with pytest.raises(DeviceSpecError, match="--vsock: cid cannot change"):
+        spec_from_options(opts, f"uds={other},cid=8")   # guest-visible (§5.10.4)
