@@ -276,14 +276,14 @@ def _device_entries(machine):
     out = []
     for spec in machine._attached:
         opts = getattr(spec, "snapshot_options", None)
-        transport = getattr(spec, "transport", None)
-        if opts is None or transport is None:
+        if opts is None:
             raise SnapshotError(f"device {type(spec).__name__} does not support snapshots")
+        transport = getattr(spec, "transport", None)     # None: no guest-visible state
         try:
-            tstate = transport.state()
+            out.append({"options": opts(),
+                        "transport": transport.state() if transport is not None else None})
         except NotImplementedError as e:
             raise SnapshotError(str(e)) from None
-        out.append({"options": opts(), "transport": tstate})
     return out
 
 
@@ -452,9 +452,11 @@ def _build(machine, restore):
     machine.i8042.restore(st["legacy"]["i8042"])
     machine.pvpanic.restore(st["legacy"]["pvpanic"])
     for dev, dst in zip(c.devices, st["devices"]):
-        dev.transport.restore(dst["transport"])
-    for dev in c.devices:
-        dev.transport.restart()
+        if dst["transport"] is not None:
+            dev.transport.restore(dst["transport"])
+    for dev, dst in zip(c.devices, st["devices"]):
+        if dst["transport"] is not None:
+            dev.transport.restart()
 
 
 __all__ = ["Restore", "SnapshotError", "build", "create", "load", "pack_state", "read_state",

@@ -2,9 +2,10 @@
 prints the alphabet in a loop continues where it was after a restore in a
 new process, twice at once from one snapshot; a Diff snapshot over its base
 continues from the later point, and so does a second Diff layered on the
-first (rebased); taking a snapshot of a running VM and
+first (rebased); --trace-exits goes on into the same file after a restore; taking a snapshot of a running VM and
 restoring with a wrong memory file are refused."""
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -92,6 +93,20 @@ def test_two_diff_layers_rebased_continue_from_the_last_point(tmp_path):
                        capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     assert p.returncode == 1 and p.stderr.decode().count("\n") == 1
     assert "not a Diff snapshot" in p.stderr.decode()
+
+
+def test_exit_trace_reopened_for_append_on_restore(tmp_path):
+    s, m, trace = tmp_path / "t.state", tmp_path / "t.mem", tmp_path / "exits.jsonl"
+    shoot(tmp_path, ["wait:fgh", f"snap:Full:{s}:{m}", "stop"], "--trace-exits", str(trace))
+    before = trace.read_bytes()
+    assert before.count(b"\n") > 5
+    p = restore(s, m, seconds=2)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == STATUS["timeout"], err.decode()
+    after = trace.read_bytes()
+    assert after.startswith(before) and after.count(b"\n") > before.count(b"\n") + 5
+    last = json.loads(after.splitlines()[-1])
+    assert (last["kind"], last["addr"], last["dir"]) == ("pio", 0x3F8, "write")
 
 
 def test_snapshot_of_a_running_vm_is_refused(tmp_path):

@@ -29,6 +29,7 @@ import threading
 
 from vmm.native import ffi, lib
 from vmm.virtio import device as vd
+from vmm.virtio import intercept_persist
 from vmm.virtio.net_ctrl import ControlQueue
 from vmm.virtio.queue import NativeRing, QueueError
 
@@ -267,7 +268,8 @@ class NetDevice(vd.VirtioDevice):
                   max_pairs=self.max_pairs, active_pairs=self.active_pairs,
                   # control queue state (net_ctrl.py): §5.1.6.5.2 rx mode and MAC tables
                   rx_mode=sorted([int(k), bool(v)] for k, v in self.rx_mode.items()),
-                  mac_tables=[[m.hex() for m in t] for t in self.mac_tables])
+                  mac_tables=[[m.hex() for m in t] for t in self.mac_tables],
+                  intercept=intercept_persist.state(self.intercept))   # limiter budgets, faults
         return st
 
     def restore(self, state):
@@ -285,11 +287,10 @@ class NetDevice(vd.VirtioDevice):
         self.mac_tables = tuple([bytes.fromhex(m) for m in t]
                                 for t in state.get("mac_tables", ([], [])))
         self._restore_pairs = active      # activate() turns them on (it runs next)
+        intercept_persist.restore(self.intercept, state.get("intercept"))
 
     def rings(self):
-        if self.intercept is not None:
-            raise NotImplementedError("virtio-net with fault injection or rate limiters "
-                                      "does not support snapshots")
+        intercept_persist.check(self.intercept)     # a hook: refused
         out = {}
         for p in self._pairs:
             out.update({i: r for i, r in ((2 * p.index + RX, p.rx), (2 * p.index + TX, p.tx))
