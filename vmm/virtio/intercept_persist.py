@@ -27,6 +27,8 @@ Not carried, and why:
 A request a limiter throttled is back on the ring, so nothing is lost:
 restart() looks at every queue.
 """
+import os
+
 
 def bucket_text(b):
     return f"{b.size}:{b.refill_time}:{b.one_time_burst}"
@@ -42,7 +44,8 @@ def limiter_options(lim, bw_key, ops_key):
 
 
 def _writer_path(w):
-    return None if w is None else w.path
+    """Absolute: the restore may run in another directory."""
+    return None if w is None else os.path.abspath(w.path)
 
 
 def check(icpt):
