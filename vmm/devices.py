@@ -231,6 +231,7 @@ class DriveSpec(VirtioSpec):
         return {"kind": "drive", "file": self.path, "readonly": self.readonly,
                 "serial": self.serial, "transport": self.transport_name,
                 "queues": getattr(self, "queues", 1), "id": getattr(self, "drive_id", None),
+                **({"io_engine": self.io_engine} if self.io_engine != "sync" else {}),
                 **blk_options(getattr(self.device, "intercept", None))}  # faults, trace, limits
 
     def open_device(self):

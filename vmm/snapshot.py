@@ -306,6 +306,9 @@ def create(machine, state_path, mem_path, snapshot_type="Full"):
     for vcpu in machine.vcpus:
         _complete_pending_exit(vcpu)
     msrs = kvm_state.msr_index_list(machine.kvm)
+    # Devices first: finishing work still in flight (io_uring) may raise
+    # interrupts, which must be in the irqchip and LAPIC state saved next.
+    devices = _device_entries(machine)
     state = {
         "arch": ARCH, "created": time.time(), "pyvmm_version": 1,
         "mem_size": mem.size, "cpus": len(machine.vcpus), "cmdline": machine.cmdline,
@@ -315,7 +318,7 @@ def create(machine, state_path, mem_path, snapshot_type="Full"):
                    "pvpanic": machine.pvpanic.state()},
         "pci_bus": ({"address": machine.pci_bus.address}
                     if getattr(machine, "pci_bus", None) is not None else None),
-        "devices": _device_entries(machine),
+        "devices": devices,
         "track_dirty_pages": machine.vm.log_dirty,
     }
     t_state = time.monotonic()

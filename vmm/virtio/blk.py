@@ -287,6 +287,11 @@ class BlkDevice(vd.VirtioDevice):
 
     def rings(self):
         intercept_persist.check(self.intercept)     # a hook or a delayed request: refused
+        for eng in self._engines:       # io_uring: requests in flight complete first
+            for _ in range(eng.inflight):
+                if not eng.inflight:
+                    break
+                eng.finish()
         return {i: r for i, r in enumerate(self._rings) if r is not None}
 
     def close(self):
