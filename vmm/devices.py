@@ -286,7 +286,7 @@ class NetSpec(VirtioSpec):
             self.mac = parse_mac(mac) if mac is not None else None
         except ValueError as e:
             raise DeviceSpecError(f"network interface: {e}") from None
-        self._ioloop, self.slow = None, {}
+        self._ioloop = None
         return self
 
     def attach(self, machine, cmdline):
