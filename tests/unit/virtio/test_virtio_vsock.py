@@ -686,3 +686,40 @@ def test_snapshot_options_rebuild_the_spec(tmp_path):
     from vmm.devices import DeviceSpecError
     with pytest.raises(DeviceSpecError, match="--vsock: cid cannot change"):
         spec_from_options(opts, f"uds={other},cid=8")   # guest-visible (§5.10.4)
+
+
+def test_restore_on_modern_pci_signals_the_event_queue_vector(tmp_path):
+    """transport=pci: the TRANSPORT_RESET arrives through the event queue's
+    MSI-X vector of the new VM (routes and irqfds are per process)."""
+    import os as _os
+    from vmm.memory import GuestMemory, MiB
+    from vmm.pci import device as pd
+    from vmm.snapshot import ARCH, pack_state, unpack_state
+    from vmm.testing.fakevm import FakeVm
+    from vmm.testing.mockvsock import VsockDriver
+    from vmm.testing.pcimodern_regs import PciModernRegs
+    from vmm.virtio import pci_modern as pm
+
+    def fired(vm, t, vector):
+        try:
+            return int.from_bytes(_os.read(vm.irqfds[t.msix.gsi(vector)], 8), "little")
+        except (BlockingIOError, KeyError):
+            return 0
+
+    mem = GuestMemory(32 * MiB)
+    uds = str(tmp_path / "p.sock")
+    t = pm.VirtioPciModern(VsockDevice(uds), mem, vm=FakeVm())
+    t.pci.program_bar(pm.BAR_MODERN, 0xE000_0000)
+    t.pci.write_config(pd.COMMAND, 2, pd.CMD_MEMORY | pd.CMD_IO | pd.CMD_MASTER)
+    d = VsockDriver(t, mem, arena_size=24 * MiB, regs=lambda t: PciModernRegs(t, msix=True))
+    assert d.init()
+    st = unpack_state(pack_state({"arch": ARCH, "t": t.state()}))["t"]
+    t.close()
+    vm2 = FakeVm()
+    t2 = pm.VirtioPciModern(VsockDevice(uds), mem, vm=vm2)
+    t2.restore(st)
+    d.t, d.regs = t2, PciModernRegs(t2, msix=True)
+    t2.restart()
+    assert fired(vm2, t2, EVENT + 1) == 1 and d.events() == [0]
+    t2.close()
+    mem.close()
