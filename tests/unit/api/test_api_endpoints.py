@@ -352,18 +352,6 @@ class _Spec:
         self.__dict__.update(ids)
 
 
-class _Backend:
-    """A NIC backend on a socket pair (no tap needed)."""
-    def __init__(self):
-        import socket
-        self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.fd, self.name, self.offload_ok = self.sock.fileno(), "s", False
-
-    def close(self):
-        self.sock.close()
-        self.peer.close()
-
-
 @pytest.fixture
 def live_devices(api, ctl, disk):
     """Drive "d" and NIC "n" configured through the API and attached to a
@@ -372,7 +360,8 @@ def live_devices(api, ctl, disk):
     from vmm.virtio.net import NetDevice
     api.put("/drives/d", {"drive_id": "d", "path_on_host": disk, "is_root_device": False})
     api.put("/network-interfaces/n", {"iface_id": "n", "host_dev_name": "tap5"})
-    blk, net = BlkDevice(disk), NetDevice(_Backend())
+    from vmm.testing.sockbackend import SockBackend
+    blk, net = BlkDevice(disk), NetDevice(SockBackend(bufsize=0))
     m = StandIn()
     m.config.devices = [_Spec(blk, drive_id="d"), _Spec(net, iface_id="n")]
     ctl.attach(m)
