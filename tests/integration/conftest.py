@@ -21,12 +21,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from vmm import guest
+from vmm.testing.console import ConsoleReader
 
 SNAP_TIMEOUT = 1800        # a cold boot on a 2-core machine shared with other jobs
 CMD_TIMEOUT = 120
@@ -46,47 +46,6 @@ PROMPT = b"/ # "
 
 def can_net():
     return os.geteuid() == 0 and shutil.which("ip") is not None
-
-
-class Console:
-    """Collects a process's stdout on a thread; wait() for text appearing
-    after the previous match."""
-
-    def __init__(self, stream):
-        self.buf = b""
-        self.pos = 0
-        self.eof = False
-        self.cond = threading.Condition()
-        self.t = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self.t.start()
-
-    def _read(self, stream):
-        while True:
-            chunk = os.read(stream.fileno(), 4096)
-            with self.cond:
-                if not chunk:
-                    self.eof = True
-                    self.cond.notify_all()
-                    return
-                self.buf += chunk
-                self.cond.notify_all()
-
-    def wait(self, marker, timeout):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                i = self.buf.find(marker, self.pos)
-                if i >= 0:
-                    self.pos = i + len(marker)
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0 or self.eof:
-                    return False
-                self.cond.wait(left)
-
-    @property
-    def text(self):
-        return self.buf.decode(errors="replace")
 
 
 class Snapshot:
@@ -208,7 +167,7 @@ class Restored:
         if tty is None:
             self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE)
-            self.console = Console(self.p.stdout)
+            self.console = ConsoleReader(self.p.stdout)
         else:      # an interactive terminal: the test reads the pty's master itself
             self.p = subprocess.Popen(cmd, stdin=tty, stdout=tty, stderr=subprocess.PIPE)
             self.console = None
@@ -224,7 +183,7 @@ class Restored:
 
     def cmd(self, line, marker, timeout=CMD_TIMEOUT):
         self.type(line + "\n")
-        ok = self.console.wait(marker.encode(), timeout)
+        ok = self.console.expect(marker.encode(), timeout)
         assert ok, f"no {marker!r} after {line!r}:\n" + self.console.text[-2000:] + self.stderr_now()
         return self.console.text
 
