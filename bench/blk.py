@@ -74,7 +74,7 @@ PATHS = (("mmio", "sync"), ("mmio", "io_uring"), ("pci", "sync"), ("pci-modern",
 class RealPath:
     """A BlkDevice on a transport served by an IoLoop, and the C driver's rings."""
 
-    def __init__(self, image, mem, transport, engine, max_len, cffi):
+    def __init__(self, image, mem, transport, engine, max_len, cffi, poll_us=0):
         self.ffi, self.lib = cffi
         self.loop = IoLoop()
         self.loop.start()
@@ -95,6 +95,8 @@ class RealPath:
             self.t = VirtioMmio(self.dev, mem, irq=self.irq, ioloop=self.loop,
                                 register_ioeventfd=lambda *a: None)
         self.mem = mem
+        if poll_us and getattr(self.t, "_fast", None) is not None:
+            self.t._fast.set_poll_us(poll_us)        # adaptive polling (vmm/virtio/fastpath.py)
         self.d = MockDriver(self.t, mem, arena=0x10000, arena_size=48 * MiB, regs=regs)
         if not self.d.init():
             raise RuntimeError("feature negotiation failed")
@@ -337,7 +339,8 @@ def bench(args):
     res = {"what": "requests/s through the real path (notify eventfd -> pyvmm I/O thread -> "
                    "interrupt eventfd), C driver on its own thread; limit: plain C program, "
                    "same image, same I/O",
-           "image_mib": args.size_mib, "reps": args.reps, "device": {}, "limit": {},
+           "image_mib": args.size_mib, "reps": args.reps, "poll_us": args.poll_us,
+           "device": {}, "limit": {},
            "processing_cost": {}}
     counts = {("rand4k", 1): args.requests // 4, ("rand4k", 32): args.requests,
               ("seq64k", 1): args.requests // 8, ("seq64k", 32): args.requests // 4}
@@ -348,7 +351,8 @@ def bench(args):
     try:
         paths = [tuple(x.split(":")) for x in args.paths.split(",")] if args.paths else PATHS
         for transport, engine in paths:
-            rp = RealPath(args.image, mem, transport, engine, max(KINDS.values()), cffi)
+            rp = RealPath(args.image, mem, transport, engine, max(KINDS.values()), cffi,
+                          poll_us=args.poll_us)
             try:
                 for kind, length in KINDS.items():
                     for write in (False, True):
@@ -402,6 +406,8 @@ def main(argv=None):
     p.add_argument("--image", default="/tmp/pyvmm-bench-blk.img")
     p.add_argument("--paths", help="transport:engine[,...] (default: " +
                    ",".join(f"{t}:{e}" for t, e in PATHS) + ")")
+    p.add_argument("--poll-us", type=int, default=0,
+                   help="mmio+sync fast path: spin this long for more requests before sleeping")
     p.add_argument("--no-limits", action="store_true", help=argparse.SUPPRESS)
     return bench(p.parse_args(argv))
 

@@ -51,9 +51,17 @@ void pv_fast_enable(struct pv_fast_queue *q)
 void pv_fast_disable(struct pv_fast_queue *q)
 {
     __atomic_store_n(&q->enabled, 0, __ATOMIC_SEQ_CST);
-    /* at most one budgeted engine call (plus a bounded poll) to wait for */
-    while (__atomic_load_n(&q->busy, __ATOMIC_SEQ_CST))
-        sched_yield();
+    /* at most one budgeted engine call (plus a bounded poll) to wait for;
+     * a call stuck in a slow fdatasync sleeps us instead of spinning (the
+     * Python path blocked on the transport's lock the same way) */
+    for (unsigned spins = 0; __atomic_load_n(&q->busy, __ATOMIC_SEQ_CST); spins++) {
+        if (spins < 1000) {
+            sched_yield();
+        } else {
+            struct timespec ts = {0, 200000};
+            nanosleep(&ts, NULL);
+        }
+    }
 }
 
 uint32_t pv_fast_isr_take(struct pv_fast_irq *irq)

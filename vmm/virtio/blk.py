@@ -189,6 +189,12 @@ class BlkDevice(vd.VirtioDevice):
             st["ioerr"] += ioerr
         return st
 
+    @property
+    def fast_capable(self):
+        """Whether the C fast path may ever serve this disk (the sync C
+        engine; io_uring completes on its own fd, in Python)."""
+        return self.native and not self._engines
+
     def fast_bind(self, fastpath):
         self._fastpath = fastpath
 

@@ -95,7 +95,9 @@ class FastPath:
         return err
 
     def take_isr(self):
-        return lib.pv_fast_isr_take(self.irq)
+        # a plain read first: a cffi call drops and retakes the GIL, which
+        # costs a thread switch when another thread is waiting for it
+        return lib.pv_fast_isr_take(self.irq) if self.irq.isr else 0
 
     @property
     def interrupts(self):

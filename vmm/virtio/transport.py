@@ -53,7 +53,7 @@ class Transport(vd.Interrupt):
         if self._ioloop is None:
             raise ValueError("queue notify eventfds need an ioloop to service them")
         if (isinstance(self._irq, int) and type(self)._raise_irq is Transport._raise_irq
-                and hasattr(self.device, "fast_engine")):
+                and getattr(self.device, "fast_capable", False)):
             from vmm.virtio.fastpath import FastPath
             self._fast = FastPath(self._irq, len(self.queues))
         try:
