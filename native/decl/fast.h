@@ -15,8 +15,10 @@ struct pv_fast_queue {
     struct pv_fast_irq *irq;
     uint64_t kicks, requests, ioerr; /* counted by the fast path */
     uint32_t isr_bit;                /* bit OR-ed into irq->isr (INT_USED) */
-    uint32_t poll_us;                /* adaptive polling: spin this long for more work */
+    uint32_t poll_us;                /* adaptive polling: the longest window (0: off) */
     uint64_t polled;                 /* requests found by polling (no kick) */
+    uint64_t poll_ns;                /* current adaptive window (<= poll_us) */
+    uint64_t idle_since;             /* when the last handle ended (CLOCK_MONOTONIC ns) */
 };
 struct pv_fast_loop {
     int32_t epfd;

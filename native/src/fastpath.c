@@ -76,6 +76,35 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
+#define POLL_MIN_NS 4000u
+
+/* QEMU's adaptive polling (util/aio-posix.c, poll-max-ns): the window
+ * starts at 0, doubles (from 4 us) whenever the thread slept for less than
+ * the maximum (a longer poll would have caught the kick without a sleep),
+ * halves when a poll found nothing or the sleep was longer than the
+ * maximum; poll_us is the maximum (0: never poll).  So a device that is
+ * kicked rarely never spins, and one that is kicked back to back polls. */
+static uint64_t adapt_poll(struct pv_fast_queue *q)
+{
+    uint64_t max = (uint64_t)q->poll_us * 1000u;
+    if (!max) {
+        q->poll_ns = 0;
+        return 0;
+    }
+    if (q->idle_since) {
+        uint64_t slept = now_ns() - q->idle_since;
+        if (slept < max)
+            q->poll_ns = q->poll_ns ? q->poll_ns * 2 : POLL_MIN_NS;
+        else
+            q->poll_ns /= 2;
+        if (q->poll_ns > max)
+            q->poll_ns = max;
+        if (q->poll_ns < POLL_MIN_NS / 2)
+            q->poll_ns = 0;
+    }
+    return q->poll_ns;
+}
+
 /* One kick of one queue.  Returns 1 if handled here, 0 if Python must run
  * the fd's handler (the queue is disabled, or its engine just failed).
  *
@@ -95,7 +124,7 @@ int pv_fast_handle(struct pv_fast_queue *q)
     drain(q->notify_fd);
     q->kicks++;
     int handled = 1;
-    uint64_t deadline = 0;
+    uint64_t deadline = 0, poll_ns = adapt_poll(q);
     for (;;) {
         pv_blk_process(q->vq, q->blk, q->chain, &res);
         q->requests += res.completed;
@@ -123,10 +152,10 @@ int pv_fast_handle(struct pv_fast_queue *q)
          * while before sleeping, bounded by poll_us, so a busy driver's next
          * request is taken without a thread wake-up and an idle device
          * sleeps after at most poll_us */
-        if (!q->poll_us)
+        if (!poll_ns)
             break;
         if (!deadline)
-            deadline = now_ns() + (uint64_t)q->poll_us * 1000u;
+            deadline = now_ns() + poll_ns;
         int found = 0;
         while (now_ns() < deadline) {
             if (pv_vq_avail_idx(q->vq) != q->vq->last_avail) {
@@ -137,11 +166,16 @@ int pv_fast_handle(struct pv_fast_queue *q)
             __builtin_ia32_pause();
 #endif
         }
-        if (!found)
+        if (!found) {
+            /* the window ran out: polling was wasted this time */
+            q->poll_ns = q->poll_ns / 2 < POLL_MIN_NS ? 0 : q->poll_ns / 2;
             break;
+        }
         q->polled++;
         deadline = 0;
     }
+    if (q->poll_us)
+        q->idle_since = now_ns();
     __atomic_store_n(&q->busy, 0, __ATOMIC_SEQ_CST);
     return handled;
 }
