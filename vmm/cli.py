@@ -164,6 +164,18 @@ def add_restore_parser(sub):
                         "--track-dirty-pages)")
     s.add_argument("--leave-paused", action="store_true", help="do not resume the VM afterwards")
     s.add_argument("--debug", action="store_true")
+    b = sub.add_parser("snapshot-rebase", help="merge a Diff snapshot's memory into its base",
+                       description="Write BASE's memory with the pages of the Diff snapshot "
+                                   "(--diff-snapshot/--diff-mem) copied over it, to --out (default: "
+                                   "replace --base; a VM still mapping the old file is not "
+                                   "affected).  Restore a Diff taken on top of another Diff with "
+                                   "--mem set to its base rebased with every earlier diff, in order.")
+    b.add_argument("--base", metavar="PATH", required=True,
+                   help="the memory file the diff was taken over (a Full one, or one rebased before)")
+    b.add_argument("--diff-snapshot", metavar="PATH", required=True, help="the diff's state file")
+    b.add_argument("--diff-mem", metavar="PATH", required=True, help="the diff's memory file")
+    b.add_argument("--out", metavar="PATH", help="write the merged memory file here")
+    b.add_argument("--debug", action="store_true")
     r.add_argument("--debug", action="store_true", help="log VMM internals to stderr")
 
 
@@ -296,6 +308,8 @@ def main(argv=None):
         return guarded(run_api, args)
     if args.command == "snapshot":
         return guarded(snapshot_command, args)
+    if args.command == "snapshot-rebase":
+        return guarded(rebase_command, args)
     return guarded(run, args)
 
 
@@ -319,6 +333,14 @@ def snapshot_command(args):
     except OSError as e:
         raise SnapshotError(f"cannot reach the API socket {args.api_sock}: "
                             f"{e.strerror or e}") from None
+    return 0
+
+
+def rebase_command(args):
+    from vmm import snapshot
+    pages = snapshot.rebase(args.base, args.diff_snapshot, args.diff_mem, args.out)
+    print(f"pyvmm: {pages} pages of {args.diff_mem} applied onto {args.base} -> "
+          f"{args.out or args.base}", file=sys.stderr)
     return 0
 
 

@@ -131,6 +131,7 @@ class VirtioSpec:
     guests that only have virtio-pci drivers)."""
 
     slow = {}       # slow-path settings (faults, tracing, hooks, limiters): none
+    append_traces = False   # a restore adds to the trace/pcap files instead of truncating
 
     def __init__(self, opts, what):
         self.transport_name = opts.get("transport", "mmio")
@@ -238,9 +239,12 @@ class DriveSpec(VirtioSpec):
 
     def snapshot_options(self):
         """What a restore needs to reopen this disk (vmm/snapshot.py)."""
+        from vmm.virtio.intercept_persist import blk_options
         return {"kind": "drive", "file": self.path, "readonly": self.readonly,
                 "serial": self.serial, "transport": self.transport_name,
-                "queues": getattr(self, "queues", 1), "id": getattr(self, "drive_id", None)}
+                "queues": getattr(self, "queues", 1), "id": getattr(self, "drive_id", None),
+                **({"io_engine": self.io_engine} if self.io_engine != "sync" else {}),
+                **blk_options(getattr(self.device, "intercept", None))}  # faults, trace, limits
 
     def open_device(self):
         from vmm.virtio import BlkDevice
@@ -250,7 +254,7 @@ class DriveSpec(VirtioSpec):
         if self.slow:
             dev.ioloop = self._ioloop
             try:
-                dev.configure(**_open_writers(self.slow, "tracer"))
+                dev.configure(**_open_writers(self.slow, self.append_traces))
             except BaseException:
                 dev.close()
                 raise
@@ -294,7 +298,7 @@ class NetSpec(VirtioSpec):
             self.mac = parse_mac(mac) if mac is not None else None
         except ValueError as e:
             raise DeviceSpecError(f"network interface: {e}") from None
-        self._ioloop, self.slow = None, {}
+        self._ioloop = None
         return self
 
     def attach(self, machine, cmdline):
@@ -302,10 +306,11 @@ class NetSpec(VirtioSpec):
         return super().attach(machine, cmdline)
 
     def snapshot_options(self):
+        from vmm.virtio.intercept_persist import net_options
         dev = self.transport.device
         return {"kind": "net", "tap": self.tap_name, "mac": dev.mac.hex(":"),
                 "transport": self.transport_name, "queues": getattr(self, "queues", 1),
-                "id": getattr(self, "iface_id", None)}
+                "id": getattr(self, "iface_id", None), **net_options(dev.intercept)}
 
     def open_device(self):
         from vmm.tap import Tap
@@ -321,7 +326,7 @@ class NetSpec(VirtioSpec):
             raise
         if self.slow:
             try:
-                dev.configure(**_open_writers(self.slow, "pcap"))
+                dev.configure(**_open_writers(self.slow, self.append_traces))
             except BaseException:
                 dev.close()
                 raise
@@ -395,7 +400,9 @@ class RngSpec(VirtioSpec):
         return super().attach(machine, cmdline)
 
     def snapshot_options(self):
-        return {"kind": "rng", "transport": self.transport_name}
+        from vmm.virtio.intercept_persist import limiter_options
+        return {"kind": "rng", "transport": self.transport_name,
+                **limiter_options(getattr(self.device, "rate_limiter", self.rate_limiter), "bw", "ops")}
 
     def open_device(self):
         from vmm.virtio.rng import RngDevice
@@ -435,14 +442,15 @@ def _slow_options(opts, what, faults, limiters):
     return out
 
 
-def _open_writers(slow, kind):
-    """The settings with trace=/pcap= paths replaced by open writers."""
+def _open_writers(slow, append=False):
+    """The settings with trace=/pcap= paths replaced by open writers
+    (appending to the files after a restore)."""
     from vmm.virtio.trace import BlkTracer, PcapWriter
     conf = dict(slow)
     if "trace" in conf:
-        conf["tracer"] = BlkTracer(conf.pop("trace"))
+        conf["tracer"] = BlkTracer(conf.pop("trace"), append=append)
     if "pcap" in conf:
-        conf["pcap"] = PcapWriter(conf["pcap"])
+        conf["pcap"] = PcapWriter(conf["pcap"], append=append)
     return conf
 
 
@@ -460,6 +468,9 @@ def spec_from_options(opts, override=None):
         cls, keep = NetSpec, {"transport", "mac", "queues"}
     elif kind == "rng":
         cls, keep = RngSpec, {"transport"}
+    elif kind == "trace-exits":
+        from vmm.virtio.trace import ExitTraceSpec
+        return ExitTraceSpec(opts["path"], append=True)
     else:
         raise DeviceSpecError(f"snapshot has a device of unknown kind {kind!r}")
     if override is not None:
@@ -479,6 +490,7 @@ def spec_from_options(opts, override=None):
             raise DeviceSpecError(f"snapshot device option {k}={v!r} contains a comma")
         parts.append(f"{k}={v}")
     spec = cls(",".join(parts))
+    spec.append_traces = True
     if ident is not None:
         setattr(spec, "drive_id" if kind == "drive" else "iface_id", ident)
     return spec

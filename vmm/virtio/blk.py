@@ -24,6 +24,7 @@ import struct
 
 from vmm.native import ffi, lib
 from vmm.virtio import device as vd
+from vmm.virtio import intercept_persist
 from vmm.virtio.queue import E_REQ, NativeRing, PyRing, QueueError
 
 VIRTIO_ID_BLOCK = 2
@@ -307,7 +308,8 @@ class BlkDevice(vd.VirtioDevice):
     def state(self):
         st = super().state()
         st.update(path=self.path, readonly=self.readonly, serial=self.serial.hex(),
-                  capacity=self.capacity, native=self.native)
+                  capacity=self.capacity, native=self.native,
+                  intercept=intercept_persist.state(self.intercept))   # limiter budgets, faults
         return st
 
     def restore(self, state):
@@ -318,11 +320,15 @@ class BlkDevice(vd.VirtioDevice):
             raise BlkError(f"disk image {self.path}: read-only must be "
                            f"{'on' if state['readonly'] else 'off'} as in the snapshot")
         super().restore(state)
+        intercept_persist.restore(self.intercept, state.get("intercept"))
 
     def rings(self):
-        if self.intercept is not None:
-            raise NotImplementedError("virtio-blk with fault injection or rate limiters does not "
-                                      "support snapshots")
+        intercept_persist.check(self.intercept)     # a hook or a delayed request: refused
+        for eng in self._engines:       # io_uring: requests in flight complete first
+            for _ in range(eng.inflight):
+                if not eng.inflight:
+                    break
+                eng.finish()
         return {i: r for i, r in enumerate(self._rings) if r is not None}
 
     def close(self):

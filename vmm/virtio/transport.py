@@ -154,8 +154,9 @@ class Transport(vd.Interrupt):
 
     # --- snapshots (see vmm/virtio/device.py) ---
     # A transport subclass sets this once _extra_state()/_restore_extra()
-    # cover every register it adds (mmio and legacy PCI do; modern virtio-pci
-    # with MSI-X not yet): a snapshot is refused rather than silently partial.
+    # cover every register it adds (mmio, legacy PCI, and modern PCI with
+    # MSI-X through pci_persist.py do): otherwise a snapshot is refused
+    # rather than silently partial.
     SNAPSHOT = False
 
     def state(self):

@@ -319,7 +319,7 @@ def test_routes_have_handlers():
             assert schema is None or schema in SCHEMAS
 
 
-def test_rate_limiters_and_entropy_pre_boot(api, tmp_path):
+def test_rate_limiters_and_entropy_pre_boot(api, ctl, kernel, tmp_path):
     """Issue #12: rate_limiter on drives and NICs, PUT /entropy; zero-size
     buckets are Firecracker's "disabled"; GET /vm/config shows them."""
     disk = str(tmp_path / "rl.img")
@@ -341,6 +341,12 @@ def test_rate_limiters_and_entropy_pre_boot(api, tmp_path):
     net = next(n for n in cfg["network-interfaces"] if n["iface_id"] == "n1")
     assert "rx_rate_limiter" not in net and net["tx_rate_limiter"]["ops"]["size"] == 5
     assert cfg["entropy"]["rate_limiter"]["bandwidth"]["size"] == 4096
+    # ... and the devices InstanceStart would build carry them
+    api.put("/boot-source", {"kernel_image_path": kernel})
+    specs = {type(d).__name__: d for d in ctl.config.to_machine_config().devices}
+    assert specs["NetSpec"].slow["tx_limiter"].ops.size == 5 and "rx_limiter" not in specs["NetSpec"].slow
+    assert specs["DriveSpec"].slow["limiter"].bandwidth.size == 1048576
+    assert specs["RngSpec"].rate_limiter.bandwidth.size == 4096
     assert "rate_limiter.ops: size and refill_time must be positive" in fault(api, "PUT", "/entropy", {
         "rate_limiter": {"ops": {"size": -1, "refill_time": 5}}})
     assert "unknown field" in fault(api, "PUT", "/entropy", {"rate": 1})
