@@ -17,6 +17,7 @@ disables the queue (pv_fast_disable waits for a call in progress).
     fp.sync(device, live=True)      # after activation; sync(.., live=False) to stop
     with fp.held(i): ...            # Python processes queue i meanwhile
     fp.take_isr()                   # ISR bits the C side raised (folded by the transport)
+    fp.set_poll_us(32)              # adaptive polling, at most 32 us (0: off, the default)
 """
 import contextlib
 
@@ -49,7 +50,9 @@ class FastPath:
 
     def set_poll_us(self, us):
         """Adaptive polling (QEMU's poll-max-ns): after a kick's work, look
-        at the ring for up to `us` microseconds before sleeping (0: off)."""
+        at the ring for a window of at most `us` microseconds before
+        sleeping; the window adapts (native/src/fastpath.c adapt_poll).
+        0: off."""
         for q in self._q:
             q.poll_us = max(0, int(us))
 

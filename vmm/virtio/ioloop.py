@@ -9,6 +9,13 @@ fdatasync on one disk does not hold up another disk or a NIC.
     loop.stop(timeout)       # False if a handler is still running after `timeout`
     loop.close()
 
+`loop.add(fd, callback, fast=q)` also hands the fd's common case to C: while
+any such fd is registered the thread waits in native/src/fastpath.c
+(pv_fast_wait, GIL released), which serves enabled fast queues itself and
+returns every other ready fd (including the loop's own wake-up, so pause,
+stop and call_soon work as before) to the Python handlers below; see
+vmm/virtio/fastpath.py.
+
 Handlers must drain their fd (drain_eventfd) and bound their work per call
 (re-signal their eventfd to be called again): the loop checks for a stop
 between calls.  An exception in a handler is logged (one line; the
