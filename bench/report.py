@@ -156,6 +156,13 @@ def norm_blk(d):
                             f"{what} {rw}s, {qd}", unit, as_stats(st, scale),
                             f"plain {lim['how']} (limit)" if lim else None,
                             as_stats(lim, scale) if lim else None, True, goal))
+    for key, b in d.get("qd1_bound", {}).items():
+        kind, rw, qd = key.split()
+        scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
+        v = b["req_s"] * scale
+        rows.append(row("blk", "QD1 wake-up bound (eventfd ping-pong + plain I/O)",
+                        f"{key}: best any two-thread path can do here", unit,
+                        {"min": v, "median": v, "max": v, "n": 1}))
     for key, st in d.get("processing_cost", {}).items():
         kind = key.split()[0]
         scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")

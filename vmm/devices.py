@@ -178,7 +178,7 @@ class DriveSpec(VirtioSpec):
     rate limiters"): faults=SPEC, trace=FILE, hook=SOURCE:NAME,
     bw=SIZE:REFILL_MS[:BURST], ops=N:REFILL_MS[:BURST]."""
     KEYS = ("file", "readonly", "serial", "transport", "queues", "faults", "trace", "hook", "bw", "ops",
-            "io_engine")
+            "io_engine", "poll_us")
     IO_ENGINES = ("sync", "io_uring")   # Firecracker's io_engine Sync / Async
 
     def __init__(self, text):
@@ -196,6 +196,14 @@ class DriveSpec(VirtioSpec):
         self.slow = _slow_options(opts, "--drive", faults="disk", limiters=(("bw", "ops"),))
         _single_queue(self, "--drive")
         self.io_engine = opts.get("io_engine", "sync")
+        # adaptive polling of the I/O thread's C fast path (README "I/O thread fast path")
+        try:
+            self.poll_us = int(opts.get("poll_us", "0"))
+            if not 0 <= self.poll_us <= 1000:
+                raise ValueError
+        except ValueError:
+            raise DeviceSpecError(f"--drive: poll_us={opts['poll_us']}: microseconds, "
+                                  "0 to 1000") from None
         if self.io_engine not in self.IO_ENGINES:
             raise DeviceSpecError(f"--drive: unknown io_engine {self.io_engine!r} "
                                   f"(available: {', '.join(self.IO_ENGINES)})")
@@ -207,7 +215,11 @@ class DriveSpec(VirtioSpec):
     def attach(self, machine, cmdline):
         if self.slow or self.io_engine != "sync":
             self._ioloop = machine.ioloop()   # limiter/delay timers, io_uring completions
-        return super().attach(machine, cmdline)
+        out = super().attach(machine, cmdline)
+        fast = getattr(self.transport, "_fast", None)
+        if getattr(self, "poll_us", 0) and fast is not None:
+            fast.set_poll_us(self.poll_us)
+        return out
 
     @classmethod
     def from_fields(cls, path, readonly=False, serial=None, transport="mmio", io_engine="sync",

@@ -25,5 +25,6 @@ void *pv_map_file(int fd, size_t size, int *err);
 #include "pyvmm_vsock.h"
 #include "pyvmm_uring.h"
 #include "pyvmm_benchdrv.h"
+#include "pyvmm_fast.h"
 
 #endif

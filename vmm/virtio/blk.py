@@ -114,7 +114,8 @@ class BlkDevice(vd.VirtioDevice):
         self.features = f
         self._rings = []
         self._interrupt = None
-        self.stats = {"kicks": 0, "requests": 0, "ioerr": 0}
+        self._stats = {"kicks": 0, "requests": 0, "ioerr": 0}
+        self._fastpath = None     # the transport's C fast path (vmm/virtio/fastpath.py)
         self.ioloop = None        # for timers of the slow path (set by the owner)
         self.intercept = None     # limiter/faults/trace/hook: vmm/virtio/intercept.py
         self.io_engine = io_engine
@@ -178,6 +179,37 @@ class BlkDevice(vd.VirtioDevice):
         self._rings = [ring(mem, x, **kw) if x.ready else None for x in used]
         self._interrupt = interrupt
 
+    @property
+    def stats(self):
+        """{kicks, requests, ioerr}: the Python paths' counts plus the C fast path's."""
+        st = self._stats
+        if self._fastpath is not None:
+            kicks, requests, ioerr = self._fastpath.take_counts()
+            st["kicks"] += kicks
+            st["requests"] += requests
+            st["ioerr"] += ioerr
+        return st
+
+    @property
+    def fast_capable(self):
+        """Whether the C fast path may ever serve this disk (the sync C
+        engine; io_uring completes on its own fd, in Python)."""
+        return self.native and not self._engines
+
+    def fast_bind(self, fastpath):
+        self._fastpath = fastpath
+
+    def fast_engine(self, index):
+        """(vq, blk, chain) for the C fast path (native/src/fastpath.c) when
+        queue `index` needs nothing but the sync C engine: no fault rules,
+        limiters, tracing or hooks (the slow path), not io_uring."""
+        rings = self._rings
+        ring = rings[index] if 0 <= index < len(rings) else None
+        if (ring is None or not self.native or self._engines or self.intercept is not None
+                or ring.broken or self.fd < 0):
+            return None
+        return ring.vq, self._blk, ring.chain
+
     def _count(self, completed, ioerr):
         self.stats["requests"] += completed
         self.stats["ioerr"] += ioerr
@@ -200,7 +232,12 @@ class BlkDevice(vd.VirtioDevice):
         """limiter=, faults=, tracer=, hook= (None removes), also while running:
         see vmm/virtio/intercept.py."""
         from vmm.virtio.intercept import configure_blk
-        configure_blk(self, **changes)
+        hold = getattr(self._interrupt, "fast_hold", None)
+        if hold is None:
+            configure_blk(self, **changes)
+            return
+        with hold():            # the C fast path stops, then re-decides (intercept set?)
+            configure_blk(self, **changes)
 
     @property
     def budget(self):
