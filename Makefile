@@ -74,6 +74,10 @@ $(FUZZ_BIN)/blk: native/fuzz/fuzz_blk.c native/fuzz/fuzz_common.h native/src/vir
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_blk.c native/src/virtq.c native/src/blk.c -o $@
 
+$(FUZZ_BIN)/fast: native/fuzz/fuzz_fast.c native/fuzz/fuzz_common.h native/src/virtq.c native/src/blk.c native/src/fastpath.c native/include/*.h
+	@mkdir -p $(FUZZ_BIN)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_fast.c native/src/virtq.c native/src/blk.c native/src/fastpath.c -o $@
+
 $(FUZZ_BIN)/net: native/fuzz/fuzz_net.c native/fuzz/fuzz_common.h native/src/virtq.c native/src/net.c native/include/*.h
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_net.c native/src/virtq.c native/src/net.c -o $@
@@ -86,7 +90,7 @@ $(FUZZ_BIN)/uring: native/fuzz/fuzz_uring.c native/fuzz/fuzz_common.h native/src
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_uring.c native/src/virtq.c native/src/blk.c native/src/uring.c -o $@
 
-fuzz-build: fuzz-deps $(FUZZ_BIN)/virtq $(FUZZ_BIN)/blk $(FUZZ_BIN)/net $(FUZZ_BIN)/vsock $(FUZZ_BIN)/uring $(PYTHON)
+fuzz-build: fuzz-deps $(FUZZ_BIN)/virtq $(FUZZ_BIN)/blk $(FUZZ_BIN)/fast $(FUZZ_BIN)/net $(FUZZ_BIN)/vsock $(FUZZ_BIN)/uring $(PYTHON)
 	$(PYTHON) -m pip install -q -e '.[test,fuzz]'
 
 fuzz: fuzz-build

@@ -3,12 +3,19 @@ plain program doing the same I/O.
 
     python -m bench.blk [--size-mib 256] [--reps 5] [--image PATH]
 
-Device figures ("real path"): pyvmm's BlkDevice on its transport (virtio-mmio
+What is measured: requests per second a driver thread gets from pyvmm's
+device, each request crossing two threads both ways (kick -> I/O thread ->
+interrupt -> driver), against a single-threaded plain program doing the
+same reads/writes.
+
+Device figures ("real path"): pyvmm's BlkDevice on its transport (virtio-mmio,
 legacy virtio-pci with INTx, or modern virtio-pci with MSI-X vectors on
 irqfds) is serviced by pyvmm's I/O thread (vmm.virtio.ioloop),
 exactly as in a VM: the queue's notify eventfd (the one KVM's ioeventfd would
 signal) wakes it, it runs the engine (sync or io_uring) and signals the
-interrupt eventfd (the one KVM's irqfd would deliver).  The driver is a C
+interrupt eventfd (the one KVM's irqfd would deliver).  On virtio-mmio with
+the sync engine that is the I/O loop's C fast path (native/src/fastpath.c:
+no Python per kick); the other paths run the loop's Python handlers.  The driver is a C
 loop (bench/driver.c) on the benchmark's own thread with the GIL released:
 it keeps QD requests in flight (indirect descriptors: header, data, status,
 as Linux lays them out), kicks only when the device asks (EVENT_IDX), sleeps
@@ -24,6 +31,13 @@ random and 64 KiB sequential, read and write, at queue depth 1 and 32.
 Limits: the same I/O done by a plain C program on the same image: a
 pread/pwrite loop (QD1 is exactly that), and at QD32 also io_uring with 32
 in flight; the faster of the two is the limit.
+
+QD1 wake-up bound: any queue-depth-1 request through two threads costs at
+least one wake-up each way.  The "wakeup" figure is a plain C eventfd
+ping-pong between two threads sleeping in poll() (no virtio at all); the
+"qd1_bound" of each workload is 1 / (fastest round trip + the limit's time
+per request): about what a perfect two-thread device could reach at QD1 on
+this host (a loaded host moves both; it is a reference, not a ceiling).
 
 Also "device processing cost": the old in-thread figure (the driver calls
 the transport's QueueNotify on the same thread: no eventfd, no I/O thread,
@@ -60,7 +74,7 @@ PATHS = (("mmio", "sync"), ("mmio", "io_uring"), ("pci", "sync"), ("pci-modern",
 class RealPath:
     """A BlkDevice on a transport served by an IoLoop, and the C driver's rings."""
 
-    def __init__(self, image, mem, transport, engine, max_len, cffi):
+    def __init__(self, image, mem, transport, engine, max_len, cffi, poll_us=0):
         self.ffi, self.lib = cffi
         self.loop = IoLoop()
         self.loop.start()
@@ -81,6 +95,8 @@ class RealPath:
             self.t = VirtioMmio(self.dev, mem, irq=self.irq, ioloop=self.loop,
                                 register_ioeventfd=lambda *a: None)
         self.mem = mem
+        if poll_us and getattr(self.t, "_fast", None) is not None:
+            self.t._fast.set_poll_us(poll_us)        # adaptive polling (vmm/virtio/fastpath.py)
         self.d = MockDriver(self.t, mem, arena=0x10000, arena_size=48 * MiB, regs=regs)
         if not self.d.init():
             raise RuntimeError("feature negotiation failed")
@@ -323,7 +339,8 @@ def bench(args):
     res = {"what": "requests/s through the real path (notify eventfd -> pyvmm I/O thread -> "
                    "interrupt eventfd), C driver on its own thread; limit: plain C program, "
                    "same image, same I/O",
-           "image_mib": args.size_mib, "reps": args.reps, "device": {}, "limit": {},
+           "image_mib": args.size_mib, "reps": args.reps, "poll_us": args.poll_us,
+           "device": {}, "limit": {},
            "processing_cost": {}}
     counts = {("rand4k", 1): args.requests // 4, ("rand4k", 32): args.requests,
               ("seq64k", 1): args.requests // 8, ("seq64k", 32): args.requests // 4}
@@ -334,7 +351,8 @@ def bench(args):
     try:
         paths = [tuple(x.split(":")) for x in args.paths.split(",")] if args.paths else PATHS
         for transport, engine in paths:
-            rp = RealPath(args.image, mem, transport, engine, max(KINDS.values()), cffi)
+            rp = RealPath(args.image, mem, transport, engine, max(KINDS.values()), cffi,
+                          poll_us=args.poll_us)
             try:
                 for kind, length in KINDS.items():
                     for write in (False, True):
@@ -358,6 +376,18 @@ def bench(args):
                                       args.reps, cffi)
                     res["limit"][key] = dict(s, how=label)
                     print(f"  {key:22s} limit ({label}) {s['median']:>10,.0f} req/s", flush=True)
+        rt = stats([cffi[1].bd_pingpong(20000) / 1e9 for _ in range(args.reps)])
+        res["wakeup"] = {"round_trip_s": rt,
+                         "what": "eventfd ping-pong between two C threads sleeping in poll()"}
+        print(f"  wake-up round trip (eventfd ping-pong) {rt['min'] * 1e6:.1f} / "
+              f"{rt['median'] * 1e6:.1f} us (min / median)", flush=True)
+        res["qd1_bound"] = {}
+        for key, lim in res["limit"].items():
+            if key.endswith("QD1"):
+                bound = 1 / (rt["min"] + 1 / lim["median"])
+                res["qd1_bound"][key] = {"req_s": bound, "ratio": bound / lim["median"]}
+                print(f"  {key:22s} QD1 wake-up bound {bound:>10,.0f} req/s "
+                      f"({bound / lim['median']:.2f} of the limit)", flush=True)
         for kind, length in KINDS.items():
             res["processing_cost"][f"{kind} read"] = in_thread(args.image, mem, work[(kind, 32)],
                                                                length, args.reps)
@@ -376,6 +406,8 @@ def main(argv=None):
     p.add_argument("--image", default="/tmp/pyvmm-bench-blk.img")
     p.add_argument("--paths", help="transport:engine[,...] (default: " +
                    ",".join(f"{t}:{e}" for t, e in PATHS) + ")")
+    p.add_argument("--poll-us", type=int, default=0,
+                   help="mmio+sync fast path: spin this long for more requests before sleeping")
     p.add_argument("--no-limits", action="store_true", help=argparse.SUPPRESS)
     return bench(p.parse_args(argv))
 

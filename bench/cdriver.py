@@ -35,6 +35,7 @@ long bd_prw_loop(int fd, uint8_t *buf, uint64_t len, const uint64_t *offsets, ui
                  int write_);
 long bd_tap_loop(int fd, uint8_t *buf, uint64_t len, uint64_t n, int write_, uint64_t stride,
                  uint32_t nslots);
+long bd_pingpong(long n);
 """
 
 
@@ -51,7 +52,8 @@ def load():
         b = FFI()
         b.cdef(CDEF)
         with open(SRC) as f:
-            b.set_source(name, f.read(), extra_compile_args=["-O2", "-std=gnu11"])
+            b.set_source(name, f.read(), extra_compile_args=["-O2", "-std=gnu11"],
+                     libraries=["pthread"])
         os.makedirs(build, exist_ok=True)
         b.compile(tmpdir=build, verbose=False)
         found = [p for p in os.listdir(build) if p.startswith(name) and p.endswith(".so")]

@@ -15,6 +15,9 @@
  * compiled by bench/cdriver.py, not part of pyvmm. */
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+#include <time.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -204,4 +207,61 @@ long bd_prw_loop(int fd, uint8_t *buf, uint64_t len, const uint64_t *offsets, ui
             return -errno;
     }
     return (long)n;
+}
+
+/* The QD1 wake-up reference: `n` round trips between this thread and a
+ * second one through two eventfds, each side sleeping in poll() as the
+ * driver and pyvmm's I/O thread do (a kick one way, an interrupt back).
+ * Returns the nanoseconds per round trip, or -errno.  A request at queue
+ * depth 1 through any two-thread path costs at least this plus the I/O. */
+struct pp { int a, b; long n; };
+
+static int pp_wait(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    uint64_t v;
+    while (poll(&p, 1, 10000) < 0)
+        if (errno != EINTR)
+            return -errno;
+    return read(fd, &v, 8) == 8 ? 0 : -errno;
+}
+
+static void *pp_peer(void *arg)
+{
+    struct pp *p = arg;
+    uint64_t one = 1;
+    for (long i = 0; i < p->n; i++)
+        if (pp_wait(p->a) < 0 || write(p->b, &one, 8) != 8)
+            break;
+    return NULL;
+}
+
+long bd_pingpong(long n)
+{
+    struct pp p = {eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC), eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC), n};
+    long r = 0;
+    pthread_t t;
+    if (p.a < 0 || p.b < 0 || pthread_create(&t, NULL, pp_peer, &p)) {
+        r = -EIO;
+        goto out;
+    }
+    struct timespec t0, t1;
+    uint64_t one = 1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (long i = 0; i < n && r == 0; i++) {
+        if (write(p.a, &one, 8) != 8)
+            r = -errno;
+        else
+            r = pp_wait(p.b);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    pthread_join(t, NULL);
+    if (r == 0)
+        r = ((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec)) / (n ? n : 1);
+out:
+    if (p.a >= 0)
+        close(p.a);
+    if (p.b >= 0)
+        close(p.b);
+    return r;
 }

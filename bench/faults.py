@@ -21,7 +21,6 @@ reads) and at 1,000 ops/s (4 KiB reads), measured rate and error.
 """
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -31,6 +30,7 @@ import numpy as np
 from vmm.memory import GuestMemory, MiB
 from vmm.native import lib
 from vmm.testing.mockdriver import BlkDriver, MockDriver, T_IN
+from vmm.testing.sockbackend import SockBackend
 from vmm.testing.streams import BlkStream
 from vmm.virtio import mmio as m
 from vmm.virtio.blk import BlkDevice
@@ -93,36 +93,6 @@ class AbsentNet(NetDevice):
         return self._finish(p, 2 * p.index + 1, res) and more
 
 
-class SockBackend:
-    def __init__(self):
-        self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        for s in (self.sock, self.peer):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-            s.setblocking(False)
-        self.fd = self.sock.fileno()
-        self.name, self.offload_ok = "bench", False
-
-    def set_vnet_hdr_len(self, n):
-        pass
-
-    def set_offload(self, flags):
-        pass
-
-    def drain_peer(self):
-        n = 0
-        while True:
-            try:
-                self.peer.recv(65536)
-                n += 1
-            except BlockingIOError:
-                return n
-
-    def close(self):
-        self.sock.close()
-        self.peer.close()
-
-
 def make_image(path, size):
     """A random image, read once so it is in the page cache."""
     with open(path, "wb") as f:
@@ -180,7 +150,7 @@ def bench_blk(args, tmp):
 class NetBench:
     def __init__(self, cls, conf):
         self.mem = GuestMemory(32 * MiB)
-        self.b = SockBackend()
+        self.b = SockBackend(bufsize=8 << 20, name="bench")
         self.dev = cls(self.b)
         if conf:
             self.dev.configure(**conf)

@@ -156,6 +156,13 @@ def norm_blk(d):
                             f"{what} {rw}s, {qd}", unit, as_stats(st, scale),
                             f"plain {lim['how']} (limit)" if lim else None,
                             as_stats(lim, scale) if lim else None, True, goal))
+    for key, b in d.get("qd1_bound", {}).items():
+        kind, rw, qd = key.split()
+        scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
+        v = b["req_s"] * scale
+        rows.append(row("blk", "QD1 wake-up bound (eventfd ping-pong + plain I/O)",
+                        f"{key}: best any two-thread path can do here", unit,
+                        {"min": v, "median": v, "max": v, "n": 1}))
     for key, st in d.get("processing_cost", {}).items():
         kind = key.split()[0]
         scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
@@ -315,7 +322,7 @@ def norm_generic(module, d):
 
 def norm_vsock(d):
     """bench/vsock.py: {"host_to_guest"|"guest_to_host": {"device", "socketpair"} in
-    MB/s, "idle_cpu_fraction": stats}."""
+    MB/s, "idle_cpu_fraction"(_no_connection): stats}."""
     rows = []
     for key, label in (("host_to_guest", "host → guest"), ("guest_to_host", "guest → host")):
         v = d.get(key)
@@ -326,6 +333,10 @@ def norm_vsock(d):
     rows.append(row("vsock", "virtio-vsock", "CPU of an idle device (one idle connection)",
                     "% of a core", as_stats(d.get("idle_cpu_fraction"), 100),
                     higher_is_better=False))
+    if d.get("idle_cpu_fraction_no_connection") is not None:
+        rows.append(row("vsock", "virtio-vsock", "CPU of an idle device (no connection)",
+                        "% of a core", as_stats(d["idle_cpu_fraction_no_connection"], 100),
+                        higher_is_better=False))
     return rows
 
 

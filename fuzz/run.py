@@ -28,7 +28,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BUILD = os.path.join(ROOT, "build", "fuzz")
-NATIVE = ("virtq", "blk", "net", "vsock", "uring")
+NATIVE = ("virtq", "blk", "fast", "net", "vsock", "uring")
 PER_INPUT_TIMEOUT = 10          # seconds: a longer input is a hang
 STARTUP = 2                     # seconds a target takes to start and load its corpus
 

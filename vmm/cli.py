@@ -141,6 +141,9 @@ def add_restore_parser(sub):
                         "size; other options stay as in the snapshot")
     r.add_argument("--net", metavar="tap=NAME", action="append", default=[],
                    help="use another tap for the snapshot's NICs, in order (the MAC stays)")
+    r.add_argument("--vsock", metavar="uds=PATH", action="append", default=[],
+                   help="listen on another uds path for the snapshot's vsock device (e.g. a "
+                        "second clone of one snapshot); the guest CID stays")
     r.add_argument("--serial", metavar="stdio|file:PATH", default="stdio",
                    help="where the guest's serial console goes (default stdio)")
     r.add_argument("--timeout", metavar="SECONDS", type=float,
@@ -164,6 +167,18 @@ def add_restore_parser(sub):
                         "--track-dirty-pages)")
     s.add_argument("--leave-paused", action="store_true", help="do not resume the VM afterwards")
     s.add_argument("--debug", action="store_true")
+    b = sub.add_parser("snapshot-rebase", help="merge a Diff snapshot's memory into its base",
+                       description="Write BASE's memory with the pages of the Diff snapshot "
+                                   "(--diff-snapshot/--diff-mem) copied over it, to --out (default: "
+                                   "replace --base; a VM still mapping the old file is not "
+                                   "affected).  Restore a Diff taken on top of another Diff with "
+                                   "--mem set to its base rebased with every earlier diff, in order.")
+    b.add_argument("--base", metavar="PATH", required=True,
+                   help="the memory file the diff was taken over (a Full one, or one rebased before)")
+    b.add_argument("--diff-snapshot", metavar="PATH", required=True, help="the diff's state file")
+    b.add_argument("--diff-mem", metavar="PATH", required=True, help="the diff's memory file")
+    b.add_argument("--out", metavar="PATH", help="write the merged memory file here")
+    b.add_argument("--debug", action="store_true")
     r.add_argument("--debug", action="store_true", help="log VMM internals to stderr")
 
 
@@ -188,11 +203,15 @@ def restore_config(args):
     saved = restore.device_options()
     drives = [i for i, o in enumerate(saved) if o.get("kind") == "drive"]
     nics = [i for i, o in enumerate(saved) if o.get("kind") == "net"]
+    socks = [i for i, o in enumerate(saved) if o.get("kind") == "vsock"]
     if len(args.drive) > len(drives) or len(args.net) > len(nics):
         raise UsageError(f"the snapshot has {len(drives)} disks and {len(nics)} NICs; "
                          f"more --drive/--net overrides were given")
+    if len(args.vsock) > len(socks):
+        raise UsageError(f"the snapshot has {len(socks)} vsock devices; more --vsock were given")
     overrides = dict(zip(drives, args.drive))
     overrides.update(zip(nics, args.net))
+    overrides.update(zip(socks, args.vsock))
     devices = [spec_from_options(o, overrides.get(i)) for i, o in enumerate(saved)]
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be positive")
@@ -296,6 +315,8 @@ def main(argv=None):
         return guarded(run_api, args)
     if args.command == "snapshot":
         return guarded(snapshot_command, args)
+    if args.command == "snapshot-rebase":
+        return guarded(rebase_command, args)
     return guarded(run, args)
 
 
@@ -320,6 +341,14 @@ def snapshot_command(args):
     except OSError as e:
         raise SnapshotError(f"cannot reach the API socket {args.api_sock}: "
                             f"{e.strerror or e}") from None
+    return 0
+
+
+def rebase_command(args):
+    from vmm import snapshot
+    pages = snapshot.rebase(args.base, args.diff_snapshot, args.diff_mem, args.out)
+    print(f"pyvmm: {pages} pages of {args.diff_mem} applied onto {args.base} -> "
+          f"{args.out or args.base}", file=sys.stderr)
     return 0
 
 

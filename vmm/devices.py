@@ -131,6 +131,7 @@ class VirtioSpec:
     guests that only have virtio-pci drivers)."""
 
     slow = {}       # slow-path settings (faults, tracing, hooks, limiters): none
+    append_traces = False   # a restore adds to the trace/pcap files instead of truncating
 
     def __init__(self, opts, what):
         self.transport_name = opts.get("transport", "mmio")
@@ -177,7 +178,7 @@ class DriveSpec(VirtioSpec):
     rate limiters"): faults=SPEC, trace=FILE, hook=SOURCE:NAME,
     bw=SIZE:REFILL_MS[:BURST], ops=N:REFILL_MS[:BURST]."""
     KEYS = ("file", "readonly", "serial", "transport", "queues", "faults", "trace", "hook", "bw", "ops",
-            "io_engine")
+            "io_engine", "poll_us")
     IO_ENGINES = ("sync", "io_uring")   # Firecracker's io_engine Sync / Async
 
     def __init__(self, text):
@@ -195,6 +196,14 @@ class DriveSpec(VirtioSpec):
         self.slow = _slow_options(opts, "--drive", faults="disk", limiters=(("bw", "ops"),))
         _single_queue(self, "--drive")
         self.io_engine = opts.get("io_engine", "sync")
+        # adaptive polling of the I/O thread's C fast path (README "I/O thread fast path")
+        try:
+            self.poll_us = int(opts.get("poll_us", "0"))
+            if not 0 <= self.poll_us <= 1000:
+                raise ValueError
+        except ValueError:
+            raise DeviceSpecError(f"--drive: poll_us={opts['poll_us']}: microseconds, "
+                                  "0 to 1000") from None
         if self.io_engine not in self.IO_ENGINES:
             raise DeviceSpecError(f"--drive: unknown io_engine {self.io_engine!r} "
                                   f"(available: {', '.join(self.IO_ENGINES)})")
@@ -206,7 +215,11 @@ class DriveSpec(VirtioSpec):
     def attach(self, machine, cmdline):
         if self.slow or self.io_engine != "sync":
             self._ioloop = machine.ioloop()   # limiter/delay timers, io_uring completions
-        return super().attach(machine, cmdline)
+        out = super().attach(machine, cmdline)
+        fast = getattr(self.transport, "_fast", None)
+        if getattr(self, "poll_us", 0) and fast is not None:
+            fast.set_poll_us(self.poll_us)
+        return out
 
     @classmethod
     def from_fields(cls, path, readonly=False, serial=None, transport="mmio", io_engine="sync",
@@ -226,9 +239,12 @@ class DriveSpec(VirtioSpec):
 
     def snapshot_options(self):
         """What a restore needs to reopen this disk (vmm/snapshot.py)."""
+        from vmm.virtio.intercept_persist import blk_options
         return {"kind": "drive", "file": self.path, "readonly": self.readonly,
                 "serial": self.serial, "transport": self.transport_name,
-                "queues": getattr(self, "queues", 1), "id": getattr(self, "drive_id", None)}
+                "queues": getattr(self, "queues", 1), "id": getattr(self, "drive_id", None),
+                **({"io_engine": self.io_engine} if self.io_engine != "sync" else {}),
+                **blk_options(getattr(self.device, "intercept", None))}  # faults, trace, limits
 
     def open_device(self):
         from vmm.virtio import BlkDevice
@@ -238,7 +254,7 @@ class DriveSpec(VirtioSpec):
         if self.slow:
             dev.ioloop = self._ioloop
             try:
-                dev.configure(**_open_writers(self.slow, "tracer"))
+                dev.configure(**_open_writers(self.slow, self.append_traces))
             except BaseException:
                 dev.close()
                 raise
@@ -282,7 +298,7 @@ class NetSpec(VirtioSpec):
             self.mac = parse_mac(mac) if mac is not None else None
         except ValueError as e:
             raise DeviceSpecError(f"network interface: {e}") from None
-        self._ioloop, self.slow = None, {}
+        self._ioloop = None
         return self
 
     def attach(self, machine, cmdline):
@@ -290,10 +306,11 @@ class NetSpec(VirtioSpec):
         return super().attach(machine, cmdline)
 
     def snapshot_options(self):
+        from vmm.virtio.intercept_persist import net_options
         dev = self.transport.device
         return {"kind": "net", "tap": self.tap_name, "mac": dev.mac.hex(":"),
                 "transport": self.transport_name, "queues": getattr(self, "queues", 1),
-                "id": getattr(self, "iface_id", None)}
+                "id": getattr(self, "iface_id", None), **net_options(dev.intercept)}
 
     def open_device(self):
         from vmm.tap import Tap
@@ -309,7 +326,7 @@ class NetSpec(VirtioSpec):
             raise
         if self.slow:
             try:
-                dev.configure(**_open_writers(self.slow, "pcap"))
+                dev.configure(**_open_writers(self.slow, self.append_traces))
             except BaseException:
                 dev.close()
                 raise
@@ -357,6 +374,12 @@ class VsockSpec(VirtioSpec):
         self._ioloop = machine.ioloop()     # host sockets are polled by the I/O thread
         return super().attach(machine, cmdline)
 
+    def snapshot_options(self):
+        """A restore reopens the same uds path; connections are not carried
+        over (the guest gets TRANSPORT_RESET, vmm/virtio/vsock.py)."""
+        return {"kind": "vsock", "cid": self.cid, "uds": self.uds_path,
+                "transport": self.transport_name}
+
     def open_device(self):
         from vmm.virtio.vsock import VsockDevice
         return VsockDevice(self.uds_path, guest_cid=self.cid, ioloop=self._ioloop)
@@ -383,7 +406,9 @@ class RngSpec(VirtioSpec):
         return super().attach(machine, cmdline)
 
     def snapshot_options(self):
-        return {"kind": "rng", "transport": self.transport_name}
+        from vmm.virtio.intercept_persist import limiter_options
+        return {"kind": "rng", "transport": self.transport_name,
+                **limiter_options(getattr(self.device, "rate_limiter", self.rate_limiter), "bw", "ops")}
 
     def open_device(self):
         from vmm.virtio.rng import RngDevice
@@ -423,14 +448,15 @@ def _slow_options(opts, what, faults, limiters):
     return out
 
 
-def _open_writers(slow, kind):
-    """The settings with trace=/pcap= paths replaced by open writers."""
+def _open_writers(slow, append=False):
+    """The settings with trace=/pcap= paths replaced by open writers
+    (appending to the files after a restore)."""
     from vmm.virtio.trace import BlkTracer, PcapWriter
     conf = dict(slow)
     if "trace" in conf:
-        conf["tracer"] = BlkTracer(conf.pop("trace"))
+        conf["tracer"] = BlkTracer(conf.pop("trace"), append=append)
     if "pcap" in conf:
-        conf["pcap"] = PcapWriter(conf["pcap"])
+        conf["pcap"] = PcapWriter(conf["pcap"], append=append)
     return conf
 
 
@@ -448,10 +474,15 @@ def spec_from_options(opts, override=None):
         cls, keep = NetSpec, {"transport", "mac", "queues"}
     elif kind == "rng":
         cls, keep = RngSpec, {"transport"}
+    elif kind == "vsock":
+        cls, keep = VsockSpec, {"transport", "cid"}
+    elif kind == "trace-exits":
+        from vmm.virtio.trace import ExitTraceSpec
+        return ExitTraceSpec(opts["path"], append=True)
     else:
         raise DeviceSpecError(f"snapshot has a device of unknown kind {kind!r}")
     if override is not None:
-        what = "--drive" if kind == "drive" else "--net"
+        what = {"drive": "--drive", "vsock": "--vsock"}.get(kind, "--net")
         given = parse_options(override, what, cls.KEYS)
         for k in keep:
             if k in given and str(given[k]) != str(opts.get(k)):
@@ -467,6 +498,7 @@ def spec_from_options(opts, override=None):
             raise DeviceSpecError(f"snapshot device option {k}={v!r} contains a comma")
         parts.append(f"{k}={v}")
     spec = cls(",".join(parts))
+    spec.append_traces = True
     if ident is not None:
         setattr(spec, "drive_id" if kind == "drive" else "iface_id", ident)
     return spec

@@ -23,7 +23,9 @@ restored from (and mapping) an older file is never affected.
 Restore maps the memory file MAP_PRIVATE (GuestMemory(backing=...)): pages
 load on first touch, so restore time does not grow with RAM, and several VMs
 can run from one snapshot at once.  A diff is copied over its base's
-mapping (only its ranges).
+mapping (only its ranges).  Layers: a Diff taken on a VM restored from
+another Diff needs base + diff1 as its base; rebase() (`pyvmm
+snapshot-rebase`) merges a diff into its base file, in order.
 """
 import binascii
 import hashlib
@@ -199,19 +201,89 @@ def apply_diff(mem, path, runs):
         os.close(fd)
 
 
+def rebase(base_path, diff_state_path, diff_mem_path, out_path=None):
+    """Layer a Diff snapshot onto the memory file it was taken over
+    (Firecracker's rebase-snap / snapshot-editor model): write `out_path`
+    (default: replace `base_path`) = the base's pages with the diff's runs
+    (from its state file) copied over.  The result is the memory file to
+    give as --mem with the diff's own state and memory file, or with the
+    next Diff snapshot taken on top of it: base + diff1 + diff2 ... is
+    rebase(base, diff1), then rebase(that, diff2), in order.  Written
+    beside and renamed into place, so a VM still mapping the old base is
+    not affected.  Returns the number of diff pages applied."""
+    import numpy as np
+    st = read_state(diff_state_path)
+    mem = st.get("memory") or {}
+    if mem.get("type") != "Diff":
+        raise SnapshotError(f"state file {diff_state_path}: not a Diff snapshot")
+    try:
+        size = int(st["mem_size"])
+        runs = [(int(a), int(n)) for a, n in mem["runs"]]
+    except (KeyError, TypeError, ValueError):
+        raise SnapshotError(f"state file {diff_state_path}: incomplete state") from None
+    fds = []
+    try:
+        for path, what in ((base_path, "base memory file"), (diff_mem_path, "diff memory file")):
+            try:
+                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as e:
+                raise SnapshotError(f"cannot open {what} {path}: {e.strerror}") from None
+            if os.fstat(fds[-1]).st_size != size:
+                raise SnapshotError(f"{what} {path}: {os.fstat(fds[-1]).st_size} bytes, the "
+                                    f"snapshot's guest has {size}")
+        if any(a < 0 or n < 0 or (a + n) * PAGE > size for a, n in runs):
+            raise SnapshotError(f"state file {diff_state_path}: range beyond guest memory")
+        base, diff = fds
+
+        def write(fd):
+            os.ftruncate(fd, size)              # holes read as zeros: skip zero chunks
+            chunk, zero = 1 << 20, bytes(1 << 20)
+            for off in range(0, size, chunk):
+                data = os.pread(base, chunk, off)
+                if data == zero[:len(data)]:
+                    continue
+                used = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE).any(axis=1)
+                for first, count in page_runs(used):     # keep the file as sparse as the base
+                    _pwrite_all(fd, data[first * PAGE:(first + count) * PAGE], off + first * PAGE)
+            for first, count in runs:
+                off, end = first * PAGE, (first + count) * PAGE
+                while off < end:
+                    data = os.pread(diff, min(end - off, chunk), off)
+                    if not data:
+                        raise SnapshotError(f"diff memory file {diff_mem_path}: short read")
+                    _pwrite_all(fd, data, off)
+                    off += len(data)
+        try:
+            _atomic_write(out_path or base_path, write)
+        except OSError as e:
+            raise SnapshotError(f"cannot write memory file {out_path or base_path}: "
+                                f"{e.strerror}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return sum(n for _, n in runs)
+
+
+def _pwrite_all(fd, data, off):
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, off)
+        view, off = view[n:], off + n
+
+
 # --- taking a snapshot ---------------------------------------------------
 def _device_entries(machine):
     out = []
     for spec in machine._attached:
         opts = getattr(spec, "snapshot_options", None)
-        transport = getattr(spec, "transport", None)
-        if opts is None or transport is None:
+        if opts is None:
             raise SnapshotError(f"device {type(spec).__name__} does not support snapshots")
+        transport = getattr(spec, "transport", None)     # None: no guest-visible state
         try:
-            tstate = transport.state()
+            out.append({"options": opts(),
+                        "transport": transport.state() if transport is not None else None})
         except NotImplementedError as e:
             raise SnapshotError(str(e)) from None
-        out.append({"options": opts(), "transport": tstate})
     return out
 
 
@@ -234,6 +306,9 @@ def create(machine, state_path, mem_path, snapshot_type="Full"):
     for vcpu in machine.vcpus:
         _complete_pending_exit(vcpu)
     msrs = kvm_state.msr_index_list(machine.kvm)
+    # Devices first: finishing work still in flight (io_uring) may raise
+    # interrupts, which must be in the irqchip and LAPIC state saved next.
+    devices = _device_entries(machine)
     state = {
         "arch": ARCH, "created": time.time(), "pyvmm_version": 1,
         "mem_size": mem.size, "cpus": len(machine.vcpus), "cmdline": machine.cmdline,
@@ -243,7 +318,7 @@ def create(machine, state_path, mem_path, snapshot_type="Full"):
                    "pvpanic": machine.pvpanic.state()},
         "pci_bus": ({"address": machine.pci_bus.address}
                     if getattr(machine, "pci_bus", None) is not None else None),
-        "devices": _device_entries(machine),
+        "devices": devices,
         "track_dirty_pages": machine.vm.log_dirty,
     }
     t_state = time.monotonic()
@@ -380,10 +455,12 @@ def _build(machine, restore):
     machine.i8042.restore(st["legacy"]["i8042"])
     machine.pvpanic.restore(st["legacy"]["pvpanic"])
     for dev, dst in zip(c.devices, st["devices"]):
-        dev.transport.restore(dst["transport"])
-    for dev in c.devices:
-        dev.transport.restart()
+        if dst["transport"] is not None:
+            dev.transport.restore(dst["transport"])
+    for dev, dst in zip(c.devices, st["devices"]):
+        if dst["transport"] is not None:
+            dev.transport.restart()
 
 
 __all__ = ["Restore", "SnapshotError", "build", "create", "load", "pack_state", "read_state",
-           "unpack_state", "write_state"]
+           "rebase", "unpack_state", "write_state"]

@@ -17,7 +17,6 @@ corpora and kept crash inputs through `one_input` without atheris.
 """
 import logging
 import os
-import socket
 import tempfile
 
 from vmm.memory import GuestMemory, MiB
@@ -26,6 +25,7 @@ from vmm.pci import device as pd
 from vmm.testing.mockdriver import (BlkDriver, DriverError, DriverQueue, MmioRegs, MockDriver,
                                     PciLegacyRegs)
 from vmm.testing.mocknet import NetDriver
+from vmm.testing.sockbackend import SockBackend
 from vmm.virtio import device as vd
 from vmm.virtio import mmio as m
 from vmm.virtio import pci_legacy as pl
@@ -136,39 +136,6 @@ def disk_image():
     return _image
 
 
-class SockBackend:
-    """A datagram socketpair with a tap's interface (one message per frame)."""
-
-    def __init__(self, queues=1):
-        self.pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(queues)]
-        for pair in self.pairs:
-            for s in pair:
-                s.setblocking(False)
-        self.sock, self.peer = self.pairs[0]
-        self.fds = [s.fileno() for s, _ in self.pairs]
-        self.fd, self.name, self.offload_ok = self.fds[0], "fuzz", False
-
-    def set_vnet_hdr_len(self, n):
-        pass
-
-    def set_offload(self, flags):
-        pass
-
-    def drain_peer(self):
-        n = 0
-        while True:
-            try:
-                self.peer.recv(1 << 17)
-                n += 1
-            except BlockingIOError:
-                return n
-
-    def close(self):
-        for pair in self.pairs:
-            for s in pair:
-                s.close()
-
-
 class LegacyMmioRegs(MmioRegs):
     """Legacy virtio-mmio (version 1, §4.2.4) for the mock driver: no
     FEATURES_OK, GuestPageSize, rings at QueuePFN with QueueAlign."""
@@ -216,7 +183,7 @@ class Guest:
                                  native=bool(p.byte() & 1), queue_size=qsize)
         elif device_kind in ("net", "netmq"):
             pairs = 2 if device_kind == "netmq" else 1
-            self.backend = SockBackend(pairs)
+            self.backend = SockBackend(pairs, bufsize=0, name="fuzz")
             self.dev = NetDevice(self.backend, mrg_rxbuf=bool(p.byte() & 1), queue_size=qsize,
                                  queue_pairs=pairs)
         elif device_kind == "vsock":

@@ -60,6 +60,7 @@ struct pv_vsock {
     uint32_t rr, ndead, credit_threshold;
     uint32_t rst_head, rst_len;
     uint64_t rx_pkts, rx_bytes, tx_pkts, tx_bytes, rst_sent, malformed, rst_dropped;
+    uint64_t backlog_bytes;
     ...;
 };
 

@@ -167,6 +167,13 @@ def blk_seeds():
             g.op(KICK, WR, (0x400 + 16 + 8 if "discard" in name or "zero" in name else 0x400, 2),
                  (3, 1), (0x7FFF_FFFF_FFFF_FFFF, 8), KICK, KICK)
             write("blk", name + ("-nozr" if extra else ""), g.bytes())
+            if not extra:       # the I/O loop's fast path: the same guests, polling off/on
+                write("fast", name, g.bytes())
+                g2 = Guest(extra=b"\x08\x00\x00\x02")
+                for r in reqs:
+                    req(g2, **r)
+                g2.ops = g.ops
+                write("fast", name + "-poll", g2.bytes())
             if not extra:       # the io_uring engine: submit, reap, reap waiting for all
                 g.ops = b""
                 g.op(0, 2, 0x82, 3, (0x400, 2), (3, 1), (0, 8), 0, 0x82)

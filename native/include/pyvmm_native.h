@@ -24,5 +24,7 @@ void *pv_map_file(int fd, size_t size, int *err);
 #include "pyvmm_seccomp.h"
 #include "pyvmm_vsock.h"
 #include "pyvmm_uring.h"
+#include "pyvmm_benchdrv.h"
+#include "pyvmm_fast.h"
 
 #endif

@@ -16,6 +16,7 @@ int pv_blk_uring_submit(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u
                         struct pv_chain *scratch, struct pv_blk_result *res);
 int pv_blk_uring_reap(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u, int wait_all,
                       struct pv_blk_result *res);
+extern void (*pv_uring_sqe_hook)(uint8_t opcode, uint8_t flags, uint64_t user_data);
 long pv_bench_uring(int fd, uint8_t *bufs, uint64_t len, const uint64_t *offsets, uint32_t n,
                     uint32_t depth, int write);
 

@@ -97,6 +97,7 @@ struct pv_vsock {
     struct pv_vsock_rst rstq[PV_VSOCK_RSTQ];
     /* rx_*: RW packets from the guest (its transmit queue); tx_*: RW packets to it */
     uint64_t rx_pkts, rx_bytes, tx_pkts, tx_bytes, rst_sent, malformed, rst_dropped;
+    uint64_t backlog_bytes;      /* guest bytes the host socket could not take at once (copied) */
 };
 
 #define PV_VSOCK_EP_CONN (1ULL << 32)

@@ -58,6 +58,12 @@ struct pv_uring {
     struct uring_slot *slots;        /* indexed by descriptor head */
 };
 
+/* Test seam: called with each SQE just before it is handed to the kernel
+ * (NULL in production).  A FLUSH's ordering rests on IOSQE_IO_DRAIN, which a
+ * test cannot observe on a page-cache file (every write completes at once),
+ * so tests/unit/virtio/test_virtio_blk_uring.py checks the flags here. */
+void (*pv_uring_sqe_hook)(uint8_t opcode, uint8_t flags, uint64_t user_data);
+
 static long sys_setup(unsigned entries, struct io_uring_params *p)
 {
     return syscall(__NR_io_uring_setup, entries, p);
@@ -404,6 +410,8 @@ int pv_blk_uring_submit(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u
                         sqe->off = s->off;
                     }
                     u->sq_array[idx] = idx;
+                    if (pv_uring_sqe_hook)
+                        pv_uring_sqe_hook(sqe->opcode, sqe->flags, sqe->user_data);
                     __atomic_store_n(u->sq_tail, tail + 1, __ATOMIC_RELEASE);
                     u->to_submit++;
                     s->busy = 1;

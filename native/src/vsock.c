@@ -262,6 +262,7 @@ static void tx_rw(struct pv_vsock *vs, struct pv_vsock_conn *k, const struct pv_
         k->fwd_cnt += sent;
     }
     if (sent < len) {
+        vs->backlog_bytes += len - sent;
         pend_append(k, c, PV_VSOCK_HDR_LEN + (uint64_t)sent, len - sent);
         flush_pend(vs, k);               /* an older backlog may go now; arms EPOLLOUT */
     } else {

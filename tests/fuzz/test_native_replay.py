@@ -15,6 +15,7 @@ FUZZ = os.path.join(ROOT, "native", "fuzz")
 SRC = os.path.join(ROOT, "native", "src")
 WRAP = "-Wl,--wrap=pv_vq_pop,--wrap=pv_vq_push"
 TARGETS = {"virtq": ["virtq.c"], "blk": ["virtq.c", "blk.c"], "net": ["virtq.c", "net.c"],
+           "fast": ["virtq.c", "blk.c", "fastpath.c"],
            "vsock": ["virtq.c", "vsock.c"], "uring": ["virtq.c", "blk.c", "uring.c"]}
 
 

@@ -1,9 +1,11 @@
 """Guest-level tests start from a snapshot instead of a cold boot.
 
 `guest_snapshot` (session scope) boots the default guest once, with a
-scratch ext4 disk on virtio-mmio, a raw disk on legacy virtio-pci, and (as
-root) a NIC on a tap inside a private network namespace (eth0 configured
-from `ip=` on the command line), waits for the shell prompt and takes a Full
+scratch ext4 disk on virtio-mmio, a raw disk on legacy virtio-pci, a raw
+disk on modern virtio-pci with MSI-X (two queues), and (as root) NICs on
+taps inside a private network namespace (eth0 on mmio configured from `ip=`
+on the command line; eth1 on legacy and eth2 on modern virtio-pci with two
+queue pairs, configured at the shell), waits for the shell prompt and takes a Full
 snapshot; then it types one command and takes a Diff snapshot on top.  A
 cold boot to the shell costs 30-40 s of emulated guest kernel on software
 KVM (minutes on a loaded machine); a restore costs milliseconds.
@@ -19,21 +21,25 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from vmm import guest
+from vmm.testing.console import ConsoleReader
 
 SNAP_TIMEOUT = 1800        # a cold boot on a 2-core machine shared with other jobs
 CMD_TIMEOUT = 120
 # NICs of the snapshot (as root): eth0 on virtio-mmio, configured by `ip=`;
-# eth1 on legacy virtio-pci, configured at the shell before the snapshot.
+# eth1 on legacy virtio-pci and eth2 on modern virtio-pci (MSI-X, two queue
+# pairs: multiqueue with its control queue), configured at the shell.
 NICS = {"mmio": {"tap": "pvsnap0", "mac": "52:54:00:77:00:02", "guest": "10.77.0.2",
                  "host": "10.77.0.1"},
         "pci-legacy": {"tap": "pvsnap1", "mac": "52:54:00:77:01:02", "guest": "10.77.1.2",
-                "host": "10.77.1.1"}}
+                "host": "10.77.1.1"},
+        "pci": {"tap": "pvsnap2", "mac": "52:54:00:77:02:02", "guest": "10.77.2.2",
+                "host": "10.77.2.1", "dev": "eth2", "queues": 2}}
+DISKS = ("scratch.img", "pci.img", "pci-modern.img")     # in --drive order
 GUEST_IP, HOST_IP = NICS["mmio"]["guest"], NICS["mmio"]["host"]
 PROMPT = b"/ # "
 
@@ -42,53 +48,13 @@ def can_net():
     return os.geteuid() == 0 and shutil.which("ip") is not None
 
 
-class Console:
-    """Collects a process's stdout on a thread; wait() for text appearing
-    after the previous match."""
-
-    def __init__(self, stream):
-        self.buf = b""
-        self.pos = 0
-        self.eof = False
-        self.cond = threading.Condition()
-        self.t = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self.t.start()
-
-    def _read(self, stream):
-        while True:
-            chunk = os.read(stream.fileno(), 4096)
-            with self.cond:
-                if not chunk:
-                    self.eof = True
-                    self.cond.notify_all()
-                    return
-                self.buf += chunk
-                self.cond.notify_all()
-
-    def wait(self, marker, timeout):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                i = self.buf.find(marker, self.pos)
-                if i >= 0:
-                    self.pos = i + len(marker)
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0 or self.eof:
-                    return False
-                self.cond.wait(left)
-
-    @property
-    def text(self):
-        return self.buf.decode(errors="replace")
-
-
 class Snapshot:
     def __init__(self, d, has_net):
         self.dir = d
         self.state, self.mem = os.path.join(d, "full.state"), os.path.join(d, "full.mem")
         self.diff_state, self.diff_mem = os.path.join(d, "diff.state"), os.path.join(d, "diff.mem")
         self.disk, self.pci_disk = os.path.join(d, "scratch.img"), os.path.join(d, "pci.img")
+        self.modern_disk = os.path.join(d, "pci-modern.img")
         self.has_net = has_net
         self.figures = []
         self.boot_seconds = None
@@ -133,16 +99,21 @@ def guest_snapshot(tmp_path_factory):
     make_scratch_ext4(snap.disk)
     with open(snap.pci_disk, "wb") as f:
         f.write(os.urandom(1 << 20))
+    with open(snap.modern_disk, "wb") as f:
+        f.write(os.urandom(3 << 19))            # 3072 sectors: told apart by its size
     cmdline = guest.DEFAULT_CMDLINE
-    run_args = ["--drive", f"file={snap.disk}", "--drive", f"file={snap.pci_disk},transport=pci-legacy"]
+    run_args = ["--drive", f"file={snap.disk}", "--drive", f"file={snap.pci_disk},transport=pci-legacy",
+                "--drive", f"file={snap.modern_disk},transport=pci,queues=2"]
     steps = ["wait:shell ready", "wait:/ # "]
     if snap.has_net:
         cmdline += f" ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off"
         for t, nic in NICS.items():
-            run_args += ["--net", f"tap={nic['tap']},mac={nic['mac']},transport={t}"]
-        pci = NICS["pci-legacy"]
-        steps += [f"type:ip addr add {pci['guest']}/24 dev eth1 && ip link set eth1 up && "
-                  "echo eth1-$((2+3))-up\\n", "wait:eth1-5-up", "wait:/ # "]
+            run_args += ["--net", f"tap={nic['tap']},mac={nic['mac']},transport={t}"
+                         + (f",queues={nic['queues']}" if "queues" in nic else "")]
+        for t in ("pci-legacy", "pci"):
+            nic, dev = NICS[t], NICS[t].get("dev", "eth1")
+            steps += [f"type:ip addr add {nic['guest']}/24 dev {dev} && ip link set {dev} up && "
+                      f"echo {dev}-$((2+3))-up\\n", f"wait:{dev}-5-up", "wait:/ # "]
     steps += ["sleep:1", f"snap:Full:{snap.state}:{snap.mem}", "stop"]
     t0 = time.monotonic()
     rc, out, err, figures = shoot(steps, ["--cmdline", cmdline, *run_args], snap.has_net,
@@ -155,7 +126,7 @@ def guest_snapshot(tmp_path_factory):
     work = os.path.join(d, "diff-run")
     os.mkdir(work)
     args = ["restore", "--snapshot", snap.state, "--mem", snap.mem, "--track-dirty-pages"]
-    for name in ("scratch.img", "pci.img"):
+    for name in DISKS:
         shutil.copy(os.path.join(d, name), os.path.join(work, name))
         args += ["--drive", f"file={os.path.join(work, name)}"]
     if snap.has_net:
@@ -176,12 +147,13 @@ class Restored:
         self.snap = snap
         self.disk = os.path.join(tmp, "scratch.img")
         self.pci_disk = os.path.join(tmp, "pci.img")
-        shutil.copy(snap.disk, self.disk)
-        shutil.copy(snap.pci_disk, self.pci_disk)
+        self.modern_disk = os.path.join(tmp, "pci-modern.img")
         state = snap.diff_state if diff else snap.state
         cmd = [sys.executable, "-m", "vmm", "restore", "--snapshot", state, "--mem", snap.mem,
-               "--drive", f"file={self.disk}", "--drive", f"file={self.pci_disk}",
                "--resume", "--timeout", "600", *extra]
+        for name in DISKS:
+            shutil.copy(os.path.join(snap.dir, name), os.path.join(tmp, name))
+            cmd += ["--drive", f"file={os.path.join(tmp, name)}"]
         if diff:
             cmd += ["--mem-diff", snap.diff_mem]
         self.ns = None
@@ -195,7 +167,7 @@ class Restored:
         if tty is None:
             self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE)
-            self.console = Console(self.p.stdout)
+            self.console = ConsoleReader(self.p.stdout)
         else:      # an interactive terminal: the test reads the pty's master itself
             self.p = subprocess.Popen(cmd, stdin=tty, stdout=tty, stderr=subprocess.PIPE)
             self.console = None
@@ -211,7 +183,7 @@ class Restored:
 
     def cmd(self, line, marker, timeout=CMD_TIMEOUT):
         self.type(line + "\n")
-        ok = self.console.wait(marker.encode(), timeout)
+        ok = self.console.expect(marker.encode(), timeout)
         assert ok, f"no {marker!r} after {line!r}:\n" + self.console.text[-2000:] + self.stderr_now()
         return self.console.text
 

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -20,6 +19,7 @@ from vmm import guest
 from vmm.testing.netns import NetNs, ping
 import vmm.testing.tinyguest as T
 from vmm.virtio.trace import read_pcap
+from vmm.testing.console import ConsoleReader
 
 TIMEOUT = 1200
 BASE = ("console=ttyS0 reboot=k panic=-1 pvpanic_mmio.ioport=0x505 rodata=off 8250.nr_uarts=1 nopti "
@@ -40,40 +40,6 @@ def shell(p, console, cmd, timeout=120):
     p.stdin.flush()
     assert console.wait(b"@@END@@", timeout, start), console.text[-3000:]
     return console.buf[start:].decode(errors="replace").split("@@END@@")[0]
-
-
-class Console:
-    def __init__(self, stream):
-        import threading
-        self.buf = b""
-        self.eof = False
-        self.cond = threading.Condition()
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream):
-        while True:
-            chunk = os.read(stream.fileno(), 4096)
-            with self.cond:
-                if not chunk:
-                    self.eof = True
-                    self.cond.notify_all()
-                    return
-                self.buf += chunk
-                self.cond.notify_all()
-
-    def wait(self, marker, timeout, start=0):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while marker not in self.buf[start:] and not self.eof:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(left)
-            return marker in self.buf[start:]
-
-    @property
-    def text(self):
-        return self.buf.decode(errors="replace")
 
 
 @pytest.mark.integration
@@ -100,7 +66,7 @@ def test_faults_rng_pcap_one_boot(tmp_path):
             "--net", f"tap={TAP},mac=52:54:00:78:00:02,faults=rx.drop=30%;seed=4,pcap={pcap}",
             "--net", f"tap={TAP2},faults=link=down", "--api-sock", sock]),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE)
-        console = Console(p.stdout)
+        console = ConsoleReader(p.stdout)
         assert ns.wait_link(TAP, 60), "the VMM did not create the tap"
         ns.ip("addr", "add", f"{HOST_IP}/24", "dev", TAP)
         ns.ip("link", "set", TAP, "up")

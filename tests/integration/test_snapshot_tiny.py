@@ -1,9 +1,11 @@
 """Snapshots of a tiny ring-0 guest (milliseconds, no Linux): a guest that
 prints the alphabet in a loop continues where it was after a restore in a
 new process, twice at once from one snapshot; a Diff snapshot over its base
-continues from the later point; taking a snapshot of a running VM and
+continues from the later point, and so does a second Diff layered on the
+first (rebased); --trace-exits goes on into the same file after a restore; taking a snapshot of a running VM and
 restoring with a wrong memory file are refused."""
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -66,6 +68,45 @@ def test_diff_over_base_continues_from_the_later_point(tmp_path):
     p = restore(ds, m, "--mem-diff", str(dm), seconds=4)
     got, err = p.communicate(timeout=120)
     assert got.startswith(following(out)), (out[-10:], got[:40], err.decode())
+
+
+def test_two_diff_layers_rebased_continue_from_the_last_point(tmp_path):
+    """base + diff1 + diff2 (each Diff holds the pages dirtied since the
+    snapshot before it): `pyvmm snapshot-rebase` merges diff1 into the
+    base, and diff2 restores over that."""
+    s, m = tmp_path / "f.state", tmp_path / "f.mem"
+    d1s, d1m, d2s, d2m = (tmp_path / n for n in ("d1.state", "d1.mem", "d2.state", "d2.mem"))
+    out = shoot(tmp_path, ["wait:cdef", f"snap:Full:{s}:{m}", "wait:jklm",
+                           f"snap:Diff:{d1s}:{d1m}", "wait:stuv", f"snap:Diff:{d2s}:{d2m}", "stop"],
+                "--track-dirty-pages")
+    merged = tmp_path / "base+d1.mem"
+    p = subprocess.run([sys.executable, "-m", "vmm", "snapshot-rebase", "--base", str(m),
+                        "--diff-snapshot", str(d1s), "--diff-mem", str(d1m), "--out", str(merged)],
+                       capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0 and b"pages of" in p.stderr, p.stderr.decode()
+    p = restore(d2s, merged, "--mem-diff", str(d2m), seconds=4)
+    got, err = p.communicate(timeout=120)
+    assert got.startswith(following(out)), (out[-10:], got[:40], err.decode())
+    # a Full state file is not a layer
+    p = subprocess.run([sys.executable, "-m", "vmm", "snapshot-rebase", "--base", str(m),
+                        "--diff-snapshot", str(s), "--diff-mem", str(d1m)],
+                       capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1 and p.stderr.decode().count("\n") == 1
+    assert "not a Diff snapshot" in p.stderr.decode()
+
+
+def test_exit_trace_reopened_for_append_on_restore(tmp_path):
+    s, m, trace = tmp_path / "t.state", tmp_path / "t.mem", tmp_path / "exits.jsonl"
+    shoot(tmp_path, ["wait:fgh", f"snap:Full:{s}:{m}", "stop"], "--trace-exits", str(trace))
+    before = trace.read_bytes()
+    assert before.count(b"\n") > 5
+    p = restore(s, m, seconds=2)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == STATUS["timeout"], err.decode()
+    after = trace.read_bytes()
+    assert after.startswith(before) and after.count(b"\n") > before.count(b"\n") + 5
+    last = json.loads(after.splitlines()[-1])
+    assert (last["kind"], last["addr"], last["dir"]) == ("pio", 0x3F8, "write")
 
 
 def test_snapshot_of_a_running_vm_is_refused(tmp_path):

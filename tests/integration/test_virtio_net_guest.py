@@ -1,6 +1,7 @@
 """virtio-net end to end, on each transport, from the session snapshot
-(conftest.py): the guest's eth0 (virtio-mmio, configured by `ip=` at boot)
-and eth1 (legacy virtio-pci, configured at its shell) answer ping from a
+(conftest.py): the guest's eth0 (virtio-mmio, configured by `ip=` at boot),
+eth1 (legacy virtio-pci) and eth2 (modern virtio-pci with MSI-X and two
+queue pairs), both configured at its shell, answer ping from a
 private network namespace through their taps, after a restore in a new VMM
 process (the guest kernel answers ARP and ICMP itself, so both directions of
 each device are exercised).  The VMM runs inside the namespace; nothing
@@ -16,7 +17,7 @@ from conftest import NICS
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm")]
 
 
-@pytest.mark.parametrize("transport", ["mmio", "pci-legacy"])
+@pytest.mark.parametrize("transport", ["mmio", "pci-legacy", "pci"])
 def test_ping_guest_through_tap(transport, restored, guest_snapshot):
     if not guest_snapshot.has_net:
         pytest.skip("needs root and iproute2 for a network namespace")

@@ -22,9 +22,9 @@ import pytest
 
 from vmm.machine import STATUS
 from vmm.testing.netns import NetNs, ping
+from vmm.testing.console import ConsoleReader
 
 from test_virtio_blk_guest import BASE, kernel, make_ext4, superblock
-from conftest import Console
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm")]
 TIMEOUT = 900          # generous: guest kernel code is emulated, and the CI host is shared
@@ -81,7 +81,7 @@ def test_three_pci_transports_side_by_side(tmp_path):
                          "--net", f"tap={TAP},mac=52:54:00:78:00:02,transport=pci,queues=2",
                          "--cmdline", cmdline, "--timeout", str(TIMEOUT)]),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        console = Console(p.stdout)
+        console = ConsoleReader(p.stdout)
         assert ns.wait_link(TAP, 60), "the VMM did not create the tap"
         ns.ip("addr", "add", f"{HOST_IP}/24", "dev", TAP)
         ns.ip("link", "set", TAP, "up")

@@ -18,45 +18,12 @@ import pytest
 
 from vmm import guest
 from vmm.machine import STATUS
+from vmm.testing.console import ConsoleReader
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm")]
 
 TIMEOUT = 1200          # s; the 16 MiB echo runs through the emulated guest kernel
 SIZE = 16 << 20
-
-
-class Console:
-    def __init__(self, stream):
-        self.buf = b""
-        self.cond = threading.Condition()
-        self.eof = False
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream):
-        while True:
-            chunk = os.read(stream.fileno(), 4096)
-            with self.cond:
-                if not chunk:
-                    self.eof = True
-                else:
-                    self.buf += chunk
-                self.cond.notify_all()
-                if not chunk:
-                    return
-
-    def wait(self, marker, timeout):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while marker not in self.buf and not self.eof:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(left)
-            return marker in self.buf
-
-    @property
-    def text(self):
-        return self.buf.decode(errors="replace")
 
 
 def serve_once(listener, handler):
@@ -128,7 +95,7 @@ def test_vsock_with_default_guest(tmp_path):
          "--cmdline", f"{guest.DEFAULT_CMDLINE} pyvmm.test=vsock"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
-        console = Console(p.stdout)
+        console = ConsoleReader(p.stdout)
         assert console.wait(b"pyvmm-guest: vsock ready", TIMEOUT - 120), console.text[-3000:]
         assert b"vsock-connect: reply [hello-from-host:hello-from-guest]" in console.buf
         t1.join(10)

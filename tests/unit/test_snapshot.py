@@ -276,6 +276,73 @@ def test_diff_applied_over_base(tmp_path):
         m.close()
 
 
+def diff_layer(m, tmp_path, name, pages):
+    """A Diff snapshot of `m`'s `pages`: (state file, memory file)."""
+    mask = np.zeros(m.size // 4096, dtype=bool)
+    mask[pages] = True
+    runs = S.write_memory(m, str(tmp_path / f"{name}.mem"), mask)
+    S.write_state(str(tmp_path / f"{name}.state"), {"arch": S.ARCH, "mem_size": m.size,
+                                                    "memory": {"type": "Diff", "runs": runs}})
+    return str(tmp_path / f"{name}.state"), str(tmp_path / f"{name}.mem")
+
+
+def test_two_diff_layers_rebased_give_the_last_memory(tmp_path):
+    """base + diff1 + diff2: diff1 rebased onto the base, then diff2 applied
+    as at restore, is byte for byte the memory at diff2's time; diff2 over
+    the bare base is not (diff1's pages are missing)."""
+    m = GuestMemory(16 * MiB)
+    try:
+        m.write(0x1000, b"base-1")
+        m.write(0x2000, b"base-2")
+        m.write(0x7000, b"base-7")
+        S.write_memory(m, str(tmp_path / "base.mem"), m.pages_in_use())
+        m.write(0x2000, b"diff1-2")             # only diff1 has these two pages
+        m.write(0x3000, b"diff1-3")
+        m.write(0x7000, bytes(6))               # a page zeroed again: must win over the base
+        d1 = diff_layer(m, tmp_path, "d1", [2, 3, 7])
+        m.write(0x1000, b"diff2-1")
+        d2 = diff_layer(m, tmp_path, "d2", [1])
+        want = bytes(m.array)
+    finally:
+        m.close()
+    base = str(tmp_path / "base.mem")
+    merged = str(tmp_path / "merged.mem")
+    assert S.rebase(base, *d1, out_path=merged) == 3
+    runs2 = S.read_state(d2[0])["memory"]["runs"]
+    for backing, same in ((merged, True), (base, False)):
+        r = GuestMemory(16 * MiB, backing=backing)
+        try:
+            S.apply_diff(r, d2[1], runs2)
+            assert (bytes(r.array) == want) is same
+        finally:
+            r.close()
+    assert os.path.getsize(merged) == 16 * MiB and os.stat(merged).st_blocks * 512 < MiB
+    before = open(base, "rb").read()
+    S.rebase(base, *d1)                         # in place: a new inode replaces the base
+    assert open(base, "rb").read() == open(merged, "rb").read() != before
+
+
+def test_rebase_refuses_bad_layers(tmp_path):
+    m = GuestMemory(16 * MiB)
+    try:
+        S.write_memory(m, str(tmp_path / "base.mem"), m.pages_in_use())
+        d1 = diff_layer(m, tmp_path, "d1", [1])
+    finally:
+        m.close()
+    base = str(tmp_path / "base.mem")
+    (tmp_path / "short.mem").write_bytes(bytes(4096))
+    S.write_state(str(tmp_path / "full.state"), {"arch": S.ARCH, "mem_size": 16 * MiB,
+                                                 "memory": {"type": "Full", "runs": None}})
+    for args, text in (((str(tmp_path / "short.mem"), *d1), "4096 bytes"),
+                       ((base, d1[0], str(tmp_path / "short.mem")), "4096 bytes"),
+                       ((base, str(tmp_path / "full.state"), d1[1]), "not a Diff snapshot"),
+                       ((base, d1[0], str(tmp_path / "nope")), "No such file")):
+        with pytest.raises(S.SnapshotError, match=text) as e:
+            S.rebase(*args, out_path=str(tmp_path / "out.mem"))
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "out.mem").exists()
+
+
 def test_wrong_size_memory_file_is_refused(tmp_path):
     path = tmp_path / "short.mem"
     path.write_bytes(b"\0" * 4096)

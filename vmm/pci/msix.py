@@ -196,6 +196,43 @@ class Msix:
     def gsi(self, vector):
         return self._gsi[vector]
 
+    # --- snapshots (vmm/virtio/pci_persist.py) ---
+    def state(self):
+        """The table (address, data, mask per vector) and the PBA; Message
+        Control (Enable, Function Mask) is in the function's config space,
+        saved with it."""
+        with self._lock:
+            return {"vectors": self.vectors, "address": list(self.address),
+                    "data": list(self.data), "masked": list(self.masked),
+                    "pending": list(self.pending)}
+
+    def restore(self, st):
+        """Load state() after the config space (Message Control) was put
+        back: give KVM the message of every live vector again (this
+        process's GSIs and irqfds are new, the guest's messages are not)
+        and send what was pending on a vector that is live (it cannot be,
+        unless the state was taken between an unmask and its delivery)."""
+        if int(st["vectors"]) != self.vectors:
+            raise ValueError(f"MSI-X: snapshot has {st['vectors']} vectors, the function "
+                             f"{self.vectors}")
+        n = self.vectors
+        vals = [[int(x) for x in st["address"]], [int(x) for x in st["data"]],
+                [bool(x) for x in st["masked"]], [bool(x) for x in st["pending"]]]
+        if any(len(v) != n for v in vals):
+            raise ValueError("MSI-X: snapshot table of the wrong length")
+        ctrl = self.control
+        with self._lock:
+            self.address = [a & 0xFFFFFFFFFFFFFFFC for a in vals[0]]
+            self.data = [d & 0xFFFFFFFF for d in vals[1]]
+            self.masked, self.pending = vals[2], vals[3]
+            self._was_enabled, self._was_maskall = bool(ctrl & CTRL_ENABLE), bool(ctrl & CTRL_MASKALL)
+            for v in range(n):
+                if self._live(v):
+                    self._route(v)
+                    if self.pending[v]:
+                        self.pending[v] = False
+                        self._send(v)
+
     def close(self):
         for v in range(self.vectors):
             fd, self._fds[v] = self._fds[v], None

@@ -23,6 +23,7 @@ import struct
 
 from vmm.native import ffi, lib
 from vmm.virtio import device as vd
+from vmm.virtio import intercept_persist
 from vmm.virtio.queue import E_REQ, NativeRing, PyRing, QueueError
 
 VIRTIO_ID_BLOCK = 2
@@ -112,7 +113,8 @@ class BlkDevice(vd.VirtioDevice):
         self.features = f
         self._rings = []
         self._interrupt = None
-        self.stats = {"kicks": 0, "requests": 0, "ioerr": 0}
+        self._stats = {"kicks": 0, "requests": 0, "ioerr": 0}
+        self._fastpath = None     # the transport's C fast path (vmm/virtio/fastpath.py)
         self.ioloop = None        # for timers of the slow path (set by the owner)
         self.intercept = None     # limiter/faults/trace/hook: vmm/virtio/intercept.py
         self.io_engine = io_engine
@@ -176,6 +178,37 @@ class BlkDevice(vd.VirtioDevice):
         self._rings = [ring(mem, x, **kw) if x.ready else None for x in used]
         self._interrupt = interrupt
 
+    @property
+    def stats(self):
+        """{kicks, requests, ioerr}: the Python paths' counts plus the C fast path's."""
+        st = self._stats
+        if self._fastpath is not None:
+            kicks, requests, ioerr = self._fastpath.take_counts()
+            st["kicks"] += kicks
+            st["requests"] += requests
+            st["ioerr"] += ioerr
+        return st
+
+    @property
+    def fast_capable(self):
+        """Whether the C fast path may ever serve this disk (the sync C
+        engine; io_uring completes on its own fd, in Python)."""
+        return self.native and not self._engines
+
+    def fast_bind(self, fastpath):
+        self._fastpath = fastpath
+
+    def fast_engine(self, index):
+        """(vq, blk, chain) for the C fast path (native/src/fastpath.c) when
+        queue `index` needs nothing but the sync C engine: no fault rules,
+        limiters, tracing or hooks (the slow path), not io_uring."""
+        rings = self._rings
+        ring = rings[index] if 0 <= index < len(rings) else None
+        if (ring is None or not self.native or self._engines or self.intercept is not None
+                or ring.broken or self.fd < 0):
+            return None
+        return ring.vq, self._blk, ring.chain
+
     def _count(self, completed, ioerr):
         self.stats["requests"] += completed
         self.stats["ioerr"] += ioerr
@@ -198,7 +231,12 @@ class BlkDevice(vd.VirtioDevice):
         """limiter=, faults=, tracer=, hook= (None removes), also while running:
         see vmm/virtio/intercept.py."""
         from vmm.virtio.intercept import configure_blk
-        configure_blk(self, **changes)
+        hold = getattr(self._interrupt, "fast_hold", None)
+        if hold is None:
+            configure_blk(self, **changes)
+            return
+        with hold():            # the C fast path stops, then re-decides (intercept set?)
+            configure_blk(self, **changes)
 
     @property
     def budget(self):
@@ -269,7 +307,8 @@ class BlkDevice(vd.VirtioDevice):
     def state(self):
         st = super().state()
         st.update(path=self.path, readonly=self.readonly, serial=self.serial.hex(),
-                  capacity=self.capacity, native=self.native)
+                  capacity=self.capacity, native=self.native,
+                  intercept=intercept_persist.state(self.intercept))   # limiter budgets, faults
         return st
 
     def restore(self, state):
@@ -280,11 +319,15 @@ class BlkDevice(vd.VirtioDevice):
             raise BlkError(f"disk image {self.path}: read-only must be "
                            f"{'on' if state['readonly'] else 'off'} as in the snapshot")
         super().restore(state)
+        intercept_persist.restore(self.intercept, state.get("intercept"))
 
     def rings(self):
-        if self.intercept is not None:
-            raise NotImplementedError("virtio-blk with fault injection or rate limiters does not "
-                                      "support snapshots")
+        intercept_persist.check(self.intercept)     # a hook or a delayed request: refused
+        for eng in self._engines:       # io_uring: requests in flight complete first
+            for _ in range(eng.inflight):
+                if not eng.inflight:
+                    break
+                eng.finish()
         return {i: r for i, r in enumerate(self._rings) if r is not None}
 
     def close(self):

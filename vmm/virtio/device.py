@@ -34,7 +34,8 @@ one line, never written half):
 
 The transport side (Transport.state()/restore() in transport.py, extended
 by each transport for its own registers: mmio's feature selectors, PCI
-config space and BAR addresses) wraps the device's dict; after a restore
+config space and BAR addresses, modern virtio-pci's common configuration
+and MSI-X in pci_persist.py) wraps the device's dict; after a restore
 `Transport.restart()` raises any interrupt that was pending and re-checks
 every queue (a kick that was in flight when the VM paused is not lost).
 Devices must finish their in-flight work before `state()` is called: the

@@ -9,12 +9,20 @@ fdatasync on one disk does not hold up another disk or a NIC.
     loop.stop(timeout)       # False if a handler is still running after `timeout`
     loop.close()
 
+`loop.add(fd, callback, fast=q)` also hands the fd's common case to C: while
+any such fd is registered the thread waits in native/src/fastpath.c
+(pv_fast_wait, GIL released), which serves enabled fast queues itself and
+returns every other ready fd (including the loop's own wake-up, so pause,
+stop and call_soon work as before) to the Python handlers below; see
+vmm/virtio/fastpath.py.
+
 Handlers must drain their fd (drain_eventfd) and bound their work per call
 (re-signal their eventfd to be called again): the loop checks for a stop
 between calls.  An exception in a handler is logged (one line; the
 traceback with --debug) and the loop keeps running.
 """
 import collections
+import errno
 import logging
 import os
 import select
@@ -51,18 +59,53 @@ class IoLoop:
         self._pause_req = False
         self._parked = threading.Event()
         self._resume = threading.Event()
+        # fds whose common case runs in C (vmm/virtio/fastpath.py): a table
+        # native/src/fastpath.c reads; its entries stay alive with the loop
+        self._fast = None
+        self._fast_keep = []
 
     @property
     def running(self):
         return self._thread is not None and self._thread.is_alive()
 
-    def add(self, fd, callback):
+    def add(self, fd, callback, fast=None):
+        """`fast`: a `struct pv_fast_queue *` (vmm/virtio/fastpath.py) whose
+        kicks C services while it is enabled; `callback` runs otherwise."""
         if fd in self._handlers:
             raise ValueError(f"fd {fd} is already in the I/O loop")
+        if fast is not None:
+            self._add_fast(fd, fast)
         self._handlers[fd] = callback
         self._ep.register(fd, select.EPOLLIN)
 
+    def _add_fast(self, fd, fast):
+        from vmm.native import ffi, lib
+        if self._fast is None:
+            self._fast = ffi.new("struct pv_fast_loop *")
+            self._fast.epfd = self._ep.fileno()
+            self._fast_out = ffi.new("int32_t[32]")
+        fl = self._fast
+        slots = [i for i in range(fl.n) if fl.fds[i] < 0]
+        if slots:
+            i = slots[0]
+        elif fl.n < lib.PV_FAST_MAX:
+            i = fl.n
+        else:
+            return          # table full: this fd just takes the Python path
+        self._fast_keep.append(fast)    # C may still hold the pointer
+        fl.q[i] = fast
+        fl.fds[i] = fd
+        if i == fl.n:
+            fl.n = i + 1
+        if self.running:
+            signal_eventfd(self._wake)  # a thread asleep in Python's poll re-waits in C
+
     def remove(self, fd):
+        if self._fast is not None:
+            fl = self._fast
+            for i in range(fl.n):
+                if fl.fds[i] == fd:
+                    fl.fds[i] = -1
         if self._handlers.pop(fd, None) is not None:
             try:
                 self._ep.unregister(fd)
@@ -150,7 +193,7 @@ class IoLoop:
                 self._parked.clear()
                 continue
             try:
-                events = self._ep.poll()
+                events = self._wait()
             except InterruptedError:
                 continue
             for fd, _ in events:
@@ -164,6 +207,24 @@ class IoLoop:
                 if handler is None:
                     continue
                 self._call(handler, fd)
+
+    def _wait(self):
+        fl = self._fast
+        if fl is None or not fl.n:
+            return self._ep.poll()
+        from vmm.native import lib
+        n = lib.pv_fast_wait(fl, self._fast_out, 32)     # GIL released meanwhile
+        if n < 0:
+            if n == -errno.EINTR:
+                raise InterruptedError
+            raise OSError(-n, os.strerror(-n))
+        return [(self._fast_out[i], 0) for i in range(n)]
+
+    @property
+    def fast_counts(self):
+        """(epoll wake-ups, kicks handled in C) of the fast path."""
+        fl = self._fast
+        return (fl.wakeups, fl.handled) if fl is not None else (0, 0)
 
     def _run_calls(self):
         while self._calls:

@@ -29,6 +29,7 @@ import threading
 
 from vmm.native import ffi, lib
 from vmm.virtio import device as vd
+from vmm.virtio import intercept_persist
 from vmm.virtio.net_ctrl import ControlQueue
 from vmm.virtio.queue import NativeRing, QueueError
 
@@ -127,6 +128,7 @@ class NetDevice(vd.VirtioDevice):
         self._ctrl = None
         self.intercept = None             # limiters/faults/pcap/hook: vmm/virtio/intercept.py
         self.active_pairs = 1
+        self._restore_pairs = None        # active pairs a snapshot had, for activate()
         self.rx_mode = {}                 # VIRTIO_NET_CTRL_RX state the driver set
         self.mac_tables = ([], [])        # VIRTIO_NET_CTRL_MAC_TABLE_SET: unicast, multicast
         self.polling_changes = 0          # times a tap queue left/rejoined the poll set
@@ -183,7 +185,9 @@ class NetDevice(vd.VirtioDevice):
                     p.rx, p.tx = NativeRing(mem, rxq, **kw), NativeRing(mem, txq, **kw)
             if self.has(F_CTRL_VQ) and self.ctrl_index is not None and queues[self.ctrl_index].ready:
                 self._ctrl = ControlQueue(self, mem, queues[self.ctrl_index], **kw)
-            self._set_active_pairs(1)     # §5.1.6.5.5: one pair until VQ_PAIRS_SET
+            # §5.1.6.5.5: one pair until VQ_PAIRS_SET (a restore: as the snapshot had it)
+            n, self._restore_pairs = self._restore_pairs or 1, None
+            self._set_active_pairs(n)
 
     def reset(self):
         super().reset()
@@ -196,6 +200,7 @@ class NetDevice(vd.VirtioDevice):
                 p.rx = p.tx = None
             self._ctrl = None
             self._interrupt = None
+            self._restore_pairs = None
             self.rx_mode = {}
             self.mac_tables = ([], [])
             if self.intercept is not None:
@@ -259,21 +264,40 @@ class NetDevice(vd.VirtioDevice):
         counts as a drop, as when the link loses a packet."""
         st = super().state()
         st.update(mac=self.mac.hex(), tap=getattr(self.backend, "name", None),
-                  stats=self.stats, kicks=list(getattr(self, "kicks", [])))
+                  stats=self.stats, kicks=list(getattr(self, "kicks", [])),
+                  max_pairs=self.max_pairs, active_pairs=self.active_pairs,
+                  # control queue state (net_ctrl.py): §5.1.6.5.2 rx mode and MAC tables
+                  rx_mode=sorted([int(k), bool(v)] for k, v in self.rx_mode.items()),
+                  mac_tables=[[m.hex() for m in t] for t in self.mac_tables],
+                  intercept=intercept_persist.state(self.intercept))   # limiter budgets, faults
         return st
 
     def restore(self, state):
         if bytes.fromhex(state["mac"]) != self.mac:
             raise NetError(f"virtio-net: MAC {self.mac.hex(':')} differs from the snapshot's "
                            f"{bytes.fromhex(state['mac']).hex(':')}")
+        if int(state.get("max_pairs", 1)) != self.max_pairs:
+            raise NetError(f"virtio-net: the snapshot's device has {state.get('max_pairs')} "
+                           f"queue pairs, this one {self.max_pairs}")
+        active = int(state.get("active_pairs", 1))
+        if not 1 <= active <= self.max_pairs:
+            raise NetError(f"virtio-net: snapshot has {active} active queue pairs")
         super().restore(state)
+        self.rx_mode = {int(k): bool(v) for k, v in state.get("rx_mode", [])}
+        self.mac_tables = tuple([bytes.fromhex(m) for m in t]
+                                for t in state.get("mac_tables", ([], [])))
+        self._restore_pairs = active      # activate() turns them on (it runs next)
+        intercept_persist.restore(self.intercept, state.get("intercept"))
 
     def rings(self):
-        if self.max_pairs > 1 or self.intercept is not None:
-            raise NotImplementedError("virtio-net with queues>1, fault injection or rate limiters "
-                                      "does not support snapshots")
-        p = self._pairs[0]
-        return {i: r for i, r in ((RX, p.rx), (TX, p.tx)) if r is not None}
+        intercept_persist.check(self.intercept)     # a hook: refused
+        out = {}
+        for p in self._pairs:
+            out.update({i: r for i, r in ((2 * p.index + RX, p.rx), (2 * p.index + TX, p.tx))
+                        if r is not None})
+        if self._ctrl is not None:
+            out[self.ctrl_index] = self._ctrl.ring
+        return out
 
     def close(self):
         with self._lock:

@@ -32,6 +32,7 @@ from vmm.pci import device as pd
 from vmm.pci.msix import Msix
 from vmm.virtio import device as vd
 from vmm.virtio import pci_legacy as pl
+from vmm.virtio import pci_persist
 from vmm.virtio.transport import Transport
 
 log = logging.getLogger("pyvmm.virtio.pci")
@@ -76,6 +77,7 @@ def _vendor_cap(cfg_type, bar, offset, length, extra=b""):
 
 class VirtioPciModern(Transport):
     NAME = "virtio-pci"
+    SNAPSHOT = True                     # registers, config space, MSI-X: pci_persist.py
 
     def __init__(self, device, mem, vm=None, irq_line=None, ioeventfd=None, ioloop=None,
                  transitional=False):
@@ -130,6 +132,19 @@ class VirtioPciModern(Transport):
         super().close()
         if self.msix is not None:
             self.msix.close()
+
+    # --- snapshots (vmm/virtio/pci_persist.py) ---
+    def _extra_state(self):
+        return pci_persist.save(self)
+
+    def _restore_extra(self, st):
+        pci_persist.restore(self, st)
+
+    def restart(self):
+        pci_persist.restart_irq(self)
+        if self.activated:
+            for q in self.queues:
+                self.notify(q.index)
 
     # --- interrupts (§4.1.5.3, §4.1.5.4) ---
     def used(self, queue_index=0):

@@ -16,6 +16,7 @@ import threading
 
 from vmm.native import ffi, lib
 from vmm.virtio import device as vd
+from vmm.virtio import intercept_persist
 from vmm.virtio.queue import E_REQ, NativeRing, QueueError
 from vmm.virtio.timer import Timers
 
@@ -53,11 +54,18 @@ class RngDevice(vd.VirtioDevice):
             self._interrupt = interrupt
             self._paused = False
 
+    # --- snapshots (vmm/virtio/device.py; the limiter: intercept_persist.py) ---
+    def state(self):
+        st = super().state()
+        st["limiter"] = intercept_persist.limiter_state(self.rate_limiter)
+        return st
+
+    def restore(self, state):
+        super().restore(state)
+        intercept_persist.restore_limiter(self.rate_limiter, state.get("limiter"))
+
     def rings(self):
-        """Snapshots (vmm/virtio/device.py): the one queue; a rate limiter's
-        buckets are not saved, so a limited device is refused."""
-        if self.rate_limiter is not None:
-            raise NotImplementedError("virtio-rng with a rate limiter does not support snapshots")
+        """The one queue (a request the limiter held back is still on it)."""
         return {0: self._ring} if self._ring is not None else {}
 
     def reset(self):

@@ -36,9 +36,9 @@ class TraceError(ValueError):
     """A trace file that cannot be written (one line)."""
 
 
-def _open(path, what):
+def _open(path, what, append=False):
     try:
-        return open(path, "wb")
+        return open(path, "ab" if append else "wb")
     except OSError as e:
         raise TraceError(f"cannot open {what} {path}: {e.strerror}") from None
 
@@ -47,9 +47,9 @@ class _TraceFile:
     """A trace file shared by threads: writes, flush and close under one lock;
     writes after close() are dropped."""
 
-    def __init__(self, path, what):
+    def __init__(self, path, what, append=False):
         self.path = os.fspath(path)
-        self._f = _open(self.path, what)
+        self._f = _open(self.path, what, append)
         self._lock = threading.Lock()
 
     def flush(self):
@@ -65,10 +65,11 @@ class _TraceFile:
 
 
 class PcapWriter(_TraceFile):
-    def __init__(self, path):
-        super().__init__(path, "pcap file")
-        self._f.write(struct.pack("<IHHiIII", PCAP_MAGIC, 2, 4, 0, 0, SNAPLEN,
-                                  LINKTYPE_ETHERNET))
+    def __init__(self, path, append=False):
+        super().__init__(path, "pcap file", append)
+        if not self._f.tell():          # appending (a restore): the header is there
+            self._f.write(struct.pack("<IHHiIII", PCAP_MAGIC, 2, 4, 0, 0, SNAPLEN,
+                                      LINKTYPE_ETHERNET))
         self._f.flush()
         self.frames = 0
 
@@ -106,8 +107,8 @@ def read_pcap(path):
 class JsonLines(_TraceFile):
     """A file of one JSON object per line, shared by threads."""
 
-    def __init__(self, path, what):
-        super().__init__(path, what)
+    def __init__(self, path, what, append=False):
+        super().__init__(path, what, append)
         self.lines = 0
 
     def write(self, obj):
@@ -119,8 +120,8 @@ class JsonLines(_TraceFile):
 
 
 class BlkTracer(JsonLines):
-    def __init__(self, path):
-        super().__init__(path, "trace file")
+    def __init__(self, path, append=False):
+        super().__init__(path, "trace file", append)
 
     def request(self, start, typ, sector, nbytes, status, fault=None, queue=0):
         now = time.time()
@@ -165,12 +166,16 @@ class ExitTraceSpec:
     opens the file and hands it to the vCPU threads (machine.exit_tracer),
     close() closes it after they stopped."""
 
-    def __init__(self, path):
+    def __init__(self, path, append=False):
         self.path = path
+        self.append = append            # a restore adds to the file
         self.out = None
 
+    def snapshot_options(self):
+        return {"kind": "trace-exits", "path": os.path.abspath(self.path)}
+
     def attach(self, machine, cmdline):
-        self.out = JsonLines(self.path, "exit trace file")
+        self.out = JsonLines(self.path, "exit trace file", self.append)
         machine.exit_tracer = self.out
         return cmdline
 

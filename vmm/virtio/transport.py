@@ -15,7 +15,7 @@ import threading
 
 from vmm.virtio import device as vd
 from vmm.virtio.ioloop import drain_eventfd, signal_eventfd
-from vmm.virtio.queue import QueueState, Virtqueue, set_ring_progress
+from vmm.virtio.queue import QueueError, QueueState, Virtqueue, set_ring_progress
 
 log = logging.getLogger("pyvmm.virtio")
 
@@ -40,7 +40,9 @@ class Transport(vd.Interrupt):
         self._status_lock = threading.Lock()
         self.queues = [Virtqueue(i, n) for i, n in enumerate(device.queue_max_sizes)]
         self._notify_fds = []
-        self.interrupts = 0                 # interrupts signalled (for tests and stats)
+        self._fast = None                   # vmm/virtio/fastpath.py (mmio with an irqfd)
+        self._isr = 0
+        self._interrupts = 0
         self.config_generation = 0
         self.needs_reset_reason = None
         self._reset_state()
@@ -50,13 +52,18 @@ class Transport(vd.Interrupt):
         queue_index)` hands each to KVM (KVM_IOEVENTFD)."""
         if self._ioloop is None:
             raise ValueError("queue notify eventfds need an ioloop to service them")
+        if (isinstance(self._irq, int) and type(self)._raise_irq is Transport._raise_irq
+                and getattr(self.device, "fast_capable", False)):
+            from vmm.virtio.fastpath import FastPath
+            self._fast = FastPath(self._irq, len(self.queues))
         try:
             for q in self.queues:
                 fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 self._notify_fds.append(fd)
                 if register is not None:
                     register(fd, q.index)
-                self._ioloop.add(fd, self._eventfd_handler(fd, q.index))
+                fast = self._fast.queue(q.index, fd) if self._fast is not None else None
+                self._ioloop.add(fd, self._eventfd_handler(fd, q.index), fast=fast)
         except BaseException:
             self._close_notify_fds()    # the caller never gets a transport to close
             raise
@@ -65,9 +72,53 @@ class Transport(vd.Interrupt):
     def notify_fds(self):
         return list(self._notify_fds)
 
+    # The ISR and the interrupt count: the C fast path ORs its bits into a
+    # shared word, folded in here on every access (under _isr_lock).
+    @property
+    def interrupt_status(self):
+        if self._fast is not None:
+            self._isr |= self._fast.take_isr()
+        return self._isr
+
+    @interrupt_status.setter
+    def interrupt_status(self, value):
+        self._isr = value
+
+    @property
+    def interrupts(self):
+        """Interrupts signalled (for tests and stats)."""
+        return self._interrupts + (self._fast.interrupts if self._fast is not None else 0)
+
+    @interrupts.setter
+    def interrupts(self, value):
+        self._interrupts = value - (self._fast.interrupts if self._fast is not None else 0)
+
+    def fast_sync(self):
+        """(Re)decide which queues run on the C fast path (after activation,
+        a reset, DEVICE_NEEDS_RESET, or a device configuration change)."""
+        if self._fast is not None:
+            self._fast.sync(self.device, self.activated
+                            and not self.status & vd.DEVICE_NEEDS_RESET)
+
+    def fast_hold(self):
+        """Context: no queue on the fast path meanwhile; re-decided after."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def hold():
+            if self._fast is not None:
+                self._fast.disable()
+            try:
+                yield
+            finally:
+                self.fast_sync()
+        return hold()
+
     def _reset_state(self):
         with self._status_lock:
             self.status = 0
+        if self._fast is not None:
+            self._fast.take_isr()           # bits raised for the old rings
         self.interrupt_status = 0
         self.driver_features = 0
         self.queue_sel = 0
@@ -79,12 +130,16 @@ class Transport(vd.Interrupt):
     def reset(self):
         """§2.1.1 status write of 0: device and transport to initial state."""
         with self._lock:
+            if self._fast is not None:
+                self._fast.disable()        # the C side must not touch the old rings
             self.device.reset()
             self._reset_state()
             self.needs_reset_reason = None
         self.ack_interrupt()
 
     def _close_notify_fds(self):
+        if self._fast is not None:
+            self._fast.disable()
         for fd in self._notify_fds:
             if self._ioloop is not None:
                 self._ioloop.remove(fd)
@@ -99,8 +154,9 @@ class Transport(vd.Interrupt):
 
     # --- snapshots (see vmm/virtio/device.py) ---
     # A transport subclass sets this once _extra_state()/_restore_extra()
-    # cover every register it adds (mmio and legacy PCI do; modern virtio-pci
-    # with MSI-X not yet): a snapshot is refused rather than silently partial.
+    # cover every register it adds (mmio, legacy PCI, and modern PCI with
+    # MSI-X through pci_persist.py do): otherwise a snapshot is refused
+    # rather than silently partial.
     SNAPSHOT = False
 
     def state(self):
@@ -157,6 +213,7 @@ class Transport(vd.Interrupt):
                 for q, qs in zip(self.queues, states):
                     if q.index in rings and rings[q.index] is not None:
                         set_ring_progress(rings[q.index], qs)
+                self.fast_sync()
 
     def restart(self):
         """After a restore: raise the interrupt the driver had not yet seen,
@@ -178,7 +235,7 @@ class Transport(vd.Interrupt):
     def _signal(self, bit):
         with self._isr_lock:
             self.interrupt_status |= bit
-            self.interrupts += 1
+            self._interrupts += 1
             self._raise_irq()
 
     def _raise_irq(self):
@@ -209,6 +266,8 @@ class Transport(vd.Interrupt):
     def needs_reset(self, reason):
         """Any thread (an I/O thread, possibly holding the device's lock)."""
         log.warning("%s %s: device needs reset: %s", self.NAME, type(self.device).__name__, reason)
+        if self._fast is not None:
+            self._fast.disable()
         with self._status_lock:     # against a vCPU's concurrent status write
             self.needs_reset_reason = str(reason)
             self.status |= vd.DEVICE_NEEDS_RESET
@@ -220,6 +279,10 @@ class Transport(vd.Interrupt):
     def _eventfd_handler(self, fd, index):
         def handler():
             drain_eventfd(fd)
+            err = self._fast.take_error(index) if self._fast is not None else 0
+            if err:         # the C fast path's engine found the ring malformed
+                self.needs_reset(QueueError(err, index))
+                return
             if self._notify_once(index):
                 # the device's budget ran out: come back after the loop's
                 # other fds (and a possible stop request), as for a new kick
@@ -239,6 +302,9 @@ class Transport(vd.Interrupt):
                     or not 0 <= index < len(self.queues)):
                 return False
             try:
+                if self._fast is not None:
+                    with self._fast.held(index):      # not both threads on one ring
+                        return bool(self.device.queue_notify(index))
                 return bool(self.device.queue_notify(index))
             except Exception as e:   # a device bug must not take the VMM down
                 log.error("virtio device %s: queue %d: internal error: %s",
@@ -330,5 +396,6 @@ class Transport(vd.Interrupt):
         try:
             self.device.activate(self.mem, self.queues, self)
             self.activated = True
+            self.fast_sync()
         except Exception as e:
             self.needs_reset(e)

@@ -58,6 +58,7 @@ class VsockDevice(vd.VirtioDevice):
         self._rings = None
         self._interrupt = None
         self._events_pending = 0            # TRANSPORT_RESETs waiting for an event buffer
+        self._restored = False              # restore() of a running device: reset event due
         self.kicks = [0, 0, 0]
         if ioloop is not None:
             ioloop.add(self.mux.fileno, self.poll)
@@ -92,7 +93,17 @@ class VsockDevice(vd.VirtioDevice):
         with self._lock:
             self._rings = [NativeRing(mem, q, **kw) for q in queues[:3]]
             self._interrupt = interrupt
-            self._service()
+            if self._restored:
+                # Transport.restore puts the rings where they were after this
+                # returns and restart() then kicks every queue: nothing may be
+                # popped before that.  The guest's sockets still think they
+                # are connected to host sockets this process never had
+                # (Firecracker docs/vsock.md: connections do not survive a
+                # snapshot), so the driver is told to reset them (§5.10.6.6).
+                self._restored = False
+                self._events_pending += 1
+            else:
+                self._service()
 
     def reset(self):
         super().reset()
@@ -100,6 +111,7 @@ class VsockDevice(vd.VirtioDevice):
             self._rings = None
             self._interrupt = None
             self._events_pending = 0
+            self._restored = False
             self.mux.reset_all()            # the driver's sockets are gone with it (§5.10.6.6)
 
     def queue_notify(self, index):
@@ -126,6 +138,26 @@ class VsockDevice(vd.VirtioDevice):
             self.mux.reset_all()
             self._events_pending += 1
             self._deliver_events()
+
+    # --- snapshots (vmm/virtio/device.py) ---
+    def state(self):
+        """Host connections are not saved (as Firecracker): after a restore
+        the guest gets a TRANSPORT_RESET and drops its connections."""
+        with self._lock:
+            return {**super().state(), "guest_cid": self.guest_cid, "uds_path": self.uds_path,
+                    "running": self._rings is not None}
+
+    def restore(self, state):
+        super().restore(state)
+        if int(state["guest_cid"]) != self.guest_cid:
+            raise VsockError(f"virtio-vsock: the snapshot's guest CID is {state['guest_cid']}, "
+                             f"this device's {self.guest_cid}")
+        with self._lock:
+            self._restored = bool(state.get("running"))
+
+    def rings(self):
+        with self._lock:
+            return dict(enumerate(self._rings)) if self._rings is not None else {}
 
     def close(self):
         if self.ioloop is not None:
@@ -159,11 +191,11 @@ class VsockDevice(vd.VirtioDevice):
             while True:
                 lib.pv_vsock_tx(ring.vq, mux.vs, ring.chain, res)
                 state = res.state
-                hdr, payload = bytes(res.hdr), res.payload
+                pkt = (bytes(res.hdr), res.payload) if state == 1 else None
                 if not self._finish(TX, res):
                     return
-                if state == 1:
-                    mux.handle_packet(hdr, payload)
+                if pkt is not None:
+                    mux.handle_packet(*pkt)
                 elif state != 2:
                     break
         mux.reap()

@@ -319,7 +319,7 @@ def test_routes_have_handlers():
             assert schema is None or schema in SCHEMAS
 
 
-def test_rate_limiters_and_entropy_pre_boot(api, tmp_path):
+def test_rate_limiters_and_entropy_pre_boot(api, ctl, kernel, tmp_path):
     """Issue #12: rate_limiter on drives and NICs, PUT /entropy; zero-size
     buckets are Firecracker's "disabled"; GET /vm/config shows them."""
     disk = str(tmp_path / "rl.img")
@@ -341,102 +341,78 @@ def test_rate_limiters_and_entropy_pre_boot(api, tmp_path):
     net = next(n for n in cfg["network-interfaces"] if n["iface_id"] == "n1")
     assert "rx_rate_limiter" not in net and net["tx_rate_limiter"]["ops"]["size"] == 5
     assert cfg["entropy"]["rate_limiter"]["bandwidth"]["size"] == 4096
+    # ... and the devices InstanceStart would build carry them
+    api.put("/boot-source", {"kernel_image_path": kernel})
+    specs = {type(d).__name__: d for d in ctl.config.to_machine_config().devices}
+    assert specs["NetSpec"].slow["tx_limiter"].ops.size == 5 and "rx_limiter" not in specs["NetSpec"].slow
+    assert specs["DriveSpec"].slow["limiter"].bandwidth.size == 1048576
+    assert specs["RngSpec"].rate_limiter.bandwidth.size == 4096
     assert "rate_limiter.ops: size and refill_time must be positive" in fault(api, "PUT", "/entropy", {
         "rate_limiter": {"ops": {"size": -1, "refill_time": 5}}})
     assert "unknown field" in fault(api, "PUT", "/entropy", {"rate": 1})
 
 
-def test_patch_rate_limiters_apply_to_running_devices(api, ctl, disk):
+class _Spec:
+    def __init__(self, dev, **ids):
+        self.device = dev
+        self.__dict__.update(ids)
+
+
+@pytest.fixture
+def live_devices(api, ctl, disk):
+    """Drive "d" and NIC "n" configured through the API and attached to a
+    stand-in running machine as real devices: (blk, net)."""
+    from vmm.virtio.blk import BlkDevice
+    from vmm.virtio.net import NetDevice
+    api.put("/drives/d", {"drive_id": "d", "path_on_host": disk, "is_root_device": False})
+    api.put("/network-interfaces/n", {"iface_id": "n", "host_dev_name": "tap5"})
+    from vmm.testing.sockbackend import SockBackend
+    blk, net = BlkDevice(disk), NetDevice(SockBackend(bufsize=0))
+    m = StandIn()
+    m.config.devices = [_Spec(blk, drive_id="d"), _Spec(net, iface_id="n")]
+    ctl.attach(m)
+    yield blk, net
+    blk.close()
+    net.close()
+
+
+def test_patch_rate_limiters_apply_to_running_devices(api, live_devices):
     """PATCH /drives and /network-interfaces change the limiter of the live
     device (issue #12): a bucket given replaces, one left out stays, a
     disabled one (size 0) goes, and with none left the C fast path is back."""
-    import socket
-    from vmm.virtio.blk import BlkDevice
-    from vmm.virtio.net import NetDevice
-
-    class Spec:
-        def __init__(self, dev, **ids):
-            self.device = dev
-            self.__dict__.update(ids)
-
-    class Backend:
-        def __init__(self):
-            self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self.fd, self.name, self.offload_ok = self.sock.fileno(), "s", False
-
-        def close(self):
-            self.sock.close()
-            self.peer.close()
-
-    api.put("/drives/d", {"drive_id": "d", "path_on_host": disk, "is_root_device": False})
-    api.put("/network-interfaces/n", {"iface_id": "n", "host_dev_name": "tap5"})
-    blk, net = BlkDevice(disk), NetDevice(Backend())
-    m = StandIn()
-    m.config.devices = [Spec(blk, drive_id="d"), Spec(net, iface_id="n")]
-    ctl.attach(m)
-    try:
-        api.patch("/drives/d", {"drive_id": "d", "rate_limiter": {
-            "bandwidth": {"size": 1000, "refill_time": 10}, "ops": {"size": 5, "refill_time": 10}}})
-        lim = blk.intercept.limiter
-        assert (lim.bandwidth.size, lim.ops.size) == (1000, 5)
-        api.patch("/drives/d", {"drive_id": "d", "rate_limiter": {
-            "ops": {"size": 7, "refill_time": 10}}})
-        assert (lim.bandwidth.size, lim.ops.size) == (1000, 7)       # bandwidth kept
-        api.patch("/drives/d", {"drive_id": "d", "rate_limiter": {
-            "bandwidth": {"size": 0, "refill_time": 0}, "ops": {"size": 0, "refill_time": 0}}})
-        assert blk.intercept is None                                  # fast path again
-        api.patch("/network-interfaces/n", {"iface_id": "n",
-                                            "tx_rate_limiter": {"ops": {"size": 3, "refill_time": 9}}})
-        assert net.intercept.tx_limiter.ops.size == 3 and net.intercept.rx_limiter is None
-        cfg = api.get("/vm/config")
-        assert cfg["network-interfaces"][0]["tx_rate_limiter"]["ops"]["size"] == 3
-        assert "size and refill_time are required" in fault(
-            api, "PATCH", "/network-interfaces/n",
-            {"iface_id": "n", "rx_rate_limiter": {"ops": {"size": 3}}})
-    finally:
-        blk.close()
-        net.close()
+    blk, net = live_devices
+    api.patch("/drives/d", {"drive_id": "d", "rate_limiter": {
+        "bandwidth": {"size": 1000, "refill_time": 10}, "ops": {"size": 5, "refill_time": 10}}})
+    lim = blk.intercept.limiter
+    assert (lim.bandwidth.size, lim.ops.size) == (1000, 5)
+    api.patch("/drives/d", {"drive_id": "d", "rate_limiter": {
+        "ops": {"size": 7, "refill_time": 10}}})
+    assert (lim.bandwidth.size, lim.ops.size) == (1000, 7)       # bandwidth kept
+    api.patch("/drives/d", {"drive_id": "d", "rate_limiter": {
+        "bandwidth": {"size": 0, "refill_time": 0}, "ops": {"size": 0, "refill_time": 0}}})
+    assert blk.intercept is None                                  # fast path again
+    api.patch("/network-interfaces/n", {"iface_id": "n",
+                                        "tx_rate_limiter": {"ops": {"size": 3, "refill_time": 9}}})
+    assert net.intercept.tx_limiter.ops.size == 3 and net.intercept.rx_limiter is None
+    cfg = api.get("/vm/config")
+    assert cfg["network-interfaces"][0]["tx_rate_limiter"]["ops"]["size"] == 3
+    assert "size and refill_time are required" in fault(
+        api, "PATCH", "/network-interfaces/n",
+        {"iface_id": "n", "rx_rate_limiter": {"ops": {"size": 3}}})
 
 
-def test_patch_faults_extension(api, ctl, disk):
+def test_patch_faults_extension(api, live_devices):
     """pyvmm's `faults` on PATCH (issue #15): rules on the running disk, a
     link switch on the NIC (config interrupt), "" removes them."""
-    import socket
-    from vmm.virtio.blk import BlkDevice
-    from vmm.virtio.net import NetDevice
-
-    class Spec:
-        def __init__(self, dev, **ids):
-            self.device = dev
-            self.__dict__.update(ids)
-
-    class Backend:
-        def __init__(self):
-            self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self.fd, self.name, self.offload_ok = self.sock.fileno(), "s", False
-
-        def close(self):
-            self.sock.close()
-            self.peer.close()
-
-    api.put("/drives/d", {"drive_id": "d", "path_on_host": disk, "is_root_device": False})
-    api.put("/network-interfaces/n", {"iface_id": "n", "host_dev_name": "tap5"})
-    blk, net = BlkDevice(disk), NetDevice(Backend())
-    m = StandIn()
-    m.config.devices = [Spec(blk, drive_id="d"), Spec(net, iface_id="n")]
-    ctl.attach(m)
-    try:
-        api.patch("/drives/d", {"drive_id": "d", "faults": "read-error@8-15;seed=3"})
-        assert blk.faults_counts() == {"read-error@8-15": 0}
-        assert "unknown disk rule 'read-eror'" in fault(
-            api, "PATCH", "/drives/d", {"drive_id": "d", "faults": "read-eror@1"})
-        api.patch("/drives/d", {"drive_id": "d", "faults": ""})
-        assert blk.intercept is None
-        assert net.config_bytes()[6] == 1
-        api.patch("/network-interfaces/n", {"iface_id": "n", "faults": "link=down"})
-        assert net.config_bytes()[6] == 0                 # VIRTIO_NET_S_LINK_UP off
-        api.patch("/network-interfaces/n", {"iface_id": "n", "faults": ""})
-        assert net.config_bytes()[6] == 1 and net.intercept is None
-    finally:
-        blk.close()
-        net.close()
+    blk, net = live_devices
+    api.patch("/drives/d", {"drive_id": "d", "faults": "read-error@8-15;seed=3"})
+    assert blk.faults_counts() == {"read-error@8-15": 0}
+    assert "unknown disk rule 'read-eror'" in fault(
+        api, "PATCH", "/drives/d", {"drive_id": "d", "faults": "read-eror@1"})
+    api.patch("/drives/d", {"drive_id": "d", "faults": ""})
+    assert blk.intercept is None
+    assert net.config_bytes()[6] == 1
+    api.patch("/network-interfaces/n", {"iface_id": "n", "faults": "link=down"})
+    assert net.config_bytes()[6] == 0                 # VIRTIO_NET_S_LINK_UP off
+    api.patch("/network-interfaces/n", {"iface_id": "n", "faults": ""})
+    assert net.config_bytes()[6] == 1 and net.intercept is None

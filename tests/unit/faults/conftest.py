@@ -52,40 +52,6 @@ def blk(gmem, disk):
         t.close()
 
 
-class SockBackend:
-    """A SOCK_DGRAM socketpair end with a tap's interface (one message =
-    header + frame, as on a tap)."""
-
-    def __init__(self):
-        import socket
-        self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        for s in (self.sock, self.peer):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            s.setblocking(False)
-        self.fd = self.sock.fileno()
-        self.name = "sockpair"
-        self.offload_ok = False
-
-    def set_vnet_hdr_len(self, n):
-        self.hdr_len = n
-
-    def set_offload(self, flags):
-        pass
-
-    def peer_frames(self):
-        out = []
-        while True:
-            try:
-                out.append(self.peer.recv(1 << 17))
-            except BlockingIOError:
-                return out
-
-    def close(self):
-        self.sock.close()
-        self.peer.close()
-
-
 @pytest.fixture
 def net(gmem):
     """make(ioloop=None, irq=None, **configure) -> (dev, transport, NetDriver, backend)."""
@@ -95,6 +61,7 @@ def net(gmem):
     made = []
 
     def make(ioloop=None, irq=None, features=None, **conf):
+        from vmm.testing.sockbackend import SockBackend
         b = SockBackend()
         dev = NetDevice(b, ioloop=ioloop)
         if conf:

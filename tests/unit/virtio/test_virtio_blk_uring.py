@@ -98,6 +98,33 @@ def test_flush_completes_after_every_earlier_write(arig):
         assert disk[512 * 512 * k:512 * 512 * k + len(p)] == p
 
 
+def test_flush_is_submitted_with_io_drain(arig):
+    """The test above cannot fail here: page-cache writes complete before the
+    FLUSH is even looked at.  The ordering is the kernel's IOSQE_IO_DRAIN
+    guarantee (io_uring_enter(2)), so check every FLUSH carries it and the
+    writes do not (a drained write would serialise the queue)."""
+    from vmm.native import ffi, lib
+    seen = []
+
+    @ffi.callback("void(uint8_t, uint8_t, uint64_t)")
+    def hook(opcode, flags, user_data):
+        seen.append((opcode, flags, user_data))
+
+    writes = [arig.d.submit(T_OUT, 8 * k, data=os.urandom(4096)) for k in range(3)]
+    flush = arig.d.submit(T_FLUSH)
+    lib.pv_uring_sqe_hook = hook
+    try:
+        arig.kick()
+        arig.wait_used(4)
+    finally:
+        lib.pv_uring_sqe_hook = ffi.NULL
+    IORING_OP_FSYNC, IORING_OP_WRITEV, IOSQE_IO_DRAIN = 3, 2, 1 << 1
+    by_head = {ud: (op, fl) for op, fl, ud in seen}
+    assert by_head[flush.head] == (IORING_OP_FSYNC, IOSQE_IO_DRAIN)
+    for w in writes:
+        assert by_head[w.head] == (IORING_OP_WRITEV, 0)
+
+
 def test_reset_with_requests_in_flight_completes_nothing_later(arig):
     for k in range(8):
         arig.d.submit(T_IN, 0, read_len=65536)

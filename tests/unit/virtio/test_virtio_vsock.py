@@ -326,6 +326,7 @@ def test_our_credit_held_while_host_does_not_read(rig):
     # all credit used: fwd_cnt counts only what the socket took, the rest waits
     assert g.credit == 0 and len(sent) >= 256 << 10
     assert g.peer_fwd_cnt < len(sent)
+    assert 0 < r.dev.counters()["backlog_bytes"] <= len(sent) - g.peer_fwd_cnt
     hs.setblocking(False)
     got = bytearray()
     for _ in range(200):                  # the host reads; EPOLLOUT flushes the rest
@@ -594,3 +595,131 @@ def test_io_thread_under_seccomp_filter():
     p = subprocess.run([sys.executable, os.path.join(here, "vsock_seccomp_child.py")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.startswith("OK"), (p.returncode, p.stdout, p.stderr)
+
+
+# --- snapshots (vmm/virtio/device.py contract; Firecracker docs/vsock.md) ---
+def _restored(r, st, **kw):
+    """The snapshot's device in a new process: a fresh device on the same
+    uds path, the transport restored, the mock driver rebound to it."""
+    from vmm.testing.mockdriver import MmioRegs
+    from vmm.virtio.mmio import VirtioMmio
+    dev = VsockDevice(r.uds, guest_cid=3)
+    t = VirtioMmio(dev, r.mem, **kw)
+    t.restore(st)
+    r.dev, r.t = dev, t
+    r.d.t, r.d.regs = t, MmioRegs(t)
+    return t
+
+
+def test_restore_sends_transport_reset_and_new_connections_work(rig):
+    from vmm.snapshot import ARCH, pack_state, unpack_state
+    r = rig()
+    r.listen(52)
+    g, hs = guest_connect(r)
+    g.write(b"before")
+    assert recv_exact(hs, 6) == b"before"
+    st = r.t.state()
+    assert st["device"]["guest_cid"] == 3 and st["device"]["running"]
+    st = unpack_state(pack_state({"arch": ARCH, "t": st}))["t"]   # through the file encoding
+    r.t.close()                                     # the old VMM is gone
+    assert hs.recv(10) == b""
+    raised = []
+    t = _restored(r, st, irq=lambda: raised.append(1))
+    assert t.activated and r.d.events() == []       # nothing before the VM runs again
+    t.restart()
+    assert r.d.events() == [0] and raised           # TRANSPORT_RESET, with an interrupt
+    # the guest's stale socket: its packets find no connection
+    g.write(b"stale")
+    assert [(p.op, p.dst_port) for p in r.d.received()] == [(OP_RST, 1000)]
+    # new connections both ways on the restored rings
+    g2, hs2 = guest_connect(r, gport=1001)
+    g2.write(b"after")
+    assert recv_exact(hs2, 5) == b"after"
+    hs2.sendall(b"back")
+    dispatch(r.pump(), {1001: g2})
+    assert g2.consume() == b"back"
+    g3, h3 = host_connect(r, gport=81)
+    h3.sendall(b"hello")
+    dispatch(r.pump(), {81: g3})
+    assert g3.consume() == b"hello" and r.dev.counters()["connections"] == 2
+
+
+def test_restore_of_a_device_the_driver_never_started_sends_no_event(rig, tmp_path):
+    from vmm.memory import GuestMemory, MiB
+    from vmm.testing.mockvsock import VsockDriver
+    from vmm.virtio.mmio import VirtioMmio
+    mem = GuestMemory(16 * MiB)
+    uds = str(tmp_path / "cold.sock")
+    t = VirtioMmio(VsockDevice(uds), mem)
+    st = t.state()
+    assert not st["device"]["running"] and not st["activated"]
+    t.close()
+    t2 = VirtioMmio(VsockDevice(uds), mem)
+    t2.restore(st)
+    t2.restart()
+    d = VsockDriver(t2, mem, arena_size=8 * MiB)
+    assert d.init() and d.events() == []
+    t2.close()
+    mem.close()
+
+
+def test_restore_refuses_another_guest_cid(rig, tmp_path):
+    from vmm.virtio.mmio import VirtioMmio
+    r = rig()
+    st = r.t.state()
+    other = VsockDevice(str(tmp_path / "o.sock"), guest_cid=9)
+    t = VirtioMmio(other, r.mem)
+    with pytest.raises(VsockError, match="guest CID is 3"):
+        t.restore(st)
+    t.close()
+
+
+def test_snapshot_options_rebuild_the_spec(tmp_path):
+    from vmm.devices import VsockSpec, spec_from_options
+    uds = str(tmp_path / "v.sock")
+    opts = VsockSpec(f"cid=7,uds={uds},transport=pci").snapshot_options()
+    spec = spec_from_options(opts)
+    assert (type(spec), spec.cid, spec.uds_path, spec.transport_name) == (VsockSpec, 7, uds, "pci")
+    other = str(tmp_path / "clone.sock")                # pyvmm restore --vsock uds=PATH
+    spec = spec_from_options(opts, f"uds={other}")
+    assert (spec.cid, spec.uds_path, spec.transport_name) == (7, other, "pci")
+    from vmm.devices import DeviceSpecError
+    with pytest.raises(DeviceSpecError, match="--vsock: cid cannot change"):
+        spec_from_options(opts, f"uds={other},cid=8")   # guest-visible (§5.10.4)
+
+
+def test_restore_on_modern_pci_signals_the_event_queue_vector(tmp_path):
+    """transport=pci: the TRANSPORT_RESET arrives through the event queue's
+    MSI-X vector of the new VM (routes and irqfds are per process)."""
+    import os as _os
+    from vmm.memory import GuestMemory, MiB
+    from vmm.pci import device as pd
+    from vmm.snapshot import ARCH, pack_state, unpack_state
+    from vmm.testing.fakevm import FakeVm
+    from vmm.testing.mockvsock import VsockDriver
+    from vmm.testing.pcimodern_regs import PciModernRegs
+    from vmm.virtio import pci_modern as pm
+
+    def fired(vm, t, vector):
+        try:
+            return int.from_bytes(_os.read(vm.irqfds[t.msix.gsi(vector)], 8), "little")
+        except (BlockingIOError, KeyError):
+            return 0
+
+    mem = GuestMemory(32 * MiB)
+    uds = str(tmp_path / "p.sock")
+    t = pm.VirtioPciModern(VsockDevice(uds), mem, vm=FakeVm())
+    t.pci.program_bar(pm.BAR_MODERN, 0xE000_0000)
+    t.pci.write_config(pd.COMMAND, 2, pd.CMD_MEMORY | pd.CMD_IO | pd.CMD_MASTER)
+    d = VsockDriver(t, mem, arena_size=24 * MiB, regs=lambda t: PciModernRegs(t, msix=True))
+    assert d.init()
+    st = unpack_state(pack_state({"arch": ARCH, "t": t.state()}))["t"]
+    t.close()
+    vm2 = FakeVm()
+    t2 = pm.VirtioPciModern(VsockDevice(uds), mem, vm=vm2)
+    t2.restore(st)
+    d.t, d.regs = t2, PciModernRegs(t2, msix=True)
+    t2.restart()
+    assert fired(vm2, t2, EVENT + 1) == 1 and d.events() == [0]
+    t2.close()
+    mem.close()

@@ -1,0 +1,208 @@
+/* libFuzzer target: the I/O loop's C fast path (native/src/fastpath.c):
+ * pv_fast_handle() on a virtio-blk queue, with real notify and interrupt
+ * eventfds, driven by the same guest inputs as fuzz_blk.c (byte layout:
+ * fuzz_blk.c's; byte 15 bit0: the queue starts disabled, as Python leaves
+ * it while the slow path runs; bit1: adaptive polling of 1 us on).
+ * Invariants, besides fuzz_common.h's pop/push tracking and fuzz_blk's
+ * memory checks:
+ * - a disabled queue is not touched: no request, no eventfd read, returns 0;
+ * - an enabled one: every kick drains the notify eventfd; used.idx moves
+ *   by exactly the requests counted; the interrupt eventfd is written once
+ *   per counted interrupt, each with the ISR bit set;
+ * - a malformed ring: error recorded, queue disabled, returns 0 (Python
+ *   takes over) and later kicks do nothing;
+ * - at most the budget per kick (plus polled work), with the notify
+ *   eventfd re-signalled when the budget ran out;
+ * - the image never changes size. */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#define FZ_TRACK_ENGINE
+#include "fuzz_common.h"
+
+#define IMG_SECTORS 64
+#define MAX_KICKS 8
+
+static struct pv_chain chain;
+static struct pv_blk blk;
+static int img_fd = -1;
+static struct fz_in *hook_in;
+
+static void open_image(void)
+{
+    if (img_fd >= 0)
+        return;
+    const char *dir = getenv("TMPDIR");
+    char path[4096];
+    /* tmpfs when there is one: fdatasync is free and nothing reaches a disk */
+    snprintf(path, sizeof(path), "%s/pyvmm-fuzz-blk-XXXXXX",
+             access("/dev/shm", W_OK) == 0 ? "/dev/shm" : dir ? dir : "/tmp");
+    img_fd = mkstemp(path);
+    if (img_fd < 0) {
+        perror("fuzz: image");
+        abort();
+    }
+    unlink(path);                  /* gone when the fuzzer exits */
+}
+
+static void reset_image(void)
+{
+    static uint8_t pattern[IMG_SECTORS * 512];
+    if (!pattern[1])
+        for (size_t i = 0; i < sizeof(pattern); i++)
+            pattern[i] = (uint8_t)(i * 7 + 1);
+    if (ftruncate(img_fd, 0) || pwrite(img_fd, pattern, sizeof(pattern), 0) != sizeof(pattern)) {
+        perror("fuzz: image");
+        abort();
+    }
+}
+
+static off_t image_size(void)
+{
+    struct stat st;
+    if (fstat(img_fd, &st)) {
+        perror("fuzz: fstat");
+        abort();
+    }
+    return st.st_size;
+}
+
+/* the second vCPU, at the moment the segments were checked (blk.c seam) */
+static void seg_hook(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < 4 && hook_in && fz_ops_left(hook_in); i++)
+        fz_op_guest_write(hook_in);
+}
+
+static int notify_fd = -1, irq_fd = -1;
+
+static uint64_t take_fd(int fd)
+{
+    uint64_t v = 0;
+    if (read(fd, &v, 8) != 8)
+        return 0;
+    return v;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    static const uint32_t seg_limits[4] = {1, 2, 32, PV_BLK_MAX_SEGS};
+    struct pv_vq vq;
+    struct fz_in in;
+    struct pv_fast_irq irq;
+    struct pv_fast_queue q;
+
+    open_image();
+    reset_image();
+    if (notify_fd < 0) {
+        notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        irq_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (notify_fd < 0 || irq_fd < 0) {
+            perror("fuzz: eventfd");
+            abort();
+        }
+    }
+    take_fd(notify_fd);
+    take_fd(irq_fd);
+    fz_load_mem(data, size);
+    fz_track_reset();
+    fz_tr.status_last = 1;
+    if (fz_setup_vq(&vq, data, size) < 0)
+        return 0;
+    uint32_t f = (uint32_t)fz_hdr(data, size, 12, 1);
+    uint32_t maxsec = (uint32_t)fz_hdr(data, size, 13, 1);
+    uint32_t mode = (uint32_t)fz_hdr(data, size, 15, 1);
+    memset(&blk, 0, sizeof(blk));
+    blk.fd = img_fd;
+    blk.readonly = f & 1;
+    blk.no_zero_range = (f >> 1) & 1;
+    blk.capacity = IMG_SECTORS;
+    blk.max_discard_sectors = blk.max_write_zeroes_sectors = maxsec ? maxsec : 0x3FFFFF;
+    blk.max_discard_seg = blk.max_write_zeroes_seg = seg_limits[(f >> 2) & 3];
+    memcpy(blk.id, "pyvmm-fuzz-serial-01", sizeof(blk.id));
+    blk.budget = (uint32_t)fz_hdr(data, size, 14, 1);
+    uint32_t budget = blk.budget ? blk.budget : PV_BLK_BUDGET;
+
+    memset(&irq, 0, sizeof(irq));
+    irq.fd = irq_fd;
+    memset(&q, 0, sizeof(q));
+    q.notify_fd = notify_fd;
+    q.vq = &vq;
+    q.blk = &blk;
+    q.chain = &chain;
+    q.irq = &irq;
+    q.isr_bit = 1;
+    q.poll_us = mode & 2 ? 1 : 0;
+    if (!(mode & 1))
+        pv_fast_enable(&q);
+
+    fz_ops_init(&in, data, size);
+    hook_in = &in;
+    pv_blk_seg_hook = seg_hook;
+    for (int kick = 0; kick < MAX_KICKS && fz_ops_left(&in); kick++) {
+        uint8_t op = (uint8_t)fz_take(&in, 1);
+        if (op & 1) {
+            fz_op_guest_write(&in);
+            continue;
+        }
+        if (op & 2) {               /* Python toggles the queue */
+            if (q.enabled)
+                pv_fast_disable(&q);
+            else if (!q.error)
+                pv_fast_enable(&q);
+            continue;
+        }
+        uint16_t from = vq.used_idx;
+        uint64_t req0 = q.requests, irq0 = irq.count, kicks0 = q.kicks;
+        int was = (int)q.enabled, broken = vq.broken;
+        uint64_t one = 1;
+        FZ_CHECK(write(notify_fd, &one, 8) == 8, "kick");
+        fz_tr.call_pops = 0;
+        fz_tr.pop_limit = q.poll_us ? 0 : budget;
+        int handled = pv_fast_handle(&q);
+        fz_tr.pop_limit = 0;
+        uint32_t done = (uint32_t)(q.requests - req0);
+        FZ_CHECK(!q.busy, "busy left set");
+        FZ_CHECK(image_size() == IMG_SECTORS * 512, "image grew to %lld bytes",
+                 (long long)image_size());
+        fz_allow_used(&vq, from, done);
+        fz_allow_avail_event(&vq);
+        uint64_t irqs = take_fd(irq_fd);
+        FZ_CHECK(irqs == irq.count - irq0, "irq eventfd %llu vs counted %llu",
+                 (unsigned long long)irqs, (unsigned long long)(irq.count - irq0));
+        uint32_t isr = pv_fast_isr_take(&irq);
+        FZ_CHECK(!!isr == !!irqs && (isr & ~1u) == 0, "isr 0x%x irqs %llu", isr,
+                 (unsigned long long)irqs);
+        uint64_t rekick = take_fd(notify_fd);
+        if (!was) {
+            FZ_CHECK(!handled && done == 0 && q.kicks == kicks0 && rekick == 1,
+                     "disabled queue touched");
+            continue;
+        }
+        FZ_CHECK(q.kicks == kicks0 + 1, "kicks");
+        if (broken)
+            FZ_CHECK(done == 0, "broken queue processed requests");
+        if (vq.broken) {
+            FZ_CHECK(!handled && q.error == -(int)vq.broken && !q.enabled,
+                     "error %d broken %u enabled %u handled %d", q.error, vq.broken,
+                     q.enabled, handled);
+            continue;
+        }
+        FZ_CHECK(handled, "healthy queue handed back");
+        if (!q.poll_us) {
+            FZ_CHECK(done <= budget, "done %u budget %u", done, budget);
+            FZ_CHECK(rekick == (done == budget), "re-kick %llu done %u budget %u",
+                     (unsigned long long)rekick, done, budget);
+            if (done < budget)
+                FZ_CHECK(pv_vq_avail_idx(&vq) == vq.last_avail, "kick left requests behind");
+        }
+    }
+    pv_blk_seg_hook = NULL;
+    hook_in = NULL;
+    fz_track_check_mem();
+    return 0;
+}

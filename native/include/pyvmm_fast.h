@@ -1,0 +1,55 @@
+/* The I/O thread's fast path (native/src/fastpath.c): the epoll wait and the
+ * common case of a queue kick (drain the notify eventfd, run the C engine,
+ * signal the interrupt eventfd) in C with the GIL released, so a kick costs
+ * no Python.  Python keeps everything else: other fds, pause/stop, faults,
+ * tracing, limiters, io_uring, errors (a queue returns to Python by being
+ * disabled). */
+#ifndef PYVMM_FAST_H
+#define PYVMM_FAST_H
+
+#include <stdint.h>
+#include "pyvmm_virtq.h"
+
+#define PV_FAST_MAX 64               /* fast queues per I/O loop */
+
+/* a transport's interrupt as the fast path raises it: ISR bits OR-ed into
+ * `isr` (Python folds them into its interrupt_status), an 8-byte 1 to `fd`
+ * (a KVM irqfd) */
+struct pv_fast_irq {
+    uint32_t isr;
+    int32_t fd;
+    uint64_t count;                  /* interrupts signalled by the fast path */
+};
+
+struct pv_fast_queue {
+    int32_t notify_fd;
+    uint32_t enabled;                /* Python: the fields below are valid */
+    uint32_t busy;                   /* the fast path is using them */
+    int32_t error;                   /* -PV_VQ_E_* seen (the queue is then disabled) */
+    struct pv_vq *vq;
+    struct pv_blk *blk;
+    struct pv_chain *chain;
+    struct pv_fast_irq *irq;
+    uint64_t kicks, requests, ioerr; /* counted by the fast path */
+    uint32_t isr_bit;                /* bit OR-ed into irq->isr (INT_USED) */
+    uint32_t poll_us;                /* adaptive polling: the longest window (0: off) */
+    uint64_t polled;                 /* requests found by polling (no kick) */
+    uint64_t poll_ns;                /* current adaptive window (<= poll_us) */
+    uint64_t idle_since;             /* when the last handle ended (CLOCK_MONOTONIC ns) */
+};
+
+struct pv_fast_loop {
+    int32_t epfd;
+    uint32_t n;
+    int32_t fds[PV_FAST_MAX];        /* -1: free slot */
+    struct pv_fast_queue *q[PV_FAST_MAX];
+    uint64_t wakeups, handled;
+};
+
+int pv_fast_wait(struct pv_fast_loop *l, int32_t *out, int max_out);
+void pv_fast_disable(struct pv_fast_queue *q);
+void pv_fast_enable(struct pv_fast_queue *q);
+uint32_t pv_fast_isr_take(struct pv_fast_irq *irq);
+int pv_fast_handle(struct pv_fast_queue *q);
+
+#endif

@@ -1,0 +1,121 @@
+"""The C fast path of a transport's queue kicks (native/src/fastpath.c).
+
+A transport whose interrupt is an eventfd (virtio-mmio: an 8-byte 1 to a
+KVM irqfd) gives each queue's notify eventfd a `struct pv_fast_queue`; the
+IoLoop's thread then sleeps in C (pv_fast_wait, GIL released) and runs the
+common case of a kick there: drain the eventfd, run the device's C engine
+over the ring (the same budget, the same requeue), OR the ISR bit into a
+shared word and write the irqfd.  Python runs everything else, as before:
+a queue is enabled only while its device offers a plain C engine
+(`device.fast_engine(index)`: virtio-blk with the sync engine and no fault
+rules, limiters, tracing or hooks) and the transport is live without
+DEVICE_NEEDS_RESET.  Anything that changes what the C side relies on first
+disables the queue (pv_fast_disable waits for a call in progress).
+
+    fp = FastPath(irq_fd, nqueues)
+    loop.add(notify_fd, handler, fast=fp.queue(i))
+    fp.sync(device, live=True)      # after activation; sync(.., live=False) to stop
+    with fp.held(i): ...            # Python processes queue i meanwhile
+    fp.take_isr()                   # ISR bits the C side raised (folded by the transport)
+    fp.set_poll_us(32)              # adaptive polling, at most 32 us (0: off, the default)
+"""
+import contextlib
+
+from vmm.native import ffi, lib
+from vmm.virtio import device as vd
+
+
+class FastPath:
+    def __init__(self, irq_fd, nqueues, poll_us=0):
+        self.irq = ffi.new("struct pv_fast_irq *")
+        self.irq.fd = irq_fd
+        self._q = []
+        for _ in range(nqueues):
+            q = ffi.new("struct pv_fast_queue *")
+            q.notify_fd = -1
+            q.irq = self.irq
+            q.isr_bit = vd.INT_USED
+            q.poll_us = poll_us
+            self._q.append(q)
+        self._engines = [None] * nqueues     # keeps the cdata the C side points at alive
+        self._seen = [(0, 0, 0)] * nqueues
+
+    def queue(self, index, notify_fd):
+        q = self._q[index]
+        q.notify_fd = notify_fd
+        return q
+
+    def enabled(self, index):
+        return bool(self._q[index].enabled)
+
+    def set_poll_us(self, us):
+        """Adaptive polling (QEMU's poll-max-ns): after a kick's work, look
+        at the ring for a window of at most `us` microseconds before
+        sleeping; the window adapts (native/src/fastpath.c adapt_poll).
+        0: off."""
+        for q in self._q:
+            q.poll_us = max(0, int(us))
+
+    def disable(self):
+        """Every queue off the fast path until the next sync()."""
+        for i, q in enumerate(self._q):
+            lib.pv_fast_disable(q)
+            self._engines[i] = None
+
+    def sync(self, device, live):
+        """(Re)decide every queue: enabled iff `live` and the device offers a
+        C engine for it now."""
+        bind = getattr(device, "fast_bind", None)
+        if bind is not None:
+            bind(self)          # the device folds take_counts() into its counters
+        for i, q in enumerate(self._q):
+            lib.pv_fast_disable(q)
+            eng = (getattr(device, "fast_engine", lambda i: None)(i)
+                   if live and q.notify_fd >= 0 else None)
+            self._engines[i] = eng
+            if eng is not None:
+                q.vq, q.blk, q.chain = eng
+                lib.pv_fast_enable(q)
+
+    @contextlib.contextmanager
+    def held(self, index):
+        """Queue `index` off the fast path for the duration (another thread
+        processes it in Python); re-enabled after if it was."""
+        q = self._q[index] if 0 <= index < len(self._q) else None
+        was = q is not None and q.enabled
+        if was:
+            lib.pv_fast_disable(q)
+        try:
+            yield
+        finally:
+            if was and self._engines[index] is not None:
+                lib.pv_fast_enable(q)
+
+    def take_error(self, index):
+        """The queue error the C engine hit (0 if none), cleared."""
+        q = self._q[index]
+        err, q.error = -q.error, 0
+        return err
+
+    def take_isr(self):
+        # a plain read first: a cffi call drops and retakes the GIL, which
+        # costs a thread switch when another thread is waiting for it
+        return lib.pv_fast_isr_take(self.irq) if self.irq.isr else 0
+
+    @property
+    def interrupts(self):
+        return self.irq.count
+
+    def take_counts(self):
+        """(kicks, requests, ioerr) done in C since the last call."""
+        out = [0, 0, 0]
+        for i, q in enumerate(self._q):
+            now = (q.kicks, q.requests, q.ioerr)
+            for k in range(3):
+                out[k] += now[k] - self._seen[i][k]
+            self._seen[i] = now
+        return tuple(out)
+
+    @property
+    def polled(self):
+        return sum(q.polled for q in self._q)
