@@ -36,8 +36,13 @@ guest:
 run: setup
 	$(PYTHON) -m vmm run
 
+# Two pytest-xdist workers (-n auto capped at 2: one per core here; each
+# guest test runs one emulated vCPU): the default-guest boots run side by
+# side, and worksteal rebalances when one worker sits in a long boot.
+# --durations: the slowest tests in every CI log.
+PYTEST_ARGS ?= -n auto --maxprocesses 2 --dist worksteal --durations=15
 test: setup
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
 
 unit: install
 	$(PYTHON) -m pytest -q tests/unit tests/native

@@ -89,12 +89,9 @@ def shoot(steps, args, has_net, timeout):
     return p.returncode, p.stdout.decode(errors="replace"), err, figures
 
 
-@pytest.fixture(scope="session")
-def guest_snapshot(tmp_path_factory):
-    kernel, initrd = guest.default_guest()
-    if not os.path.exists(kernel):
-        pytest.fail("default guest not built: run `make guest`")
-    d = str(tmp_path_factory.mktemp("guest-snapshot"))
+def make_snapshot(d):
+    """Boot the default guest into directory `d` and snapshot it (Full, then
+    Diff on top); returns the Snapshot."""
     snap = Snapshot(d, can_net())
     make_scratch_ext4(snap.disk)
     with open(snap.pci_disk, "wb") as f:
@@ -137,6 +134,49 @@ def guest_snapshot(tmp_path_factory):
     rc, out, err, figures = shoot(steps, args, snap.has_net, 600)
     snap.diff_error = None if rc == 0 and os.path.exists(snap.diff_state) else out[-2000:] + err
     snap.figures += figures
+    return snap
+
+
+
+SHARED = ("boot_seconds", "figures", "diff_error")
+
+
+@pytest.fixture(scope="session")
+def guest_snapshot(tmp_path_factory):
+    kernel, initrd = guest.default_guest()
+    if not os.path.exists(kernel):
+        pytest.fail("default guest not built: run `make guest`")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield make_snapshot(str(tmp_path_factory.mktemp("guest-snapshot")))
+        return
+    # Under pytest-xdist every worker runs session fixtures once: share one
+    # boot between them (pytest-xdist docs, "Making session-scoped fixtures
+    # execute only once").  The first worker to take the lock boots and
+    # snapshots into the run's common temp directory; the others wait on the
+    # lock and then restore from the same files (read-only: restores copy
+    # the disks, and map the memory file privately).
+    import fcntl
+    import json
+    root = tmp_path_factory.getbasetemp().parent     # this run's pytest-N, shared by workers
+    d, meta = root / "guest-snapshot", root / "guest-snapshot.json"
+    with open(root / "guest-snapshot.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not meta.exists():
+            try:
+                d.mkdir()
+                snap = make_snapshot(str(d))
+                info = {"ok": True, "has_net": snap.has_net, **{k: getattr(snap, k) for k in SHARED}}
+            except BaseException as e:      # the others must not boot again: record why
+                info = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                meta.write_text(json.dumps(info))
+                raise
+            meta.write_text(json.dumps(info))
+    info = json.loads(meta.read_text())
+    if not info["ok"]:
+        pytest.fail("the session snapshot failed in another worker:\n" + info["error"])
+    snap = Snapshot(str(d), info["has_net"])
+    for k in SHARED:
+        setattr(snap, k, info[k])
     yield snap
 
 
