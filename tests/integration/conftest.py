@@ -42,6 +42,7 @@ NICS = {"mmio": {"tap": "pvsnap0", "mac": "52:54:00:77:00:02", "guest": "10.77.0
 DISKS = ("scratch.img", "pci.img", "pci-modern.img")     # in --drive order
 GUEST_IP, HOST_IP = NICS["mmio"]["guest"], NICS["mmio"]["host"]
 PROMPT = b"/ # "
+VSOCK_CID = 3
 
 
 def can_net():
@@ -100,7 +101,10 @@ def make_snapshot(d):
         f.write(os.urandom(3 << 19))            # 3072 sectors: told apart by its size
     cmdline = guest.DEFAULT_CMDLINE
     run_args = ["--drive", f"file={snap.disk}", "--drive", f"file={snap.pci_disk},transport=pci-legacy",
-                "--drive", f"file={snap.modern_disk},transport=pci,queues=2"]
+                "--drive", f"file={snap.modern_disk},transport=pci,queues=2",
+                # last, so the disks and NICs keep their names: a vsock device
+                # (each restore listens on its own uds: Restored.vsock) and virtio-rng
+                "--vsock", f"cid={VSOCK_CID},uds={os.path.join(d, 'v.sock')}", "--rng"]
     steps = ["wait:shell ready", "wait:/ # "]
     if snap.has_net:
         cmdline += f" ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off"
@@ -126,6 +130,7 @@ def make_snapshot(d):
     for name in DISKS:
         shutil.copy(os.path.join(d, name), os.path.join(work, name))
         args += ["--drive", f"file={os.path.join(work, name)}"]
+    args += ["--vsock", f"uds={os.path.join(work, 'v.sock')}"]
     if snap.has_net:
         args += [a for nic in NICS.values() for a in ("--net", f"tap={nic['tap']}")]
     steps = ["type:echo diff-was-here > /tmp/diffmark; echo $((6*7))-before-diff\\n",
@@ -183,16 +188,25 @@ def guest_snapshot(tmp_path_factory):
 class Restored:
     """A `pyvmm restore` process from the session snapshot."""
 
-    def __init__(self, snap, tmp, diff=False, extra=(), tty=None):
+    def __init__(self, snap, tmp, diff=False, extra=(), tty=None, images=None, api=False,
+                 vsock=None):
+        """images: {name in DISKS: path} to restore with a copy of that image
+        instead of the snapshot's; api: serve the control API on self.api_sock;
+        vsock: the vsock device's host uds path (default in tmp)."""
         self.snap = snap
+        self.vsock = vsock or os.path.join(tmp, "v.sock")
+        self.api_sock = os.path.join(tmp, "api.sock") if api else None
         self.disk = os.path.join(tmp, "scratch.img")
         self.pci_disk = os.path.join(tmp, "pci.img")
         self.modern_disk = os.path.join(tmp, "pci-modern.img")
         state = snap.diff_state if diff else snap.state
         cmd = [sys.executable, "-m", "vmm", "restore", "--snapshot", state, "--mem", snap.mem,
-               "--resume", "--timeout", "600", *extra]
+               "--resume", "--timeout", "600", "--vsock", f"uds={self.vsock}", *extra]
+        if api:
+            cmd += ["--api-sock", self.api_sock]
         for name in DISKS:
-            shutil.copy(os.path.join(snap.dir, name), os.path.join(tmp, name))
+            shutil.copy((images or {}).get(name) or os.path.join(snap.dir, name),
+                        os.path.join(tmp, name))
             cmd += ["--drive", f"file={os.path.join(tmp, name)}"]
         if diff:
             cmd += ["--mem-diff", snap.diff_mem]
