@@ -1,60 +1,80 @@
-"""virtio-blk on legacy virtio-pci, end to end: the default guest kernel
-enumerates PCI bus 0 through configuration mechanism #1 (PCI_DIRECT), finds
-the [1af4:1001] function, binds virtio_pci's legacy driver, takes INTx
-through the MP table's PCI routing and mounts the disk as its ext4 root; with
-one disk on each transport, both are seen."""
+"""virtio-blk on legacy virtio-pci, end to end, in the default guest restored
+at its shell from the session snapshot (conftest.py: an ext4 disk on
+virtio-mmio, a raw disk on legacy virtio-pci, one on modern virtio-pci): the
+guest kernel enumerated PCI bus 0 through configuration mechanism #1
+(PCI_DIRECT), found the [1af4:1001] function and bound virtio_pci's legacy
+driver (INTx through the MP table's PCI routing); an ext4 file system on
+the legacy disk is mounted and written; with one disk on each transport,
+each is seen through its own."""
 import os
 import subprocess
-import sys
 
 import pytest
 
-from vmm.machine import STATUS
-
-from test_virtio_blk_guest import BASE, TIMEOUT, assert_root_written, kernel, make_ext4
+from test_virtio_blk_guest import superblock
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm")]
 
-def pyvmm(*args):
-    p = subprocess.run([sys.executable, "-m", "vmm", "run", "--kernel", kernel(),
-                        "--timeout", str(TIMEOUT), *args],
-                       capture_output=True, timeout=TIMEOUT + 60, stdin=subprocess.DEVNULL)
-    return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+# Each block device: name, size in sectors, sysfs path (shows its transport).
+LIST = ("for d in /sys/block/vd*; do echo blk $(basename $d) $(cat $d/size) "
+        "$(readlink -f $d/device); done")
 
 
-def pci_lines(out):
-    return "\n".join(line for line in out.splitlines() if "pci" in line.lower())
+def disks(out):
+    return {f[1]: (int(f[2]), f[3]) for f in (line.split() for line in out.splitlines())
+            if len(f) == 4 and f[0] == "blk"}
 
 
-def test_ext4_root_on_legacy_virtio_pci(tmp_path):
-    img = make_ext4(tmp_path / "root.img", tmp_path)
-    rc, out, err = pyvmm("--drive", f"file={img},transport=pci-legacy", "--cmdline", BASE + " root=/dev/vda rw")
-    print(pci_lines(out))        # what the kernel found on the bus (shown with -s)
-    assert "PCI: Using configuration type 1" in out, out[-3000:] + err
+def test_ext4_on_legacy_virtio_pci(restored, tmp_path):
+    img = str(tmp_path / "legacy.img")
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)            # the snapshot's legacy virtio-pci disk: 2048 sectors
+    subprocess.run(["mkfs.ext4", "-q", "-F", img], check=True)
+    before = superblock(img)
+    assert before["Mount count"] == "0" and before["Last mount time"] == "n/a"
+    r = restored(images={"pci.img": img})
+    out = r.cmd("dmesg | grep -i pci; " + LIST + "; echo list-$((2+2))-done", "list-4-done")
+    print(out)                       # what the kernel found on the bus (shown with -s)
+    assert "PCI: Using configuration type 1" in out, out[-3000:]
     assert "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000" in out
     assert "pci 0000:00:01.0: [1af4:1001] type 00 class 0x010000" in out
-    assert_root_written(img, rc, out, err)
+    found = {name: path for name, (size, path) in disks(out).items() if size == 2048}
+    assert len(found) == 1, out[-2000:]
+    (dev, path), = found.items()
+    assert "/pci0000:00/0000:00:01.0/" in path, path        # the legacy function in slot 1
+    # the guest's page cache may hold the snapshot's image of this disk (the
+    # partition scan at boot): drop it, then mount the file system and write
+    r.cmd(f"echo 3 > /proc/sys/vm/drop_caches; mount -t ext4 /dev/{dev} /mnt && "
+          "grep /mnt /proc/mounts && echo 'written by the guest' > /mnt/written-by-guest && "
+          "umount /mnt && sync && echo ext4-$((40+2))-done", "ext4-42-done")
+    r.stop()
+    after = superblock(r.pci_disk)
+    assert after["Mount count"] == "1"
+    assert after["Last mount time"] != "n/a"
+    cat = subprocess.run(["debugfs", "-R", "cat /written-by-guest", r.pci_disk],
+                         capture_output=True, text=True)
+    assert cat.stdout == "written by the guest\n"
+    fsck = subprocess.run(["e2fsck", "-fn", r.pci_disk], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
-def test_one_disk_on_each_transport(tmp_path):
-    """An ext4 root on virtio-mmio and a raw disk on virtio-pci: both probed,
-    each through its own transport."""
-    root = make_ext4(tmp_path / "root.img", tmp_path, init="""#!/bin/sh
-mount -t proc proc /proc
-echo "two-disks: init running"
-cat /proc/partitions
-reboot -f
-""")
-    data = tmp_path / "data.img"
-    data.write_bytes(os.urandom(3 << 20))
-    rc, out, err = pyvmm("--drive", f"file={root}", "--drive", f"file={data},transport=pci-legacy",
-                         "--cmdline", BASE + " root=/dev/vda rw")
-    print(pci_lines(out))
-    assert "[1af4:1001]" in out, out[-3000:] + err
-    disks = {line.split("[")[-1].split("]")[0]: line for line in out.splitlines()
-             if "virtio_blk virtio" in line and "logical blocks" in line}
-    assert set(disks) == {"vda", "vdb"}, out[-3000:] + err
-    assert "two-disks: init running" in out, out[-3000:] + err
-    sizes = {name: int(line.split("] ")[-1].split()[0]) for name, line in disks.items()}
-    assert sorted(sizes.values()) == [(3 << 20) // 512, 32 * 2048]
-    assert rc == STATUS["reset"], err
+def test_one_disk_on_each_transport(restored, guest_snapshot):
+    """An ext4 disk on virtio-mmio and raw disks on legacy and modern
+    virtio-pci: each probed, through its own transport, with its size."""
+    r = restored()
+    out = r.cmd("dmesg | grep 'virtio_blk virtio'; " + LIST + "; echo list-$((2+2))-done",
+                "list-4-done")
+    print(out)
+    assert "[1af4:1001]" in r.cmd("dmesg | grep 1af4; echo grep-$((2+2))-done", "grep-4-done"), out[-3000:]
+    probed = {line.split("[")[-1].split("]")[0] for line in out.splitlines()
+              if "virtio_blk virtio" in line and "logical blocks" in line}
+    found = disks(out)
+    assert probed == set(found) == {"vda", "vdb", "vdc"}, out[-3000:]
+    by_size = {size: path for size, path in found.values()}
+    sizes = [os.path.getsize(p) // 512 for p in (guest_snapshot.disk, guest_snapshot.pci_disk,
+                                                  guest_snapshot.modern_disk)]
+    assert sorted(by_size) == sorted(sizes), found
+    mmio, legacy, modern = (by_size[s] for s in sizes)
+    assert "virtio-mmio" in mmio and "pci0000" not in mmio, mmio
+    assert "/pci0000:00/0000:00:01.0/" in legacy, legacy
+    assert "/pci0000:00/" in modern and "0000:00:01.0" not in modern, modern
