@@ -42,8 +42,9 @@ for d in /sys/bus/virtio/devices/*; do echo "features $(basename $d) $(cat $d/de
 echo "written over modern virtio-pci" > /written-by-guest
 sync
 echo "modern-pci: ready"
-sleep 25
-echo "modern-pci: done"
+# wait while the host pings: until it types a line on the console (at most 60 s)
+read -t 60 line
+echo "modern-pci: done $line"
 reboot -f
 """
 
@@ -80,7 +81,7 @@ def test_three_pci_transports_side_by_side(tmp_path):
                          "--drive", f"file={trans},transport=pci-transitional",
                          "--net", f"tap={TAP},mac=52:54:00:78:00:02,transport=pci,queues=2",
                          "--cmdline", cmdline, "--timeout", str(TIMEOUT)]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE)
         console = ConsoleReader(p.stdout)
         assert ns.wait_link(TAP, 60), "the VMM did not create the tap"
         ns.ip("addr", "add", f"{HOST_IP}/24", "dev", TAP)
@@ -89,7 +90,9 @@ def test_three_pci_transports_side_by_side(tmp_path):
         rtts = ns.call(ping, GUEST_IP, 5, 5.0)
         print(f"ping {GUEST_IP}: {len(rtts)}/5 replies")
         assert len(rtts) >= 3, f"{len(rtts)}/5 ping replies\n" + console.text[-3000:]
-        assert console.wait(b"modern-pci: done", 120), console.text[-3000:]
+        p.stdin.write(b"pinged\n")
+        p.stdin.flush()
+        assert console.wait(b"modern-pci: done pinged", 120), console.text[-3000:]
         rc = p.wait(120)
         out, err = console.text, p.stderr.read().decode(errors="replace")
     finally:
