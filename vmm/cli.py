@@ -168,6 +168,7 @@ def add_restore_parser(sub):
     s.add_argument("--leave-paused", action="store_true", help="do not resume the VM afterwards")
     s.add_argument("--debug", action="store_true")
     b = sub.add_parser("snapshot-rebase", help="merge a Diff snapshot's memory into its base",
+                       formatter_class=HelpFormatter,
                        description="Write BASE's memory with the pages of the Diff snapshot "
                                    "(--diff-snapshot/--diff-mem) copied over it, to --out (default: "
                                    "replace --base; a VM still mapping the old file is not "
