@@ -66,7 +66,24 @@ def region_size(config_len):
     return size
 
 
-class VirtioPciLegacy(Transport):
+class IntxInterrupt:
+    """Level-triggered INTx (PCI 3.0 §2.2.6) for a virtio-pci transport: an
+    ISR bit raises the line, and it drops once the driver's ISR read (or
+    ack) has cleared every bit.  Shared by the legacy and modern transports."""
+
+    def _raise_irq(self):
+        self.pci.set_intx(1)
+
+    def ack_interrupt(self, bits=0xFFFFFFFF):
+        with self._isr_lock:
+            old = self.interrupt_status
+            self.interrupt_status = old & ~bits
+            if not self.interrupt_status:
+                self.pci.set_intx(0)
+        return old
+
+
+class VirtioPciLegacy(IntxInterrupt, Transport):
     NAME = "virtio-pci"
     SNAPSHOT = True
 
@@ -87,18 +104,6 @@ class VirtioPciLegacy(Transport):
         self.port = None                # where BAR0 decodes now
         if ioeventfd is not None:
             self._make_notify_fds()
-
-    # --- interrupts: level-triggered INTx (PCI 3.0 §2.2.6) ---
-    def _raise_irq(self):
-        self.pci.set_intx(1)
-
-    def ack_interrupt(self, bits=0xFFFFFFFF):
-        with self._isr_lock:
-            old = self.interrupt_status
-            self.interrupt_status = old & ~bits
-            if not self.interrupt_status:
-                self.pci.set_intx(0)
-        return old
 
     # --- snapshots: PCI config space (command, BAR addresses, interrupt line) ---
     def _extra_state(self):
