@@ -75,11 +75,11 @@ $(FUZZ_BIN)/virtq: native/fuzz/fuzz_virtq.c native/fuzz/fuzz_common.h native/src
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) native/fuzz/fuzz_virtq.c native/src/virtq.c -o $@
 
-$(FUZZ_BIN)/blk: native/fuzz/fuzz_blk.c native/fuzz/fuzz_common.h native/src/virtq.c native/src/blk.c native/include/*.h
+$(FUZZ_BIN)/blk: native/fuzz/fuzz_blk.c native/fuzz/fuzz_common.h native/fuzz/fuzz_image.h native/src/virtq.c native/src/blk.c native/include/*.h
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_blk.c native/src/virtq.c native/src/blk.c -o $@
 
-$(FUZZ_BIN)/fast: native/fuzz/fuzz_fast.c native/fuzz/fuzz_common.h native/src/virtq.c native/src/blk.c native/src/fastpath.c native/include/*.h
+$(FUZZ_BIN)/fast: native/fuzz/fuzz_fast.c native/fuzz/fuzz_common.h native/fuzz/fuzz_image.h native/src/virtq.c native/src/blk.c native/src/fastpath.c native/include/*.h
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_fast.c native/src/virtq.c native/src/blk.c native/src/fastpath.c -o $@
 

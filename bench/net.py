@@ -37,7 +37,6 @@ import os
 import socket
 import time
 
-import numpy as np
 
 from bench import cdriver
 from bench.common import save, stats
@@ -58,33 +57,6 @@ SIZES = {"small": 60, "64k": 65535}
 RX_BUF = {"small": 1526, "64k": 65562}
 ONE = (1).to_bytes(8, "little")
 TRANSPORTS = ("mmio", "pci")
-
-
-class Ring:
-    """In-thread driver ring (used by bench/faults.py): numpy views of one
-    queue, `size` slots: slot k = descriptor k = buffer k."""
-
-    def __init__(self, d, q, buf_len, writable, mem):
-        self.q, self.mem = q, mem
-        self.data = d.alloc(buf_len * q.size, 4096)
-        for k in range(q.size):
-            q.write_desc(k, self.data + buf_len * k, buf_len, VRING_DESC_F_WRITE if writable else 0)
-        a, u = mem.offset(q.avail), mem.offset(q.used)
-        arr = mem.array
-        self.ring = arr[a + 4:a + 4 + 2 * q.size].view("<u2")
-        self.avail_idx = arr[a + 2:a + 4].view("<u2")
-        self.used_event = arr[a + 4 + 2 * q.size:a + 6 + 2 * q.size].view("<u2")
-        self.used_idx = arr[u + 2:u + 4].view("<u2")
-        self.idx = 0
-        self.pos = np.arange(q.size, dtype=np.uint32)
-
-    def post(self, n):
-        p = (self.idx + self.pos[:n]) & 0xFFFF
-        self.ring[p % self.q.size] = p % self.q.size
-        self.idx = (self.idx + n) & 0xFFFF
-        self.used_event[0] = self.idx
-        self.avail_idx[0] = self.idx
-
 
 
 class Queue:

@@ -49,7 +49,7 @@ RUNNER = """
 import os, sys
 from vmm import cli
 from vmm.virtio.blk import BlkDevice
-from vmm.virtio.pci_legacy import VirtioPciAttachment
+from vmm.virtio.pci_attach import VirtioPciAttachment
 make = cli.config_from_args
 def config_from_args(args):
     c = make(args)

@@ -27,7 +27,7 @@ from bench.common import RESULTS
 
 RESERVED = ("latest", "run")          # files in RESULTS that are not module results
 ORDER = ["boot", "startup", "exits", "pio", "blk", "net", "starve", "api", "vsock", "faults",
-         "inguest", "memory", "startstop", "guest"]
+         "snapshot", "inguest", "memory", "startstop", "guest"]
 QEMU = "QEMU microvm"
 
 
@@ -340,7 +340,35 @@ def norm_vsock(d):
     return rows
 
 
-NORMALIZERS = {"boot": norm_boot, "exits": norm_exits, "pio": norm_pio, "blk": norm_blk,
+def norm_snapshot(d):
+    """bench/snapshot.py: create time/size of a Full and a Diff snapshot, the
+    restores (ms stats), the cold boot to the shell (s) of the same guest."""
+    fam, mem = "Snapshot", d.get("mem", "?")
+    rows = []
+    for k in ("full", "diff"):
+        f = d.get(k) or {}
+        if "create_ms" in f:
+            rows.append(row("snapshot", fam, f"{k.capitalize()} snapshot create ({mem} guest at "
+                            f"its shell; {f.get('mem_mib', 0):.1f} MiB written)", "ms",
+                            as_stats(f["create_ms"]), higher_is_better=False))
+    for key, label, goal in (
+            ("restore_api_to_running_ms", "restore: PUT /snapshot/load in a running VMM → "
+             "vCPUs running (Firecracker's restore latency)", True),
+            ("restore_to_running_ms", "restore: `pyvmm restore` process start → vCPUs running",
+             False),
+            ("restore_in_process_ms", "restore: of which the VM built from the files", False),
+            ("restore_to_shell_answer_ms", "restore: process start → shell answered a command",
+             False)):
+        if d.get(key) is not None:
+            rows.append(row("snapshot", fam, label, "ms", as_stats(d[key]), higher_is_better=False,
+                            note="goal: under 50 ms" if goal else None))
+    if d.get("cold_boot_to_shell_s") is not None:
+        rows.append(row("snapshot", fam, "cold boot → shell prompt, same guest (for comparison)",
+                        "s", as_stats(d["cold_boot_to_shell_s"]), higher_is_better=False))
+    return rows
+
+
+NORMALIZERS = {"boot": norm_boot, "snapshot": norm_snapshot, "exits": norm_exits, "pio": norm_pio, "blk": norm_blk,
                "net": norm_net, "memory": norm_memory, "startstop": norm_startstop,
                "guest": norm_guest, "startup": norm_startup, "inguest": norm_inguest,
                "starve": norm_starve, "api": norm_api, "vsock": norm_vsock}

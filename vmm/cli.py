@@ -168,6 +168,7 @@ def add_restore_parser(sub):
     s.add_argument("--leave-paused", action="store_true", help="do not resume the VM afterwards")
     s.add_argument("--debug", action="store_true")
     b = sub.add_parser("snapshot-rebase", help="merge a Diff snapshot's memory into its base",
+                       formatter_class=HelpFormatter,
                        description="Write BASE's memory with the pages of the Diff snapshot "
                                    "(--diff-snapshot/--diff-mem) copied over it, to --out (default: "
                                    "replace --base; a VM still mapping the old file is not "
@@ -378,17 +379,20 @@ def guarded(fn, args):
 def error_status(e):
     """The exit status for an expected error (printed as one line), or None
     for a bug (shown with its traceback)."""
-    # imported here, not at the top: start-up cost (snapshot pulls in hashlib)
-    from vmm.api.server import ApiSocketError
-    from vmm.kvm.state import StateError
-    from vmm.snapshot import SnapshotError
-    from vmm.virtio.device import VirtioError
-    from vmm.vmconfig import ConfigError
-    if isinstance(e, (UsageError, DeviceSpecError, ConfigError)):
+    # Not imported here (start-up cost; and once the main thread is confined a
+    # first import would end the VMM with SIGSYS): an error of a module that
+    # was never loaded cannot be the one being handled.
+    def loaded(module, name):
+        m = sys.modules.get(module)
+        return getattr(m, name) if m is not None else ()
+
+    if isinstance(e, (UsageError, DeviceSpecError) + (loaded("vmm.vmconfig", "ConfigError"),)):
         return EXIT_USAGE
     if isinstance(e, (KernelError, KvmUnavailable, CpuidError, GuestMemoryError, NativeError,
-                      ValueError, MemoryError, OSError, ApiSocketError, VirtioError,
-                      SnapshotError, StateError, SeccompError)):
+                      ValueError, MemoryError, OSError, SeccompError)
+                  + tuple(loaded(m, n) for m, n in (
+                      ("vmm.api.listen", "ApiSocketError"), ("vmm.virtio.device", "VirtioError"),
+                      ("vmm.snapshot", "SnapshotError"), ("vmm.kvm.state", "StateError")))):
         return EXIT_ERROR
     return None
 

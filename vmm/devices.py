@@ -3,8 +3,8 @@
 `--drive file=PATH[,readonly=on][,serial=S][,transport=T][,queues=N][,io_engine=E]` becomes
 a DriveSpec, `--net tap=NAME[,mac=M][,transport=T][,queues=N]` a NetSpec
 (T: mmio, pci, pci-legacy or pci-transitional); attach() opens the device and
-wires it on its transport (vmm.devices for mmio, vmm.virtio.pci_legacy for
-legacy virtio-pci, vmm.virtio.pci_attach for modern and transitional),
+wires it on its transport (vmm.devices for mmio, vmm.virtio.pci_attach for
+legacy, modern and transitional virtio-pci),
 returning the kernel command line with whatever the transport needs announced.
 """
 import os
@@ -90,7 +90,7 @@ class VirtioMmioAttachment:
     """A virtio device on a virtio-mmio window: the window on the MMIO bus,
     the interrupt as a KVM irqfd, queue notifications as ioeventfds, and a
     virtio_mmio.device= kernel parameter to announce it (the counterpart of
-    vmm.virtio.pci_legacy.VirtioPciAttachment)."""
+    vmm.virtio.pci_attach.VirtioPciAttachment)."""
 
     def __init__(self, open_device):
         self.open_device = open_device
@@ -156,7 +156,7 @@ class VirtioSpec:
 
     def attach(self, machine, cmdline):
         if self.transport_name == "pci-legacy":
-            from vmm.virtio.pci_legacy import VirtioPciAttachment
+            from vmm.virtio.pci_attach import VirtioPciAttachment
             self._attachment = VirtioPciAttachment(self.open_device)
         elif self.transport_name in ("pci", "pci-transitional"):
             from vmm.virtio.pci_attach import VirtioPciModernAttachment

@@ -112,8 +112,9 @@ class Machine:
             self.kvm = Kvm()
             self.vm = Vm(self.kvm)
         # Memory before the irqchip and PIT, as Firecracker orders them: on this
-        # host a memory slot added after them took 5-7 ms instead of 0.3
-        # (bench/startup.py, "KVM setup").
+        # host a memory slot added after them took 5-7 ms instead of 0.2-0.5
+        # (VMs made in turn at low load; both orders wait in the kernel longer
+        # under load).
         self.vm.add_memory(self.memory, log_dirty=c.track_dirty_pages)
         self.vm.setup_platform()
         if c.track_dirty_pages:

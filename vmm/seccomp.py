@@ -113,6 +113,18 @@ ALLOW = {
 
 KINDS = tuple(ALLOW)
 
+# Modules a thread of that kind may first need after it is confined, imported
+# just before its filter goes in: a first import opens (and may list) files,
+# which the filter refuses.  The API thread snapshots a paused VM (vmm.snapshot
+# also asks uname(2) for the architecture at import) and a PATCH of a drive's
+# or NIC's rate_limiter/faults builds the slow path (intercept*, faults with
+# random, timer, trace).  Found by an audit of imports inside functions.
+PRELOAD = {
+    "api": ("vmm.snapshot", "vmm.virtio.intercept", "vmm.virtio.intercept_net",
+            "vmm.virtio.faults", "vmm.virtio.ratelimit", "vmm.virtio.timer", "vmm.virtio.trace",
+            "random"),
+}
+
 
 def parse_entry(entry):
     """'name' -> (name, -1, 0); 'name(aN==V)' -> (name, N, value)."""
@@ -158,6 +170,18 @@ def enabled():
     return _enabled
 
 
+def _tracebacks_without_source():
+    """A traceback reads each frame's source line through linecache (stat and
+    open of the .py file), which no confined thread may do: the error being
+    shown, with --debug or by logging's exc_info, would end the VMM with SIGSYS
+    instead.  From the first filter on, tracebacks give file, line number and
+    function only."""
+    import linecache
+    linecache.checkcache = lambda filename=None: None
+    linecache.updatecache = lambda filename, module_globals=None: []
+    linecache.getline = lambda filename, lineno, module_globals=None: ""
+
+
 def apply(kind):
     """Confine the calling thread to ALLOW[kind] if enable() was called;
     cannot be undone."""
@@ -167,6 +191,10 @@ def apply(kind):
         raise SeccompError(f"seccomp: unknown thread kind {kind!r}")
     if not _enabled:
         return
+    import importlib
+    for name in PRELOAD.get(kind, ()):
+        importlib.import_module(name)
+    _tracebacks_without_source()
     entries = sorted(set(ALLOW[kind]))
     rules = [parse_entry(e) for e in entries]
     cnames = [ffi.new("char[]", n.encode()) for n, _, _ in rules]

@@ -24,61 +24,12 @@
 
 #define FZ_TRACK_ENGINE
 #include "fuzz_common.h"
+#include "fuzz_image.h"
 
-#define IMG_SECTORS 64
 #define MAX_KICKS 8
 
 static struct pv_chain chain;
 static struct pv_blk blk;
-static int img_fd = -1;
-static struct fz_in *hook_in;
-
-static void open_image(void)
-{
-    if (img_fd >= 0)
-        return;
-    const char *dir = getenv("TMPDIR");
-    char path[4096];
-    /* tmpfs when there is one: fdatasync is free and nothing reaches a disk */
-    snprintf(path, sizeof(path), "%s/pyvmm-fuzz-blk-XXXXXX",
-             access("/dev/shm", W_OK) == 0 ? "/dev/shm" : dir ? dir : "/tmp");
-    img_fd = mkstemp(path);
-    if (img_fd < 0) {
-        perror("fuzz: image");
-        abort();
-    }
-    unlink(path);                  /* gone when the fuzzer exits */
-}
-
-static void reset_image(void)
-{
-    static uint8_t pattern[IMG_SECTORS * 512];
-    if (!pattern[1])
-        for (size_t i = 0; i < sizeof(pattern); i++)
-            pattern[i] = (uint8_t)(i * 7 + 1);
-    if (ftruncate(img_fd, 0) || pwrite(img_fd, pattern, sizeof(pattern), 0) != sizeof(pattern)) {
-        perror("fuzz: image");
-        abort();
-    }
-}
-
-static off_t image_size(void)
-{
-    struct stat st;
-    if (fstat(img_fd, &st)) {
-        perror("fuzz: fstat");
-        abort();
-    }
-    return st.st_size;
-}
-
-/* the second vCPU, at the moment the segments were checked (blk.c seam) */
-static void seg_hook(void *arg)
-{
-    (void)arg;
-    for (int i = 0; i < 4 && hook_in && fz_ops_left(hook_in); i++)
-        fz_op_guest_write(hook_in);
-}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

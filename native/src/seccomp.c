@@ -11,6 +11,14 @@
  * async-signal-safe calls and data prepared before any filter: the names
  * table and the thread's kind.
  *
+ * One call is answered instead: glibc's malloc opens
+ * /proc/sys/vm/overcommit_memory the first time a thread arena's heap
+ * shrinks (check_may_shrink_heap, inside free()), on whichever thread and
+ * whenever that happens -- long after the filters are in, and no thread kind
+ * may open files.  That openat gets ENOENT, as where /proc is not mounted, and
+ * glibc keeps its default (seccomp(2): with SECCOMP_RET_TRAP the call is not
+ * made, and the handler's RAX in the ucontext is its return value).
+ *
  * SAFETY: nothing here reads guest memory; the names come from our own
  * table in vmm/seccomp.py. */
 #define _GNU_SOURCE
@@ -22,6 +30,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #include "pyvmm_native.h"
@@ -53,11 +62,39 @@ static void put_num(char *buf, size_t *n, size_t cap, long v)
         buf[(*n)++] = tmp[--k];
 }
 
+static const char overcommit_path[] = "/proc/sys/vm/overcommit_memory";
+
+/* SAFETY: the path pointer is the refused call's own argument, made by this
+ * process on the signalled thread (glibc passes a string literal); it is
+ * compared byte by byte up to the first difference or our string's end. */
+static int answer_overcommit_open(int nr, void *ctx)
+{
+#if defined(__x86_64__)
+    if (nr != __NR_openat || !ctx)
+        return 0;
+    ucontext_t *uc = ctx;
+    const char *path = (const char *)uc->uc_mcontext.gregs[REG_RSI];
+    if (!path)
+        return 0;
+    for (size_t i = 0; i < sizeof(overcommit_path); i++)
+        if (path[i] != overcommit_path[i])
+            return 0;
+    uc->uc_mcontext.gregs[REG_RAX] = -ENOENT;
+    return 1;
+#else
+    (void)nr;
+    (void)ctx;
+    return 0;
+#endif
+}
+
 static void on_sigsys(int sig, siginfo_t *si, void *ctx)
 {
     char buf[200];
     size_t n = 0;
     int nr = si->si_syscall;
+    if (answer_overcommit_open(nr, ctx))
+        return;
     put(buf, &n, sizeof(buf), "pyvmm: seccomp: ");
     put(buf, &n, sizeof(buf), thread_kind[0] ? thread_kind : "unconfined");
     put(buf, &n, sizeof(buf), " thread made a forbidden system call: ");

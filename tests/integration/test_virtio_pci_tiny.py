@@ -10,6 +10,7 @@ import vmm.testing.tinyguest as T
 from vmm.machine import STATUS, Machine, MachineConfig
 from vmm.pci import bus as pb
 from vmm.virtio import pci_legacy as pl
+from vmm.virtio.pci_attach import VirtioPciAttachment
 from vmm.virtio.blk import BlkDevice
 
 pytestmark = pytest.mark.usefixtures("needs_kvm")
@@ -33,7 +34,7 @@ def guest_code(slot, port):
 def test_config_read_ioeventfd_and_exit(tmp_path):
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(1 << 20))
-    att = pl.VirtioPciAttachment(lambda: BlkDevice(str(img)))
+    att = VirtioPciAttachment(lambda: BlkDevice(str(img)))
     out = open(tmp_path / "serial.out", "wb", buffering=0)
     kernel = T.make_elf(guest_code(1, pb.IO_BASE), str(tmp_path / "guest.elf"))
     m = Machine(MachineConfig(kernel=kernel, mem_size=32 << 20, serial_out=out, timeout=30,

@@ -10,7 +10,7 @@ Wiring a disk into a VM (see VirtioMmio's docstring):
     ...
     loop.stop(); t.close(); loop.close()
 
-On legacy virtio-pci (pci_legacy.py) the same device sits behind a PCI
+On virtio-pci (pci_legacy.py, pci_modern.py) the same device sits behind a PCI
 function: `VirtioPciAttachment(open_device)` wires it into a Machine.
 """
 # The names below load on first use (PEP 562): importing one submodule (the
@@ -18,7 +18,7 @@ function: `VirtioPciAttachment(open_device)` wires it into a Machine.
 # whose imports are most of a VMM's start-up time.
 _LAZY = {"BlkDevice": "blk", "BlkError": "blk", "VirtioDevice": "device",
          "VirtioError": "device", "IoLoop": "ioloop", "VirtioMmio": "mmio",
-         "VirtioPciAttachment": "pci_legacy", "VirtioPciLegacy": "pci_legacy",
+         "VirtioPciAttachment": "pci_attach", "VirtioPciLegacy": "pci_legacy",
          "QueueError": "queue", "Virtqueue": "queue"}
 
 __all__ = sorted(_LAZY)

@@ -66,7 +66,24 @@ def region_size(config_len):
     return size
 
 
-class VirtioPciLegacy(Transport):
+class IntxInterrupt:
+    """Level-triggered INTx (PCI 3.0 §2.2.6) for a virtio-pci transport: an
+    ISR bit raises the line, and it drops once the driver's ISR read (or
+    ack) has cleared every bit.  Shared by the legacy and modern transports."""
+
+    def _raise_irq(self):
+        self.pci.set_intx(1)
+
+    def ack_interrupt(self, bits=0xFFFFFFFF):
+        with self._isr_lock:
+            old = self.interrupt_status
+            self.interrupt_status = old & ~bits
+            if not self.interrupt_status:
+                self.pci.set_intx(0)
+        return old
+
+
+class VirtioPciLegacy(IntxInterrupt, Transport):
     NAME = "virtio-pci"
     SNAPSHOT = True
 
@@ -87,18 +104,6 @@ class VirtioPciLegacy(Transport):
         self.port = None                # where BAR0 decodes now
         if ioeventfd is not None:
             self._make_notify_fds()
-
-    # --- interrupts: level-triggered INTx (PCI 3.0 §2.2.6) ---
-    def _raise_irq(self):
-        self.pci.set_intx(1)
-
-    def ack_interrupt(self, bits=0xFFFFFFFF):
-        with self._isr_lock:
-            old = self.interrupt_status
-            self.interrupt_status = old & ~bits
-            if not self.interrupt_status:
-                self.pci.set_intx(0)
-        return old
 
     # --- snapshots: PCI config space (command, BAR addresses, interrupt line) ---
     def _extra_state(self):
@@ -164,56 +169,4 @@ class VirtioPciLegacy(Transport):
                       size, offset)
 
 
-class VirtioPciAttachment:
-    """A virtio device on legacy virtio-pci, for MachineConfig.devices.
-
-    `open_device()` (the constructor argument, or a subclass's method)
-    returns the VirtioDevice.  `attach()` takes an IRQ from machine.slots,
-    puts the function on the machine's PCI bus (created on first use), routes
-    INTA# to that IOAPIC input through the MP table (machine.pci_irqs),
-    drives the line with KVM_IRQ_LINE and binds queue notifications to PIO
-    ioeventfds.  No kernel parameter is needed: the guest enumerates the bus.
-    """
-
-    def __init__(self, open_device=None):
-        if open_device is not None:
-            self.open_device = open_device
-        self.transport = None
-        self.slot = self.irq = None
-
-    def open_device(self):
-        raise NotImplementedError
-
-    def attach(self, machine, cmdline):
-        from vmm.pci import bus as pci_bus
-        device = self.open_device()
-        try:
-            irq = machine.slots.take_irq()
-            bus = pci_bus.get_or_create(machine)
-            vm = machine.vm
-
-            def ioeventfd(fd, port, length, datamatch, deassign=False):
-                vm.ioeventfd(fd, port, length, datamatch=datamatch, pio=True, deassign=deassign)
-
-            self.transport = VirtioPciLegacy(
-                device, machine.memory, irq_line=lambda level: vm.set_irq_line(irq, level),
-                ioeventfd=ioeventfd, ioloop=machine.ioloop())
-            self.slot = bus.add(self.transport.pci, irq=irq)
-        except BaseException:
-            if self.transport is not None:
-                self.transport.close()
-                self.transport = None
-            else:
-                device.close()
-            raise
-        self.irq = irq
-        machine.pci_irqs.append((self.slot, 0, irq))     # INTA# of device `slot`
-        return cmdline
-
-    def close(self):
-        if self.transport is not None:
-            self.transport.close()          # flushes and closes the backend
-            self.transport = None
-
-
-__all__ = ["VirtioPciAttachment", "VirtioPciLegacy"]
+__all__ = ["VirtioPciLegacy"]

@@ -75,7 +75,7 @@ def _vendor_cap(cfg_type, bar, offset, length, extra=b""):
     return struct.pack("<BBBBxxII", 16 + len(extra), cfg_type, bar, 0, offset, length) + extra
 
 
-class VirtioPciModern(Transport):
+class VirtioPciModern(pl.IntxInterrupt, Transport):
     NAME = "virtio-pci"
     SNAPSHOT = True                     # registers, config space, MSI-X: pci_persist.py
 
@@ -165,17 +165,6 @@ class VirtioPciModern(Transport):
                 self.msix.notify(self.config_vector)
             return
         super()._signal(bit)
-
-    def _raise_irq(self):
-        self.pci.set_intx(1)
-
-    def ack_interrupt(self, bits=0xFFFFFFFF):
-        with self._isr_lock:
-            old = self.interrupt_status
-            self.interrupt_status = old & ~bits
-            if not self.interrupt_status:
-                self.pci.set_intx(0)
-        return old
 
     def _msix_switched(self):
         """A function using MSI-X does not drive INTx (PCI 3.0 §6.8.2); a
