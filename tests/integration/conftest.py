@@ -189,10 +189,12 @@ class Restored:
     """A `pyvmm restore` process from the session snapshot."""
 
     def __init__(self, snap, tmp, diff=False, extra=(), tty=None, images=None, api=False,
-                 vsock=None):
+                 vsock=None, drive_opts=None, net_opts=None):
         """images: {name in DISKS: path} to restore with a copy of that image
         instead of the snapshot's; api: serve the control API on self.api_sock;
-        vsock: the vsock device's host uds path (default in tmp)."""
+        vsock: the vsock device's host uds path (default in tmp);
+        drive_opts {name in DISKS: ",k=v..."} / net_opts {key of NICS: ",k=v..."}:
+        backend options for that disk / NIC (faults=, trace=, pcap=, ...)."""
         self.snap = snap
         self.vsock = vsock or os.path.join(tmp, "v.sock")
         self.api_sock = os.path.join(tmp, "api.sock") if api else None
@@ -207,15 +209,15 @@ class Restored:
         for name in DISKS:
             shutil.copy((images or {}).get(name) or os.path.join(snap.dir, name),
                         os.path.join(tmp, name))
-            cmd += ["--drive", f"file={os.path.join(tmp, name)}"]
+            cmd += ["--drive", f"file={os.path.join(tmp, name)}" + (drive_opts or {}).get(name, "")]
         if diff:
             cmd += ["--mem-diff", snap.diff_mem]
         self.ns = None
         if snap.has_net:
             from vmm.testing.netns import NetNs
             self.ns = NetNs()
-            for nic in NICS.values():
-                cmd += ["--net", f"tap={nic['tap']}"]
+            for key, nic in NICS.items():
+                cmd += ["--net", f"tap={nic['tap']}" + (net_opts or {}).get(key, "")]
             cmd = self.ns.exec_cmd(cmd)
         self.t0 = time.monotonic()
         if tty is None:

@@ -1,11 +1,14 @@
-"""Fault injection, tracing and virtio-rng end to end, in ONE boot of the
-default guest (driven over its serial console): a disk with an injected bad
-range (the guest's kernel log names exactly that sector, other reads
+"""Fault injection, tracing and virtio-rng end to end, in ONE run of the
+default guest restored at its shell from the session snapshot (conftest.py;
+the faults, trace and pcap options are the restore's backend options for
+its disk and NICs), driven over its serial console: a disk with an injected
+bad range (the guest's kernel log names exactly that sector, other reads
 succeed), the entropy device (rng_current names virtio_rng, /dev/hwrng gives
-4 KiB), a NIC dropping 30% of the frames to the guest (a ping from a private
-network namespace loses some replies, not all) recorded to a pcap file
-(parsed: ICMP both ways), and a NIC whose link starts down (the guest sees
-no carrier).  Plus --trace-exits on a tiny guest (milliseconds)."""
+4 KiB), a NIC dropping 30% of the frames to the guest (a ping from the
+private network namespace loses some replies, not all) recorded to a pcap
+file (parsed: ICMP both ways), and a NIC whose link the API takes down and
+up (the guest sees its carrier follow).  Plus --trace-exits on a tiny guest
+(milliseconds)."""
 import hashlib
 import json
 import os
@@ -15,17 +18,11 @@ import sys
 
 import pytest
 
-from vmm import guest
-from vmm.testing.netns import NetNs, ping
+from vmm.testing.netns import ping
 import vmm.testing.tinyguest as T
 from vmm.virtio.trace import read_pcap
-from vmm.testing.console import ConsoleReader
 
-TIMEOUT = 1200
-BASE = ("console=ttyS0 reboot=k panic=-1 pvpanic_mmio.ioport=0x505 rodata=off 8250.nr_uarts=1 nopti "
-        "i8042.noaux i8042.nokbd")
-GUEST_IP, HOST_IP = "10.78.0.2", "10.78.0.1"
-TAP, TAP2 = "pvflt0", "pvflt1"
+GUEST_IP = "10.77.0.2"     # eth0 (virtio-mmio) of the session snapshot: conftest.NICS["mmio"]
 BAD = 2048                      # first injected bad sector (8 sectors: one 4 KiB block)
 
 needs_netns = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
@@ -45,33 +42,15 @@ def shell(p, console, cmd, timeout=120):
 @pytest.mark.integration
 @pytest.mark.usefixtures("needs_kvm")
 @needs_netns
-def test_faults_rng_pcap_one_boot(tmp_path):
-    kernel, initrd = guest.default_guest()
-    if not os.path.exists(kernel):
-        pytest.fail("default guest not built: run `make guest`")
-    img = tmp_path / "disk.img"
-    data = os.urandom(4 << 20)
-    img.write_bytes(data)
+def test_faults_rng_pcap_one_run(restored, guest_snapshot, tmp_path):
+    data = open(guest_snapshot.disk, "rb").read()      # the restore's copy of vda has these bytes
     pcap = tmp_path / "net.pcap"
-    sock = str(tmp_path / "api.sock")
     trace = tmp_path / "disk.jsonl"
-    cmdline = f"{BASE} ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off"
-    ns = NetNs()
-    p = None
+    r = restored(api=True,
+                 drive_opts={"scratch.img": f",faults=read-error@{BAD}-{BAD + 7};seed=1,trace={trace}"},
+                 net_opts={"mmio": f",faults=rx.drop=30%;seed=4,pcap={pcap}"})
+    p, console = r.p, r.console
     try:
-        p = subprocess.Popen(ns.exec_cmd([
-            sys.executable, "-m", "vmm", "run", "--kernel", kernel, "--initrd", initrd,
-            "--cmdline", cmdline, "--timeout", str(TIMEOUT), "--rng",
-            "--drive", f"file={img},faults=read-error@{BAD}-{BAD + 7};seed=1,trace={trace}",
-            "--net", f"tap={TAP},mac=52:54:00:78:00:02,faults=rx.drop=30%;seed=4,pcap={pcap}",
-            "--net", f"tap={TAP2},faults=link=down", "--api-sock", sock]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE)
-        console = ConsoleReader(p.stdout)
-        assert ns.wait_link(TAP, 60), "the VMM did not create the tap"
-        ns.ip("addr", "add", f"{HOST_IP}/24", "dev", TAP)
-        ns.ip("link", "set", TAP, "up")
-        assert console.wait(b"shell ready", TIMEOUT - 60), console.text[-3000:]
-
         # disk: the bad block fails with the kernel naming its sector; others read fine
         out = shell(p, console, f"dd if=/dev/vda of=/dev/null bs=512 skip={BAD} count=1 "
                                 f"iflag=direct; echo BAD-RC=$?")
@@ -88,13 +67,15 @@ def test_faults_rng_pcap_one_boot(tmp_path):
                                 "dd if=/dev/hwrng bs=4096 count=1 2>/dev/null | wc -c")
         assert "virtio_rng" in out and "4096" in out, out
 
-        # the second NIC started with its link down; the API switches it up and down
-        out = shell(p, console, "ip link set eth1 up; sleep 1; "
-                                "cat /sys/class/net/eth1/carrier /sys/class/net/eth0/carrier")
-        assert out.split()[-2:] == ["0", "1"], out
+        # the API takes the second NIC's (eth1, legacy virtio-pci) link down, up, down
         from vmm.api.client import ApiClient
-        api = ApiClient(sock, timeout=60)
+        api = ApiClient(r.api_sock, timeout=60)
         try:
+            out = shell(p, console, "cat /sys/class/net/eth1/carrier /sys/class/net/eth0/carrier")
+            assert out.split()[-2:] == ["1", "1"], out
+            api.patch("/network-interfaces/net1", {"iface_id": "net1", "faults": "link=down"})
+            out = shell(p, console, "sleep 1; cat /sys/class/net/eth1/carrier /sys/class/net/eth0/carrier")
+            assert out.split()[-2:] == ["0", "1"], out
             api.patch("/network-interfaces/net1", {"iface_id": "net1", "faults": ""})
             out = shell(p, console, "sleep 1; cat /sys/class/net/eth1/carrier")
             assert out.split()[-1] == "1", out
@@ -105,17 +86,14 @@ def test_faults_rng_pcap_one_boot(tmp_path):
             api.close()
 
         # 30% of the frames to the guest dropped: some replies lost, not all
-        rtts = ns.call(ping, GUEST_IP, 20, 2.0, 0.1)
+        rtts = r.ns.call(ping, GUEST_IP, 20, 2.0, 0.1)
         print(f"ping through 30% rx loss: {len(rtts)}/20 replies")
         assert 3 <= len(rtts) <= 19, len(rtts)
         p.stdin.write(b"reboot -f\n")
         p.stdin.flush()
         p.wait(120)
     finally:
-        if p is not None and p.poll() is None:
-            p.kill()
-            p.wait(30)
-        ns.delete()
+        r.close()
 
     frames = [f for _, f in read_pcap(pcap)]
     icmp = [f for f in frames if f[12:14] == b"\x08\x00" and f[23] == 1]
@@ -124,8 +102,8 @@ def test_faults_rng_pcap_one_boot(tmp_path):
     # requests as delivered (after the drops), replies as sent: one per delivered request
     assert len(requests) == len(replies) >= len(rtts) > 0, (len(requests), len(replies))
     if shutil.which("tcpdump"):
-        r = subprocess.run(["tcpdump", "-nr", str(pcap), "icmp"], capture_output=True, text=True)
-        assert r.returncode == 0 and "ICMP echo re" in r.stdout
+        t = subprocess.run(["tcpdump", "-nr", str(pcap), "icmp"], capture_output=True, text=True)
+        assert t.returncode == 0 and "ICMP echo re" in t.stdout
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
     bad = [x for x in lines if x["status"] == "ioerr"]
     assert bad and all(x["sector"] <= BAD + 7 and x["fault"] == "read-error" for x in bad)
