@@ -168,6 +168,7 @@ def guest_snapshot(tmp_path_factory):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not meta.exists():
             try:
+                shutil.rmtree(d, ignore_errors=True)    # a worker that died mid-boot
                 d.mkdir()
                 snap = make_snapshot(str(d))
                 info = {"ok": True, "has_net": snap.has_net, **{k: getattr(snap, k) for k in SHARED}}
