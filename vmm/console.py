@@ -28,7 +28,10 @@ class Console:
             return self                      # no stdin at all (CI): output only
         if os.isatty(self.fd):
             self.saved = termios.tcgetattr(self.fd)
-            tty.setraw(self.fd)
+            # TCSANOW, not setraw's default TCSAFLUSH: keys typed while the VMM
+            # started (a restore is running within milliseconds) reach the guest
+            # instead of being discarded, as QEMU's stdio does.
+            tty.setraw(self.fd, termios.TCSANOW)
         self.thread = threading.Thread(target=self._pump, name="console", daemon=True)
         self.thread.start()
         return self
