@@ -33,7 +33,6 @@ static struct pv_blk blk;
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    static const uint32_t seg_limits[4] = {1, 2, 32, PV_BLK_MAX_SEGS};
     struct pv_vq vq;
     struct fz_in in;
     struct pv_blk_result res;
@@ -45,18 +44,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fz_tr.status_last = 1;
     if (fz_setup_vq(&vq, data, size) < 0)
         return 0;
-    uint32_t f = (uint32_t)fz_hdr(data, size, 12, 1);
-    uint32_t maxsec = (uint32_t)fz_hdr(data, size, 13, 1);
-    memset(&blk, 0, sizeof(blk));
-    blk.fd = img_fd;
-    blk.readonly = f & 1;
-    blk.no_zero_range = (f >> 1) & 1;
-    blk.capacity = IMG_SECTORS;
-    blk.max_discard_sectors = blk.max_write_zeroes_sectors = maxsec ? maxsec : 0x3FFFFF;
-    blk.max_discard_seg = blk.max_write_zeroes_seg = seg_limits[(f >> 2) & 3];
-    memcpy(blk.id, "pyvmm-fuzz-serial-01", sizeof(blk.id));
-    blk.budget = (uint32_t)fz_hdr(data, size, 14, 1);   /* 0: PV_BLK_BUDGET */
-    uint32_t budget = blk.budget ? blk.budget : PV_BLK_BUDGET;
+    uint32_t budget = fz_blk_from_header(&blk, data, size);
 
     fz_ops_init(&in, data, size);
     hook_in = &in;

@@ -62,4 +62,23 @@ static void seg_hook(void *arg)
         fz_op_guest_write(hook_in);
 }
 
+/* The disk the input's header describes (bytes 12-14: flags, max
+ * discard/write-zeroes sectors, per-call budget); returns the budget in use. */
+static uint32_t fz_blk_from_header(struct pv_blk *b, const uint8_t *data, size_t size)
+{
+    static const uint32_t seg_limits[4] = {1, 2, 32, PV_BLK_MAX_SEGS};
+    uint32_t f = (uint32_t)fz_hdr(data, size, 12, 1);
+    uint32_t maxsec = (uint32_t)fz_hdr(data, size, 13, 1);
+    memset(b, 0, sizeof(*b));
+    b->fd = img_fd;
+    b->readonly = f & 1;
+    b->no_zero_range = (f >> 1) & 1;
+    b->capacity = IMG_SECTORS;
+    b->max_discard_sectors = b->max_write_zeroes_sectors = maxsec ? maxsec : 0x3FFFFF;
+    b->max_discard_seg = b->max_write_zeroes_seg = seg_limits[(f >> 2) & 3];
+    memcpy(b->id, "pyvmm-fuzz-serial-01", sizeof(b->id));
+    b->budget = (uint32_t)fz_hdr(data, size, 14, 1);   /* 0: PV_BLK_BUDGET */
+    return b->budget ? b->budget : PV_BLK_BUDGET;
+}
+
 #endif
