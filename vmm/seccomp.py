@@ -170,6 +170,14 @@ def enabled():
     return _enabled
 
 
+def preload(kind):
+    """Import PRELOAD[kind] now (apply() does it too; calling it earlier, while
+    nothing waits, keeps those imports off the path to the guest's start)."""
+    import importlib
+    for name in PRELOAD.get(kind, ()):
+        importlib.import_module(name)
+
+
 def _tracebacks_without_source():
     """A traceback reads each frame's source line through linecache (stat and
     open of the .py file), which no confined thread may do: the error being
@@ -191,9 +199,7 @@ def apply(kind):
         raise SeccompError(f"seccomp: unknown thread kind {kind!r}")
     if not _enabled:
         return
-    import importlib
-    for name in PRELOAD.get(kind, ()):
-        importlib.import_module(name)
+    preload(kind)
     _tracebacks_without_source()
     entries = sorted(set(ALLOW[kind]))
     rules = [parse_entry(e) for e in entries]

@@ -142,6 +142,12 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
             early = EarlyVm.start()
             from vmm import cli, console  # noqa: F401 (cli: what `pyvmm run` has loaded,
             from vmm.machine import STATUS, Machine  # so nothing imports once confined)
+            if server is not None and use_seccomp:
+                # what the API thread imports before its filter goes in at
+                # InstanceStart (snapshot, slow path): now, not while the
+                # guest's vCPU waits for the GIL (it cost ~20 ms there)
+                from vmm import seccomp
+                seccomp.preload("api")
             if config_file is not None:
                 apply_config_file(ctl, config_file)
                 mc = ctl.config.to_machine_config()
