@@ -33,7 +33,9 @@ def test_ext4_on_legacy_virtio_pci(restored, tmp_path):
     before = superblock(img)
     assert before["Mount count"] == "0" and before["Last mount time"] == "n/a"
     r = restored(images={"pci.img": img})
-    out = r.cmd("dmesg | grep -i pci; " + LIST + "; echo list-$((2+2))-done", "list-4-done")
+    # dmesg through a file, not a pipe: a re-executed busybox in a guest pipeline
+    # sometimes dies on a stale FS base here (open defect, see the README)
+    out = r.cmd("dmesg > /tmp/dmesg; grep -i pci /tmp/dmesg; " + LIST + "; echo list-$((2+2))-done", "list-4-done")
     print(out)                       # what the kernel found on the bus (shown with -s)
     assert "PCI: Using configuration type 1" in out, out[-3000:]
     assert "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000" in out
@@ -62,10 +64,10 @@ def test_one_disk_on_each_transport(restored, guest_snapshot):
     """An ext4 disk on virtio-mmio and raw disks on legacy and modern
     virtio-pci: each probed, through its own transport, with its size."""
     r = restored()
-    out = r.cmd("dmesg | grep 'virtio_blk virtio'; " + LIST + "; echo list-$((2+2))-done",
+    out = r.cmd("dmesg > /tmp/dmesg; grep 'virtio_blk virtio' /tmp/dmesg; " + LIST + "; echo list-$((2+2))-done",
                 "list-4-done")
     print(out)
-    assert "[1af4:1001]" in r.cmd("dmesg | grep 1af4; echo grep-$((2+2))-done", "grep-4-done"), out[-3000:]
+    assert "[1af4:1001]" in r.cmd("grep 1af4 /tmp/dmesg; echo grep-$((2+2))-done", "grep-4-done"), out[-3000:]
     probed = {line.split("[")[-1].split("]")[0] for line in out.splitlines()
               if "virtio_blk virtio" in line and "logical blocks" in line}
     found = disks(out)

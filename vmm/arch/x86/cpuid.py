@@ -34,11 +34,11 @@ HIDDEN_LEAVES = {0xD}
 # guest's CPUID instruction in kernel mode (a guest given a table without
 # XSAVE, SMEP, SMAP or leaf 0xD still enumerated AVX-512 XSAVE state and set
 # CR4.SMEP/SMAP).  So `minimal` also tells Linux itself to leave them alone.
-# nofsgsbase: with the FSGSBASE instructions, busybox processes in shell
-# pipelines now and then died reading their thread pointer (`segfault at 0`
-# right after `mov rax, fs:[-0x90]`: a stale FS base after a context switch
-# or exec), twice in a day of guest tests here; the kernel's MSR path for the
-# FS base (every kernel before 5.9) is used instead.
+# nofsgsbase: the guest kernel keeps FS/GS bases through MSRs (the path of
+# every kernel before 5.9) rather than the FSGSBASE instructions, which this
+# host's software KVM exposes whatever CPUID says.  Tried against busybox
+# processes in guest pipelines dying on a stale FS base (`segfault at 0`
+# after `mov rax, fs:[-0x90]`): it did not prevent that; the cause is open.
 MINIMAL_CMDLINE = "noxsave clearcpuid=smap,smep,popcnt,cx16 nofsgsbase"  # XSAVE state enumeration
 HYPERVISOR_BIT = 1 << 31       # leaf 1 ECX: running under a hypervisor
 
