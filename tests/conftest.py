@@ -19,8 +19,7 @@ def needs_kvm():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Guest tests first (a stable sort: otherwise in collection order).
-    Under pytest-xdist (make test) the long default-guest boots then start
-    at once on every worker, and the many short unit/native/fuzz tests fill
-    the workers at the end instead of leaving one boot running alone."""
-    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
+    """Long tests first, shared out so that the xdist workers of `make test`
+    finish together (vmm/testing/order.py says how)."""
+    from vmm.testing.order import order
+    items[:] = order(items, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))[0]

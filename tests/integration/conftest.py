@@ -2,7 +2,9 @@
 
 `guest_snapshot` (session scope) boots the default guest once, with a
 scratch ext4 disk on virtio-mmio, a raw disk on legacy virtio-pci, a raw
-disk on modern virtio-pci with MSI-X (two queues), and (as root) NICs on
+disk on modern virtio-pci with MSI-X (two queues), a read-only disk with an
+MBR partition table on a transitional virtio-pci function (Linux binds its
+modern side), and (as root) NICs on
 taps inside a private network namespace (eth0 on mmio configured from `ip=`
 on the command line; eth1 on legacy and eth2 on modern virtio-pci with two
 queue pairs, configured at the shell), waits for the shell prompt and takes a Full
@@ -39,7 +41,11 @@ NICS = {"mmio": {"tap": "pvsnap0", "mac": "52:54:00:77:00:02", "guest": "10.77.0
                 "host": "10.77.1.1"},
         "pci": {"tap": "pvsnap2", "mac": "52:54:00:77:02:02", "guest": "10.77.2.2",
                 "host": "10.77.2.1", "dev": "eth2", "queues": 2}}
-DISKS = ("scratch.img", "pci.img", "pci-modern.img")     # in --drive order
+# in --drive order; each has its own size, by which tests find it in the guest
+DISKS = ("scratch.img", "pci.img", "pci-modern.img", "parts.img")
+# MBR of parts.img: two primary Linux partitions, (first sector, sectors)
+PARTITIONS = ((2048, 4096), (6144, 8192))
+PARTS_SERIAL = "pyvmm-test-disk"
 GUEST_IP, HOST_IP = NICS["mmio"]["guest"], NICS["mmio"]["host"]
 PROMPT = b"/ # "
 VSOCK_CID = 3
@@ -56,6 +62,7 @@ class Snapshot:
         self.diff_state, self.diff_mem = os.path.join(d, "diff.state"), os.path.join(d, "diff.mem")
         self.disk, self.pci_disk = os.path.join(d, "scratch.img"), os.path.join(d, "pci.img")
         self.modern_disk = os.path.join(d, "pci-modern.img")
+        self.parts_disk = os.path.join(d, "parts.img")
         self.has_net = has_net
         self.figures = []
         self.boot_seconds = None
@@ -64,6 +71,17 @@ class Snapshot:
 
 def make_scratch_ext4(path, size_mb=16):
     subprocess.run(["mkfs.ext4", "-q", "-F", path, f"{size_mb}M"], check=True)
+
+
+def make_partitioned(path):
+    """An 8 MiB image (16384 sectors) with an MBR holding PARTITIONS."""
+    import struct
+    with open(path, "wb") as f:
+        f.truncate(8 << 20)
+        entries = b"".join(struct.pack("<B3sB3sII", 0, b"\0\0\0", 0x83, b"\0\0\0", start, n)
+                           for start, n in PARTITIONS)
+        f.seek(0x1BE)
+        f.write(entries + bytes(32) + b"\x55\xaa")
 
 
 def shoot(steps, args, has_net, timeout):
@@ -99,9 +117,14 @@ def make_snapshot(d):
         f.write(os.urandom(1 << 20))
     with open(snap.modern_disk, "wb") as f:
         f.write(os.urandom(3 << 19))            # 3072 sectors: told apart by its size
+    make_partitioned(snap.parts_disk)
     cmdline = guest.DEFAULT_CMDLINE
     run_args = ["--drive", f"file={snap.disk}", "--drive", f"file={snap.pci_disk},transport=pci-legacy",
                 "--drive", f"file={snap.modern_disk},transport=pci,queues=2",
+                # at most 9 devices (vmm/devices.py DEVICE_IRQS): one disk for both
+                # the partition table and the transitional function
+                "--drive", f"file={snap.parts_disk},transport=pci-transitional,readonly=on,"
+                           f"serial={PARTS_SERIAL}",
                 # last, so the disks and NICs keep their names: a vsock device
                 # (each restore listens on its own uds: Restored.vsock) and virtio-rng
                 "--vsock", f"cid={VSOCK_CID},uds={os.path.join(d, 'v.sock')}", "--rng"]
@@ -202,6 +225,7 @@ class Restored:
         self.disk = os.path.join(tmp, "scratch.img")
         self.pci_disk = os.path.join(tmp, "pci.img")
         self.modern_disk = os.path.join(tmp, "pci-modern.img")
+        self.parts_disk = os.path.join(tmp, "parts.img")
         state = snap.diff_state if diff else snap.state
         cmd = [sys.executable, "-m", "vmm", "restore", "--snapshot", state, "--mem", snap.mem,
                "--resume", "--timeout", "600", "--vsock", f"uds={self.vsock}", *extra]

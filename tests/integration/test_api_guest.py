@@ -72,6 +72,7 @@ def sha(path):
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                     reason="needs root and iproute2 for a network namespace")
+@pytest.mark.slow(60)
 def test_boot_and_drive_the_default_guest_through_the_api(tmp_path):
     kernel, _ = default_kernel()
     rootimg = make_root(tmp_path / "root.img", tmp_path)
@@ -187,6 +188,7 @@ def test_boot_and_drive_the_default_guest_through_the_api(tmp_path):
         ns.delete()
 
 
+@pytest.mark.slow(45)
 def test_boot_from_config_file(tmp_path):
     kernel, initrd = default_kernel()
     disk = tmp_path / "disk.img"

@@ -41,6 +41,7 @@ def wait_for(r, pattern, timeout):
             c.cond.wait(left)
 
 
+@pytest.mark.slow(25)
 def test_sigkill_during_ext4_writes_keeps_flushed_data_and_fs_clean(guest_snapshot, restored,
                                                                     tmp_path):
     if not shutil.which("mkfs.ext4"):

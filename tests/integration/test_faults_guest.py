@@ -39,6 +39,7 @@ def shell(p, console, cmd, timeout=120):
     return console.buf[start:].decode(errors="replace").split("@@END@@")[0]
 
 
+@pytest.mark.slow(35)
 @pytest.mark.integration
 @pytest.mark.usefixtures("needs_kvm")
 @needs_netns

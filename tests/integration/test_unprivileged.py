@@ -101,6 +101,7 @@ def test_without_kvm_access_one_line_error(user):
         subprocess.run(["setfacl", "-m", f"u:{uid}:rw", "/dev/kvm"], check=True)
 
 
+@pytest.mark.slow(45)
 @pytest.mark.integration
 def test_default_guest_boots_to_done_as_user(user):
     uid, d = user
@@ -109,7 +110,7 @@ def test_default_guest_boots_to_done_as_user(user):
         pytest.fail("default guest not built: run `make guest`")
     k = user_file(uid, d, "vmlinux", src=kernel)
     i = user_file(uid, d, "initramfs.cpio", src=initrd)
-    p = as_user(uid, d, ["--kernel", k, "--initrd", i, "--timeout", "800", "--cmdline",
+    p = as_user(uid, d, ["--kernel", k, "--initrd", i, "--mem", "128M", "--timeout", "800", "--cmdline",
                          guest.DEFAULT_CMDLINE + " pyvmm.test=poweroff"], 860)
     out = p.stdout.decode(errors="replace")
     assert "pyvmm-guest: done" in out, out[-2000:] + p.stderr.decode()

@@ -61,8 +61,9 @@ def test_ext4_on_legacy_virtio_pci(restored, tmp_path):
 
 
 def test_one_disk_on_each_transport(restored, guest_snapshot):
-    """An ext4 disk on virtio-mmio and raw disks on legacy and modern
-    virtio-pci: each probed, through its own transport, with its size."""
+    """An ext4 disk on virtio-mmio, raw disks on legacy and modern
+    virtio-pci and a partitioned one on a transitional function: each
+    probed, through its own transport, with its size."""
     r = restored()
     out = r.cmd("dmesg > /tmp/dmesg; grep 'virtio_blk virtio' /tmp/dmesg; " + LIST + "; echo list-$((2+2))-done",
                 "list-4-done")
@@ -71,12 +72,14 @@ def test_one_disk_on_each_transport(restored, guest_snapshot):
     probed = {line.split("[")[-1].split("]")[0] for line in out.splitlines()
               if "virtio_blk virtio" in line and "logical blocks" in line}
     found = disks(out)
-    assert probed == set(found) == {"vda", "vdb", "vdc"}, out[-3000:]
+    assert probed == set(found) == {"vda", "vdb", "vdc", "vdd"}, out[-3000:]
     by_size = {size: path for size, path in found.values()}
-    sizes = [os.path.getsize(p) // 512 for p in (guest_snapshot.disk, guest_snapshot.pci_disk,
-                                                  guest_snapshot.modern_disk)]
+    snap = guest_snapshot
+    sizes = [os.path.getsize(p) // 512 for p in (snap.disk, snap.pci_disk, snap.modern_disk,
+                                                  snap.parts_disk)]
     assert sorted(by_size) == sorted(sizes), found
-    mmio, legacy, modern = (by_size[s] for s in sizes)
+    mmio, legacy, modern, trans = (by_size[s] for s in sizes)
     assert "virtio-mmio" in mmio and "pci0000" not in mmio, mmio
     assert "/pci0000:00/0000:00:01.0/" in legacy, legacy
-    assert "/pci0000:00/" in modern and "0000:00:01.0" not in modern, modern
+    for path in (modern, trans):
+        assert "/pci0000:00/" in path and "0000:00:01.0" not in path, path

@@ -1,52 +1,32 @@
-"""Modern virtio-pci with MSI-X, end to end, in two boots of the default
-guest kernel:
+"""Modern virtio-pci with MSI-X, end to end, with the default guest kernel:
 
-1. All three PCI transports side by side: the ext4 root on a modern
-   virtio-pci disk with two queues (vda), a raw disk on legacy virtio-pci
-   (vdb), one on a transitional function (vdc, Linux binds its modern side),
-   and a modern two-pair NIC that a private network namespace pings.  The
-   guest's /proc/interrupts must show PCI-MSI vectors for the virtio
-   devices' queues, its sysfs the negotiated features, and its init writes
-   to the root through the device.
-2. A short one: the root on a transitional function with the guest's
-   virtio_pci.force_legacy=1, so the legacy driver (with MSI-X: vector
-   registers at 20/22, config at 24) runs it.
+1. All three PCI transports side by side, in the guest restored from the
+   session snapshot (conftest.py): a raw disk on legacy virtio-pci, one on
+   modern virtio-pci with two queues (an ext4 image in this test), one on a
+   transitional function (Linux binds its modern side; read-only), and a modern
+   two-pair NIC that a private network namespace pings.  The guest's
+   /proc/interrupts must show PCI-MSI vectors for the virtio devices'
+   queues, its sysfs the negotiated features, and it writes to the ext4 file
+   system through the modern device.
+2. A cold boot: the root on a transitional function with the guest's
+   virtio_pci.force_legacy=1 (a boot parameter), so the legacy driver (with
+   MSI-X: vector registers at 20/22, config at 24) runs it.
 """
 import os
-import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
 from vmm.machine import STATUS
-from vmm.testing.netns import NetNs, ping
-from vmm.testing.console import ConsoleReader
+from vmm.testing.netns import ping
 
+from conftest import NICS
 from test_virtio_blk_guest import BASE, kernel, make_ext4, superblock
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("needs_kvm")]
 TIMEOUT = 900          # generous: guest kernel code is emulated, and the CI host is shared
 CMDLINE = BASE + " root=/dev/vda rw"
-GUEST_IP, HOST_IP = "10.78.0.2", "10.78.0.1"
-TAP = "pvtapm0"
-
-INIT = """#!/bin/sh
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-echo "modern-pci: init running"
-cat /proc/interrupts
-cat /proc/partitions
-for d in /sys/bus/virtio/devices/*; do echo "features $(basename $d) $(cat $d/device) $(cat $d/features)"; done
-echo "written over modern virtio-pci" > /written-by-guest
-sync
-echo "modern-pci: ready"
-# wait while the host pings: until it types a line on the console (at most 60 s)
-read -t 60 line
-echo "modern-pci: done $line"
-reboot -f
-"""
 
 LEGACY_INIT = """#!/bin/sh
 mount -t proc proc /proc
@@ -63,80 +43,114 @@ def msi_lines(out):
     return [line for line in out.splitlines() if "PCI-MSI" in line]
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                    reason="needs root and iproute2 for a network namespace")
-def test_three_pci_transports_side_by_side(tmp_path):
-    root = make_ext4(tmp_path / "root.img", tmp_path, init=INIT, extra_apps=("sleep", "basename"))
-    legacy, trans = tmp_path / "legacy.img", tmp_path / "trans.img"
-    legacy.write_bytes(os.urandom(2 << 20))
-    trans.write_bytes(os.urandom(3 << 20))
-    cmdline = f"{CMDLINE} ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off"
-    ns = NetNs()
-    p = None
-    try:
-        p = subprocess.Popen(
-            ns.exec_cmd([sys.executable, "-m", "vmm", "run", "--kernel", kernel(),
-                         "--drive", f"file={root},transport=pci,queues=2",
-                         "--drive", f"file={legacy},transport=pci-legacy",
-                         "--drive", f"file={trans},transport=pci-transitional",
-                         "--net", f"tap={TAP},mac=52:54:00:78:00:02,transport=pci,queues=2",
-                         "--cmdline", cmdline, "--timeout", str(TIMEOUT)]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE)
-        console = ConsoleReader(p.stdout)
-        assert ns.wait_link(TAP, 60), "the VMM did not create the tap"
-        ns.ip("addr", "add", f"{HOST_IP}/24", "dev", TAP)
-        ns.ip("link", "set", TAP, "up")
-        assert console.wait(b"modern-pci: ready", TIMEOUT - 40), console.text[-4000:]
-        rtts = ns.call(ping, GUEST_IP, 5, 5.0)
-        print(f"ping {GUEST_IP}: {len(rtts)}/5 replies")
-        assert len(rtts) >= 3, f"{len(rtts)}/5 ping replies\n" + console.text[-3000:]
-        p.stdin.write(b"pinged\n")
-        p.stdin.flush()
-        assert console.wait(b"modern-pci: done pinged", 120), console.text[-3000:]
-        rc = p.wait(120)
-        out, err = console.text, p.stderr.read().decode(errors="replace")
-    finally:
-        if p is not None and p.poll() is None:
-            p.kill()
-            p.wait(30)
-        ns.delete()
-    print("\n".join(line for line in out.splitlines() if "pci" in line.lower() or "MSI" in line))
-    assert rc == STATUS["reset"], err + out[-3000:]
-    # the bus: modern (1042, 1041) and legacy/transitional (1001) functions
-    assert "[1af4:1042]" in out and "[1af4:1041]" in out and out.count("[1af4:1001]") == 2, out[-4000:]
+def pci_devices(out):
+    """{virtioN: (virtio device id, features, PCI vendor:device, slot)} of
+    the guest's virtio devices on PCI, from the listing SCRIPT prints."""
+    ids = {}
+    for line in out.splitlines():       # pci 0000:00:03.0: [1af4:1001] type 00 class 0x010000
+        f = line.split("pci ", 1)[-1].split()
+        if len(f) > 2 and f[0].startswith("0000:00:") and f[1].startswith("[1af4:"):
+            ids[f[0].rstrip(":")] = f[1].strip("[]")
+    devs = {}
+    for line in out.splitlines():       # vdev virtio3 0x0001 0110... /sys/devices/pci0000:00/0000:00:05.0/virtio3
+        f = line.split()
+        if len(f) == 5 and f[0] == "vdev" and "/pci0000:00/" in f[4]:
+            slot = f[4].split("/pci0000:00/")[1].split("/")[0]
+            devs[f[1]] = (f[2], f[3], ids.get(slot), slot)
+    return devs
+
+
+SCRIPT = ("dmesg > /tmp/dmesg; grep -e '\\[1af4:' -e 64bit -e 'virtio_blk virtio' /tmp/dmesg; "
+          "grep PCI-MSI /proc/interrupts; for d in /sys/bus/virtio/devices/*; do "
+          "echo vdev $(basename $d) $(cat $d/device) $(cat $d/features) $(readlink -f $d); done; "
+          "for s in /sys/block/vd*; do echo blk ${s##*/} $(cat $s/size) $(readlink -f $s/device); "
+          "done; echo pci-$((3*3))-listed")
+
+
+def test_three_pci_transports_side_by_side(restored, guest_snapshot, tmp_path):
+    """From the session snapshot (conftest.py), whose guest has a raw disk
+    on legacy virtio-pci, one on modern virtio-pci with MSI-X and two
+    queues, a (read-only, partitioned) one on a transitional function, a legacy NIC and a modern
+    two-pair NIC: the bus, the MSI-X vectors and negotiated features the
+    guest kernel set up at boot, an ext4 file system on the modern disk
+    (this restore's image) mounted and written, and a ping of the modern NIC."""
+    if not guest_snapshot.has_net:
+        pytest.skip("needs root and iproute2 for a network namespace")
+    img = str(tmp_path / "modern.img")
+    with open(img, "wb") as f:
+        f.truncate(os.path.getsize(guest_snapshot.modern_disk))   # a restore keeps its size
+    subprocess.run(["mkfs.ext4", "-q", "-F", img], check=True)
+    r = restored(images={"pci-modern.img": img})
+    out = r.cmd(SCRIPT, "pci-9-listed")
+    out = out[out.rindex("echo pci-"):].replace("\r", "")
+    print(out)
+    # the bus: modern (1042, 1041) and legacy/transitional (1001: two disks) functions
+    assert "[1af4:1042]" in out and "[1af4:1041]" in out and out.count("[1af4:1001]") == 2, out
     assert "64bit" in out
-    # disks in slot order; root mounted from the modern one and written
-    disks = {line.split("[")[-1].split("]")[0] for line in out.splitlines()
-             if "virtio_blk virtio" in line and "logical blocks" in line}
-    assert disks == {"vda", "vdb", "vdc"}, out[-3000:]
-    sb = superblock(str(root))
-    assert sb["Mount count"] == "1"
-    dump = subprocess.run(["debugfs", "-R", "cat /written-by-guest", str(root)],
-                          capture_output=True, text=True).stdout
-    assert "written over modern virtio-pci" in dump
-    fsck = subprocess.run(["e2fsck", "-fn", str(root)], capture_output=True, text=True)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    devs = pci_devices(out)
+    by_id = {}
+    for name, (dev_id, _, pci_id, _) in devs.items():
+        by_id.setdefault((int(dev_id, 16), pci_id), []).append(name)
+    (legacy, trans), = [sorted(by_id[(2, "1af4:1001")], key=lambda n: devs[n][3])]
+    (modern,), (nic,), (legacy_nic,) = by_id[(2, "1af4:1042")], by_id[(1, "1af4:1041")], \
+        by_id[(1, "1af4:1000")]
+    assert devs[legacy][3] == "0000:00:01.0", devs                # slot order
+    # each PCI disk probed by virtio_blk, with its own size, under its own function
+    disks = {f[1]: (int(f[2]), f[3]) for f in (line.split() for line in out.splitlines())
+             if len(f) == 4 and f[0] == "blk"}
+    pci_disks = {}
+    for name, (size, path) in disks.items():
+        for dev in (legacy, modern, trans):
+            if path.endswith(f"/{devs[dev][3]}/{dev}"):
+                pci_disks[dev] = (name, size)
+    sizes = {dev: os.path.getsize(p) // 512 for dev, p in ((legacy, guest_snapshot.pci_disk),
+             (modern, img), (trans, guest_snapshot.parts_disk))}
+    assert {dev: size for dev, (_, size) in pci_disks.items()} == sizes, (disks, devs)
+    probed = {line.split("[")[-1].split("]")[0] for line in out.splitlines()
+              if "virtio_blk virtio" in line and "logical blocks" in line}
+    assert {name for name, _ in pci_disks.values()} <= probed, out
     # MSI-X vectors: config and request queue for the modern and transitional
     # disks, and every queue with a callback of the two-pair NIC (Linux sets
     # up all pairs' queues; with one vCPU it then uses one pair, and says so
     # with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET on the control queue)
     msi = msi_lines(out)
-    for name in ("virtio0-config", "virtio0-req.0", "virtio2-config", "virtio2-req.0",
-                 "virtio3-input.0", "virtio3-output.0", "virtio3-input.1", "virtio3-output.1"):
+    for name in (f"{modern}-config", f"{modern}-req.0", f"{trans}-config", f"{trans}-req.0",
+                 f"{nic}-input.0", f"{nic}-output.0", f"{nic}-input.1", f"{nic}-output.1"):
         assert any(name in line for line in msi), (name, msi)
-    assert not any("virtio1" in line for line in msi)           # legacy: INTx only
+    for dev in (legacy, legacy_nic):                              # legacy: INTx only
+        assert not any(f"{dev}-" in line for line in msi), (dev, msi)
     # negotiated features (sysfs: one character per bit): VERSION_1 (32) on
-    # all but the legacy disk, BLK_F_MQ (12) on vda, NET_F_CTRL_VQ (17) and MQ (22) on eth0
-    feats = {line.split()[1]: line.split()[-1] for line in out.splitlines() if line.startswith("features ")}
-    assert set(feats) == {"virtio0", "virtio1", "virtio2", "virtio3"}, out[-2000:]
-    assert [feats[d][32:33] == "1" for d in sorted(feats)] == [True, False, True, True], feats
-    assert feats["virtio0"][12] == "1" and feats["virtio3"][17] == feats["virtio3"][22] == "1"
+    # all but the legacy functions, BLK_F_MQ (12) on the modern disk,
+    # NET_F_CTRL_VQ (17) and MQ (22) on the modern NIC
+    feats = {name: f for name, (_, f, _, _) in devs.items()}
+    assert [feats[d][32:33] == "1" for d in (modern, trans, nic, legacy, legacy_nic)] == \
+        [True, True, True, False, False], feats
+    assert feats[modern][12] == "1" and feats[nic][17] == feats[nic][22] == "1", feats
+    # the modern disk carries I/O: mount this restore's ext4 image and write
+    dev = pci_disks[modern][0]
+    r.cmd(f"echo 3 > /proc/sys/vm/drop_caches; mount -t ext4 /dev/{dev} /mnt && "
+          "echo 'written over modern virtio-pci' > /mnt/written-by-guest && umount /mnt && "
+          "sync && echo ext4-$((40+2))-done", "ext4-42-done")
+    nic_cfg = NICS["pci"]
+    rtts = r.ns.call(ping, nic_cfg["guest"], 5, 5.0)
+    print(f"ping {nic_cfg['guest']} (modern NIC): {len(rtts)}/5 replies")
+    assert len(rtts) >= 3, f"{len(rtts)}/5 ping replies"
+    r.type("reboot -f\n")
+    assert r.p.wait(120) == STATUS["reset"], r.stop()[1]
+    sb = superblock(img)
+    assert sb["Mount count"] == "1"
+    dump = subprocess.run(["debugfs", "-R", "cat /written-by-guest", img],
+                          capture_output=True, text=True).stdout
+    assert "written over modern virtio-pci" in dump
+    fsck = subprocess.run(["e2fsck", "-fn", img], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
+@pytest.mark.slow(45)
 def test_transitional_with_force_legacy(tmp_path):
     root = make_ext4(tmp_path / "root.img", tmp_path, init=LEGACY_INIT, extra_apps=("basename",))
     p = subprocess.run([sys.executable, "-m", "vmm", "run", "--kernel", kernel(),
-                        "--drive", f"file={root},transport=pci-transitional",
+                        "--drive", f"file={root},transport=pci-transitional", "--mem", "128M",
                         "--cmdline", CMDLINE + " virtio_pci.force_legacy=1",
                         "--timeout", str(TIMEOUT)],
                        capture_output=True, timeout=TIMEOUT + 60, stdin=subprocess.DEVNULL)

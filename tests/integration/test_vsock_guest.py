@@ -47,6 +47,7 @@ def host_connect(uds, port, timeout=60):
     return s
 
 
+@pytest.mark.slow(60)
 def test_vsock_with_default_guest(restored, tmp_path):
     uds = str(tmp_path / "v.sock")
     results = {}
