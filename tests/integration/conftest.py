@@ -31,7 +31,7 @@ from vmm import guest
 from vmm.testing.console import ConsoleReader
 
 SNAP_TIMEOUT = 1800        # a cold boot on a 2-core machine shared with other jobs
-CMD_TIMEOUT = 120
+CMD_TIMEOUT = 600         # s for one shell command: minutes when the host is loaded
 # NICs of the snapshot (as root): eth0 on virtio-mmio, configured by `ip=`;
 # eth1 on legacy virtio-pci and eth2 on modern virtio-pci (MSI-X, two queue
 # pairs: multiqueue with its control queue), configured at the shell.

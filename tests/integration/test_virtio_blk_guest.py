@@ -3,6 +3,7 @@ virtio-mmio as its root and writes to it; a partition table is read back
 through the kernel from a read-only disk, which stays untouched (restored at
 its shell from the session snapshot, conftest.py)."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,21 +106,23 @@ def test_partition_table_read_through_the_kernel(restored, guest_snapshot):
     r = restored()
     before = open(r.parts_disk, "rb").read()
     assert before == open(guest_snapshot.parts_disk, "rb").read()
+    # parsed by patterns the shell's echo of the typed (and wrapped) line cannot match
     find = ("for s in /sys/block/vd*; do [ $(cat $s/size) = 16384 ] && D=${s##*/}; done; "
             "echo disk=$D ro=$(cat /sys/block/$D/ro) serial=$(cat /sys/block/$D/serial)")
     out = r.cmd(find + "; dmesg > /tmp/dmesg; grep $D /tmp/dmesg; echo boot-$((2+2))", "boot-4")
-    out = out[out.rindex("echo boot-"):].replace("\r", "")
-    dev = out.split("disk=")[1].split()[0]
-    assert f"disk={dev} ro=1 serial={PARTS_SERIAL}" in out, out
-    assert f" {dev}: {dev}1 {dev}2" in out, out                      # the boot's scan
+    m = re.search(r"disk=(vd[a-z]+) ro=(\d) serial=(\S+)", out)
+    assert m and m.group(2, 3) == ("1", PARTS_SERIAL), out[-2000:]
+    dev = m.group(1)
+    assert f" {dev}: {dev}1 {dev}2" in out, out[-2000:]                # the boot's scan
     assert f"[{dev}] 16384 512-byte logical blocks" in out
-    out = r.cmd(f"echo 3 > /proc/sys/vm/drop_caches; blockdev --rereadpt /dev/{dev}; "
-                f"echo rc=$?; dmesg | grep -c ' {dev}: {dev}1 {dev}2'; grep {dev} /proc/partitions; "
-                "echo reread-$((3+3))", "reread-6")
-    out = out[out.rindex("echo reread-"):].replace("\r", "")
-    lines = out.splitlines()
-    assert "rc=0" in lines and "2" in lines, out                 # scanned a second time
-    parts = {f[3]: int(f[2]) for f in (line.split() for line in lines) if len(f) == 4}
+    start = len(r.console.buf)
+    r.cmd(f"echo 3 > /proc/sys/vm/drop_caches; blockdev --rereadpt /dev/{dev}; "
+          f"echo rc=$? scans=$(dmesg | grep -c ' {dev}: {dev}1 {dev}2'); "
+          f"grep {dev} /proc/partitions; echo reread-$((3+3))", "reread-6")
+    out = r.console.buf[start:].decode(errors="replace").replace("\r", "")
+    assert re.search(r"rc=0 scans=2\b", out), out                    # scanned a second time
+    parts = {m.group(2): int(m.group(1)) for m in
+             re.finditer(r"^\s*\d+\s+\d+\s+(\d+)\s+(vd\w+)\s*$", out, re.M)}
     assert parts == {dev: 8192, f"{dev}1": 2048, f"{dev}2": 4096}, out   # 1 KiB blocks
     r.type("poweroff -f\n")
     assert r.p.wait(120) == STATUS["poweroff"], r.stop()[1]
