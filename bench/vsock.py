@@ -26,7 +26,11 @@ socketpair median; runs alternate, and the per-run ratios are reported
 too (this machine is shared: wall-clock figures swing by 2x between runs).
 Also reported: the share of the bench thread's wall time spent inside the
 device's entry points, and that thread's CPU time against the socketpair's
-guest end's (a load-independent view of the device's cost per byte).
+guest end's, and the CPU of both ends (plus the host program's thread)
+against the socketpair's two threads (load-independent views of the cost
+per byte; on a loaded machine the wall-clock ratio mostly measures how the
+scheduler treats a device thread woken through nested epoll (no sync
+wake-up hint) against two threads handing off with sync wake-ups).
 
 Idle: a device on an I/O loop for --idle seconds with one established but
 silent stream, and with none: CPU time of the whole process (all threads)
@@ -148,6 +152,17 @@ class RxRing:
         return got, fwd
 
 
+def host_end(res, *args):
+    """A host program's end of the stream (pv_bench_stream, a C loop, GIL
+    released) on its own thread: res["n"] = bytes moved, res["cpu"] = that
+    thread's CPU seconds."""
+    def run():
+        c0 = time.thread_time()
+        res["n"] = lib.pv_bench_stream(*args)
+        res["cpu"] = time.thread_time() - c0
+    return threading.Thread(target=run)
+
+
 class DevClock:
     """Wall time the bench's thread spends inside the device's entry points
     (kicks, host-socket polls) versus in the harness and waiting."""
@@ -173,8 +188,7 @@ def host_to_guest(tmp, total):
         ring = r.ring
         buf = ffi.new("uint8_t[]", PKT)
         res = {}
-        th = threading.Thread(target=lambda: res.setdefault(
-            "w", lib.pv_bench_stream(r.host.fileno(), buf, PKT, total, 1, 0, 1)))
+        th = host_end(res, r.host.fileno(), buf, PKT, total, 1, 0, 1)
         clock = DevClock()
         poll, harvest = clock.wrap(r.dev.poll), ring.harvest
         fd = r.dev.fileno
@@ -196,7 +210,7 @@ def host_to_guest(tmp, total):
         dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
         th.join()
         assert got == total, (got, total)
-        return total / dt, clock.dev / dt, cpu
+        return total / dt, clock.dev / dt, cpu, res["cpu"]
     finally:
         r.close()
 
@@ -210,8 +224,7 @@ def guest_to_host(tmp, total):
         base = d.alloc((HDR_LEN + PKT) * nslots, 4096)
         buf = ffi.new("uint8_t[]", PKT)
         res = {}
-        th = threading.Thread(target=lambda: res.setdefault(
-            "r", lib.pv_bench_stream(r.host.fileno(), buf, PKT, total, 0, 0, 1)))
+        th = host_end(res, r.host.fileno(), buf, PKT, total, 0, 0, 1)
         credit_buf = r.dev.mux.buf_alloc
         # chains k: descriptors 2k (header) and 2k+1 (payload), reused forever
         q.get_used()
@@ -248,8 +261,8 @@ def guest_to_host(tmp, total):
             ring.harvest()
         th.join()
         dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
-        assert res["r"] == total, res
-        return total / dt, clock.dev / dt, cpu
+        assert res["n"] == total, res
+        return total / dt, clock.dev / dt, cpu, res["cpu"]
     finally:
         r.close()
 
@@ -281,15 +294,16 @@ def socketpair(total, direction):
         else:                              # guest writes from many, host reads into one
             guest = (a.fileno(), many, PKT, total, 1, HDR_LEN + PKT, nslots)
             host = (b.fileno(), one, PKT, total, 0, 0, 1)
-        th = threading.Thread(target=lib.pv_bench_stream, args=host)
+        res = {}
+        th = host_end(res, *host)
         t0, c0 = time.perf_counter(), time.thread_time()
         th.start()
         n = lib.pv_bench_stream(*guest)
         cpu = time.thread_time() - c0
         th.join()
         dt = time.perf_counter() - t0
-        assert n == total
-        return total / dt, cpu
+        assert n == total and res["n"] == total
+        return total / dt, cpu, res["cpu"]
     finally:
         a.close()
         b.close()
@@ -325,26 +339,28 @@ def main(argv=None):
     out = {"mib": args.mib}
     with tempfile.TemporaryDirectory(prefix="pyvmm-bench-vsock-") as tmp:
         for name, fn in (("host_to_guest", host_to_guest), ("guest_to_host", guest_to_host)):
-            dev, ref, share, paired, cpu = [], [], [], [], []
+            dev, ref, share, paired, cpu, cpu2 = [], [], [], [], [], []
             for _ in range(args.reps):     # interleaved: the machine's load hits both alike
-                rate, busy, c_dev = fn(tmp, total)
-                rate_ref, c_ref = socketpair(total, name)
+                rate, busy, c_dev, h_dev = fn(tmp, total)
+                rate_ref, c_ref, h_ref = socketpair(total, name)
                 dev.append(rate / 1e6)
                 ref.append(rate_ref / 1e6)
                 share.append(busy)
                 paired.append(rate / rate_ref)
                 cpu.append(c_dev / c_ref)
+                cpu2.append((c_dev + h_dev) / (c_ref + h_ref))
             s_dev, s_ref = stats(dev), stats(ref)
             ratio = s_dev["median"] / s_ref["median"]
             out[name] = {"device": s_dev, "socketpair": s_ref, "ratio": ratio,
                          "paired_ratio": stats(paired), "device_share": stats(share),
-                         "cpu_ratio": stats(cpu)}
+                         "cpu_ratio": stats(cpu), "cpu_both_ends_ratio": stats(cpu2)}
             print(f"vsock {name:14s} device {fmt(s_dev, ' MB/s')}   socketpair "
                   f"{fmt(s_ref, ' MB/s')}   ratio {ratio:.2f} (goal >= 0.8; paired runs "
                   f"{fmt(stats(paired), '', digits=2)})")
             print(f"      {'':14s} bench thread: inside the device {fmt(stats(share), ' %', 100, 2)} "
                   f"of its time; its CPU / the socketpair guest end's CPU "
-                  f"{fmt(stats(cpu), '', digits=2)}")
+                  f"{fmt(stats(cpu), '', digits=2)}; both ends' CPU (+ the host "
+                  f"program's thread) / the socketpair's {fmt(stats(cpu2), '', digits=2)}")
         for label, connected in (("no connection", False), ("one idle stream", True)):
             cpu = [idle_cpu(tmp, args.idle, connected) for _ in range(max(1, args.reps // 2))]
             out["idle_cpu_fraction" + ("" if connected else "_no_connection")] = stats(cpu)
