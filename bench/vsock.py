@@ -18,19 +18,22 @@ straight into the driver's receive buffers (one 64 KiB + header descriptor
 each, 256 of them, re-posted in C as soon as used) and the driver returns
 credit with one CREDIT_UPDATE per 2 MiB.  Guest -> host: the driver posts
 RW packets of 64 KiB within the device's credit (256 KiB, the production
-value), the device sends them to the socket, a host thread reads them (C
+value), the device sends them to the socket (chains the socket cannot
+take yet wait in the ring until EPOLLOUT), a host thread reads them (C
 loop).  Reference: the same byte count through a socketpair, C loops on
 both ends, 64 KiB at a time, the guest's end on the bench's thread cycling
-through as many buffers as the device uses.  Ratio = device median ÷
+through as many buffers as the device uses, in the same kind of memory at
+the same offsets (see socketpair()).  Ratio = device median ÷
 socketpair median; runs alternate, and the per-run ratios are reported
 too (this machine is shared: wall-clock figures swing by 2x between runs).
 Also reported: the share of the bench thread's wall time spent inside the
 device's entry points, and that thread's CPU time against the socketpair's
 guest end's, and the CPU of both ends (plus the host program's thread)
 against the socketpair's two threads (load-independent views of the cost
-per byte; on a loaded machine the wall-clock ratio mostly measures how the
-scheduler treats a device thread woken through nested epoll (no sync
-wake-up hint) against two threads handing off with sync wake-ups).
+per byte).  On a loaded machine the wall-clock ratio swings with the other
+load: the two setups are scheduled differently (the device's thread is
+woken through nested epoll, without the sync wake-up hint the
+socketpair's two threads hand each other).
 
 Idle: a device on an I/O loop for --idle seconds with one established but
 silent stream, and with none: CPU time of the whole process (all threads)
