@@ -383,6 +383,17 @@ static void flush_conn(struct pv_vsock *vs, struct pv_vsock_conn *k)
     after_flush(vs, k);
 }
 
+/* End of a transmit batch for k: send what it brought, unless the socket
+ * is known to be full (EPOLLOUT armed: pv_vsock_poll flushes when it is
+ * not; a sendmsg now would only return EAGAIN). */
+static void batch_done(struct pv_vsock *vs, struct pv_vsock_conn *k)
+{
+    if (k->flags & PV_VSOCK_C_EPOLLOUT && !(k->pending & PV_VSOCK_P_RST))
+        k->flags &= ~PV_VSOCK_C_HELD_NEW;
+    else
+        flush_conn(vs, k);
+}
+
 /* One RW packet of an established connection.  Returns 1 when the chain is
  * held (the caller must not complete it), 0 when it is done with.
  * SAFETY: `c` was resolved by pv_vq_pop (every segment lies inside guest
@@ -465,7 +476,7 @@ int pv_vsock_tx(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
                 k->peer_fwd_cnt = h.fwd_cnt;
                 k->flags &= ~PV_VSOCK_C_CREDIT_ASKED;
                 if (batch && batch != k) {
-                    flush_conn(vs, batch);
+                    batch_done(vs, batch);
                     batch = NULL;
                 }
                 /* (data is dropped if we are resetting the stream) */
@@ -478,7 +489,7 @@ int pv_vsock_tx(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
                 continue;
             }
             if (batch) {                 /* its data first: Python may act on the stream */
-                flush_conn(vs, batch);
+                batch_done(vs, batch);
                 batch = NULL;
             }
             pv_vq_push(vq, c->head, 0);
@@ -488,7 +499,7 @@ int pv_vsock_tx(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
             goto out;
         }
         if (batch) {
-            flush_conn(vs, batch);
+            batch_done(vs, batch);
             batch = NULL;
         }
         if (r < 0) {
