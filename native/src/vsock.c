@@ -51,7 +51,10 @@ _Static_assert(sizeof(struct hdr) == PV_VSOCK_HDR_LEN, "virtio_vsock_hdr is 44 b
 
 #define FLUSH_IOV 64                     /* iovecs per sendmsg of a connection's backlog */
 
-/* Copy `len` bytes from byte offset `off` of the buffers iov[0, n). */
+/* Copy `len` bytes from byte offset `off` of the buffers iov[0, n).
+ * SAFETY (segs_get, segs_put, segs_slice): the iovecs are a chain's, as
+ * pv_vq_pop resolved them (each inside guest RAM), or a held chain's copy
+ * of them; nothing beyond their lengths is touched. */
 static void segs_get(const struct iovec *iov, uint32_t n, uint64_t off, void *dst, uint64_t len)
 {
     uint8_t *p = dst;
@@ -168,7 +171,9 @@ static void held_init(struct pv_vsock *vs)
 }
 
 /* Complete k's oldest held chain: its payload went to the socket (or the
- * stream was reset).  Without a live transmit queue it is only forgotten. */
+ * stream was reset).  Without a live transmit queue it is only forgotten.
+ * SAFETY: e->head was popped from vs->txq (< its size); the owner sets txq
+ * to NULL before that queue goes, so no other ring is ever written. */
 static void held_pop(struct pv_vsock *vs, struct pv_vsock_conn *k)
 {
     uint32_t i = k->held_first;
@@ -734,6 +739,7 @@ int pv_vsock_rx(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
     return res->error;
 }
 
+/* SAFETY: flushes read held chains' payloads in guest RAM (flush_conn). */
 int pv_vsock_poll(struct pv_vsock *vs, struct pv_vsock_result *res)
 {
     struct epoll_event ev[PV_VSOCK_MAX_EVENTS];
@@ -839,6 +845,7 @@ long pv_vsock_flush(struct pv_vsock *vs, uint32_t slot)
     return k->pending & PV_VSOCK_P_RST ? -1 : 0;
 }
 
+/* SAFETY: as held_to_pend (held iovecs inside guest RAM, pend has room). */
 uint32_t pv_vsock_unhold(struct pv_vsock *vs)
 {
     uint32_t n = 0;
