@@ -36,10 +36,25 @@ HIDDEN_LEAVES = {0xD}
 # CR4.SMEP/SMAP).  So `minimal` also tells Linux itself to leave them alone.
 # nofsgsbase: the guest kernel keeps FS/GS bases through MSRs (the path of
 # every kernel before 5.9) rather than the FSGSBASE instructions, which this
-# host's software KVM exposes whatever CPUID says.  Tried against busybox
-# processes in guest pipelines dying on a stale FS base (`segfault at 0`
-# after `mov rax, fs:[-0x90]`): it did not prevent that; the cause is open.
-MINIMAL_CMDLINE = "noxsave clearcpuid=smap,smep,popcnt,cx16 nofsgsbase"  # XSAVE state enumeration
+# host's software KVM exposes whatever CPUID says.
+#
+# GLIBC_TUNABLES (an unknown NAME=VALUE parameter: the kernel hands it to init
+# as an environment variable, and every process inherits it): guest user code
+# runs natively, so its CPUID and XGETBV are the host's (XCR0 0xe7 here: AVX,
+# AVX-512; KVM_SET_XCRS is not applied to it either), while a `noxsave` guest
+# kernel saves only the FXSAVE state (x87, XMM) at a context switch.  The
+# upper halves of YMM/ZMM registers then leak between guest processes
+# (measured: a process holding a pattern in ymm7 lost it in ~30% of 300
+# sched_yield rounds against a second such process).  glibc picks AVX2/EVEX
+# memcpy and friends from that CPUID, so busybox processes started together
+# in a pipeline died in their first TLS read (`segfault at 0` after `mov rax,
+# fs:[-0x90]` in __ctype_init: the TLS block had been copied through
+# clobbered registers).  The tunable makes glibc choose its SSE2 routines.
+# Code that uses AVX itself is still unsafe in such a guest (README).
+GLIBC_NO_AVX = ("GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,"
+                "-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load")
+MINIMAL_CMDLINE = ("noxsave clearcpuid=smap,smep,popcnt,cx16 nofsgsbase "  # XSAVE state enumeration
+                   + GLIBC_NO_AVX)
 HYPERVISOR_BIT = 1 << 31       # leaf 1 ECX: running under a hypervisor
 
 
