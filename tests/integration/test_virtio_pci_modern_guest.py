@@ -133,12 +133,13 @@ def test_three_pci_transports_side_by_side(restored, guest_snapshot, tmp_path):
     assert len(rtts) >= 3, f"{len(rtts)}/5 ping replies"
     r.type("reboot -f\n")
     assert r.p.wait(120) == STATUS["reset"], r.stop()[1]
-    sb = superblock(img)
+    written = r.modern_disk                    # the restore's own copy of `img`
+    sb = superblock(written)
     assert sb["Mount count"] == "1"
-    dump = subprocess.run(["debugfs", "-R", "cat /written-by-guest", img],
+    dump = subprocess.run(["debugfs", "-R", "cat /written-by-guest", written],
                           capture_output=True, text=True).stdout
     assert "written over modern virtio-pci" in dump
-    fsck = subprocess.run(["e2fsck", "-fn", img], capture_output=True, text=True)
+    fsck = subprocess.run(["e2fsck", "-fn", written], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
