@@ -13,9 +13,10 @@ legacy virtio-pci with INTx, or modern virtio-pci with MSI-X vectors on
 irqfds) is serviced by pyvmm's I/O thread (vmm.virtio.ioloop),
 exactly as in a VM: the queue's notify eventfd (the one KVM's ioeventfd would
 signal) wakes it, it runs the engine (sync or io_uring) and signals the
-interrupt eventfd (the one KVM's irqfd would deliver).  On virtio-mmio with
-the sync engine that is the I/O loop's C fast path (native/src/fastpath.c:
-no Python per kick); the other paths run the loop's Python handlers.  The driver is a C
+interrupt eventfd (the one KVM's irqfd would deliver).  On virtio-mmio and
+modern virtio-pci (MSI-X) with the sync engine that is the I/O loop's C fast
+path (native/src/fastpath.c: no Python per kick); the other paths (io_uring,
+legacy virtio-pci with INTx) run the loop's Python handlers.  The driver is a C
 loop (bench/driver.c) on the benchmark's own thread with the GIL released:
 it keeps QD requests in flight (indirect descriptors: header, data, status,
 as Linux lays them out), kicks only when the device asks (EVENT_IDX), sleeps
