@@ -181,7 +181,8 @@ class VirtioPciModern(pl.IntxInterrupt, Transport):
         if self.msix.enabled:
             self.interrupts += 1
             v = self.queue_vectors[queue_index] if 0 <= queue_index < len(self.queues) else NO_VECTOR
-            if v != NO_VECTOR:
+            if v != NO_VECTOR and (self._ioloop is None or not self._ioloop.defer(
+                    (self, v), lambda: self.msix.notify(v))):   # see Transport._signal
                 self.msix.notify(v)
         else:
             self._signal(vd.INT_USED)
