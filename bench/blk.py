@@ -381,7 +381,7 @@ def bench(args):
                    "interrupt eventfd), C driver on its own thread; limit: plain C program, "
                    "same image, same I/O",
            "image_mib": args.size_mib, "reps": args.reps, "poll_us": args.poll_us,
-           "device": {}, "limit": {},
+           "device": {}, "limit": {}, "limit_by_path": {},
            "processing_cost": {}}
     counts = {("rand4k", 1): args.requests // 4, ("rand4k", 32): args.requests,
               ("seq64k", 1): args.requests // 8, ("seq64k", 32): args.requests // 4}
@@ -405,6 +405,7 @@ def bench(args):
                             key = f"{kind} {'write' if write else 'read'} QD{depth}"
                             rp.run(secs[:depth * 4], depth, write)          # warm up
                             ls = lim_samples.setdefault(key, {})
+                            mine = {}           # this path's neighbours only
                             samples = []
                             # device and plain programs alternate, rep by rep:
                             # the ratio compares runs seconds apart
@@ -413,16 +414,24 @@ def bench(args):
                                     for label, x in plain.sample(length, secs, depth,
                                                                  write).items():
                                         ls.setdefault(label, []).append(x)
+                                        mine.setdefault(label, []).append(x)
                                 plain.settle(write)
                                 samples.append(len(secs) / rp.run(secs, depth, write))
                                 if not rep % 2 and not args.no_limits:
                                     for label, x in plain.sample(length, secs, depth,
                                                                  write).items():
                                         ls.setdefault(label, []).append(x)
+                                        mine.setdefault(label, []).append(x)
                             res["device"].setdefault(key, {})[f"{transport} {engine}"] = stats(samples)
                             s = res["device"][key][f"{transport} {engine}"]
-                            print(f"  {key:22s} {transport:4s} {engine:8s} {s['median']:>10,.0f} req/s",
-                                  flush=True)
+                            line = f"  {key:22s} {transport:4s} {engine:8s} {s['median']:>10,.0f} req/s"
+                            if mine:
+                                label, ls_ = best_limit(mine)
+                                res["limit_by_path"].setdefault(key, {})[f"{transport} {engine}"] = \
+                                    dict(ls_, how=label)
+                                line += f"  ({s['median'] / ls_['median']:.2f} of {label} " \
+                                        f"{ls_['median']:,.0f} timed alongside)"
+                            print(line, flush=True)
             finally:
                 rp.close()
         for key, ls in lim_samples.items():
