@@ -96,7 +96,7 @@ $(FUZZ_BIN)/uring: native/fuzz/fuzz_uring.c native/fuzz/fuzz_common.h native/src
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_uring.c native/src/virtq.c native/src/blk.c native/src/uring.c -o $@
 
 fuzz-build: fuzz-deps $(FUZZ_BIN)/virtq $(FUZZ_BIN)/blk $(FUZZ_BIN)/fast $(FUZZ_BIN)/net $(FUZZ_BIN)/vsock $(FUZZ_BIN)/uring $(PYTHON)
-	$(PYTHON) -m pip install -q -e '.[test,fuzz]'
+	$(PYTHON) -m pip install -q -e '.[test,fuzz]' --config-settings editable_mode=compat
 
 fuzz: fuzz-build
 	$(PYTHON) fuzz/run.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
