@@ -128,11 +128,6 @@ class FastPath:
             return sum(irq.count for irq in self._irqs)
         return self.irq.count
 
-    def queue_interrupts(self, index):
-        """Interrupts the C side signalled for queue `index` (per-queue mode:
-        messages on its vector)."""
-        return self._irqs[index].count if self.per_queue else 0
-
     def take_counts(self):
         """(kicks, requests, ioerr) done in C since the last call."""
         out = [0, 0, 0]
