@@ -28,10 +28,13 @@ def test_defer_runs_once_per_key_after_the_handlers_and_not_off_thread():
 
 
 def test_deferred_work_runs_before_a_stop():
-    ran = threading.Event()
+    ran, deferred = threading.Event(), threading.Event()
     loop = IoLoop()
     loop.start()
-    loop.call_soon(lambda: loop.defer("x", ran.set))
+    loop.pause()                    # the thread parks with nothing left to run
+    loop.call_soon(lambda: loop.defer("x", ran.set) and deferred.set())
+    loop.resume()
+    assert deferred.wait(5)
     assert loop.stop()
     assert ran.is_set()
     loop.close()
