@@ -4,7 +4,6 @@ thread): kicks are served in C while the queue's vector is live, a masked
 vector takes the queue back to Python (the message waits in the PBA) and
 unmasking sends it."""
 import os
-import time
 
 import pytest
 
@@ -18,13 +17,6 @@ from vmm.virtio.ioloop import signal_eventfd
 
 pytestmark = pytest.mark.usefixtures("needs_kvm")
 
-
-def wait_used(q, n, timeout):
-    got, deadline = [], time.monotonic() + timeout
-    while len(got) < n and time.monotonic() < deadline:
-        got += q.get_used()
-        time.sleep(0.005)
-    return got
 
 
 def test_pci_modern_disk_on_fast_path_and_masking(tmp_path):
@@ -45,7 +37,7 @@ def test_pci_modern_disk_on_fast_path_and_masking(tmp_path):
         for i in range(8):
             req = d.submit(T_IN, 8 * i, read_len=4096)
             signal_eventfd(t.notify_fds[0])       # the guest's notify write, as KVM signals it
-            assert len(wait_used(q, 1, 10)) == 1
+            assert len(q.wait_used(1, 10)) == 1
             assert d.result(req) == (0, data[4096 * i:4096 * (i + 1)])
         assert loop.fast_counts[1] >= 7           # served in C, no Python handler
         assert t.msix.delivered[1] <= 1 and t.interrupts >= 8
@@ -55,7 +47,7 @@ def test_pci_modern_disk_on_fast_path_and_masking(tmp_path):
         assert not t._fast.enabled(0)
         req = d.submit(T_IN, 64, read_len=512)
         signal_eventfd(t.notify_fds[0])
-        assert len(wait_used(q, 1, 10)) == 1
+        assert len(q.wait_used(1, 10)) == 1
         assert t.msix.pending[1]                  # held back, in Python
         bar.write(pm.MSIX_TABLE + 16 + 12, 4, 0)
         assert not t.msix.pending[1] and t._fast.enabled(0)
