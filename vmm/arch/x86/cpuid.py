@@ -39,7 +39,17 @@ HIDDEN_LEAVES = {0xD}
 # host's software KVM exposes whatever CPUID says.  Tried against busybox
 # processes in guest pipelines dying on a stale FS base (`segfault at 0`
 # after `mov rax, fs:[-0x90]`): it did not prevent that; the cause is open.
-MINIMAL_CMDLINE = "noxsave clearcpuid=smap,smep,popcnt,cx16 nofsgsbase"  # XSAVE state enumeration
+# erms,fsrm and noreplace-smp are for speed only: software KVM emulates guest
+# kernel code one step per instruction and per `rep` iteration, so the byte-wise
+# `rep movsb`/`rep stosb` that ERMS/FSRM select in memcpy/memset/clear_page/
+# copy_user cost 8x the `rep movsq`/`rep stosq` kept by REP_GOOD (measured:
+# 1 MiB stosb 0.80 s, stosq 0.10 s); and with one vCPU an SMP kernel rewrites
+# every `lock` prefix through text_poke at boot (~2-3 s emulated), which
+# noreplace-smp skips (the prefixes stay; correct with any vCPU count).
+# percpu_alloc=page: the embedded first percpu chunk is a 2 MiB unit, zeroed
+# and bitmap-scanned in emulation (~1 s); page-sized units are ~160 KiB.
+MINIMAL_CMDLINE = ("noxsave clearcpuid=smap,smep,popcnt,cx16,erms,fsrm nofsgsbase "  # XSAVE state enumeration
+                   "noreplace-smp percpu_alloc=page")
 HYPERVISOR_BIT = 1 << 31       # leaf 1 ECX: running under a hypervisor
 
 
