@@ -87,16 +87,16 @@ $(FUZZ_BIN)/net: native/fuzz/fuzz_net.c native/fuzz/fuzz_common.h native/src/vir
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_net.c native/src/virtq.c native/src/net.c -o $@
 
-$(FUZZ_BIN)/vsock: native/fuzz/fuzz_vsock.c native/fuzz/fuzz_common.h native/src/virtq.c native/src/vsock.c native/include/*.h
+$(FUZZ_BIN)/vsock: native/fuzz/fuzz_vsock.c native/fuzz/fuzz_common.h native/src/virtq.c native/src/vsock.c native/src/vsock_tx.c native/src/vsock_int.h native/include/*.h
 	@mkdir -p $(FUZZ_BIN)
-	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_vsock.c native/src/virtq.c native/src/vsock.c -o $@
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_vsock.c native/src/virtq.c native/src/vsock.c native/src/vsock_tx.c -o $@
 
 $(FUZZ_BIN)/uring: native/fuzz/fuzz_uring.c native/fuzz/fuzz_common.h native/src/virtq.c native/src/blk.c native/src/uring.c native/include/*.h
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_uring.c native/src/virtq.c native/src/blk.c native/src/uring.c -o $@
 
 fuzz-build: fuzz-deps $(FUZZ_BIN)/virtq $(FUZZ_BIN)/blk $(FUZZ_BIN)/fast $(FUZZ_BIN)/net $(FUZZ_BIN)/vsock $(FUZZ_BIN)/uring $(PYTHON)
-	$(PYTHON) -m pip install -q -e '.[test,fuzz]'
+	$(PYTHON) -m pip install -q -e '.[test,fuzz]' --config-settings editable_mode=compat
 
 fuzz: fuzz-build
 	$(PYTHON) fuzz/run.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)

@@ -1,7 +1,8 @@
 """Boot figures, pyvmm side by side with `qemu-system-x86_64 -M microvm`:
 
 - start to first guest instruction: a tiny ELF (vmm.testing.tinyguest) whose first
-  instruction writes a byte to the UART; time from spawning the VMM until the
+  instruction writes a byte to the UART; time from spawning the VMM (the
+  `pyvmm` console script a user runs, bench.common.pyvmm_launcher) until the
   byte reaches its stdout;
 - start to "Run /init as init process" for the default guest, with the same
   kernel, initramfs and command line for both VMMs (QEMU enters vmlinux via

@@ -209,6 +209,61 @@ long bd_prw_loop(int fd, uint8_t *buf, uint64_t len, const uint64_t *offsets, ui
     return (long)n;
 }
 
+/* A limit at queue depth > 1 on a multi-core host: the pread/pwrite loop
+ * on `threads` threads, thread t doing requests t, t+threads, ... (each
+ * into its own `len` buffer at bufs + t*len), so up to `threads` are in
+ * flight, as many cores as the device path's two threads use.  Returns
+ * requests done or -errno. */
+struct prw_arg { int fd; uint8_t *buf; uint64_t len; const uint64_t *offs; uint64_t n, step;
+                 int write_; long r; };
+
+static void *prw_thread(void *arg)
+{
+    struct prw_arg *a = arg;
+    a->r = 0;
+    for (uint64_t i = 0; i < a->n; i += a->step) {
+        ssize_t r = a->write_ ? pwrite(a->fd, a->buf, a->len, (off_t)a->offs[i])
+                              : pread(a->fd, a->buf, a->len, (off_t)a->offs[i]);
+        if (r < 0 && errno == EINTR) {
+            i -= a->step;
+            continue;
+        }
+        if (r < 0) {
+            a->r = -errno;
+            break;
+        }
+    }
+    return NULL;
+}
+
+long bd_prw_threads(int fd, uint8_t *bufs, uint64_t len, const uint64_t *offsets, uint64_t n,
+                    int write_, uint32_t threads)
+{
+    pthread_t t[16];
+    struct prw_arg a[16];
+    uint32_t started = 0;
+    long r = (long)n;
+    if (threads < 1 || threads > 16)
+        return -EINVAL;
+    for (uint32_t k = 0; k < threads; k++) {
+        a[k] = (struct prw_arg){fd, bufs + k * len, len, offsets + k, k < n ? n - k : 0, threads,
+                                write_, 0};
+        if (k && pthread_create(&t[k], NULL, prw_thread, &a[k])) {
+            r = -EAGAIN;
+            break;
+        }
+        started = k + 1;
+    }
+    if (started)
+        prw_thread(&a[0]);      /* this thread is thread 0 */
+    for (uint32_t k = 1; k < started; k++)
+        pthread_join(t[k], NULL);
+    for (uint32_t k = 0; k < started && r >= 0; k++)
+        if (a[k].r < 0)
+            r = a[k].r;
+    return r;
+}
+
 /* The QD1 wake-up reference: `n` round trips between this thread and a
  * second one through two eventfds, each side sleeping in poll() as the
  * driver and pyvmm's I/O thread do (a kick one way, an interrupt back).

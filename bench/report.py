@@ -148,10 +148,11 @@ def norm_blk(d):
         kind, rw, qd = key.split()
         scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
         what = {"rand4k": "4 KiB random", "seq64k": "64 KiB sequential"}.get(kind, kind)
-        lim = d.get("limit", {}).get(key)
         goal = (">=", 0.8) if qd != "QD1" else (">=", 0.5)
         for path, st in paths.items():
             transport, engine = path.split()
+            # the plain programs timed next to this path's runs, if recorded
+            lim = d.get("limit_by_path", {}).get(key, {}).get(path) or d.get("limit", {}).get(key)
             rows.append(row("blk", f"virtio-blk real path ({transport}, {engine})",
                             f"{what} {rw}s, {qd}", unit, as_stats(st, scale),
                             f"plain {lim['how']} (limit)" if lim else None,
@@ -182,8 +183,9 @@ def norm_net(d):
         kind, dirn = key.split()
         scale, unit = (sizes.get(kind, 65535) * 8 / 1e9, "Gbit/s") if kind == "64k" else (1.0, "pkt/s")
         what = "64 KiB frames" if kind == "64k" else f"{sizes.get(kind, 60)}-byte frames"
-        lim = d.get("limit", {}).get(key)
         for transport, st in per.items():
+            lim = (d.get("limit_by_path", {}).get(key, {}).get(transport)
+                   or d.get("limit", {}).get(key))       # timed next to this transport's runs
             rows.append(row("net", f"virtio-net real path ({transport})", f"{dirn} {what}", unit,
                             as_stats(st, scale), f"plain tap {'write' if dirn == 'TX' else 'read'} loop (limit)",
                             as_stats(lim, scale) if lim else None, True, (">=", 0.8)))

@@ -71,10 +71,18 @@ def restore_once(d):
         p.kill()
         p.wait()
         t.join(10)
+    m = _restored(err, seen, "restore")
+    return (float(m.group(1)) - t_wall) * 1000, seen[b"42-answer"] * 1000, float(m.group(2))
+
+
+def _restored(err, seen, what):
+    """The VMM's --debug line "restore: vCPUs running at T (X ms after
+    Machine...)" from its stderr chunks `err`, once the guest has answered."""
     m = re.search(rb"restore: vCPUs running at ([0-9.]+) \(([0-9.]+) ms after Machine", b"".join(err))
     if m is None or b"42-answer" not in seen:
-        raise RuntimeError("restore did not run or answer: " + b"".join(err)[-300:].decode(errors="replace"))
-    return (float(m.group(1)) - t_wall) * 1000, seen[b"42-answer"] * 1000, float(m.group(2))
+        raise RuntimeError(f"{what} did not run or answer: "
+                           + b"".join(err)[-300:].decode(errors="replace"))
+    return m
 
 
 def api_load_once(d, n):
@@ -106,10 +114,7 @@ def api_load_once(d, n):
         p.kill()
         p.wait()
         t.join(10)
-    m = re.search(rb"restore: vCPUs running at ([0-9.]+)", b"".join(err))
-    if m is None or b"42-answer" not in seen:
-        raise RuntimeError("API restore did not run or answer: "
-                           + b"".join(err)[-300:].decode(errors="replace"))
+    m = _restored(err, seen, "API restore")
     return (float(m.group(1)) - t_wall) * 1000, answered_ms
 
 

@@ -18,15 +18,22 @@ straight into the driver's receive buffers (one 64 KiB + header descriptor
 each, 256 of them, re-posted in C as soon as used) and the driver returns
 credit with one CREDIT_UPDATE per 2 MiB.  Guest -> host: the driver posts
 RW packets of 64 KiB within the device's credit (256 KiB, the production
-value), the device sends them to the socket, a host thread reads them (C
+value), the device sends them to the socket (chains the socket cannot
+take yet wait in the ring until EPOLLOUT), a host thread reads them (C
 loop).  Reference: the same byte count through a socketpair, C loops on
 both ends, 64 KiB at a time, the guest's end on the bench's thread cycling
-through as many buffers as the device uses.  Ratio = device median ÷
+through as many buffers as the device uses, in the same kind of memory at
+the same offsets (see socketpair()).  Ratio = device median ÷
 socketpair median; runs alternate, and the per-run ratios are reported
 too (this machine is shared: wall-clock figures swing by 2x between runs).
 Also reported: the share of the bench thread's wall time spent inside the
 device's entry points, and that thread's CPU time against the socketpair's
-guest end's (a load-independent view of the device's cost per byte).
+guest end's, and the CPU of both ends (plus the host program's thread)
+against the socketpair's two threads (load-independent views of the cost
+per byte).  On a loaded machine the wall-clock ratio swings with the other
+load: the two setups are scheduled differently (the device's thread is
+woken through nested epoll, without the sync wake-up hint the
+socketpair's two threads hand each other).
 
 Idle: a device on an I/O loop for --idle seconds with one established but
 silent stream, and with none: CPU time of the whole process (all threads)
@@ -127,6 +134,7 @@ class RxRing:
         self.mem = mem
         self.n = q.size
         self.buf = d.alloc((HDR_LEN + PKT) * self.n, 4096)
+        mem.write(self.buf, bytes((HDR_LEN + PKT) * self.n))   # faulted in, as a guest's are
         for k in range(self.n):
             q.write_desc(k, self.buf + (HDR_LEN + PKT) * k, HDR_LEN + PKT, VRING_DESC_F_WRITE)
         q.free = []
@@ -145,6 +153,17 @@ class RxRing:
         if n:                         # struct virtio_vsock_hdr: le32 fwd_cnt at byte 40
             fwd = self.mem.read_int(self.buf + (HDR_LEN + PKT) * head + 40, 4)
         return got, fwd
+
+
+def host_end(res, *args):
+    """A host program's end of the stream (pv_bench_stream, a C loop, GIL
+    released) on its own thread: res["n"] = bytes moved, res["cpu"] = that
+    thread's CPU seconds."""
+    def run():
+        c0 = time.thread_time()
+        res["n"] = lib.pv_bench_stream(*args)
+        res["cpu"] = time.thread_time() - c0
+    return threading.Thread(target=run)
 
 
 class DevClock:
@@ -172,8 +191,7 @@ def host_to_guest(tmp, total):
         ring = r.ring
         buf = ffi.new("uint8_t[]", PKT)
         res = {}
-        th = threading.Thread(target=lambda: res.setdefault(
-            "w", lib.pv_bench_stream(r.host.fileno(), buf, PKT, total, 1, 0, 1)))
+        th = host_end(res, r.host.fileno(), buf, PKT, total, 1, 0, 1)
         clock = DevClock()
         poll, harvest = clock.wrap(r.dev.poll), ring.harvest
         fd = r.dev.fileno
@@ -195,7 +213,7 @@ def host_to_guest(tmp, total):
         dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
         th.join()
         assert got == total, (got, total)
-        return total / dt, clock.dev / dt, cpu
+        return total / dt, clock.dev / dt, cpu, res["cpu"]
     finally:
         r.close()
 
@@ -209,8 +227,7 @@ def guest_to_host(tmp, total):
         base = d.alloc((HDR_LEN + PKT) * nslots, 4096)
         buf = ffi.new("uint8_t[]", PKT)
         res = {}
-        th = threading.Thread(target=lambda: res.setdefault(
-            "r", lib.pv_bench_stream(r.host.fileno(), buf, PKT, total, 0, 0, 1)))
+        th = host_end(res, r.host.fileno(), buf, PKT, total, 0, 0, 1)
         credit_buf = r.dev.mux.buf_alloc
         # chains k: descriptors 2k (header) and 2k+1 (payload), reused forever
         q.get_used()
@@ -247,8 +264,8 @@ def guest_to_host(tmp, total):
             ring.harvest()
         th.join()
         dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
-        assert res["r"] == total, res
-        return total / dt, clock.dev / dt, cpu
+        assert res["n"] == total, res
+        return total / dt, clock.dev / dt, cpu, res["cpu"]
     finally:
         r.close()
 
@@ -257,12 +274,22 @@ def socketpair(total, direction):
     """The same bytes through a socketpair; the guest's end cycles through as
     many 64 KiB buffers as the device uses (256 receive buffers for
     host_to_guest, 8 transmit payloads for guest_to_host), so both see the
-    same memory (one hot buffer would flatter the reference).  The guest's
-    end runs on the calling thread, as the device does: returns (bytes/s,
-    CPU seconds of that thread)."""
+    same memory (one hot buffer would flatter the reference): memory mapped
+    as guest RAM is (pv_alloc_ram: 2 MiB aligned, transparent huge pages),
+    faulted in, each payload HDR_LEN bytes into a slot of HDR_LEN + 64 KiB
+    as in the device runs (and in a Linux 6.1 guest, whose packets are one
+    skb: header, then payload).  That alignment matters: the kernel's copy
+    from a source 44 bytes past a page boundary costs ~20% more CPU here
+    than from a malloc'd buffer.  The guest's end runs on the calling
+    thread, as the device does: returns (bytes/s, CPU seconds of that
+    thread)."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     nslots = 256 if direction == "host_to_guest" else 8
-    one, many = ffi.new("uint8_t[]", PKT), ffi.new("uint8_t[]", (HDR_LEN + PKT) * nslots)
+    size = -(-(HDR_LEN + PKT) * nslots // (2 * MiB)) * 2 * MiB
+    ram = lib.pv_alloc_ram(size, 2 * MiB, 1)
+    assert ram != ffi.NULL
+    ffi.memmove(ram, bytes(size), size)
+    one, many = ffi.new("uint8_t[]", PKT), ffi.cast("uint8_t *", ram) + HDR_LEN
     try:
         if direction == "host_to_guest":   # host writes one buffer, guest reads into many
             host = (a.fileno(), one, PKT, total, 1, 0, 1)
@@ -270,18 +297,20 @@ def socketpair(total, direction):
         else:                              # guest writes from many, host reads into one
             guest = (a.fileno(), many, PKT, total, 1, HDR_LEN + PKT, nslots)
             host = (b.fileno(), one, PKT, total, 0, 0, 1)
-        th = threading.Thread(target=lib.pv_bench_stream, args=host)
+        res = {}
+        th = host_end(res, *host)
         t0, c0 = time.perf_counter(), time.thread_time()
         th.start()
         n = lib.pv_bench_stream(*guest)
         cpu = time.thread_time() - c0
         th.join()
         dt = time.perf_counter() - t0
-        assert n == total
-        return total / dt, cpu
+        assert n == total and res["n"] == total
+        return total / dt, cpu, res["cpu"]
     finally:
         a.close()
         b.close()
+        lib.pv_free_ram(ram, size)
 
 
 def idle_cpu(tmp, seconds, connected):
@@ -313,26 +342,28 @@ def main(argv=None):
     out = {"mib": args.mib}
     with tempfile.TemporaryDirectory(prefix="pyvmm-bench-vsock-") as tmp:
         for name, fn in (("host_to_guest", host_to_guest), ("guest_to_host", guest_to_host)):
-            dev, ref, share, paired, cpu = [], [], [], [], []
+            dev, ref, share, paired, cpu, cpu2 = [], [], [], [], [], []
             for _ in range(args.reps):     # interleaved: the machine's load hits both alike
-                rate, busy, c_dev = fn(tmp, total)
-                rate_ref, c_ref = socketpair(total, name)
+                rate, busy, c_dev, h_dev = fn(tmp, total)
+                rate_ref, c_ref, h_ref = socketpair(total, name)
                 dev.append(rate / 1e6)
                 ref.append(rate_ref / 1e6)
                 share.append(busy)
                 paired.append(rate / rate_ref)
                 cpu.append(c_dev / c_ref)
+                cpu2.append((c_dev + h_dev) / (c_ref + h_ref))
             s_dev, s_ref = stats(dev), stats(ref)
             ratio = s_dev["median"] / s_ref["median"]
             out[name] = {"device": s_dev, "socketpair": s_ref, "ratio": ratio,
                          "paired_ratio": stats(paired), "device_share": stats(share),
-                         "cpu_ratio": stats(cpu)}
+                         "cpu_ratio": stats(cpu), "cpu_both_ends_ratio": stats(cpu2)}
             print(f"vsock {name:14s} device {fmt(s_dev, ' MB/s')}   socketpair "
                   f"{fmt(s_ref, ' MB/s')}   ratio {ratio:.2f} (goal >= 0.8; paired runs "
                   f"{fmt(stats(paired), '', digits=2)})")
             print(f"      {'':14s} bench thread: inside the device {fmt(stats(share), ' %', 100, 2)} "
                   f"of its time; its CPU / the socketpair guest end's CPU "
-                  f"{fmt(stats(cpu), '', digits=2)}")
+                  f"{fmt(stats(cpu), '', digits=2)}; both ends' CPU (+ the host "
+                  f"program's thread) / the socketpair's {fmt(stats(cpu2), '', digits=2)}")
         for label, connected in (("no connection", False), ("one idle stream", True)):
             cpu = [idle_cpu(tmp, args.idle, connected) for _ in range(max(1, args.reps // 2))]
             out["idle_cpu_fraction" + ("" if connected else "_no_connection")] = stats(cpu)

@@ -16,6 +16,7 @@ for t in "${@:-virtq blk net vsock uring}"; do
     wrap=""
     if [ "$t" = uring ]; then src="$src native/src/blk.c"; fi
     if [ "$t" != virtq ]; then src="$src native/src/$t.c"; wrap="-Wl,--wrap=pv_vq_pop,--wrap=pv_vq_push"; fi
+    if [ "$t" = vsock ]; then src="$src native/src/vsock_tx.c"; fi
     clang -O0 -g -std=gnu11 -fprofile-instr-generate -fcoverage-mapping -Inative/include $wrap \
       native/fuzz/replay_main.c "native/fuzz/fuzz_$t.c" $src -o "$out/$t"
     dirs=""

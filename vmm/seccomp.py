@@ -190,30 +190,68 @@ def _tracebacks_without_source():
     linecache.getline = lambda filename, lineno, module_globals=None: ""
 
 
+_compiled = {}          # kind -> (BPF program cdata, its size), made by build()
+
+
+def _rules(kind):
+    from vmm.native import ffi
+    entries = sorted(set(ALLOW[kind]))
+    rules = [parse_entry(e) for e in entries]
+    cnames = [ffi.new("char[]", n.encode()) for n, _, _ in rules]
+    return (entries, cnames, ffi.new("const char *[]", cnames),
+            ffi.new("int[]", [i for _, i, _ in rules]),
+            ffi.new("uint64_t[]", [v for _, _, v in rules]), len(rules))
+
+
+def _check(r, kind, entries, bad):
+    import os
+    from vmm.native import lib
+    if r == -lib.PV_SECCOMP_E_NAME:
+        raise SeccompError(f"seccomp: {entries[bad[0]]!r} is not a system call on this machine")
+    if r < 0:
+        raise SeccompError(f"seccomp: cannot install the {kind} filter: {os.strerror(-r)} "
+                           "(--no-seccomp runs without)")
+
+
+def build(kind):
+    """Build the filter of `kind` now (libseccomp, a few ms) and keep its BPF
+    program, so that apply(kind) later costs one system call: done while the
+    API client configures the VM, it keeps the builds off the path from
+    InstanceStart to the guest's first instruction."""
+    from vmm.native import ffi, lib
+    if kind not in ALLOW:
+        raise SeccompError(f"seccomp: unknown thread kind {kind!r}")
+    if kind not in _compiled:
+        entries, _keep, arr, idx, val, n = _rules(kind)
+        bad = ffi.new("int *")
+        out = ffi.new("char[]", 65536)
+        r = lib.pv_seccomp_compile(arr, idx, val, n, bad, out, len(out))
+        _check(r, kind, entries, bad)
+        _compiled[kind] = (out, r)       # the cdata stays alive with the entry
+    return _compiled[kind]
+
+
+def prepare(kinds=None):
+    """preload() and build() each kind (all by default)."""
+    for kind in (ALLOW if kinds is None else kinds):
+        preload(kind)
+        build(kind)
+
+
 def apply(kind):
     """Confine the calling thread to ALLOW[kind] if enable() was called;
     cannot be undone."""
     import os
-    from vmm.native import ffi, lib
+    from vmm.native import lib
     if kind not in ALLOW:
         raise SeccompError(f"seccomp: unknown thread kind {kind!r}")
     if not _enabled:
         return
     preload(kind)
     _tracebacks_without_source()
-    entries = sorted(set(ALLOW[kind]))
-    rules = [parse_entry(e) for e in entries]
-    cnames = [ffi.new("char[]", n.encode()) for n, _, _ in rules]
-    arr = ffi.new("const char *[]", cnames)
-    idx = ffi.new("int[]", [i for _, i, _ in rules])
-    val = ffi.new("uint64_t[]", [v for _, _, v in rules])
-    bad = ffi.new("int *")
-    r = lib.pv_seccomp_apply(kind.encode(), arr, idx, val, len(rules), bad)
-    if r == -lib.PV_SECCOMP_E_NAME:
-        raise SeccompError(f"seccomp: {entries[bad[0]]!r} is not a system call on this machine")
-    if r < 0:
-        raise SeccompError(f"seccomp: cannot install the {kind} filter: {os.strerror(-r)} "
-                           "(--no-seccomp runs without)")
+    prog, size = build(kind)
+    r = lib.pv_seccomp_install(kind.encode(), prog, size)
+    _check(r, kind, (), None)
     if os.environ.get(SELFTEST_ENV) == kind:
         os.sync()
 

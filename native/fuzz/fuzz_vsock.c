@@ -13,9 +13,15 @@
  * poll, the application writes / reads / half-closes, a second vCPU writes
  * guest memory, queue an RST, flush a connection, post an event.
  * Invariants, besides fuzz_common.h's pop/push tracking:
- * - per connection, pend_len == rx_cnt - fwd_cnt <= buf_alloc (we never hold
- *   more than the credit we advertised), and fwd_cnt counts exactly the
- *   bytes the application received;
+ * - per connection, pend_len + held_bytes == rx_cnt - fwd_cnt <= buf_alloc
+ *   (we never keep more than the credit we advertised; a stream being reset
+ *   may have dropped some), and fwd_cnt counts exactly the bytes the
+ *   application received;
+ * - held transmit chains: per connection at most PV_VSOCK_HOLD_CONN, their
+ *   bytes add up, the device's count and descriptor bound hold, and they
+ *   are completed only into the transmit queue, each a head the device took
+ *   and had not completed (fuzz_common.h's push tracking), also when a
+ *   poll, a flush or a reset completes them outside pv_vsock_tx;
  * - tx_cnt counts exactly the bytes taken from the application's stream,
  *   and one receive pass never sends more than the guest's credit;
  * - the device reports end of stream only after the application shut down
@@ -52,13 +58,33 @@ static void app_drain(int i)
 
 static void check_conns(void)
 {
+    uint32_t nheld = 0;
     for (int i = 0; i < NCONN; i++) {
         struct pv_vsock_conn *k = &conns[i];
         if (k->state == PV_VSOCK_ST_FREE)
             continue;
-        FZ_CHECK(k->pend_len == (uint32_t)(k->rx_cnt - k->fwd_cnt) && k->pend_len <= k->buf_alloc,
-                 "conn %d: pend_len %u rx_cnt %u fwd_cnt %u buf_alloc %u", i, k->pend_len,
-                 k->rx_cnt, k->fwd_cnt, k->buf_alloc);
+        uint32_t unsent = (uint32_t)(k->rx_cnt - k->fwd_cnt);
+        uint64_t waiting = (uint64_t)k->pend_len + k->held_bytes;
+        int resetting = k->state == PV_VSOCK_ST_DEAD || k->pending & PV_VSOCK_P_RST;
+        FZ_CHECK((resetting ? waiting <= unsent : waiting == unsent) && unsent <= k->buf_alloc,
+                 "conn %d: pend_len %u + held %u, rx_cnt %u fwd_cnt %u buf_alloc %u", i,
+                 k->pend_len, k->held_bytes, k->rx_cnt, k->fwd_cnt, k->buf_alloc);
+        FZ_CHECK(k->held_n <= PV_VSOCK_HOLD_CONN, "conn %d holds %u chains", i, k->held_n);
+        uint64_t hb = 0;
+        uint32_t j = k->held_first;
+        for (uint32_t n = 0; n < k->held_n; n++) {
+            FZ_CHECK(j < PV_VSOCK_HOLD_MAX, "conn %d: held index %u", i, j);
+            const struct pv_vsock_held *e = &vs.held[j];
+            FZ_CHECK(e->off < e->len && e->niov >= 1 && e->niov <= PV_VSOCK_HOLD_IOV,
+                     "conn %d: held chain off %u len %u niov %u", i, e->off, e->len, e->niov);
+            FZ_CHECK(fz_tr.outstanding[fz_qi(vs.txq)][e->head] > 0,
+                     "conn %d holds head %u, which is not outstanding", i, e->head);
+            hb += e->len - e->off;
+            nheld++;
+            j = e->next;
+        }
+        FZ_CHECK(hb == k->held_bytes, "conn %d: held chains have %llu bytes, held_bytes %u", i,
+                 (unsigned long long)hb, k->held_bytes);
         int queued = 0;
         FZ_CHECK(ioctl(app[i], FIONREAD, &queued) == 0, "FIONREAD");
         FZ_CHECK(k->fwd_cnt == (uint32_t)(app_read[i] + (uint64_t)queued),
@@ -73,6 +99,18 @@ static void check_conns(void)
             FZ_CHECK(app_shut[i], "conn %d: end of stream reported, the application never "
                      "shut down (tx_cnt %u)", i, k->tx_cnt);
     }
+    FZ_CHECK(nheld == vs.nheld, "device holds %u chains, connections %u", vs.nheld, nheld);
+    FZ_CHECK(!vs.txq || vs.held_desc <= vs.txq->size / 2, "held descriptors %u, queue size %u",
+             vs.held_desc, vs.txq->size);
+}
+
+/* Completions of held chains made outside pv_vsock_tx (poll, flush, a
+ * reset, the receive pump resetting a stream) land in the transmit queue:
+ * allow them, as vmm/virtio/vsock.py signals them, and check the count. */
+static void held_completions(uint16_t from)
+{
+    fz_allow_used(vs.txq, from, vs.tx_pushed);
+    vs.tx_pushed = 0;
 }
 
 static void setup(const uint8_t *data, size_t size)
@@ -175,7 +213,7 @@ static void python_side(const struct pv_vsock_result *res)
 static void run_engine(struct pv_vq *vq, int tx)
 {
     struct pv_vsock_result res;
-    uint16_t from = vq->used_idx;
+    uint16_t from = vq->used_idx, from_tx = vs.txq->used_idx;
     int broken = vq->broken;
     uint32_t credit[NCONN], tx_cnt[NCONN];
     for (int i = 0; i < NCONN; i++) {
@@ -192,8 +230,17 @@ static void run_engine(struct pv_vq *vq, int tx)
         FZ_CHECK(res.completed == 0 && r == -broken, "broken queue used");
     if (r < 0)
         FZ_CHECK(vq->broken == -r, "error %d but queue not broken", r);
-    if (tx && res.state == 1)
+    if (tx)
+        FZ_CHECK(vs.tx_pushed == 0, "pv_vsock_tx left %u completions undecided", vs.tx_pushed);
+    else if (vq == vs.txq)
+        vs.tx_pushed = 0;                          /* (counted in res.completed) */
+    else
+        held_completions(from_tx);
+    if (tx && res.state == 1) {
+        from_tx = vs.txq->used_idx;
         python_side(&res);
+        held_completions(from_tx);
+    }
     if (!tx)
         for (int i = 0; i < NCONN; i++)
             FZ_CHECK((uint32_t)(conns[i].tx_cnt - tx_cnt[i]) <= credit[i],
@@ -218,6 +265,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                    fz_gpa((uint16_t)fz_hdr(data, size, 20, 2), 0), vq.flags) == 0)
         rxq = &rxq_own;
     setup(data, size);
+    vs.txq = &vq;                                  /* as vmm/virtio/vsock.py's activate */
     fz_ops_init(&in, data, size);
     for (int step = 0; step < MAX_OPS && fz_ops_left(&in); step++) {
         uint8_t op = (uint8_t)fz_take(&in, 1);
@@ -231,9 +279,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 3:
             run_engine(rxq, 0);
             break;
-        case 4:
+        case 4: {
+            uint16_t from = vq.used_idx;
             pv_vsock_poll(&vs, &res);
+            held_completions(from);
             break;
+        }
         case 5: {                                  /* the application writes */
             size_t len = (size_t)fz_take(&in, 2) | (op & 0x80 ? 0x10000 : 0);
             memset(buf, (int)fz_take(&in, 1), len);
@@ -257,9 +308,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             case 0:
                 pv_vsock_queue_rst(&vs, (uint32_t)fz_take(&in, 4), (uint32_t)fz_take(&in, 4));
                 break;
-            case 1:
+            case 1: {
+                uint16_t from = vq.used_idx;
                 pv_vsock_flush(&vs, (uint32_t)i);
+                held_completions(from);
                 break;
+            }
             default: {
                 uint16_t from = rxq->used_idx;
                 int r = pv_vsock_event(rxq, &chain, (uint32_t)fz_take(&in, 4));
@@ -270,6 +324,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         check_conns();
     }
     fz_track_check_mem();
+    vs.txq = NULL;                                 /* the queue goes: held chains are dropped */
     teardown();
     return 0;
 }

@@ -174,6 +174,11 @@ def blk_seeds():
                     req(g2, **r)
                 g2.ops = g.ops
                 write("fast", name + "-poll", g2.bytes())
+                g3 = Guest(extra=b"\x08\x00\x00\x04")     # bit2: MSI-X (no ISR bit)
+                for r in reqs:
+                    req(g3, **r)
+                g3.ops = g.ops
+                write("fast", name + "-msix", g3.bytes())
             if not extra:       # the io_uring engine: submit, reap, reap waiting for all
                 g.ops = b""
                 g.op(0, 2, 0x82, 3, (0x400, 2), (3, 1), (0, 8), 0, 0x82)

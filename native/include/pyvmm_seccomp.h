@@ -9,8 +9,9 @@
 /* errors (returned negated; otherwise -errno from libseccomp) */
 #define PV_SECCOMP_E_NAME 1000       /* a name is not a system call on this arch */
 
-int pv_seccomp_apply(const char *kind, const char *const *names, const int *arg_index,
-                     const uint64_t *arg_value, int n, int *bad_index);
+int pv_seccomp_compile(const char *const *names, const int *arg_index,
+                       const uint64_t *arg_value, int n, int *bad_index, void *out, int cap);
+int pv_seccomp_install(const char *kind, const void *prog, int len);
 int pv_seccomp_resolve(const char *name);
 int pv_seccomp_active(void);
 

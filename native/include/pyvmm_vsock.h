@@ -16,6 +16,16 @@
 #define PV_VSOCK_BUDGET 256          /* chains per call and direction */
 #define PV_VSOCK_RSTQ 256            /* RSTs for packets without a connection */
 #define PV_VSOCK_MAX_EVENTS 64
+/* Transmit chains the device keeps (their payload not yet taken by the host
+ * socket, §2.6: the device may use buffers in any order and hold them):
+ * per connection at most HOLD_CONN chains, per device at most half the
+ * queue's descriptors (so a stalled host reader never takes the whole ring
+ * from other connections) and HOLD_MAX chains; a chain with more than
+ * HOLD_IOV payload segments is copied instead. */
+#define PV_VSOCK_HOLD_MAX 256
+#define PV_VSOCK_HOLD_CONN 32
+#define PV_VSOCK_HOLD_IOV 8
+#define PV_VSOCK_NONE 0xFFFFFFFFu
 
 /* §5.10.6 ops, type, shutdown flags */
 #define PV_VSOCK_OP_INVALID 0
@@ -47,6 +57,7 @@
 #define PV_VSOCK_C_IN_EPOLL 128
 #define PV_VSOCK_C_CLOSE_AFTER_FLUSH 256 /* guest shut both ways: RST once flushed */
 #define PV_VSOCK_C_CREDIT_ASKED 512  /* CREDIT_REQUEST sent, not yet answered */
+#define PV_VSOCK_C_HELD_NEW 1024     /* chains held in this transmit batch, not yet tried */
 
 /* pv_vsock_conn.pending: packets to emit, in this order */
 #define PV_VSOCK_P_REQUEST 1
@@ -73,9 +84,27 @@ struct pv_vsock_conn {
     uint32_t peer_buf_alloc;
     uint32_t peer_fwd_cnt;
     uint32_t tx_cnt;                 /* RW bytes sent to the guest */
+    /* Bytes accepted from the guest but not yet taken by the socket
+     * (rx_cnt - fwd_cnt, never above buf_alloc), in stream order: first
+     * `pend` (copied), then the held transmit chains (still in guest RAM). */
     uint8_t *pend;                   /* ring of buf_alloc bytes the socket could not take */
     uint32_t pend_head;
     uint32_t pend_len;
+    uint32_t held_first, held_last;  /* pv_vsock.held indexes (valid when held_n) */
+    uint32_t held_n;
+    uint32_t held_bytes;             /* payload of held chains not yet sent */
+};
+
+/* A transmit chain kept until the host socket takes its payload; then it
+ * goes to the used ring (len 0: nothing written, §5.10.6.2). */
+struct pv_vsock_held {
+    uint32_t next;                   /* the connection's next held chain, or PV_VSOCK_NONE */
+    uint16_t head;
+    uint16_t niov;
+    uint32_t nseg;                   /* descriptors of the chain (for the device's bound) */
+    uint32_t len;                    /* payload bytes */
+    uint32_t off;                    /* of which the socket took this many */
+    struct iovec iov[PV_VSOCK_HOLD_IOV];   /* the payload, inside guest RAM */
 };
 
 struct pv_vsock_rst {
@@ -98,6 +127,17 @@ struct pv_vsock {
     /* rx_*: RW packets from the guest (its transmit queue); tx_*: RW packets to it */
     uint64_t rx_pkts, rx_bytes, tx_pkts, tx_bytes, rst_sent, malformed, rst_dropped;
     uint64_t backlog_bytes;      /* guest bytes the host socket could not take at once (copied) */
+    uint64_t held_chains;        /* transmit chains kept in the ring until the socket took them */
+    /* Held transmit chains: a pool with a free list (built on first use:
+     * a zeroed struct is ready).  txq is the transmit queue they complete
+     * to (set by the owner when the queue is live, NULL when it is gone:
+     * held chains are then dropped, never completed); tx_pushed counts
+     * completions made outside pv_vsock_tx, whose interrupt the owner
+     * decides (pv_vq_need_interrupt) and then resets it. */
+    struct pv_vq *txq;
+    uint32_t tx_pushed;
+    uint32_t held_ready, held_free, nheld, held_desc;
+    struct pv_vsock_held held[PV_VSOCK_HOLD_MAX];
 };
 
 #define PV_VSOCK_EP_CONN (1ULL << 32)
@@ -126,6 +166,10 @@ long pv_vsock_conn_open(struct pv_vsock *vs, uint32_t slot, int fd, uint32_t loc
 long pv_vsock_conn_start(struct pv_vsock *vs, uint32_t slot);
 void pv_vsock_conn_free(struct pv_vsock *vs, uint32_t slot);
 long pv_vsock_flush(struct pv_vsock *vs, uint32_t slot);
+/* Copy every held chain's unsent payload into its connection's pend ring and
+ * complete the chains (before a snapshot takes the rings' state); returns
+ * the number completed. */
+uint32_t pv_vsock_unhold(struct pv_vsock *vs);
 void pv_vsock_queue_rst(struct pv_vsock *vs, uint32_t src_port, uint32_t dst_port);
 int pv_vsock_event(struct pv_vq *vq, struct pv_chain *c, uint32_t id);
 /* a CLOCK_MONOTONIC timerfd (non-blocking) and a one-shot arm in ms; -errno on failure */

@@ -109,7 +109,10 @@ static uint64_t adapt_poll(struct pv_fast_queue *q)
  * the fd's handler (the queue is disabled, or its engine just failed).
  *
  * SAFETY: q->vq, q->blk, q->chain and q->irq are valid while `enabled` is
- * set and `busy` is held (see the handshake above); every guest address the
+ * set and `busy` is held (see the handshake above), and so is q->irq->fd:
+ * with MSI-X it is the queue's vector's irqfd, which Python only hands over
+ * while that vector is live (enabled, unmasked, routed) and changes only
+ * after pv_fast_disable(), so no message goes out on a masked vector; every guest address the
  * engine reads from the ring is range-checked by pv_vq_pop() against the
  * pv_mem regions (native/src/virtq.c), so a hostile ring can break the
  * queue (error) but never make us touch memory outside guest RAM. */
@@ -130,7 +133,10 @@ int pv_fast_handle(struct pv_fast_queue *q)
         q->requests += res.completed;
         q->ioerr += res.ioerr;
         if (res.interrupt) {
-            __atomic_fetch_or(&q->irq->isr, q->isr_bit, __ATOMIC_SEQ_CST);
+            /* isr_bit 0: an MSI-X vector's irqfd (modern virtio-pci), which
+             * sets no ISR bit for a used buffer (§4.1.4.5) */
+            if (q->isr_bit)
+                __atomic_fetch_or(&q->irq->isr, q->isr_bit, __ATOMIC_SEQ_CST);
             __atomic_fetch_add(&q->irq->count, 1, __ATOMIC_RELAXED);
             poke(q->irq->fd);
         }

@@ -1,14 +1,9 @@
 /* virtio-vsock data path (virtio 1.1 §5.10.6) for Firecracker's hybrid
  * vsock: guest streams are mapped 1:1 onto host Unix stream sockets.
  *
- * Transmit queue (guest -> host): each chain is a 44-byte header followed by
- * the payload, all device-readable, in any number of descriptors.  RW packets
- * of established connections and CREDIT_UPDATEs are handled here: the payload
- * goes to the host socket with one sendmsg straight from guest memory; what
- * the socket cannot take now is kept in the connection's `pend` ring (at most
- * buf_alloc bytes, which is exactly the credit we advertised, §5.10.6.3), and
- * fwd_cnt only counts bytes the socket really took.  Any other packet stops
- * the batch and is handed to Python (res->hdr) so ordering is preserved.
+ * Transmit queue (guest -> host): native/src/vsock_tx.c (RW chains held
+ * until the host socket takes them, the backlog, CREDIT_UPDATEs; other
+ * packets go to Python).
  *
  * Receive queue (host -> guest): one pump over the connections emits, per
  * connection and in this order, REQUEST/RESPONSE, data read from the socket
@@ -31,123 +26,7 @@
 #include <unistd.h>
 
 #include "pyvmm_native.h"
-
-struct hdr {
-    uint64_t src_cid, dst_cid;
-    uint32_t src_port, dst_port, len;
-    uint16_t type, op;
-    uint32_t flags, buf_alloc, fwd_cnt;
-} __attribute__((packed));
-
-_Static_assert(sizeof(struct hdr) == PV_VSOCK_HDR_LEN, "virtio_vsock_hdr is 44 bytes");
-
-/* Copy `len` bytes from byte offset `off` of the chain's segments [first, last). */
-static void segs_get(const struct pv_chain *c, uint32_t first, uint32_t last, uint64_t off,
-                     void *dst, uint64_t len)
-{
-    uint8_t *p = dst;
-    for (uint32_t i = first; i < last && len; i++) {
-        uint64_t l = c->iov[i].iov_len;
-        if (off >= l) {
-            off -= l;
-            continue;
-        }
-        uint64_t take = l - off < len ? l - off : len;
-        memcpy(p, (uint8_t *)c->iov[i].iov_base + off, take);
-        p += take;
-        len -= take;
-        off = 0;
-    }
-}
-
-static void segs_put(const struct pv_chain *c, uint32_t first, uint32_t last, uint64_t off,
-                     const void *src, uint64_t len)
-{
-    const uint8_t *p = src;
-    for (uint32_t i = first; i < last && len; i++) {
-        uint64_t l = c->iov[i].iov_len;
-        if (off >= l) {
-            off -= l;
-            continue;
-        }
-        uint64_t take = l - off < len ? l - off : len;
-        memcpy((uint8_t *)c->iov[i].iov_base + off, p, take);
-        p += take;
-        len -= take;
-        off = 0;
-    }
-}
-
-/* iov = the chain's segments [first, last) from byte `off`, at most `len`
- * bytes.  Returns the number of iovecs (at most last - first). */
-static int segs_slice(const struct pv_chain *c, uint32_t first, uint32_t last, uint64_t off,
-                      uint64_t len, struct iovec *iov)
-{
-    int n = 0;
-    for (uint32_t i = first; i < last && len; i++) {
-        uint64_t l = c->iov[i].iov_len;
-        if (off >= l) {
-            off -= l;
-            continue;
-        }
-        uint64_t take = l - off < len ? l - off : len;
-        iov[n].iov_base = (uint8_t *)c->iov[i].iov_base + off;
-        iov[n].iov_len = take;
-        n++;
-        len -= take;
-        off = 0;
-    }
-    return n;
-}
-
-static struct pv_vsock_conn *find_conn(struct pv_vsock *vs, uint32_t local, uint32_t peer)
-{
-    static __thread uint32_t last;
-    if (last < vs->nslots) {
-        struct pv_vsock_conn *k = &vs->conns[last];
-        if (k->state != PV_VSOCK_ST_FREE && k->local_port == local && k->peer_port == peer)
-            return k;
-    }
-    for (uint32_t i = 0; i < vs->nslots; i++) {
-        struct pv_vsock_conn *k = &vs->conns[i];
-        if (k->state != PV_VSOCK_ST_FREE && k->local_port == local && k->peer_port == peer) {
-            last = i;
-            return k;
-        }
-    }
-    return NULL;
-}
-
-static uint32_t slot_of(struct pv_vsock *vs, struct pv_vsock_conn *k)
-{
-    return (uint32_t)(k - vs->conns);
-}
-
-static void ep_set(struct pv_vsock *vs, struct pv_vsock_conn *k, int out)
-{
-    struct epoll_event ev = {
-        .events = EPOLLIN | EPOLLRDHUP | EPOLLET | (out ? EPOLLOUT : 0),
-        .data.u64 = PV_VSOCK_EP_CONN | slot_of(vs, k),
-    };
-    int op = k->flags & PV_VSOCK_C_IN_EPOLL ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
-    if (epoll_ctl(vs->epfd, op, k->fd, &ev) == 0) {
-        k->flags |= PV_VSOCK_C_IN_EPOLL;
-        k->flags = out ? k->flags | PV_VSOCK_C_EPOLLOUT : k->flags & ~PV_VSOCK_C_EPOLLOUT;
-    }
-}
-
-static void ep_del(struct pv_vsock *vs, struct pv_vsock_conn *k)
-{
-    if (k->flags & PV_VSOCK_C_IN_EPOLL)
-        epoll_ctl(vs->epfd, EPOLL_CTL_DEL, k->fd, NULL);
-    k->flags &= ~(PV_VSOCK_C_IN_EPOLL | PV_VSOCK_C_EPOLLOUT);
-}
-
-/* Send RST and forget the connection (Python closes the socket when it reaps). */
-static void conn_reset(struct pv_vsock_conn *k)
-{
-    k->pending = PV_VSOCK_P_RST;
-}
+#include "vsock_int.h"
 
 static void mark_dead(struct pv_vsock *vs, struct pv_vsock_conn *k)
 {
@@ -156,175 +35,6 @@ static void mark_dead(struct pv_vsock *vs, struct pv_vsock_conn *k)
         k->state = PV_VSOCK_ST_DEAD;
         vs->ndead++;
     }
-}
-
-static void maybe_credit_update(struct pv_vsock *vs, struct pv_vsock_conn *k)
-{
-    if ((uint32_t)(k->fwd_cnt - k->last_fwd_sent) >= vs->credit_threshold)
-        k->pending |= PV_VSOCK_P_CREDIT_UPDATE;
-}
-
-/* Once the guest shut its sending side and everything reached the socket:
- * pass the end of stream on (SHUT_WR), and if it shut both ways, finish
- * with RST (what Linux's close() waits for). */
-static void after_flush(struct pv_vsock *vs, struct pv_vsock_conn *k)
-{
-    if (k->pend_len)
-        return;
-    if (k->flags & PV_VSOCK_C_PEER_SHUT_SEND && !(k->flags & PV_VSOCK_C_WR_SHUT)) {
-        shutdown(k->fd, SHUT_WR);
-        k->flags |= PV_VSOCK_C_WR_SHUT;
-    }
-    if (k->flags & PV_VSOCK_C_CLOSE_AFTER_FLUSH)
-        conn_reset(k);
-}
-
-/* Write as much of `pend` as the socket takes.  Returns 0, or -1 when the
- * socket is gone (the connection is then reset). */
-static int flush_pend(struct pv_vsock *vs, struct pv_vsock_conn *k)
-{
-    while (k->pend_len) {
-        struct iovec iov[2];
-        uint32_t first = k->buf_alloc - k->pend_head;
-        if (first > k->pend_len)
-            first = k->pend_len;
-        iov[0].iov_base = k->pend + k->pend_head;
-        iov[0].iov_len = first;
-        iov[1].iov_base = k->pend;
-        iov[1].iov_len = k->pend_len - first;
-        struct msghdr m = { .msg_iov = iov, .msg_iovlen = iov[1].iov_len ? 2 : 1 };
-        ssize_t n = sendmsg(k->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN)
-                break;
-            conn_reset(k);
-            return -1;
-        }
-        k->pend_head = (uint32_t)((k->pend_head + (uint64_t)n) % k->buf_alloc);
-        k->pend_len -= (uint32_t)n;
-        k->fwd_cnt += (uint32_t)n;
-    }
-    maybe_credit_update(vs, k);
-    int want_out = k->pend_len != 0;
-    if (!!(k->flags & PV_VSOCK_C_EPOLLOUT) != want_out && k->flags & PV_VSOCK_C_IN_EPOLL)
-        ep_set(vs, k, want_out);
-    after_flush(vs, k);
-    return 0;
-}
-
-/* Append `len` bytes of a chain (from byte `off` of its readable segments)
- * to `pend`.
- * SAFETY: the caller checked rx_cnt - fwd_cnt + len <= buf_alloc, and
- * pend_len == rx_cnt - fwd_cnt, so the ring has room for all of it. */
-static void pend_append(struct pv_vsock_conn *k, const struct pv_chain *c, uint64_t off,
-                        uint32_t len)
-{
-    uint32_t tail = (uint32_t)(((uint64_t)k->pend_head + k->pend_len) % k->buf_alloc);
-    uint32_t first = k->buf_alloc - tail < len ? k->buf_alloc - tail : len;
-    segs_get(c, 0, c->nread, off, k->pend + tail, first);
-    segs_get(c, 0, c->nread, off + first, k->pend, len - first);
-    k->pend_len += len;
-}
-
-/* One RW packet of an established connection.
- * SAFETY: `c` was resolved by pv_vq_pop (every segment lies inside guest
- * RAM) and has at least PV_VSOCK_HDR_LEN + h->len readable bytes (checked by
- * the caller); we only read from it. */
-static void tx_rw(struct pv_vsock *vs, struct pv_vsock_conn *k, const struct pv_chain *c,
-                  const struct hdr *h)
-{
-    uint32_t len = h->len;
-    if (k->flags & PV_VSOCK_C_PEER_SHUT_SEND ||
-        (uint64_t)(uint32_t)(k->rx_cnt - k->fwd_cnt) + len > k->buf_alloc) {
-        vs->malformed++;                 /* data after SHUTDOWN(SEND) or beyond our credit */
-        conn_reset(k);
-        return;
-    }
-    k->rx_cnt += len;
-    vs->rx_pkts++;
-    vs->rx_bytes += len;
-    uint32_t sent = 0;
-    if (k->pend_len == 0 && len) {
-        static __thread struct iovec iov[PV_VQ_MAX_SIZE];
-        struct msghdr m = { .msg_iov = iov };
-        m.msg_iovlen = (size_t)segs_slice(c, 0, c->nread, PV_VSOCK_HDR_LEN, len, iov);
-        ssize_t n;
-        do
-            n = sendmsg(k->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-        while (n < 0 && errno == EINTR);
-        if (n < 0 && errno != EAGAIN) {
-            conn_reset(k);               /* the host end is gone (EPIPE, ECONNRESET) */
-            return;
-        }
-        sent = n > 0 ? (uint32_t)n : 0;
-        k->fwd_cnt += sent;
-    }
-    if (sent < len) {
-        vs->backlog_bytes += len - sent;
-        pend_append(k, c, PV_VSOCK_HDR_LEN + (uint64_t)sent, len - sent);
-        flush_pend(vs, k);               /* an older backlog may go now; arms EPOLLOUT */
-    } else {
-        maybe_credit_update(vs, k);
-    }
-}
-
-int pv_vsock_tx(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
-                struct pv_vsock_result *res)
-{
-    int r = 0;
-    uint16_t used_before = vq->used_idx;
-    memset(res, 0, sizeof(*res));
-    for (;;) {
-        uint32_t done = 0;
-        while (done < PV_VSOCK_BUDGET && (r = pv_vq_pop(vq, c)) > 0) {
-            done++;
-            /* §5.10.6.2: header then payload, all device-readable */
-            if (c->nread != c->nseg || c->read_len < PV_VSOCK_HDR_LEN) {
-                vq->broken = PV_VQ_E_REQ;
-                r = -PV_VQ_E_REQ;
-                break;
-            }
-            struct hdr h;
-            segs_get(c, 0, c->nread, 0, &h, sizeof(h));
-            uint64_t avail = c->read_len - PV_VSOCK_HDR_LEN;
-            struct pv_vsock_conn *k = NULL;
-            if (h.src_cid == vs->guest_cid && h.dst_cid == PV_VSOCK_HOST_CID &&
-                h.type == PV_VSOCK_TYPE_STREAM)
-                k = find_conn(vs, h.dst_port, h.src_port);
-            if (k && (h.op == PV_VSOCK_OP_RW || h.op == PV_VSOCK_OP_CREDIT_UPDATE) &&
-                k->state == PV_VSOCK_ST_ESTABLISHED && h.len <= avail) {
-                k->peer_buf_alloc = h.buf_alloc;   /* every packet carries credit */
-                k->peer_fwd_cnt = h.fwd_cnt;
-                k->flags &= ~PV_VSOCK_C_CREDIT_ASKED;
-                if (h.op == PV_VSOCK_OP_RW && !(k->pending & PV_VSOCK_P_RST))
-                    tx_rw(vs, k, c, &h);   /* (dropped if we are resetting it) */
-                pv_vq_push(vq, c->head, 0);
-                continue;
-            }
-            pv_vq_push(vq, c->head, 0);
-            memcpy(res->hdr, &h, sizeof(h));       /* Python decides */
-            res->payload = (uint32_t)(avail < UINT32_MAX ? avail : UINT32_MAX);
-            res->state = 1;
-            goto out;
-        }
-        if (r < 0) {
-            res->error = r;
-            break;
-        }
-        if (done >= PV_VSOCK_BUDGET) {
-            res->state = 2;
-            break;
-        }
-        if (!pv_vq_enable_notify(vq))
-            break;
-    }
-out:
-    res->completed = (uint16_t)(vq->used_idx - used_before);
-    if (res->completed)
-        res->interrupt = (uint32_t)pv_vq_need_interrupt(vq);
-    return res->error;
 }
 
 /* The next receive chain, or 0.  -PV_VQ_E_* when malformed. */
@@ -373,7 +83,7 @@ static int rx_ctl(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
     h.buf_alloc = k->buf_alloc;
     h.fwd_cnt = k->fwd_cnt;
     k->last_fwd_sent = k->fwd_cnt;
-    segs_put(c, 0, c->nseg, 0, &h, sizeof(h));
+    segs_put(c->iov, c->nseg, 0, &h, sizeof(h));
     pv_vq_push(vq, c->head, PV_VSOCK_HDR_LEN);
     return 1;
 }
@@ -412,7 +122,7 @@ static int rx_data(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
             h.fwd_cnt = k->fwd_cnt;
             k->last_fwd_sent = k->fwd_cnt;
             k->pending &= ~PV_VSOCK_P_CREDIT_UPDATE;
-            segs_put(c, 0, c->nseg, 0, &h, sizeof(h));
+            segs_put(c->iov, c->nseg, 0, &h, sizeof(h));
             pv_vq_push(vq, c->head, PV_VSOCK_HDR_LEN);
             continue;
         }
@@ -420,7 +130,7 @@ static int rx_data(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
             want = credit;
         if (want > PV_VSOCK_MAX_PKT)
             want = PV_VSOCK_MAX_PKT;
-        int n_iov = segs_slice(c, 0, c->nseg, PV_VSOCK_HDR_LEN, want, iov);
+        int n_iov = segs_slice(c->iov, c->nseg, PV_VSOCK_HDR_LEN, want, iov, PV_VQ_MAX_SIZE);
         ssize_t n;
         do
             n = readv(k->fd, iov, n_iov);
@@ -434,7 +144,7 @@ static int rx_data(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
                                  (k->flags & PV_VSOCK_C_HOST_HUP ? PV_VSOCK_SHUT_RCV : 0);
                 k->pending |= PV_VSOCK_P_SHUTDOWN;
             } else if (errno != EAGAIN) {
-                conn_reset(k);
+                conn_reset(vs, k);
             }
             return 1;
         }
@@ -445,7 +155,7 @@ static int rx_data(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
         h.fwd_cnt = k->fwd_cnt;
         k->last_fwd_sent = k->fwd_cnt;
         k->pending &= ~PV_VSOCK_P_CREDIT_UPDATE;
-        segs_put(c, 0, c->nseg, 0, &h, sizeof(h));
+        segs_put(c->iov, c->nseg, 0, &h, sizeof(h));
         pv_vq_push(vq, c->head, PV_VSOCK_HDR_LEN + (uint32_t)n);
         k->tx_cnt += (uint32_t)n;
         vs->tx_pkts++;
@@ -524,7 +234,7 @@ int pv_vsock_rx(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
             break;
         struct hdr h;
         fill_hdr(vs, &h, q->src_port, q->dst_port, PV_VSOCK_OP_RST);
-        segs_put(c, 0, c->nseg, 0, &h, sizeof(h));
+        segs_put(c->iov, c->nseg, 0, &h, sizeof(h));
         pv_vq_push(vq, c->head, PV_VSOCK_HDR_LEN);
         vs->rst_sent++;
         vs->rst_head = (vs->rst_head + 1) % PV_VSOCK_RSTQ;
@@ -540,6 +250,7 @@ int pv_vsock_rx(struct pv_vq *vq, struct pv_vsock *vs, struct pv_chain *c,
     return res->error;
 }
 
+/* SAFETY: flushes read held chains' payloads in guest RAM (flush_conn). */
 int pv_vsock_poll(struct pv_vsock *vs, struct pv_vsock_result *res)
 {
     struct epoll_event ev[PV_VSOCK_MAX_EVENTS];
@@ -570,8 +281,8 @@ int pv_vsock_poll(struct pv_vsock *vs, struct pv_vsock_result *res)
             k->shut_flags |= PV_VSOCK_SHUT_RCV;
             k->pending |= PV_VSOCK_P_SHUTDOWN;
         }
-        if (ev[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP) && k->pend_len)
-            flush_pend(vs, k);
+        if (ev[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP) && (k->pend_len || k->held_n))
+            pv_vsock__flush_conn(vs, k);   /* completions: the owner checks tx_pushed */
     }
     return n;
 }
@@ -616,7 +327,7 @@ long pv_vsock_conn_start(struct pv_vsock *vs, uint32_t slot)
     struct pv_vsock_conn *k = &vs->conns[slot];
     k->state = PV_VSOCK_ST_ESTABLISHED;
     k->flags |= PV_VSOCK_C_WANT_READ;    /* data may be there already (edge-triggered) */
-    ep_set(vs, k, k->pend_len != 0);
+    ep_set(vs, k, k->pend_len != 0 || k->held_n != 0);
     return k->flags & PV_VSOCK_C_IN_EPOLL ? 0 : -errno;
 }
 
@@ -628,18 +339,12 @@ void pv_vsock_conn_free(struct pv_vsock *vs, uint32_t slot)
     if (k->state == PV_VSOCK_ST_FREE)
         return;
     ep_del(vs, k);
+    pv_vsock__held_drop(vs, k);          /* completed if the queue is live */
     free(k->pend);
     memset(k, 0, sizeof(*k));
     k->fd = -1;
     while (vs->nslots && vs->conns[vs->nslots - 1].state == PV_VSOCK_ST_FREE)
         vs->nslots--;
-}
-
-long pv_vsock_flush(struct pv_vsock *vs, uint32_t slot)
-{
-    if (slot >= vs->nslots || vs->conns[slot].state != PV_VSOCK_ST_ESTABLISHED)
-        return -EINVAL;
-    return flush_pend(vs, &vs->conns[slot]);
 }
 
 void pv_vsock_queue_rst(struct pv_vsock *vs, uint32_t src_port, uint32_t dst_port)
@@ -665,7 +370,7 @@ int pv_vsock_event(struct pv_vq *vq, struct pv_chain *c, uint32_t id)
         vq->broken = PV_VQ_E_REQ;
         return -PV_VQ_E_REQ;
     }
-    segs_put(c, 0, c->nseg, 0, &id, 4);
+    segs_put(c->iov, c->nseg, 0, &id, 4);
     pv_vq_push(vq, c->head, 4);
     return 1;
 }
@@ -706,3 +411,4 @@ long pv_bench_stream(int fd, void *buf, uint64_t len, uint64_t total, int write_
     }
     return (long)done;
 }
+

@@ -16,7 +16,7 @@ SRC = os.path.join(ROOT, "native", "src")
 WRAP = "-Wl,--wrap=pv_vq_pop,--wrap=pv_vq_push"
 TARGETS = {"virtq": ["virtq.c"], "blk": ["virtq.c", "blk.c"], "net": ["virtq.c", "net.c"],
            "fast": ["virtq.c", "blk.c", "fastpath.c"],
-           "vsock": ["virtq.c", "vsock.c"], "uring": ["virtq.c", "blk.c", "uring.c"]}
+           "vsock": ["virtq.c", "vsock.c", "vsock_tx.c"], "uring": ["virtq.c", "blk.c", "uring.c"]}
 
 
 def inputs(target):

@@ -5,7 +5,6 @@ it and resume() lets the waiting request through.  (Under the seccomp
 filters it runs in every default-guest disk test: `pyvmm run` confines the
 I/O threads by default.)"""
 import os
-import time
 
 import pytest
 
@@ -17,13 +16,6 @@ from vmm.virtio.ioloop import signal_eventfd
 
 pytestmark = pytest.mark.usefixtures("needs_kvm")
 
-
-def wait_used(q, n, timeout):
-    got, deadline = [], time.monotonic() + timeout
-    while len(got) < n and time.monotonic() < deadline:
-        got += q.get_used()
-        time.sleep(0.005)
-    return got
 
 
 def test_poll_us_option_is_checked(tmp_path):
@@ -54,7 +46,7 @@ def test_machine_disk_on_fast_path_pauses_and_resumes(tmp_path):
         for i in range(8):
             req = d.submit(T_IN, 8 * i, read_len=4096)
             signal_eventfd(t.notify_fds[0])       # the guest's QueueNotify, as KVM signals it
-            assert len(wait_used(q, 1, 10)) == 1
+            assert len(q.wait_used(1, 10)) == 1
             assert d.result(req) == (0, data[4096 * i:4096 * (i + 1)])
         assert loop.fast_counts[1] >= 7           # served in C, no Python handler
         assert spec.transport.device.stats["requests"] == 8
@@ -62,9 +54,9 @@ def test_machine_disk_on_fast_path_pauses_and_resumes(tmp_path):
         m.pause()
         req = d.submit(T_IN, 64, read_len=512)
         signal_eventfd(t.notify_fds[0])
-        assert wait_used(q, 1, 0.3) == []         # parked: nothing completes
+        assert q.wait_used(1, 0.3) == []         # parked: nothing completes
         m.resume()
-        assert len(wait_used(q, 1, 10)) == 1
+        assert len(q.wait_used(1, 10)) == 1
         assert d.result(req) == (0, data[32768:33280])
     finally:
         m.close()

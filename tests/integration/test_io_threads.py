@@ -18,13 +18,6 @@ from vmm.virtio.ioloop import signal_eventfd
 pytestmark = pytest.mark.usefixtures("needs_kvm")
 
 
-def wait_used(q, n, timeout):
-    got, deadline = [], time.monotonic() + timeout
-    while len(got) < n and time.monotonic() < deadline:
-        got += q.get_used()
-        time.sleep(0.01)
-    return got
-
 
 def test_blocked_flush_does_not_stall_other_disk_and_close_is_bounded(tmp_path, monkeypatch):
     imgs = []
@@ -57,7 +50,7 @@ def test_blocked_flush_does_not_stall_other_disk_and_close_is_bounded(tmp_path, 
         # disk a's thread is blocked in its flush; disk b still works
         reqs = [db.submit(T_IN, i, read_len=512) for i in range(4)]
         signal_eventfd(specs[1].transport.notify_fds[0])
-        assert len(wait_used(db.queues[0], 4, 10)) == 4
+        assert len(db.queues[0].wait_used(4, 10)) == 4
         assert db.result(reqs[3])[1] == (bytes(range(256)) * 4096)[1536:2048]
 
         monkeypatch.setattr(machine_mod, "IO_STOP_TIMEOUT", 0.5)

@@ -5,6 +5,7 @@ guest) run normally with the filters on.
 
 The forbidden call comes from the test-only PYVMM_SECCOMP_SELFTEST=<kind>
 (vmm/seccomp.py): the host user's environment, never the guest's."""
+import errno
 import os
 import signal
 import subprocess
@@ -145,3 +146,16 @@ def test_debug_traceback_on_a_confined_thread_does_not_end_the_vmm():
 def test_unknown_kind_refused():
     with pytest.raises(seccomp.SeccompError):
         seccomp.apply("gpu")
+
+
+def test_every_kind_builds_to_a_bpf_program_ahead():
+    """build() is what apply() installs: a whole number of BPF instructions,
+    one per kind, made once; a buffer too small is an error, not a cut filter."""
+    from vmm.native import ffi, lib
+    for kind in seccomp.ALLOW:
+        prog, size = seccomp.build(kind)
+        assert size > 0 and size % 8 == 0          # struct sock_filter is 8 bytes
+        assert seccomp.build(kind) == (prog, size)
+    _, keep, arr, idx, val, n = seccomp._rules("vcpu")
+    out = ffi.new("char[]", 16)
+    assert lib.pv_seccomp_compile(arr, idx, val, n, ffi.new("int *"), out, 16) == -errno.ENOSPC

@@ -42,6 +42,17 @@ def test_minimal_adds_kernel_parameters():
     assert cpuid.kernel_args("host") == ""
 
 
+def test_minimal_keeps_guest_glibc_off_avx():
+    """noxsave guests do not save YMM/ZMM state: glibc in the guest must not
+    pick AVX routines (one NAME=VALUE word, which the kernel gives init as an
+    environment variable)."""
+    words = cpuid.kernel_args("minimal").split()
+    tun = [w for w in words if w.startswith("GLIBC_TUNABLES=")]
+    assert len(tun) == 1 and tun[0].count("=") == 2
+    caps = tun[0].split("glibc.cpu.hwcaps=", 1)[1].split(",")
+    assert {"-AVX", "-AVX2", "-AVX512F", "-AVX512VL"} <= set(caps)
+
+
 @pytest.mark.parametrize("index", [0, 3])
 def test_apic_ids_and_hypervisor_bit(index):
     t = cpuid.apply_template(supported(), "host", index, 4)

@@ -142,12 +142,14 @@ def serve(api_sock=None, config_file=None, instance_id="anonymous-instance", log
             early = EarlyVm.start()
             from vmm import cli, console  # noqa: F401 (cli: what `pyvmm run` has loaded,
             from vmm.machine import STATUS, Machine  # so nothing imports once confined)
-            if server is not None and use_seccomp:
+            if use_seccomp:
                 # what the API thread imports before its filter goes in at
-                # InstanceStart (snapshot, slow path): now, not while the
-                # guest's vCPU waits for the GIL (it cost ~20 ms there)
+                # InstanceStart (snapshot, slow path), and every thread's
+                # filter built: now, not while the guest's vCPU waits for the
+                # GIL (the imports cost ~20 ms there, the builds a few ms each)
                 from vmm import seccomp
-                seccomp.preload("api")
+                seccomp.prepare(None if server is not None else
+                                [k for k in seccomp.ALLOW if k != "api"])
             if config_file is not None:
                 apply_config_file(ctl, config_file)
                 mc = ctl.config.to_machine_config()

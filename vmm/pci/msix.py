@@ -28,7 +28,15 @@ goes on.
 `vm` is a vmm.kvm.vm.Vm or anything with alloc_gsi(), set_msi_route(gsi,
 address, data), remove_msi_route(gsi) and irqfd(fd, gsi, deassign=False)
 (the tests use a recording fake); with vm=None vectors count deliveries only.
+
+Another thread may write a live vector's irqfd itself (the I/O loop's C
+fast path, vmm/virtio/fastpath.py, asks `live_fd(vector)`): the owner sets
+`guard` to a context manager factory that stops those writers; every change
+to masks, messages or Message Control happens inside it, so nothing goes
+out on a vector once the write that masked it has returned.  `delivered`
+counts only the messages sent from here.
 """
+import contextlib
 import logging
 import os
 import struct
@@ -67,6 +75,7 @@ class Msix:
         self._gsi = [None] * vectors
         self._fds = [None] * vectors
         self._was_enabled = self._was_maskall = False
+        self.guard = contextlib.nullcontext     # see the module docstring
         if vm is not None:
             try:
                 for v in range(vectors):
@@ -104,6 +113,17 @@ class Msix:
                 return False
             return self._send(vector)
 
+    def live_fd(self, vector):
+        """The irqfd a message on `vector` goes to as things stand (enabled,
+        not masked, routed), or None; valid until the next change, which
+        happens inside `guard`."""
+        if not 0 <= vector < self.vectors:
+            return None
+        with self._lock:
+            if not self._live(vector) or (self._routed[vector] is None and self.vm is not None):
+                return None
+            return self._fds[vector]
+
     def _send(self, v):
         """(lock held) the vector is live: write its irqfd."""
         if self._routed[v] is None and self.vm is not None:
@@ -134,7 +154,7 @@ class Msix:
             return
         v, field = divmod(offset, ENTRY_SIZE)
         value &= 0xFFFFFFFF
-        with self._lock:
+        with self.guard(), self._lock:
             if field == 0:
                 self.address[v] = (self.address[v] & ~0xFFFFFFFF) | (value & ~3)  # dword aligned
             elif field == 4:
@@ -161,7 +181,7 @@ class Msix:
 
     # --- Message Control written (configuration space) ---
     def _control_written(self):
-        with self._lock:
+        with self.guard(), self._lock:
             ctrl = self.control
             enabled, maskall = bool(ctrl & CTRL_ENABLE), bool(ctrl & CTRL_MASKALL)
             if (enabled, maskall) == (self._was_enabled, self._was_maskall):

@@ -110,6 +110,16 @@ class DriverQueue:
         return out
 
     # §2.6.7 notification suppression fields
+
+    def wait_used(self, n, timeout, poll=0.005):
+        """get_used() until `n` elements came back or `timeout` seconds pass
+        (a device on another thread, e.g. a Machine's I/O thread)."""
+        import time
+        got, deadline = [], time.monotonic() + timeout
+        while len(got) < n and time.monotonic() < deadline:
+            got += self.get_used()
+            time.sleep(poll)
+        return got
     def set_used_event(self, value):
         self.mem.write_int(self.avail + 4 + 2 * self.size, value, 2)
 

@@ -18,6 +18,13 @@ disables the queue (pv_fast_disable waits for a call in progress).
     with fp.held(i): ...            # Python processes queue i meanwhile
     fp.take_isr()                   # ISR bits the C side raised (folded by the transport)
     fp.set_poll_us(32)              # adaptive polling, at most 32 us (0: off, the default)
+
+Modern virtio-pci with MSI-X (vmm/virtio/pci_modern.py) makes the FastPath
+with `irq_fd=None`: each queue then has its own interrupt, the irqfd of its
+MSI-X vector (no ISR bit: §4.1.4.5), handed over by sync(..., irq_fds=[fd or
+None per queue]) only while the vector is live; a queue whose fd is None
+(no vector, masked, MSI-X off: INTx) stays on the Python path, which sets
+pending bits and drives INTx.
 """
 import contextlib
 
@@ -27,14 +34,21 @@ from vmm.virtio import device as vd
 
 class FastPath:
     def __init__(self, irq_fd, nqueues, poll_us=0):
+        """`irq_fd`: the transport's one interrupt eventfd (the ISR's used
+        bit is set with it), or None: a vector per queue (sync's irq_fds)."""
         self.irq = ffi.new("struct pv_fast_irq *")
-        self.irq.fd = irq_fd
+        self.irq.fd = -1 if irq_fd is None else irq_fd
+        self.per_queue = irq_fd is None
+        # per-queue interrupts (MSI-X): one struct each, fd set by sync()
+        self._irqs = [ffi.new("struct pv_fast_irq *") if self.per_queue else self.irq
+                      for _ in range(nqueues)]
         self._q = []
-        for _ in range(nqueues):
+        for i in range(nqueues):
             q = ffi.new("struct pv_fast_queue *")
             q.notify_fd = -1
-            q.irq = self.irq
-            q.isr_bit = vd.INT_USED
+            q.irq = self._irqs[i]
+            q.irq.fd = self.irq.fd
+            q.isr_bit = 0 if self.per_queue else vd.INT_USED
             q.poll_us = poll_us
             self._q.append(q)
         self._engines = [None] * nqueues     # keeps the cdata the C side points at alive
@@ -62,16 +76,22 @@ class FastPath:
             lib.pv_fast_disable(q)
             self._engines[i] = None
 
-    def sync(self, device, live):
+    def sync(self, device, live, irq_fds=None):
         """(Re)decide every queue: enabled iff `live` and the device offers a
-        C engine for it now."""
+        C engine for it now (and, per-queue interrupts, irq_fds[i] is not
+        None: the live vector's irqfd)."""
         bind = getattr(device, "fast_bind", None)
         if bind is not None:
             bind(self)          # the device folds take_counts() into its counters
         for i, q in enumerate(self._q):
             lib.pv_fast_disable(q)
+            fd = self.irq.fd
+            if self.per_queue:
+                fd = irq_fds[i] if irq_fds is not None and i < len(irq_fds) else None
+                fd = -1 if fd is None else fd
+                q.irq.fd = fd
             eng = (getattr(device, "fast_engine", lambda i: None)(i)
-                   if live and q.notify_fd >= 0 else None)
+                   if live and q.notify_fd >= 0 and fd >= 0 else None)
             self._engines[i] = eng
             if eng is not None:
                 q.vq, q.blk, q.chain = eng
@@ -104,6 +124,8 @@ class FastPath:
 
     @property
     def interrupts(self):
+        if self.per_queue:
+            return sum(irq.count for irq in self._irqs)
         return self.irq.count
 
     def take_counts(self):

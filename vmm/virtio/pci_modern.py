@@ -24,7 +24,14 @@ reset.  A vector the driver writes that the table does not have reads back
 as NO_VECTOR (§4.1.5.1.2.1), which is how Linux learns the mapping failed.
 Without MSI-X the device falls back to INTx with the ISR status, as the
 legacy device does.  Each queue's notify address is an MMIO ioeventfd.
+
+C fast path (vmm/virtio/fastpath.py): with ioeventfds and a VM's irqfds, a
+queue whose vector is live is served in C on the I/O thread, which writes
+the vector's irqfd itself; every vector, mask or Message Control change
+first takes the queue off it (Msix.guard), so masking still holds messages
+back (pending bit) and INTx or NO_VECTOR queues stay in Python.
 """
+import contextlib
 import logging
 import struct
 
@@ -120,7 +127,30 @@ class VirtioPciModern(pl.IntxInterrupt, Transport):
         self.bar_address = None         # where the modern BAR decodes now
         self.port = None                # where the legacy BAR0 decodes (transitional)
         if ioeventfd is not None:
+            if vm is not None and getattr(device, "fast_capable", False):
+                from vmm.virtio.fastpath import FastPath
+                self._fast = FastPath(None, len(self.queues))     # irqfd per queue's vector
+                self.msix.guard = self._msix_guard
             self._make_notify_fds()
+
+    @contextlib.contextmanager
+    def _msix_guard(self):
+        """Around an MSI-X table or Message Control change (vCPU thread): no
+        queue on the fast path meanwhile; re-decided after (fast_sync).  The
+        transport's lock first, as on the Python path (lock -> msix)."""
+        with self._lock, self.fast_hold():
+            yield
+
+    def fast_sync(self):
+        """A queue goes to C only with its vector live (Msix.live_fd)."""
+        if self._fast is not None:
+            fds = [self.msix.live_fd(v) for v in self.queue_vectors]
+            self._fast.sync(self.device, self.activated
+                            and not self.status & vd.DEVICE_NEEDS_RESET, irq_fds=fds)
+
+    def _set_queue_vector(self, index, value):
+        with self._msix_guard():
+            self.queue_vectors[index] = self._vector(value)
 
     def _reset_state(self):
         super()._reset_state()
@@ -151,7 +181,8 @@ class VirtioPciModern(pl.IntxInterrupt, Transport):
         if self.msix.enabled:
             self.interrupts += 1
             v = self.queue_vectors[queue_index] if 0 <= queue_index < len(self.queues) else NO_VECTOR
-            if v != NO_VECTOR:
+            if v != NO_VECTOR and (self._ioloop is None or not self._ioloop.defer(
+                    (self, v), lambda: self.msix.notify(v))):   # see Transport._signal
                 self.msix.notify(v)
         else:
             self._signal(vd.INT_USED)
@@ -294,7 +325,7 @@ class VirtioPciModern(pl.IntxInterrupt, Transport):
                       len(self.queues))
             return
         if name == "queue_msix_vector":
-            self.queue_vectors[q.index] = self._vector(value)
+            self._set_queue_vector(q.index, value)
         elif not self._queue_writable(q, name) or q.ready:
             return
         elif name == "queue_size":
@@ -383,7 +414,7 @@ class LegacyWindow:
             if offset == LEGACY_CONFIG_VECTOR:
                 t.config_vector = t._vector(value)
             elif q is not None:
-                t.queue_vectors[q.index] = t._vector(value)
+                t._set_queue_vector(q.index, value)
         elif offset == pl.QUEUE_NOTIFY:
             t.notify(value & 0xFFFF)
         elif offset == pl.STATUS:

@@ -236,7 +236,23 @@ class Transport(vd.Interrupt):
         with self._isr_lock:
             self.interrupt_status |= bit
             self._interrupts += 1
-            self._raise_irq()
+            # on the I/O thread: raised just before it sleeps (IoLoop.defer)
+            if self._ioloop is None or not self._ioloop.defer(self, self._raise_deferred):
+                self._raise_irq()
+
+    def _raise_deferred(self):
+        """A deferred _raise_irq: nothing if the driver acknowledged
+        everything meanwhile (a level line must not go up with ISR 0, so an
+        overriding _raise_irq runs under the lock); an edge (the eventfd)
+        is written after the lock is let go, so the woken driver's ISR read
+        does not wait for it."""
+        with self._isr_lock:
+            if not self.interrupt_status:
+                return
+            if type(self)._raise_irq is not Transport._raise_irq:
+                self._raise_irq()
+                return
+        Transport._raise_irq(self)
 
     def _raise_irq(self):
         """Tell the driver (called with the ISR lock held): an 8-byte 1 to an

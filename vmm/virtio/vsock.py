@@ -15,7 +15,7 @@ owner calls `poll()` when `fileno` is readable.
 import struct
 import threading
 
-from vmm.native import lib
+from vmm.native import ffi, lib
 from vmm.virtio import device as vd
 from vmm.virtio.queue import NativeRing, QueueError
 from vmm.virtio.vsock_mux import BUF_ALLOC, Muxer, VsockSetupError
@@ -93,6 +93,7 @@ class VsockDevice(vd.VirtioDevice):
         with self._lock:
             self._rings = [NativeRing(mem, q, **kw) for q in queues[:3]]
             self._interrupt = interrupt
+            self.mux.vs.txq = self._rings[TX].vq     # held transmit chains complete there
             if self._restored:
                 # Transport.restore puts the rings where they were after this
                 # returns and restart() then kicks every queue: nothing may be
@@ -108,7 +109,7 @@ class VsockDevice(vd.VirtioDevice):
     def reset(self):
         super().reset()
         with self._lock:
-            self._rings = None
+            self._drop_rings()
             self._interrupt = None
             self._events_pending = 0
             self._restored = False
@@ -135,7 +136,8 @@ class VsockDevice(vd.VirtioDevice):
         restore): host connections are dropped, and the driver resets its
         sockets and re-reads guest_cid."""
         with self._lock:
-            self.mux.reset_all()
+            self.mux.reset_all()                # (held transmit chains are completed)
+            self._tx_completed()
             self._events_pending += 1
             self._deliver_events()
 
@@ -156,21 +158,46 @@ class VsockDevice(vd.VirtioDevice):
             self._restored = bool(state.get("running"))
 
     def rings(self):
+        """The rings as a snapshot takes them: transmit chains held until
+        their host socket takes the payload are first copied to the
+        connection's backlog and completed, so the saved ring has none in
+        flight (the stream goes on unchanged if this VM resumes)."""
         with self._lock:
-            return dict(enumerate(self._rings)) if self._rings is not None else {}
+            if self._rings is None:
+                return {}
+            if lib.pv_vsock_unhold(self.mux.vs):
+                self._tx_completed()
+            return dict(enumerate(self._rings))
 
     def close(self):
         if self.ioloop is not None:
             self.ioloop.remove(self.mux.fileno)
             self.ioloop = None
         with self._lock:
-            self._rings = None
+            self._drop_rings()
             self.mux.close()
 
     # --- internals (self._lock held) ---
+    def _drop_rings(self):
+        """The queues are gone (reset, broken, closed): held transmit chains
+        are never completed into them, only dropped with their connection."""
+        self.mux.vs.txq = ffi.NULL
+        self.mux.vs.tx_pushed = 0
+        self._rings = None
+
     def _broken(self, index, code):
         self._interrupt.needs_reset(QueueError(-code, index))
-        self._rings = None
+        self._drop_rings()
+
+    def _tx_completed(self):
+        """Held transmit chains completed outside pv_vsock_tx (a host socket
+        took their payload, or their stream ended): the used buffer
+        notification, unless the driver suppressed it (§2.6.7.2)."""
+        vs = self.mux.vs
+        if vs.tx_pushed and self._rings is not None:
+            vs.tx_pushed = 0
+            if self._rings[TX].need_interrupt():
+                self._interrupt.used(TX)
 
     def _finish(self, index, res):
         if res.interrupt:
@@ -203,6 +230,7 @@ class VsockDevice(vd.VirtioDevice):
         lib.pv_vsock_rx(ring.vq, mux.vs, ring.chain, res)
         self._finish(RX, res)
         mux.reap()
+        self._tx_completed()
 
     def _deliver_events(self):
         if self._rings is None:

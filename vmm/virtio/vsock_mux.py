@@ -110,7 +110,9 @@ class Muxer:
         vs = self.vs
         # rx: RW packets from the guest; tx: RW packets to the guest
         c = {k: int(getattr(vs, k)) for k in ("rx_pkts", "rx_bytes", "tx_pkts", "tx_bytes",
-                                              "rst_sent", "malformed", "rst_dropped", "backlog_bytes")}
+                                              "rst_sent", "malformed", "rst_dropped", "backlog_bytes",
+                                              "held_chains")}
+        c["held_now"] = int(vs.nheld)            # transmit chains waiting for their socket
         c.update(self.stats)
         c["connections"] = len(self.socks)
         return c

@@ -36,20 +36,36 @@ HIDDEN_LEAVES = {0xD}
 # CR4.SMEP/SMAP).  So `minimal` also tells Linux itself to leave them alone.
 # nofsgsbase: the guest kernel keeps FS/GS bases through MSRs (the path of
 # every kernel before 5.9) rather than the FSGSBASE instructions, which this
-# host's software KVM exposes whatever CPUID says.  Tried against busybox
-# processes in guest pipelines dying on a stale FS base (`segfault at 0`
-# after `mov rax, fs:[-0x90]`): it did not prevent that; the cause is open.
-# erms,fsrm and noreplace-smp are for speed only: software KVM emulates guest
-# kernel code one step per instruction and per `rep` iteration, so the byte-wise
-# `rep movsb`/`rep stosb` that ERMS/FSRM select in memcpy/memset/clear_page/
-# copy_user cost 8x the `rep movsq`/`rep stosq` kept by REP_GOOD (measured:
-# 1 MiB stosb 0.80 s, stosq 0.10 s); and with one vCPU an SMP kernel rewrites
-# every `lock` prefix through text_poke at boot (~2-3 s emulated), which
-# noreplace-smp skips (the prefixes stay; correct with any vCPU count).
-# percpu_alloc=page: the embedded first percpu chunk is a 2 MiB unit, zeroed
-# and bitmap-scanned in emulation (~1 s); page-sized units are ~160 KiB.
+# host's software KVM exposes whatever CPUID says.
+#
+# GLIBC_TUNABLES (an unknown NAME=VALUE parameter: the kernel hands it to init
+# as an environment variable, and every process inherits it): guest user code
+# runs natively, so its CPUID and XGETBV are the host's (XCR0 0xe7 here: AVX,
+# AVX-512; KVM_SET_XCRS is not applied to it either), while a `noxsave` guest
+# kernel saves only the FXSAVE state (x87, XMM) at a context switch.  The
+# upper halves of YMM/ZMM registers then leak between guest processes
+# (measured: a process holding a pattern in ymm7 lost it in ~30% of 300
+# sched_yield rounds against a second such process).  glibc picks AVX2/EVEX
+# memcpy and friends from that CPUID, so busybox processes started together
+# in a pipeline died in their first TLS read (`segfault at 0` after `mov rax,
+# fs:[-0x90]` in __ctype_init: the TLS block had been copied through
+# clobbered registers).  The tunable makes glibc choose its SSE2 routines.
+# Code that uses AVX itself is still unsafe in such a guest (README).
+GLIBC_NO_AVX = ("GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,"
+                "-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load")
+#
+# erms,fsrm, noreplace-smp and percpu_alloc=page are for speed only: software
+# KVM emulates guest kernel code one step per instruction and per `rep`
+# iteration, so the byte-wise `rep movsb`/`rep stosb` that ERMS/FSRM select in
+# memcpy/memset/clear_page/copy_user cost 8x the `rep movsq`/`rep stosq` kept
+# by REP_GOOD (measured: 1 MiB stosb 0.80 s, stosq 0.10 s); with one vCPU an
+# SMP kernel rewrites every `lock` prefix through text_poke at boot (~2-3 s
+# emulated), which noreplace-smp skips (the prefixes stay; correct with any
+# vCPU count); and the embedded first percpu chunk is a 2 MiB unit, zeroed
+# and bitmap-scanned in emulation (~1.7 s), page-sized units ~160 KiB.
+SPEED_ARGS = "noreplace-smp percpu_alloc=page"
 MINIMAL_CMDLINE = ("noxsave clearcpuid=smap,smep,popcnt,cx16,erms,fsrm nofsgsbase "  # XSAVE state enumeration
-                   "noreplace-smp percpu_alloc=page")
+                   + SPEED_ARGS + " " + GLIBC_NO_AVX)
 HYPERVISOR_BIT = 1 << 31       # leaf 1 ECX: running under a hypervisor
 
 
