@@ -20,13 +20,14 @@ struct hdr {
 
 _Static_assert(sizeof(struct hdr) == PV_VSOCK_HDR_LEN, "virtio_vsock_hdr is 44 bytes");
 
-/* Copy `len` bytes from byte offset `off` of the buffers iov[0, n).
- * SAFETY (segs_get, segs_put, segs_slice): the iovecs are a chain's, as
+/* Copy `len` bytes between `buf` and byte offset `off` of the buffers
+ * iov[0, n): out of them (segs_get), or into them (segs_put, into_segs).
+ * SAFETY (segs_copy, segs_get, segs_put, segs_slice): the iovecs are a chain's, as
  * pv_vq_pop resolved them (each inside guest RAM), or a held chain's copy
  * of them; nothing beyond their lengths is touched. */
-static inline void segs_get(const struct iovec *iov, uint32_t n, uint64_t off, void *dst, uint64_t len)
+static inline void segs_copy(const struct iovec *iov, uint32_t n, uint64_t off, uint8_t *buf,
+                             uint64_t len, int into_segs)
 {
-    uint8_t *p = dst;
     for (uint32_t i = 0; i < n && len; i++) {
         uint64_t l = iov[i].iov_len;
         if (off >= l) {
@@ -34,29 +35,26 @@ static inline void segs_get(const struct iovec *iov, uint32_t n, uint64_t off, v
             continue;
         }
         uint64_t take = l - off < len ? l - off : len;
-        memcpy(p, (uint8_t *)iov[i].iov_base + off, take);
-        p += take;
+        uint8_t *seg = (uint8_t *)iov[i].iov_base + off;
+        if (into_segs)
+            memcpy(seg, buf, take);
+        else
+            memcpy(buf, seg, take);
+        buf += take;
         len -= take;
         off = 0;
     }
 }
 
-static inline void segs_put(const struct iovec *iov, uint32_t n, uint64_t off, const void *src,
-                     uint64_t len)
+static inline void segs_get(const struct iovec *iov, uint32_t n, uint64_t off, void *dst, uint64_t len)
 {
-    const uint8_t *p = src;
-    for (uint32_t i = 0; i < n && len; i++) {
-        uint64_t l = iov[i].iov_len;
-        if (off >= l) {
-            off -= l;
-            continue;
-        }
-        uint64_t take = l - off < len ? l - off : len;
-        memcpy((uint8_t *)iov[i].iov_base + off, p, take);
-        p += take;
-        len -= take;
-        off = 0;
-    }
+    segs_copy(iov, n, off, dst, len, 0);
+}
+
+static inline void segs_put(const struct iovec *iov, uint32_t n, uint64_t off, const void *src,
+                            uint64_t len)
+{
+    segs_copy(iov, n, off, (uint8_t *)src, len, 1);     /* only read when into_segs */
 }
 
 /* out = the buffers iov[0, n) from byte `off`, at most `len` bytes, in at
