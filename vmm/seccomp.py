@@ -203,13 +203,13 @@ def _rules(kind):
             ffi.new("uint64_t[]", [v for _, _, v in rules]), len(rules))
 
 
-def _check(r, kind, entries, bad):
+def _check(r, kind, entries, bad, what):
     import os
     from vmm.native import lib
     if r == -lib.PV_SECCOMP_E_NAME:
         raise SeccompError(f"seccomp: {entries[bad[0]]!r} is not a system call on this machine")
     if r < 0:
-        raise SeccompError(f"seccomp: cannot install the {kind} filter: {os.strerror(-r)} "
+        raise SeccompError(f"seccomp: cannot {what} the {kind} filter: {os.strerror(-r)} "
                            "(--no-seccomp runs without)")
 
 
@@ -226,7 +226,7 @@ def build(kind):
         bad = ffi.new("int *")
         out = ffi.new("char[]", 65536)
         r = lib.pv_seccomp_compile(arr, idx, val, n, bad, out, len(out))
-        _check(r, kind, entries, bad)
+        _check(r, kind, entries, bad, "build")
         _compiled[kind] = (out, r)       # the cdata stays alive with the entry
     return _compiled[kind]
 
@@ -251,7 +251,7 @@ def apply(kind):
     _tracebacks_without_source()
     prog, size = build(kind)
     r = lib.pv_seccomp_install(kind.encode(), prog, size)
-    _check(r, kind, (), None)
+    _check(r, kind, (), None, "install")
     if os.environ.get(SELFTEST_ENV) == kind:
         os.sync()
 

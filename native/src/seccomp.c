@@ -2,8 +2,9 @@
  *
  * Each thread installs its own filter (no TSYNC): the allow-list of its
  * kind (vmm/seccomp.py), compiled to BPF by libseccomp beforehand
- * (pv_seccomp_compile) and installed with one seccomp(2) call.  A filter cannot be removed, and a thread created
- * later inherits it, so the main thread installs its own last.  The default
+ * (pv_seccomp_compile) and installed with one seccomp(2) call.  A filter
+ * cannot be removed, and a thread created later inherits it, so the main
+ * thread installs its own last.  The default
  * action is SECCOMP_RET_TRAP: the kernel sends SIGSYS without running the
  * call; on_sigsys() writes one line naming the thread kind and the system
  * call, restores SIGSYS's default action and re-sends it, so the process

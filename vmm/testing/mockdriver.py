@@ -14,6 +14,7 @@ Every buffer it allocates can be fenced by guard bytes; `check_guards()`
 reports any guard a device overwrote.
 """
 import struct
+import time
 
 from vmm.virtio import device as vd
 from vmm.virtio import mmio as m
@@ -109,17 +110,16 @@ class DriverQueue:
             self.set_used_event(self.last_used)
         return out
 
-    # §2.6.7 notification suppression fields
-
     def wait_used(self, n, timeout, poll=0.005):
         """get_used() until `n` elements came back or `timeout` seconds pass
         (a device on another thread, e.g. a Machine's I/O thread)."""
-        import time
         got, deadline = [], time.monotonic() + timeout
         while len(got) < n and time.monotonic() < deadline:
             got += self.get_used()
             time.sleep(poll)
         return got
+
+    # §2.6.7 notification suppression fields
     def set_used_event(self, value):
         self.mem.write_int(self.avail + 4 + 2 * self.size, value, 2)
 
