@@ -3,6 +3,7 @@ configuration read through 0xCF8/0xCFC, QUEUE_NOTIFY writes that KVM's PIO
 ioeventfd consumes without an exit, and a register write that does exit."""
 import struct
 import threading
+import time
 
 import pytest
 
@@ -48,6 +49,11 @@ def test_config_read_ioeventfd_and_exit(tmp_path):
         t.write = lambda off, size, v: writes.append((off, size, v)) or real_write(off, size, v)
         t._notify_once = lambda i: notifies.append(threading.current_thread().name) or real_notify(i)
         assert m.run() == STATUS["reset"]
+        # the guest resets right after its notifies: the I/O thread may not
+        # have read the eventfd yet when run() returns, so give it a moment
+        end = time.monotonic() + 5
+        while not notifies and time.monotonic() < end:
+            time.sleep(0.005)
     finally:
         m.close()
         out.close()

@@ -72,15 +72,24 @@ def fr(mem, image):
     r.close()
 
 
-def _settle(r):
-    """A first kick may meet the thread still in Python's poll (it re-waits
-    in C after its wake-up); after one round trip it waits in C."""
-    assert r.read(0)[0] == S_OK
+def settle(r, tries=5):
+    """Read until one kick is seen served in C, and return the C count then.
+    A first kick may meet the thread still in Python's poll (it re-waits in
+    C after its wake-up). C counts a kick after writing its interrupt, so
+    the count of the last read is waited for: a count taken too early would
+    let that late increment land inside the caller's measurement."""
+    for _ in range(tries):
+        before = r.loop.fast_counts[1]
+        assert r.read(0)[0] == S_OK
+        if handled_in_c(r.loop, before + 1, timeout=0.5) == before + 1:
+            return before + 1
+    raise AssertionError("no kick was served in C")
+
+
 
 
 def test_kicks_run_in_c_with_isr_counters_and_data(fr):
-    _settle(fr)
-    handled0 = fr.loop.fast_counts[1]
+    handled0 = settle(fr)
     stats0, irqs0 = dict(fr.dev.stats), fr.t.interrupts
     for i in range(5):
         status, data = fr.read(8 * i)
@@ -96,7 +105,7 @@ def test_kicks_run_in_c_with_isr_counters_and_data(fr):
 
 
 def test_writes_and_budget_requeue(fr, image):
-    _settle(fr)
+    settle(fr)
     fr.dev.budget = 3
     payload = os.urandom(512)
     reqs = [fr.d.submit(T_OUT, 100 + i, data=payload) for i in range(20)]
@@ -112,7 +121,7 @@ def test_writes_and_budget_requeue(fr, image):
 
 
 def test_pause_parks_the_c_wait(fr):
-    _settle(fr)
+    settle(fr)
     fr.loop.pause()
     used = fr.d.queues[0].used_idx
     req = fr.d.submit(T_IN, 8, read_len=512)
@@ -132,7 +141,7 @@ def _thread_cpu(loop):
 
 
 def test_idle_device_sleeps(fr):
-    _settle(fr)
+    settle(fr)
     cpu0 = _thread_cpu(fr.loop)
     time.sleep(1.0)
     assert _thread_cpu(fr.loop) - cpu0 < 0.1          # asleep in epoll_wait, not spinning
@@ -140,7 +149,7 @@ def test_idle_device_sleeps(fr):
 
 def test_idle_device_sleeps_with_polling(fr):
     fr.t._fast.set_poll_us(200)
-    _settle(fr)
+    settle(fr)
     cpu0 = _thread_cpu(fr.loop)
     time.sleep(1.0)
     assert _thread_cpu(fr.loop) - cpu0 < 0.1          # polls 200 us after work, then sleeps
@@ -148,7 +157,7 @@ def test_idle_device_sleeps_with_polling(fr):
 
 
 def test_malformed_ring_sets_needs_reset(fr):
-    _settle(fr)
+    settle(fr)
     q = fr.d.queues[0]
     q.put_avail(q.size + 3)                            # head index out of the table
     fr.kick()
@@ -165,7 +174,7 @@ def test_malformed_ring_sets_needs_reset(fr):
 
 
 def test_slow_path_takes_over_and_gives_back(fr):
-    _settle(fr)
+    settle(fr)
     assert fr.t._fast.enabled(0)
     seen = []
 
@@ -185,7 +194,7 @@ def test_slow_path_takes_over_and_gives_back(fr):
 def test_notify_from_another_thread_is_serialized(fr):
     """Transport.notify() (a vCPU without ioeventfd, the API thread, restart())
     runs the queue in Python while the C side is kept off it."""
-    _settle(fr)
+    settle(fr)
     fr.dev.budget = 2
     reqs = [fr.d.submit(T_IN, i, read_len=512, indirect=True) for i in range(200)]
     ths = [threading.Thread(target=fr.t.notify, args=(0,)) for _ in range(3)]
@@ -205,7 +214,7 @@ def test_notify_from_another_thread_is_serialized(fr):
 
 
 def test_reset_disables_until_driver_ok(fr):
-    _settle(fr)
+    settle(fr)
     fr.t.write(m.STATUS, 4, 0)
     assert not fr.t._fast.enabled(0)
     assert fr.d.init()
