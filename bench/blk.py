@@ -145,8 +145,10 @@ class RealPath:
             q.write_desc(2, self.status + k, 1, VRING_DESC_F_WRITE, 0, table=t)
             q.write_desc(k, t, 48, VRING_DESC_F_INDIRECT)
 
-    def run(self, sectors, depth, write):
-        """All requests at `sectors`, `depth` in flight; returns seconds."""
+    def run(self, sectors, depth, write, spin_us=0):
+        """All requests at `sectors`, `depth` in flight; returns seconds.
+        spin_us: the driver looks at the used ring this long before it
+        sleeps (the labelled driver-polls rows only)."""
         w = self.ffi.new("struct bd_work *")
         w.mode, w.depth, w.n = 0, depth, len(sectors)
         w.headers = self.ffi.cast("uint8_t *", self.mem.host_addr(self.hdr, 16 * depth))
@@ -155,6 +157,7 @@ class RealPath:
         w.sectors = self.ffi.cast("uint64_t *", sectors.ctypes.data)
         w.timeout_ms = 10000
         w.ack = self.ack
+        w.spin_ns = int(spin_us * 1000)
         t0 = time.perf_counter()
         r = self.lib.bd_run(self.ring, w)
         dt = time.perf_counter() - t0

@@ -29,6 +29,7 @@ struct bd_work {
     int (*ack)(void);
     uint64_t done, bytes, errors;
     uint32_t base;
+    uint64_t spin_ns, spun;
 };
 long bd_run(struct bd_ring *r, struct bd_work *w);
 long bd_prw_loop(int fd, uint8_t *buf, uint64_t len, const uint64_t *offsets, uint64_t n,

@@ -36,6 +36,7 @@ struct pv_fast_queue {
     uint64_t polled;                 /* requests found by polling (no kick) */
     uint64_t poll_ns;                /* current adaptive window (<= poll_us) */
     uint64_t idle_since;             /* when the last handle ended (CLOCK_MONOTONIC ns) */
+    uint64_t early;                  /* interrupts raised before a pass ended */
 };
 
 struct pv_fast_loop {
