@@ -13,8 +13,12 @@
  * Slot k of a run is descriptor k, already laid out by Python: an indirect
  * table (blk: header, data, status) or one buffer (net).  Bench-only code:
  * compiled by bench/cdriver.py, not part of pyvmm. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE              /* RUSAGE_THREAD */
+#endif
 #include <errno.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
 #include <time.h>
@@ -65,10 +69,34 @@ static uint64_t mono_ns(void)
 /* The driver-polls variant (w->spin_ns, an explicitly labelled row of
  * bench/blk.py, never the default): before sleeping, look at used.idx for
  * up to spin_ns, as a vCPU waiting for an interrupt does under KVM's
- * halt-polling (halt_poll_ns) or Linux's virtio-blk poll queues.  1 if
- * completions came meanwhile. */
+ * halt-polling (halt_poll_ns) or Linux's virtio-blk poll queues, and not
+ * while this thread is being preempted (as KVM).  1 if completions came
+ * meanwhile. */
+static uint64_t bd_nivcsw, bd_contended_until;
+
+/* KVM stops halt-polling when another task wants the core
+ * (single_task_running()); the user-space stand-in, as in
+ * native/src/fastpath.c: no spin for 10 ms after this thread was preempted. */
+static int spin_contended(void)
+{
+    struct rusage ru;
+    uint64_t now = mono_ns();
+    if (now < bd_contended_until)
+        return 1;
+    if (getrusage(RUSAGE_THREAD, &ru) < 0)
+        return 0;
+    if ((uint64_t)ru.ru_nivcsw != bd_nivcsw) {
+        if (bd_nivcsw)
+            bd_contended_until = now + 10000000u;
+        bd_nivcsw = (uint64_t)ru.ru_nivcsw;
+    }
+    return now < bd_contended_until;
+}
+
 static int spin_used(struct bd_ring *r, uint64_t spin_ns)
 {
+    if (spin_contended())
+        return 0;
     uint64_t end = mono_ns() + spin_ns;
     do {
         for (int i = 0; i < 64; i++) {

@@ -198,7 +198,8 @@ class DriveSpec(VirtioSpec):
         self.io_engine = opts.get("io_engine", "sync")
         # adaptive polling of the I/O thread's C fast path (README "I/O thread fast path")
         try:
-            self.poll_us = int(opts.get("poll_us", "0"))
+            from vmm.virtio.fastpath import DEFAULT_POLL_US
+            self.poll_us = int(opts.get("poll_us", DEFAULT_POLL_US))
             if not 0 <= self.poll_us <= 1000:
                 raise ValueError
         except ValueError:
@@ -217,8 +218,8 @@ class DriveSpec(VirtioSpec):
             self._ioloop = machine.ioloop()   # limiter/delay timers, io_uring completions
         out = super().attach(machine, cmdline)
         fast = getattr(self.transport, "_fast", None)
-        if getattr(self, "poll_us", 0) and fast is not None:
-            fast.set_poll_us(self.poll_us)
+        if getattr(self, "poll_us", None) is not None and fast is not None:
+            fast.set_poll_us(self.poll_us)      # 0: off
         return out
 
     @classmethod

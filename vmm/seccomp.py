@@ -80,6 +80,8 @@ ALLOW = {
 
         # rate limiters and injected delays (vmm/virtio/timer.py): a timerfd per device
         "timerfd_create", "timerfd_settime",
+        # adaptive polling (native/src/fastpath.c): is the thread being preempted?
+        "getrusage",
     ),
     # Reads stdin (select with a timeout) and feeds the UART: its interrupt
     # is KVM_IRQ_LINE on the VM fd.
@@ -106,8 +108,9 @@ ALLOW = {
         "timerfd_create", "timerfd_settime",
         # ...and a PATCH that changes a device's faults or link state runs its
         # queues once on this thread: frames to and from the tap (readv/writev),
-        # disk requests (preadv/pwritev/fallocate); found by the faults guest test
-        "readv", "writev", "preadv", "pwritev", "fallocate",
+        # disk requests (preadv/pwritev/fallocate; pread64/pwrite64 for one
+        # buffer: native/src/blk.c rw_all); found by the faults guest test
+        "readv", "writev", "preadv", "pwritev", "fallocate", "pread64",
     ),
 }
 

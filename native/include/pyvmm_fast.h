@@ -37,6 +37,9 @@ struct pv_fast_queue {
     uint64_t poll_ns;                /* current adaptive window (<= poll_us) */
     uint64_t idle_since;             /* when the last handle ended (CLOCK_MONOTONIC ns) */
     uint64_t early;                  /* interrupts raised before a pass ended */
+    uint64_t poll_skipped;           /* windows not polled: the thread was being preempted */
+    uint64_t nivcsw, contended_until;/* the I/O thread's involuntary switches, seen when */
+    uint32_t poll_always;            /* poll even then (tests) */
 };
 
 struct pv_fast_loop {

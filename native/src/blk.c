@@ -80,7 +80,12 @@ static int rw_all(int fd, struct iovec *iov, int cnt, uint64_t off, int write)
 {
     while (cnt > 0) {
         int batch = cnt > IOV_MAX ? IOV_MAX : cnt;
-        ssize_t n = write ? pwritev(fd, iov, batch, (off_t)off) : preadv(fd, iov, batch, (off_t)off);
+        ssize_t n;
+        if (batch == 1)     /* the common case: pread/pwrite skip the iovec import */
+            n = write ? pwrite(fd, iov->iov_base, iov->iov_len, (off_t)off)
+                      : pread(fd, iov->iov_base, iov->iov_len, (off_t)off);
+        else
+            n = write ? pwritev(fd, iov, batch, (off_t)off) : preadv(fd, iov, batch, (off_t)off);
         if (n < 0) {
             if (errno == EINTR)
                 continue;

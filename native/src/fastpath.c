@@ -16,11 +16,13 @@
  * path no longer touches the ring, the engine or the interrupt, and Python
  * may change or free them (reset, fault/limiter/tracing configuration,
  * DEVICE_NEEDS_RESET, close). */
+#define _GNU_SOURCE              /* RUSAGE_THREAD */
 #include <errno.h>
 #include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -111,6 +113,36 @@ static uint64_t adapt_poll(struct pv_fast_queue *q)
     return q->poll_ns;
 }
 
+#define CONTENDED_NS 10000000u      /* no polling for 10 ms after a preemption */
+
+/* Is this thread competing for its core?  The user-space stand-in for the
+ * single_task_running() test KVM's halt-polling makes: polling on a core
+ * another runnable thread wants (the guest's vCPU above all, on a host with
+ * fewer cores than busy threads) only delays that thread, and a yield then
+ * costs this one a turn in the run queue.  Measured at load 8 on 2 cores:
+ * the I/O thread is preempted ~30k times/s and polling made QD1 slower.
+ * So: any involuntary context switch of this thread (a preemption, or a
+ * yield that gave the core away) turns polling off for CONTENDED_NS; the
+ * switches counted meanwhile renew it, so a loaded host never polls. */
+static int contended(struct pv_fast_queue *q)
+{
+    struct rusage ru;
+    if (q->poll_always)
+        return 0;
+    uint64_t now = now_ns();
+    if (now < q->contended_until)
+        return 1;               /* (no system call while polling is off) */
+    if (getrusage(RUSAGE_THREAD, &ru) < 0)
+        return 0;
+    uint64_t n = (uint64_t)ru.ru_nivcsw;
+    if (n != q->nivcsw) {
+        if (q->nivcsw)
+            q->contended_until = now + CONTENDED_NS;
+        q->nivcsw = n;
+    }
+    return now < q->contended_until;
+}
+
 /* The interrupt of a queue: ISR bit (not with MSI-X: §4.1.4.5), count, irqfd. */
 static void raise_irq(struct pv_fast_queue *q)
 {
@@ -145,13 +177,18 @@ static int driver_rearmed(struct pv_vq *vq)
  *   ring has run dry and the device then sleeps until it does: at QD32
  *   one wake-up each way per 32 requests, with neither thread overlapping
  *   the other (measured: 1 kick and 1 interrupt per 32 requests, 0.6 CPUs
- *   busy on 2).  Here, once no more than half of the most requests seen
- *   waiting in this pass are left, each completion asks vring_need_event
- *   (§2.6.7.2: has used.idx crossed the driver's used_event?), so the
- *   driver is woken while the device still has work, and refills before
- *   the ring is empty.  The driver's used_event limits it to one interrupt
- *   per time the driver has caught up; a driver without EVENT_IDX gets one
- *   per pass as before (it asked for no finer control).
+ *   busy on 2).  Here, once no more than a quarter of the most requests
+ *   seen waiting in this pass are left, each completion asks
+ *   vring_need_event (§2.6.7.2: has used.idx crossed the driver's
+ *   used_event?), so the driver is woken while the device still has work,
+ *   and refills before the ring is empty (or while the device polls).
+ *   The driver's used_event limits it to one interrupt per time the driver
+ *   has caught up; a driver without EVENT_IDX gets one per pass as before
+ *   (it asked for no finer control).  A quarter, not a half: each
+ *   interrupt that wakes a sleeping driver costs this thread ~5 us in
+ *   eventfd_write (perf: 20% of its time at a half, 1 interrupt per 15
+ *   requests); at a quarter it is 1 per 32, and 4 KiB reads at QD32 ran 5%
+ *   faster (SCHED_FIFO A/B, load 9).
  * - Notifications are not re-armed here: the caller does that once it is
  *   about to sleep (pv_fast_handle).  While the device is busy or polling,
  *   avail_event stays where it was, below what the driver publishes, so
@@ -184,7 +221,7 @@ static void serve(struct pv_fast_queue *q, struct pv_blk_result *res)
         res->ioerr += s == BLK_S_IOERR;
         pv_vq_push(vq, q->chain->head, used_len);
         res->completed++;
-        if (early && left <= peak / 2 && driver_rearmed(vq) && pv_vq_need_interrupt(vq)) {
+        if (early && left <= peak / 4 && driver_rearmed(vq) && pv_vq_need_interrupt(vq)) {
             raise_irq(q);
             q->early++;
         }
@@ -221,9 +258,11 @@ int pv_fast_handle(struct pv_fast_queue *q)
     drain(q->notify_fd);
     q->kicks++;
     int handled = 1;
+    uint32_t budget = q->blk->budget ? q->blk->budget : PV_BLK_BUDGET, total = 0;
     uint64_t deadline = 0, poll_ns = adapt_poll(q);
     for (;;) {
         serve(q, &res);
+        total += res.completed;
         q->requests += res.completed;
         q->ioerr += res.ioerr;
         if (res.interrupt)
@@ -235,9 +274,11 @@ int pv_fast_handle(struct pv_fast_queue *q)
             handled = 0;
             break;
         }
-        if (res.more) {
-            /* budget spent: come back after the loop's other fds, as the
-             * Python path does (level-triggered epoll sees it again) */
+        if (res.more || total >= budget) {
+            /* budget spent (in this pass, or in passes joined by polling):
+             * come back after the loop's other fds (pause, stop, other
+             * devices), as the Python path does (level-triggered epoll sees
+             * it again); the next call re-arms if the ring is empty */
             poke(q->notify_fd);
             break;
         }
@@ -247,21 +288,29 @@ int pv_fast_handle(struct pv_fast_queue *q)
          * poll_us, so a busy driver's next request is taken without a kick
          * or a thread wake-up, and an idle device sleeps after at most
          * poll_us */
+        if (poll_ns && !deadline && contended(q)) {
+            q->poll_skipped++;
+            poll_ns = 0;
+        }
         if (poll_ns) {
             if (!deadline) {
                 q->idle_since = now_ns();   /* the wait starts here (adapt_poll) */
                 deadline = q->idle_since + poll_ns;
             }
             int found = 0;
-            while (now_ns() < deadline) {
+            for (unsigned spins = 1; now_ns() < deadline; spins++) {
                 if (pv_vq_avail_idx(q->vq) != q->vq->last_avail) {
                     found = 1;
                     break;
                 }
-                /* a yield, not a pause: on a host with more runnable
-                 * threads than cores (the vCPU among them) the spin must
-                 * not keep them off this core; alone, it returns at once */
-                sched_yield();
+#if defined(__x86_64__) || defined(__i386__)
+                __builtin_ia32_pause();
+#endif
+                /* now and then a yield: should another thread want this
+                 * core after all (contended() looked before the window),
+                 * it gets it, and the switch ends polling for a while */
+                if (!(spins % 64))
+                    sched_yield();
             }
             if (found) {
                 q->polled++;

@@ -12,6 +12,7 @@ import vmm.testing.tinyguest as T
 from vmm.devices import DeviceSpecError, DriveSpec
 from vmm.machine import Machine, MachineConfig
 from vmm.testing.mockdriver import BlkDriver, T_IN
+from vmm.virtio.fastpath import DEFAULT_POLL_US
 from vmm.virtio.ioloop import signal_eventfd
 
 pytestmark = pytest.mark.usefixtures("needs_kvm")
@@ -22,7 +23,8 @@ def test_poll_us_option_is_checked(tmp_path):
     img = tmp_path / "d.img"
     img.write_bytes(bytes(4096))
     assert DriveSpec(f"file={img},poll_us=50").poll_us == 50
-    assert DriveSpec(f"file={img}").poll_us == 0
+    assert DriveSpec(f"file={img}").poll_us == DEFAULT_POLL_US
+    assert DriveSpec(f"file={img},poll_us=0").poll_us == 0
     for bad in ("-1", "x", "5000"):
         with pytest.raises(DeviceSpecError, match="poll_us"):
             DriveSpec(f"file={img},poll_us={bad}")

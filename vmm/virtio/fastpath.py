@@ -17,7 +17,7 @@ disables the queue (pv_fast_disable waits for a call in progress).
     fp.sync(device, live=True)      # after activation; sync(.., live=False) to stop
     with fp.held(i): ...            # Python processes queue i meanwhile
     fp.take_isr()                   # ISR bits the C side raised (folded by the transport)
-    fp.set_poll_us(32)              # adaptive polling, at most 32 us (0: off, the default)
+    fp.set_poll_us(50)              # adaptive polling, at most 50 us (0: off; DEFAULT_POLL_US)
 
 Modern virtio-pci with MSI-X (vmm/virtio/pci_modern.py) makes the FastPath
 with `irq_fd=None`: each queue then has its own interrupt, the irqfd of its
@@ -32,8 +32,19 @@ from vmm.native import ffi, lib
 from vmm.virtio import device as vd
 
 
+# Adaptive polling's longest window by default (--drive poll_us=).  QEMU's
+# IOThread default is 32 us; here a driver's turnaround at queue depth 1 on
+# an idle host is one thread wake-up (~20 us measured: bench/blk.py "QD1
+# wake-up bound", 24.5k round trips/s) plus the driver's own work, and the
+# window must cover it to save the device's wake-up.  The window adapts
+# (0 when kicks come further apart) and the thread does not poll while it
+# is being preempted (a loaded host), so a device that is idle, or on a
+# host with no core to spare, does not spin (native/src/fastpath.c).
+DEFAULT_POLL_US = 50
+
+
 class FastPath:
-    def __init__(self, irq_fd, nqueues, poll_us=0):
+    def __init__(self, irq_fd, nqueues, poll_us=DEFAULT_POLL_US):
         """`irq_fd`: the transport's one interrupt eventfd (the ISR's used
         bit is set with it), or None: a vector per queue (sync's irq_fds)."""
         self.irq = ffi.new("struct pv_fast_irq *")

@@ -89,6 +89,7 @@ def settle(r, tries=5):
 
 
 def test_kicks_run_in_c_with_isr_counters_and_data(fr):
+    fr.t._fast.set_poll_us(0)       # one kick per read (polling would take some without)
     handled0 = settle(fr)
     stats0, irqs0 = dict(fr.dev.stats), fr.t.interrupts
     for i in range(5):

@@ -83,6 +83,7 @@ def pr(mem, image):
 
 def test_kicks_run_in_c_and_signal_the_vector(pr):
     assert pr.t._fast is not None and pr.t._fast.enabled(0)
+    pr.t._fast.set_poll_us(0)       # one kick per read (polling would take some without)
     handled0, irqs0 = settle(pr), pr.t.interrupts
     for i in range(5):
         status, data = pr.read(8 * i)
