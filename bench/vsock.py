@@ -30,10 +30,12 @@ Also reported: the share of the bench thread's wall time spent inside the
 device's entry points, and that thread's CPU time against the socketpair's
 guest end's, and the CPU of both ends (plus the host program's thread)
 against the socketpair's two threads (load-independent views of the cost
-per byte).  On a loaded machine the wall-clock ratio swings with the other
-load: the two setups are scheduled differently (the device's thread is
-woken through nested epoll, without the sync wake-up hint the
-socketpair's two threads hand each other).
+per byte).  Both runs end when the host thread has read the last byte
+(the device run stops servicing the device once no guest byte is left
+waiting for the host socket).  On a loaded machine the wall-clock ratio
+swings with the other load (perf sched then shows the two threads of
+either setup taking turns on one core); the figure is meant for an idle
+machine, where each end has a core of its own.
 
 Idle: a device on an I/O loop for --idle seconds with one established but
 silent stream, and with none: CPU time of the whole process (all threads)
