@@ -157,6 +157,28 @@ def norm_blk(d):
                             f"{what} {rw}s, {qd}", unit, as_stats(st, scale),
                             f"plain {lim['how']} (limit)" if lim else None,
                             as_stats(lim, scale) if lim else None, True, goal))
+    dp = d.get("driver_polls", {})      # labelled harness variant: the driver spins too
+    for key, paths in dp.get("device", {}).items():
+        kind, rw, qd = key.split()
+        scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
+        what = {"rand4k": "4 KiB random", "seq64k": "64 KiB sequential"}.get(kind, kind)
+        for path, st in paths.items():
+            transport, engine = path.split()
+            lim = d.get("limit_by_path", {}).get(key, {}).get(path) or d.get("limit", {}).get(key)
+            rows.append(row("blk", f"virtio-blk real path ({transport}, {engine}), driver "
+                            f"polls <= {dp.get('spin_us')} us (KVM halt-polling analog)",
+                            f"{what} {rw}s, {qd}", unit, as_stats(st, scale),
+                            f"plain {lim['how']} (limit)" if lim else None,
+                            as_stats(lim, scale) if lim else None, True))
+    for key, paths in d.get("two_core_reference", {}).items():
+        kind, rw, qd = key.split()
+        scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
+        for path, ref in paths.items():
+            st = d.get("device", {}).get(key, {}).get(path)
+            rows.append(row("blk", f"virtio-blk real path ({path}) vs two cores of plain I/O",
+                            f"{key} (reference, not the limit: the device has one I/O thread)",
+                            unit, as_stats(st, scale) if st else None,
+                            f"plain {ref['how']} (two-core reference)", as_stats(ref, scale), True))
     for key, b in d.get("qd1_bound", {}).items():
         kind, rw, qd = key.split()
         scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
