@@ -2,9 +2,8 @@
 run loop.  `Machine(config).run()` returns the exit status (see STATUS)."""
 from __future__ import annotations
 
-import logging
+import _signal as signal   # the C module: signal.py's enums are ~2 ms of start-up (issue #16)
 import os
-import signal
 import threading
 import time
 
@@ -17,11 +16,12 @@ from vmm.hw.serial import COM1_IRQ, COM1_PORT, Serial
 from vmm.kvm.system import Kvm
 from vmm.kvm.vcpu import Vcpu
 from vmm.kvm.vm import Vm
+from vmm.log import getLogger
 from vmm.memory import GuestMemory
 from vmm.record import Factory, Record
 from vmm.vcpu_thread import VcpuThread, install_kick_handler
 
-log = logging.getLogger("pyvmm")
+log = getLogger("pyvmm")   # vmm/log.py: logging loads only if a record is written
 
 # Exit status of `pyvmm run` for each way a machine stops.
 STATUS = {
@@ -34,6 +34,8 @@ STATUS = {
     "timeout": 124,  # --timeout expired (as timeout(1))
     "signal": 130,   # SIGINT/SIGTERM/SIGHUP to the VMM
 }
+
+STOP_SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 POWER_OFF_POLL = 0.25 # seconds between checks for all vCPUs halted with IF=0
 IO_STOP_TIMEOUT = 5.0 # seconds close() waits for the device I/O threads, all together
@@ -253,7 +255,7 @@ class Machine:
         install_kick_handler()
         if start_paused:
             self.pause()
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             if self.config.seccomp:     # before any guest I/O can reach them
                 from vmm import seccomp
@@ -292,7 +294,7 @@ class Machine:
         return STATUS[self.stop_reason or "error"]
 
     def _on_signal(self, signum, frame):
-        self.stop("signal", f"stopped by {signal.Signals(signum).name}")
+        self.stop("signal", f"stopped by {STOP_SIGNALS.get(signum, signum)}")
 
     def _stop_ioloops(self):
         """Stop every device I/O thread, waiting IO_STOP_TIMEOUT in all.  A
