@@ -304,8 +304,11 @@ def run(args):
             if args.api_sock:
                 server = _serve_api(args.api_sock, machine)
             vmmlog.settle()     # before any thread is confined (seccomp)
-            with console.Console(machine):
-                status = machine.run(start_paused=args.command == "restore" and not args.resume)
+            # the input thread starts once the vCPUs run: not on the way to
+            # the guest's first instruction
+            with console.Console(machine, start=False) as con:
+                status = machine.run(start_paused=args.command == "restore" and not args.resume,
+                                     started=con.start)
         finally:
             if server is not None:
                 server.close()

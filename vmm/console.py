@@ -14,12 +14,14 @@ QUIT = ord("x")
 
 
 class Console:
-    def __init__(self, machine, fd=None):
+    def __init__(self, machine, fd=None, start=True):
         self.machine = machine
         self.fd = sys.stdin.fileno() if fd is None else fd
         self.saved = None
         self.escape = False
         self.thread = None
+        self._start = start     # False: start() later (pyvmm run: once the vCPUs run)
+        self._usable = False
 
     def __enter__(self):
         try:
@@ -32,9 +34,16 @@ class Console:
             # started (a restore is running within milliseconds) reach the guest
             # instead of being discarded, as QEMU's stdio does.
             tty.setraw(self.fd, termios.TCSANOW)
-        self.thread = threading.Thread(target=self._pump, name="console", daemon=True)
-        self.thread.start()
+        self._usable = True
+        if self._start:
+            self.start()
         return self
+
+    def start(self):
+        """Start the input thread (inside the `with`; once)."""
+        if self._usable and self.thread is None:
+            self.thread = threading.Thread(target=self._pump, name="console", daemon=True)
+            self.thread.start()
 
     def __exit__(self, *exc):
         if self.thread is not None:      # it sees machine.stopping within 0.2 s

@@ -58,6 +58,26 @@ class MachineConfig(Record):
     early: object | None = None   # a vmm.kvm.early.EarlyVm: the KVM VM, made ahead of time
 
 
+def _on_thread(fn, name):
+    """Start fn() on a thread; returns a callable that waits for it and
+    raises what fn raised."""
+    err = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:      # re-raised by the caller's wait
+            err.append(e)
+    t = threading.Thread(target=run, name=name, daemon=True)
+    t.start()
+
+    def wait():
+        t.join()
+        if err:
+            raise err[0]
+    return wait
+
+
 class Machine:
     def __init__(self, config):
         self.config = config
@@ -85,6 +105,7 @@ class Machine:
         self._serial_out = None
         self._stuck_vcpus = []
         self.t_start = time.monotonic()
+        self._pit = None        # waits for the PIT being made on a thread (_build)
         try:
             self._build()
         except BaseException:
@@ -118,7 +139,15 @@ class Machine:
         # (VMs made in turn at low load; both orders wait in the kernel longer
         # under load).
         self.vm.add_memory(self.memory, log_dirty=c.track_dirty_pages)
-        self.vm.setup_platform()
+        self.vm.setup_platform(pit=False)
+        # The PIT's ioctl waits 1-3 ms for a kernel thread (issue #16, start-up):
+        # it runs on a thread beside the devices and boot structures below, and
+        # is waited for before the vCPUs are made (KVM_CREATE_VCPU would wait
+        # for the VM's lock it holds anyway).
+        self._pit = _on_thread(self.vm.create_pit, "pyvmm-pit")
+        if c.seccomp:   # the threads' filters, built meanwhile (not on the vCPU's way to KVM_RUN)
+            from vmm import seccomp
+            seccomp.build_quietly(("vcpu", "console", "main"))
         if c.track_dirty_pages:
             self.memory.track_device_writes(True)
 
@@ -138,6 +167,8 @@ class Machine:
         regs.write_page_tables(self.memory)
 
         supported = self.kvm.supported_cpuid()
+        pit, self._pit = self._pit, None
+        pit()
         for i in range(c.cpus):
             vcpu = Vcpu(self.vm, i)
             self.vcpus.append(vcpu)
@@ -249,9 +280,11 @@ class Machine:
             self.stop("poweroff", "guest halted with interrupts off (power off)")
 
     # -- running -------------------------------------------------------------
-    def run(self, start_paused=False):
+    def run(self, start_paused=False, started=None):
         """Run until the guest stops; returns the exit status.  With
-        `start_paused` the vCPUs wait for resume() (a restored VM)."""
+        `start_paused` the vCPUs wait for resume() (a restored VM).
+        `started()` is called once the vCPU threads run, before the main
+        thread's seccomp filter (threads it starts get their own filter)."""
         install_kick_handler()
         if start_paused:
             self.pause()
@@ -267,6 +300,8 @@ class Machine:
                 self.threads.append(t)
             for t in self.threads:
                 t.start()
+            if started is not None:
+                started()
             if self.config.restore is not None:     # bench/snapshot.py reads this line
                 log.debug("restore: vCPUs running at %.6f (%.1f ms after Machine())",
                           time.time(), (time.monotonic() - self.t_start) * 1000)
@@ -316,6 +351,12 @@ class Machine:
 
     def close(self):
         """Release everything; safe to call more than once and after errors."""
+        if getattr(self, "_pit", None) is not None:   # an error came while the PIT was being made
+            pit, self._pit = self._pit, None
+            try:
+                pit()
+            except Exception:
+                pass
         if self.config.early is not None:   # not taken (an error, or a snapshot's own VM)
             self.config.early.close()
         # The handler in progress must return before the devices below are
