@@ -1,6 +1,5 @@
 """Command line: `pyvmm run ...`.  Errors are one line on stderr and a
 non-zero exit status; no tracebacks for bad input."""
-import math
 import os
 import sys
 
@@ -256,7 +255,7 @@ def config_from_args(args):
             raise UsageError(f"{what} {path}: no such file")
     if not (args.serial.startswith("file:") or args.serial == "stdio"):
         raise UsageError(f"--serial must be stdio or file:PATH, not {args.serial!r}")
-    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+    if args.timeout is not None and not (0 < args.timeout < float("inf")):   # NaN fails too
         raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     devices = [DriveSpec(d) for d in args.drive] + [NetSpec(n) for n in args.net]
     if len(args.vsock) > 1:

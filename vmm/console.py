@@ -4,10 +4,8 @@ Ctrl-a sends a literal Ctrl-a."""
 import os
 import select
 import sys
-import termios
 import threading
 import time
-import tty
 
 ESCAPE = 0x01   # Ctrl-a
 QUIT = ord("x")
@@ -21,34 +19,38 @@ class Console:
         self.escape = False
         self.thread = None
         self._start = start     # False: start() later (pyvmm run: once the vCPUs run)
-        self._usable = False
+        self._started = False
 
     def __enter__(self):
-        try:
-            os.fstat(self.fd)
-        except OSError:
-            return self                      # no stdin at all (CI): output only
-        if os.isatty(self.fd):
-            self.saved = termios.tcgetattr(self.fd)
-            # TCSANOW, not setraw's default TCSAFLUSH: keys typed while the VMM
-            # started (a restore is running within milliseconds) reach the guest
-            # instead of being discarded, as QEMU's stdio does.
-            tty.setraw(self.fd, termios.TCSANOW)
-        self._usable = True
         if self._start:
             self.start()
         return self
 
     def start(self):
-        """Start the input thread (inside the `with`; once)."""
-        if self._usable and self.thread is None:
-            self.thread = threading.Thread(target=self._pump, name="console", daemon=True)
-            self.thread.start()
+        """Raw mode and the input thread (inside the `with`; once)."""
+        if self._started:
+            return
+        self._started = True
+        try:
+            os.fstat(self.fd)
+        except OSError:
+            return                           # no stdin at all (CI): output only
+        if os.isatty(self.fd):
+            import termios                   # a terminal only (start-up, issue #16)
+            import tty
+            self.saved = termios.tcgetattr(self.fd)
+            # TCSANOW, not setraw's default TCSAFLUSH: keys typed while the VMM
+            # started (a restore is running within milliseconds) reach the guest
+            # instead of being discarded, as QEMU's stdio does.
+            tty.setraw(self.fd, termios.TCSANOW)
+        self.thread = threading.Thread(target=self._pump, name="console", daemon=True)
+        self.thread.start()
 
     def __exit__(self, *exc):
         if self.thread is not None:      # it sees machine.stopping within 0.2 s
             self.thread.join(timeout=1)
         if self.saved is not None:
+            import termios                   # loaded by start(): no file is opened here
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
         return False
 

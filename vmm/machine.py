@@ -141,10 +141,12 @@ class Machine:
         self.vm.add_memory(self.memory, log_dirty=c.track_dirty_pages)
         self.vm.setup_platform(pit=False)
         # The PIT's ioctl waits 1-3 ms for a kernel thread (issue #16, start-up):
-        # it runs on a thread beside the devices and boot structures below, and
-        # is waited for before the vCPUs are made (KVM_CREATE_VCPU would wait
-        # for the VM's lock it holds anyway).
-        self._pit = _on_thread(self.vm.create_pit, "pyvmm-pit")
+        # it runs on a thread beside the devices and boot structures below, with
+        # KVM's supported-CPUID query (also kernel time), and is waited for
+        # before the vCPUs are made (KVM_CREATE_VCPU would wait for the VM's
+        # lock it holds anyway).
+        self._pit = _on_thread(lambda: (self.vm.create_pit(), self.kvm.supported_cpuid()),
+                               "pyvmm-pit")
         if c.seccomp:   # the threads' filters, built meanwhile (not on the vCPU's way to KVM_RUN)
             from vmm import seccomp
             seccomp.build_quietly(("vcpu", "console", "main"))
@@ -166,9 +168,9 @@ class Machine:
         regs.write_gdt(self.memory)
         regs.write_page_tables(self.memory)
 
-        supported = self.kvm.supported_cpuid()
         pit, self._pit = self._pit, None
         pit()
+        supported = self.kvm.supported_cpuid()      # read by the thread above: a copy
         for i in range(c.cpus):
             vcpu = Vcpu(self.vm, i)
             self.vcpus.append(vcpu)
