@@ -296,6 +296,9 @@ def run(args):
     server = None
     try:
         machine = Machine(config)
+        if _gc_paused:          # on again for the VM's life (vmm/__main__.py)
+            import gc
+            gc.enable()
         try:
             if config.seccomp:          # the API thread confines itself when it starts
                 from vmm import seccomp
@@ -343,7 +346,12 @@ def fast_parse(argv):
     return fastargs.parse(rec, argv[1:], command="run")
 
 
-def main(argv=None):
+_gc_paused = False     # vmm.__main__ turned the cyclic GC off for the start-up
+
+
+def main(argv=None, gc_paused=False):
+    global _gc_paused
+    _gc_paused = gc_paused
     argv = sys.argv[1:] if argv is None else list(argv)
     args = fast_parse(argv)
     if args is None:

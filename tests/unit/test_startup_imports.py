@@ -78,3 +78,19 @@ def test_debug_still_loads_logging(tmp_path):
             "print(logging.getLogger().level, logging.getLogger().handlers[0].formatter._fmt)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split(None, 1) == ["10", "pyvmm: %(message)s\n"]
+
+
+@pytest.mark.usefixtures("needs_kvm")
+def test_gc_is_back_on_when_the_guest_runs(tmp_path):
+    """vmm.__main__ pauses the cyclic GC for `pyvmm run`'s start-up only."""
+    kernel = T.make_elf(T.serial_text("!") + T.CLI_HLT, str(tmp_path / "t.elf"))
+    code = ("import sys, gc; from vmm import machine; from vmm.__main__ import main\n"
+            "seen = []; run = machine.Machine.run\n"
+            "def spy(self, *a, **k):\n"
+            "    seen.append(gc.isenabled()); return run(self, *a, **k)\n"
+            "machine.Machine.run = spy\n"
+            "rc = main(['run', '--kernel', sys.argv[1], '--mem', '32M', '--serial', 'file:/dev/null'])\n"
+            "print(rc, seen, gc.isenabled())")
+    out = subprocess.run([sys.executable, "-c", code, kernel], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["0", "[True]", "True"], out.stderr
