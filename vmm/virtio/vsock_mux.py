@@ -117,6 +117,12 @@ class Muxer:
         c["connections"] = len(self.socks)
         return c
 
+    def unsent(self):
+        """Guest bytes accepted (counted in our credit) that no host socket
+        has taken yet: held transmit chains plus copied backlogs."""
+        return sum(int(self._conns[s].pend_len) + int(self._conns[s].held_bytes)
+                   for s in self.socks)
+
     # --- host events (Python's fds in the epoll set) ---
     def poll(self):
         """Events of the epoll set: connection sockets are handled in C, the

@@ -119,15 +119,20 @@ def test_held_chains_resume_when_the_socket_drains(rig):
     c = r.dev.counters()
     # the socket took a little; the rest waits in guest memory, not copied
     assert c["held_now"] > 0 and c["backlog_bytes"] == 0
+    unsent = r.dev.mux.unsent()
+    assert 0 < unsent <= len(sent)
+    taken = hs.recv(1 << 20)                        # all the socket holds: the rest is unsent
+    assert taken == bytes(sent[:len(sent) - unsent])
     r.d.queues[TX].get_used()
     assert len(r.ledger.outstanding) == c["held_now"]
     r.d.ack_interrupt()
     irqs = r.t._interrupts
-    got = drain(r, hs, len(sent), {1000: g})
+    got = taken + drain(r, hs, unsent, {1000: g})
     assert got == bytes(sent)
     assert r.t._interrupts > irqs                   # completions from the poll were signalled
     r.d.queues[TX].get_used()
     assert not r.ledger.outstanding and r.dev.counters()["held_now"] == 0
+    assert r.dev.mux.unsent() == 0
     assert r.ledger.completed == c["rx_pkts"] + 1        # (+ the REQUEST)
 
 
@@ -243,8 +248,10 @@ def test_snapshot_completes_held_chains_and_the_stream_goes_on(rig):
     sent = fill(r, g, {1000: g})
     held = r.dev.counters()["held_now"]
     assert held > 0
+    unsent = r.dev.mux.unsent()
     r.d.ack_interrupt()
     st = r.t.state()                                # the rings as saved: nothing in flight
+    assert r.dev.mux.unsent() == unsent             # held payload moved, none lost
     tx = st["queues"][TX]
     assert tx["next_avail"] == tx["next_used"]
     assert r.dev.counters()["held_now"] == 0
