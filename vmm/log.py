@@ -77,29 +77,35 @@ class Logger:
             return self._real().isEnabledFor(level)
         return level >= (WARNING if _pending is None else _pending["level"])
 
-    def log(self, level, msg, *args, **kw):
+    def _emit(self, level, msg, args, kw):
         if self._loaded():
+            # the record's origin (file, line, function) is our caller's caller
+            kw["stacklevel"] = kw.get("stacklevel", 1) + 2
             self._real().log(level, msg, *args, **kw)
         elif self.isEnabledFor(level):
             self._write(msg, args, kw.get("exc_info"))
 
+    def log(self, level, msg, *args, **kw):
+        self._emit(level, msg, args, kw)
+
     def debug(self, msg, *args, **kw):
-        self.log(DEBUG, msg, *args, **kw)
+        self._emit(DEBUG, msg, args, kw)
 
     def info(self, msg, *args, **kw):
-        self.log(INFO, msg, *args, **kw)
+        self._emit(INFO, msg, args, kw)
 
     def warning(self, msg, *args, **kw):
-        self.log(WARNING, msg, *args, **kw)
+        self._emit(WARNING, msg, args, kw)
 
     def error(self, msg, *args, **kw):
-        self.log(ERROR, msg, *args, **kw)
+        self._emit(ERROR, msg, args, kw)
 
     def critical(self, msg, *args, **kw):
-        self.log(CRITICAL, msg, *args, **kw)
+        self._emit(CRITICAL, msg, args, kw)
 
     def exception(self, msg, *args, exc_info=True, **kw):
-        self.log(ERROR, msg, *args, exc_info=exc_info, **kw)
+        kw["exc_info"] = exc_info
+        self._emit(ERROR, msg, args, kw)
 
     def __getattr__(self, name):        # anything else (handlers, setLevel...): the real one
         return getattr(self._real(), name)

@@ -51,3 +51,15 @@ def test_record_captured_by_logging_when_loaded(caplog):
     caplog.set_level(log.DEBUG, logger="pyvmm")
     log.getLogger("pyvmm.t").debug("seen %s", "here")
     assert [r.getMessage() for r in caplog.records] == ["seen here"]
+
+
+def test_record_origin_is_the_caller(caplog):
+    """With logging loaded, a record names the line that logged (the API's
+    show_log_origin prints it), not vmm/log.py."""
+    from vmm import log
+    caplog.set_level(log.DEBUG, logger="pyvmm")
+    lg = log.getLogger("pyvmm.t")
+    lg.warning("a")
+    lg.log(log.WARNING, "b")
+    assert [(r.filename, r.funcName) for r in caplog.records] == [
+        ("test_log.py", "test_record_origin_is_the_caller")] * 2
