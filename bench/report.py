@@ -498,7 +498,7 @@ def details_md(det):
                 "runs, ms; bench/startup.py):", "", "| Step | ms |", "|---|---|"]
         out += [f"| {k} | {v['median'] * 1000:.1f} |" for k, v in st["steps"].items() if v]
     if st.get("imports"):
-        out += ["", "Import self time by package, one `python -X importtime -c 'import vmm.cli'` (ms): "
+        out += ["", "Import self time by package, one `python -X importtime` of the tiny guest's `pyvmm run` (ms): "
                 + ", ".join(f"{k} {v * 1000:.1f}" for k, v in st["imports"].items())]
     mem = det.get("memory") or {}
     bd = mem.get("pyvmm_breakdown_mib")
