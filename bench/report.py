@@ -94,7 +94,7 @@ def vs_qemu(d, key, module, family, figure, unit, scale=1.0, higher=True, goal=N
 # -- normalizers: module JSON -> rows ---------------------------------------------
 def norm_boot(d):
     return [vs_qemu(d, "first_instruction_s", "boot", "Boot", "start → first guest instruction",
-                    "ms", 1000, higher=False),
+                    "ms", 1000, higher=False, goal=("<=", 1.0)),     # issue #16, start-up
             vs_qemu(d, "boot_to_init_s", "boot", "Boot", 'start → "Run /init"', "s",
                     higher=False, goal=("<=", 1.0))]
 

@@ -302,6 +302,12 @@ class Machine:
                 self.threads.append(t)
             for t in self.threads:
                 t.start()
+            # The rest here (console, the main filter) waits until vCPU 0 is
+            # about to enter KVM_RUN: it does not compete with it for the GIL
+            # on the way to the guest's first instruction (bounded: a vCPU
+            # thread that fails sets it too).
+            if self.threads:
+                self.threads[0].entering.wait(1.0)
             if started is not None:
                 started()
             if self.config.restore is not None:     # bench/snapshot.py reads this line
