@@ -147,9 +147,9 @@ class Machine:
         # lock it holds anyway).
         self._pit = _on_thread(lambda: (self.vm.create_pit(), self.kvm.supported_cpuid()),
                                "pyvmm-pit")
-        if c.seccomp:   # the threads' filters, built meanwhile (not on the vCPU's way to KVM_RUN)
-            from vmm import seccomp
-            seccomp.build_quietly(("vcpu", "console", "main"))
+        if c.seccomp:   # the vCPU's filter, built meanwhile (not on its way to KVM_RUN; the
+            from vmm import seccomp     # main and console threads build theirs once it runs)
+            seccomp.build_quietly(("vcpu",))
         if c.track_dirty_pages:
             self.memory.track_device_writes(True)
 
