@@ -111,7 +111,7 @@ def test_exit_trace_reopened_for_append_on_restore(tmp_path):
 
 def test_snapshot_of_a_running_vm_is_refused(tmp_path):
     k = T.make_elf(ALPHABET, str(tmp_path / "alpha.elf"))
-    m = Machine(MachineConfig(kernel=k, mem_size=32 << 20, serial_out=io.BytesIO(), timeout=5))
+    m = Machine(MachineConfig(kernel=k, mem_size=32 << 20, serial_out=io.BytesIO(), timeout=120))
     try:
         errors = []
 
