@@ -69,6 +69,7 @@ def test_create_and_load_through_the_api(vmms, tmp_path):
     a.api.patch("/vm", {"state": "Paused"})
     a.api.put("/snapshot/create", {"snapshot_type": "Full", "snapshot_path": state,
                                    "mem_file_path": mem})
+    a.out.caught_up(a.p.stdout)         # our reader may lag behind what the guest wrote
     seen = bytes(a.out.data)
     assert "after starting" in a.fault("put", "/snapshot/load", {
         "snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}})
