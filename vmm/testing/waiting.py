@@ -41,3 +41,26 @@ def barrier(loop, timeout=SLOW):
     loop.call_soon(lambda: loop.defer(key, done.set) or done.set())
     if not done.wait(timeout):
         raise AssertionError(f"{loop.name}: I/O thread did not run a call in {timeout} s")
+
+
+class HeldClock:
+    """A monotonic clock for a token bucket (TokenBucket(clock=...)) that
+    stands still until start(), then runs at real speed from where it
+    stood: what a bucket lets through before start() does not depend on
+    how long the test took to get there (its refill would otherwise hand
+    out tokens to a test thread the host descheduled)."""
+
+    def __init__(self):
+        self._at = time.monotonic()
+        self._offset = None
+
+    def __call__(self):
+        if self._offset is None:
+            return self._at
+        return time.monotonic() - self._offset
+
+    def start(self):
+        """Let time run; returns the real time it started at."""
+        now = time.monotonic()
+        self._offset = now - self._at
+        return now
