@@ -8,8 +8,8 @@ runs in a child process (`python -m bench --child ...`, which imports the
 module and calls its main(argv)) with a time limit, so a missing, failing or
 hanging module is recorded in bench/results/run.json and the report, and the
 run goes on.  The whole run stops starting modules when --budget is used up
-(default 60 minutes; a full run takes about 30 minutes on an idle 2-core
-software-KVM host, much longer when the machine is shared, --quick about 12).
+(default 60 minutes; a full run takes about 20 minutes on an idle 2-core
+software-KVM host, much longer when the machine is shared).
 A full run first removes every result file of an earlier run; --only keeps
 the other modules' files and status.
 
@@ -36,7 +36,7 @@ from bench import common
 
 # name: (full argv, quick argv, time limit in seconds)
 MODULES = {
-    "boot": (["--reps", "5", "--init-reps", "1"], ["--reps", "3", "--init-reps", "1"], 900),
+    "boot": (["--reps", "5", "--init-reps", "3"], ["--reps", "3", "--init-reps", "1"], 900),
     "startup": (["--reps", "7"], ["--reps", "3"], 240),
     "exits": (["--reps", "5"], ["--reps", "3", "--count", "30000"], 180),
     "pio": (["--reps", "5"], ["--reps", "3"], 300),
@@ -48,7 +48,7 @@ MODULES = {
     "faults": (["--reps", "5"], ["--reps", "3", "--requests", "12800", "--frames", "12800",
                                   "--seconds", "2"], 300),
     "snapshot": (["--reps", "5"], ["--reps", "3"], 1200),
-    "inguest": (["--reps", "1", "--total", "1380"], ["--reps", "1", "--vmms", "pyvmm-mmio,qemu"], 1500),
+    "inguest": (["--reps", "3", "--total", "1380"], ["--reps", "1", "--vmms", "pyvmm-mmio,qemu"], 1500),
     "memory": (["--guest", "both", "--reps", "5", "--linux-reps", "1"],
                ["--guest", "tiny", "--reps", "3"], 900),
     "startstop": (["--reps", "5"], ["--reps", "3"], 240),
