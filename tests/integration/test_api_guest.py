@@ -91,7 +91,7 @@ def test_boot_and_drive_the_default_guest_through_the_api(tmp_path):
         p = subprocess.Popen(ns.exec_cmd([sys.executable, "-m", "vmm", "api", "--api-sock", sock,
                                           "--id", "api-it"]),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE)
-        assert wait_for_socket(sock, 30, p), p.stderr.read()
+        assert wait_for_socket(sock, 60, p), p.stderr.read()
         console = ConsoleReader(p)
         api = ApiClient(sock, timeout=60)
         api.put("/logger", {"log_path": str(tmp_path / "vmm.log"), "level": "Info"})

@@ -23,7 +23,7 @@ class Vmm:
         self.p = subprocess.Popen([sys.executable, "-m", "vmm", "api", "--api-sock", self.sock],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   stdin=subprocess.DEVNULL)
-        assert wait_for_socket(self.sock, 30, self.p), self.p.stderr.read()
+        assert wait_for_socket(self.sock, 60, self.p), self.p.stderr.read()
         self.out = Output(self.p.stdout)
         self.api = ApiClient(self.sock, timeout=60)
 
@@ -117,7 +117,7 @@ def test_pyvmm_snapshot_command_then_restore(tmp_path):
                           "--api-sock", sock, "--timeout", "120"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
-        assert wait_for_socket(sock, 30, p)
+        assert wait_for_socket(sock, 60, p)
         out = Output(p.stdout)
         assert out.wait_for(3, 60)
         snap = [sys.executable, "-m", "vmm", "snapshot", "--api-sock", sock, "--snapshot", state,
