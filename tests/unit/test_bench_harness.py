@@ -116,8 +116,8 @@ def test_a_stopped_module_cleans_up_or_is_killed(tmp_path, obeys):
     mark = tmp_path / "cleaned"
     handler = "lambda *_: sys.exit(143)" if obeys else "signal.SIG_IGN"
     code = (f"import signal, sys, time\nsignal.signal(signal.SIGTERM, {handler})\n"
-            f"print('ready', flush=True)\n"
-            f"try:\n    time.sleep(60)\nfinally:\n    open({str(mark)!r}, 'w').close()\n")
+            f"try:\n    print('ready', flush=True)\n    time.sleep(60)\n"
+            f"finally:\n    open({str(mark)!r}, 'w').close()\n")
     p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
                          stdout=subprocess.PIPE)
     assert p.stdout.readline() == b"ready\n"
