@@ -47,7 +47,7 @@ def host_connect(uds, port, timeout=60):
     return s
 
 
-@pytest.mark.slow(60)
+@pytest.mark.slow(35)
 def test_vsock_with_default_guest(restored, tmp_path):
     uds = str(tmp_path / "v.sock")
     results = {}
