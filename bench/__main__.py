@@ -148,17 +148,28 @@ def stop_group(p, grace=20):
     """SIGTERM the child's process group (the child and the VMMs it started),
     SIGKILL what is left after `grace` seconds.  The child turns SIGTERM into
     SystemExit, so its `with`/`finally` blocks run first: a module's network
-    namespace and scratch files are removed rather than leaked."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+    namespace and scratch files are removed rather than leaked.  The group is
+    killed, not just the child: a VMM still stopping (or ignoring SIGTERM)
+    when the child has exited would otherwise be left running."""
+    deadline = time.monotonic() + grace
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        p.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    while time.monotonic() < deadline:      # the rest of the group, in the time left
         try:
-            os.killpg(p.pid, sig)
+            os.killpg(p.pid, 0)
         except ProcessLookupError:
             break
-        try:
-            p.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            pass
+        time.sleep(0.1)
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     p.wait()
 
 

@@ -15,8 +15,11 @@ def main(argv=None):
         # guest's first instruction.  vmm.cli turns it back on once the VM
         # is built (issue #16, start-up).
         gc.disable()
-        from vmm.cli import main as cli_main
-        return cli_main(argv, gc_paused=True)
+        try:
+            from vmm.cli import main as cli_main
+            return cli_main(argv, gc_paused=True)
+        finally:    # an error before the VM was built: on again for an in-process caller
+            gc.enable()
     from vmm.cli import main as cli_main
     return cli_main(argv)
 

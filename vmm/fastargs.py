@@ -102,6 +102,8 @@ def parse(rec, argv, **fixed):
                 return None
             value = _value(spec, text)
             if action == "append":
+                if values[dest] is None:      # argparse's append starts a list over a None default
+                    values[dest] = []
                 values[dest].append(value)
             else:
                 values[dest] = value

@@ -112,23 +112,32 @@ class Logger:
 
     @staticmethod
     def _write(msg, args, exc_info):
-        """What basicConfig's StreamHandler would write (logging not loaded)."""
+        """What basicConfig's StreamHandler would write (logging not loaded).
+        Like logging, a record that cannot be formatted (a bad %-format, a
+        failing __str__) is reported on stderr, never raised to the caller:
+        a log call must not end the VMM."""
         if len(args) == 1 and isinstance(args[0], dict) and args[0]:
             args = args[0]              # logging's "%(name)s" with one mapping
-        text = str(msg) % args if args else str(msg)
         fmt = FORMAT if _pending is not None else "%(message)s"
-        if exc_info:
-            exc = sys.exc_info() if exc_info is True else exc_info
-            if isinstance(exc, BaseException):
-                exc = (type(exc), exc, exc.__traceback__)
-            if exc[0] is not None:
-                tb = sys.modules.get("traceback")    # loaded only by a debug run: no import here
-                text += "\n" + ("".join(tb.format_exception(*exc)).rstrip("\n") if tb
-                                else f"{exc[0].__name__}: {exc[1]}")
         try:
-            sys.stderr.write(fmt % {"message": text} + "\n")
+            text = str(msg) % args if args else str(msg)
+            if exc_info:                # normalised as Logger._log does
+                if isinstance(exc_info, BaseException):
+                    exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+                elif not isinstance(exc_info, tuple):
+                    exc_info = sys.exc_info()
+                if exc_info[0] is not None:
+                    tb = sys.modules.get("traceback")    # loaded only by a debug run: no import here
+                    text += "\n" + ("".join(tb.format_exception(*exc_info)).rstrip("\n") if tb
+                                    else f"{exc_info[0].__name__}: {exc_info[1]}")
+            line = fmt % {"message": text} + "\n"
+        except Exception as e:          # logging.Handler.handleError's report, without traceback
+            line = (f"--- Logging error ---\n{type(e).__name__}: {e}\n"
+                    f"Message: {msg!r}\nArguments: {args!r}\n")
+        try:
+            sys.stderr.write(line)
             sys.stderr.flush()
-        except Exception:               # as logging.Handler.handleError: never raise from a log call
+        except Exception:               # stderr closed or full: as logging, nothing more to do
             pass
 
 
