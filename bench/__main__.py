@@ -144,6 +144,35 @@ def host_info():
     return info
 
 
+def stop_group(p, grace=20):
+    """SIGTERM the child's process group (the child and the VMMs it started),
+    SIGKILL what is left after `grace` seconds.  The child turns SIGTERM into
+    SystemExit, so its `with`/`finally` blocks run first: a module's network
+    namespace and scratch files are removed rather than leaked.  The group is
+    killed, not just the child: a VMM still stopping (or ignoring SIGTERM)
+    when the child has exited would otherwise be left running."""
+    deadline = time.monotonic() + grace
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        p.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    while time.monotonic() < deadline:      # the rest of the group, in the time left
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
 def run_module(name, argv, limit):
     """Run one module in a child process group; returns its status dict.
     Its previous result file is removed first, so a module that fails leaves
@@ -164,15 +193,10 @@ def run_module(name, argv, limit):
     except subprocess.TimeoutExpired:
         timed_out = True
     except KeyboardInterrupt:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+        stop_group(p)
         raise
     if timed_out or p.returncode is None:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)     # the child and the VMMs it started
-        except ProcessLookupError:
-            pass
-        p.wait()
+        stop_group(p)
     st = {"status": "error", "error": f"child exited with status {p.returncode}"}
     try:
         with open(status_path) as f:
@@ -190,6 +214,7 @@ def run_module(name, argv, limit):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # the parent's stop_group()
         return child(argv[1], argv[2], argv[3:])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (about 5 minutes)")

@@ -49,9 +49,10 @@ def qemu_cmd(kernel, initrd=None, cmdline=None, mem="256M"):
 
 
 def pyvmm_launcher():
-    """What a user runs: the `pyvmm` console script `make install` put beside
-    this interpreter (`python -m vmm` also loads runpy and importlib.util,
-    ~3 ms a user of the script does not pay); `python -m vmm` without one."""
+    """What a user runs: the `pyvmm` script (scripts/pyvmm) `make install` put
+    beside this interpreter (`python -m vmm` also loads runpy and
+    importlib.util, ~3 ms a user of the script does not pay); `python -m vmm`
+    without one."""
     script = os.path.join(os.path.dirname(sys.executable), "pyvmm")
     return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "vmm"]
 

@@ -6,10 +6,11 @@ bytes (1, 2, 4 or 8).  Accesses that hit no device are counted and ignored:
 reads return all ones, as on real hardware with nothing decoding the address.
 """
 import bisect
-import logging
 import threading
 
-log = logging.getLogger("pyvmm.bus")
+from vmm.log import DEBUG, getLogger
+
+log = getLogger("pyvmm.bus")   # vmm/log.py: logging loads only if a record is written
 
 
 class BusError(Exception):
@@ -70,6 +71,6 @@ class Bus:
 
     def _unhandled(self, op, addr, size, value=None):
         self.unhandled += 1
-        if log.isEnabledFor(logging.DEBUG):
+        if log.isEnabledFor(DEBUG):
             extra = "" if value is None else f" value=0x{value:x}"
             log.debug("%s: unhandled %s at 0x%x size %d%s", self.name, op, addr, size, extra)

@@ -1,14 +1,10 @@
 """Command line: `pyvmm run ...`.  Errors are one line on stderr and a
 non-zero exit status; no tracebacks for bad input."""
-import argparse
-import logging
-import math
 import os
-import re
 import sys
 
 from vmm import guest
-from vmm.clihelp import HelpFormatter, RawDescriptionHelpFormatter
+from vmm import log as vmmlog
 from vmm.arch.x86.cpuid import TEMPLATES, CpuidError
 from vmm.arch.x86.loader import KernelError
 from vmm.devices import DeviceSpecError, DriveSpec, NetSpec, RngSpec, VsockSpec
@@ -38,20 +34,37 @@ class UsageError(Exception):
     pass
 
 
+SIZE_SHIFT = {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
 def parse_size(text):
     """'256M', '1G', '512K' -> bytes; a bare number is MiB (as QEMU's -m)."""
+    # The usual spellings (64M, 2G, 512MiB, 1024) without loading re: the
+    # same answer as the pattern below, which decides everything else.
+    digits = text.rstrip("BbIi")
+    unit = digits[-1:].upper() if digits[-1:].isalpha() else ""
+    digits = digits[:-1] if unit else digits
+    if (digits and len(digits) <= 12 and all(c in "0123456789" for c in digits)
+            and unit in SIZE_SHIFT and text[len(digits) + len(unit):].upper() in ("", "B", "IB")):
+        return int(digits) << SIZE_SHIFT[unit]
+    import argparse
+    import re
     m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if not m:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 256M or 2G)")
-    return int(m.group(1)) << {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"pyvmm: {message}\n")
+    return int(m.group(1)) << SIZE_SHIFT[m.group(2).upper()]
 
 
 def build_parser():
+    """The whole command line's argparse parser (argparse and the help
+    formatters load here: `pyvmm run` with plain options never needs them)."""
+    import argparse
+    from vmm.clihelp import RawDescriptionHelpFormatter
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            self.exit(EXIT_USAGE, f"pyvmm: {message}\n")
+
     p = Parser(prog="pyvmm", description="A small virtual machine monitor on Linux KVM.",
                formatter_class=RawDescriptionHelpFormatter, epilog=STATUS_HELP)
     p.add_argument("--version", action="version", version="pyvmm 0.1.0")
@@ -60,6 +73,19 @@ def build_parser():
                        formatter_class=RawDescriptionHelpFormatter, epilog=STATUS_HELP,
                        description="Boot a Linux kernel (bzImage or ELF vmlinux). Without "
                                    "--kernel, boots the default guest built by `make guest`.")
+    add_run_arguments(r)
+    from vmm.api.cli import API_HELP, add_api_arguments
+    a = sub.add_parser("api", help="run a VM driven by the Firecracker-compatible API",
+                       formatter_class=RawDescriptionHelpFormatter,
+                       description=API_HELP, epilog=STATUS_HELP)
+    add_api_arguments(a)
+    add_restore_parser(sub)
+    return p
+
+
+def add_run_arguments(r):
+    """`pyvmm run`'s options, on an argparse parser or on fastargs.Recorder
+    (the same calls feed both; see fast_parse)."""
     r.add_argument("--kernel", metavar="PATH", help="kernel image: bzImage or ELF vmlinux")
     r.add_argument("--initrd", metavar="PATH", help="initial ramdisk (cpio archive)")
     r.add_argument("--cmdline", metavar="STRING",
@@ -112,16 +138,10 @@ def build_parser():
     r.add_argument("--api-sock", metavar="PATH",
                    help="also serve the Firecracker-compatible control API on this Unix socket "
                         "(pause/resume, inspect, swap drives of this VM)")
-    from vmm.api.cli import API_HELP, add_api_arguments
-    a = sub.add_parser("api", help="run a VM driven by the Firecracker-compatible API",
-                       formatter_class=RawDescriptionHelpFormatter,
-                       description=API_HELP, epilog=STATUS_HELP)
-    add_api_arguments(a)
-    add_restore_parser(sub)
-    return p
 
 
 def add_restore_parser(sub):
+    from vmm.clihelp import HelpFormatter, RawDescriptionHelpFormatter
     r = sub.add_parser("restore", help="continue a VM from a snapshot",
                        formatter_class=RawDescriptionHelpFormatter, epilog=STATUS_HELP,
                        description="Rebuild a VM in this process from a snapshot's state file "
@@ -235,7 +255,7 @@ def config_from_args(args):
             raise UsageError(f"{what} {path}: no such file")
     if not (args.serial.startswith("file:") or args.serial == "stdio"):
         raise UsageError(f"--serial must be stdio or file:PATH, not {args.serial!r}")
-    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+    if args.timeout is not None and not (0 < args.timeout < float("inf")):   # NaN fails too
         raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     devices = [DriveSpec(d) for d in args.drive] + [NetSpec(n) for n in args.net]
     if len(args.vsock) > 1:
@@ -267,20 +287,30 @@ def run(args):
         if not args.resume and not args.api_sock:
             raise UsageError("restore without --resume leaves the VM paused: give --resume, or "
                              "--api-sock to resume it through the API")
+        vmmlog.load()       # vmm.snapshot and the devices log through logging
         config = restore_config(args)
     else:
         config = config_from_args(args)
+        if config.devices or args.api_sock:     # their modules log through logging
+            vmmlog.load()
     server = None
     try:
         machine = Machine(config)
+        if _gc_paused:          # on again for the VM's life (vmm/__main__.py)
+            import gc
+            gc.enable()
         try:
             if config.seccomp:          # the API thread confines itself when it starts
                 from vmm import seccomp
                 seccomp.enable()
             if args.api_sock:
                 server = _serve_api(args.api_sock, machine)
-            with console.Console(machine):
-                status = machine.run(start_paused=args.command == "restore" and not args.resume)
+            vmmlog.settle()     # before any thread is confined (seccomp)
+            # the input thread starts once the vCPUs run: not on the way to
+            # the guest's first instruction
+            with console.Console(machine, start=False) as con:
+                status = machine.run(start_paused=args.command == "restore" and not args.resume,
+                                     started=con.start)
         finally:
             if server is not None:
                 server.close()
@@ -305,9 +335,28 @@ def _serve_api(path, machine):
     return server
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def fast_parse(argv):
+    """`pyvmm run`'s command line as argparse would parse it, without loading
+    argparse (vmm/fastargs.py); None when only argparse can answer."""
+    if argv[:1] != ["run"]:
+        return None
+    from vmm import fastargs
+    rec = fastargs.Recorder()
+    add_run_arguments(rec)
+    return fastargs.parse(rec, argv[1:], command="run")
+
+
+_gc_paused = False     # vmm.__main__ turned the cyclic GC off for the start-up
+
+
+def main(argv=None, gc_paused=False):
+    global _gc_paused
+    _gc_paused = gc_paused
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = fast_parse(argv)
+    if args is None:
+        parser = build_parser()
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -355,8 +404,9 @@ def rebase_command(args):
 
 def guarded(fn, args):
     """Run a command; bad input and VMM errors become one line on stderr."""
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="pyvmm: %(message)s")
+    # logging loads here with --debug; otherwise when a module that uses it
+    # does (vmm/log.py): a plain run never needs it
+    vmmlog.configure(bool(getattr(args, "debug", False)))
     try:
         return fn(args)
     except KeyboardInterrupt:

@@ -4,29 +4,40 @@ Ctrl-a sends a literal Ctrl-a."""
 import os
 import select
 import sys
-import termios
 import threading
 import time
-import tty
 
 ESCAPE = 0x01   # Ctrl-a
 QUIT = ord("x")
 
 
 class Console:
-    def __init__(self, machine, fd=None):
+    def __init__(self, machine, fd=None, start=True):
         self.machine = machine
         self.fd = sys.stdin.fileno() if fd is None else fd
         self.saved = None
         self.escape = False
         self.thread = None
+        self._start = start     # False: start() later (pyvmm run: once the vCPUs run)
+        self._started = False
 
     def __enter__(self):
+        if self._start:
+            self.start()
+        return self
+
+    def start(self):
+        """Raw mode and the input thread (inside the `with`; once)."""
+        if self._started:
+            return
+        self._started = True
         try:
             os.fstat(self.fd)
         except OSError:
-            return self                      # no stdin at all (CI): output only
+            return                           # no stdin at all (CI): output only
         if os.isatty(self.fd):
+            import termios                   # a terminal only (start-up, issue #16)
+            import tty
             self.saved = termios.tcgetattr(self.fd)
             # TCSANOW, not setraw's default TCSAFLUSH: keys typed while the VMM
             # started (a restore is running within milliseconds) reach the guest
@@ -34,12 +45,12 @@ class Console:
             tty.setraw(self.fd, termios.TCSANOW)
         self.thread = threading.Thread(target=self._pump, name="console", daemon=True)
         self.thread.start()
-        return self
 
     def __exit__(self, *exc):
         if self.thread is not None:      # it sees machine.stopping within 0.2 s
             self.thread.join(timeout=1)
         if self.saved is not None:
+            import termios                   # loaded by start(): no file is opened here
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
         return False
 

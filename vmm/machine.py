@@ -2,9 +2,8 @@
 run loop.  `Machine(config).run()` returns the exit status (see STATUS)."""
 from __future__ import annotations
 
-import logging
+import _signal as signal   # the C module: signal.py's enums are ~2 ms of start-up (issue #16)
 import os
-import signal
 import threading
 import time
 
@@ -17,11 +16,12 @@ from vmm.hw.serial import COM1_IRQ, COM1_PORT, Serial
 from vmm.kvm.system import Kvm
 from vmm.kvm.vcpu import Vcpu
 from vmm.kvm.vm import Vm
+from vmm.log import getLogger
 from vmm.memory import GuestMemory
 from vmm.record import Factory, Record
 from vmm.vcpu_thread import VcpuThread, install_kick_handler
 
-log = logging.getLogger("pyvmm")
+log = getLogger("pyvmm")   # vmm/log.py: logging loads only if a record is written
 
 # Exit status of `pyvmm run` for each way a machine stops.
 STATUS = {
@@ -34,6 +34,8 @@ STATUS = {
     "timeout": 124,  # --timeout expired (as timeout(1))
     "signal": 130,   # SIGINT/SIGTERM/SIGHUP to the VMM
 }
+
+STOP_SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 POWER_OFF_POLL = 0.25 # seconds between checks for all vCPUs halted with IF=0
 IO_STOP_TIMEOUT = 5.0 # seconds close() waits for the device I/O threads, all together
@@ -54,6 +56,26 @@ class MachineConfig(Record):
     restore: object | None = None            # a vmm.snapshot.Restore: build from a snapshot
     seccomp: bool = False      # confine every thread once built (vmm/seccomp.py); the CLI's default
     early: object | None = None   # a vmm.kvm.early.EarlyVm: the KVM VM, made ahead of time
+
+
+def _on_thread(fn, name):
+    """Start fn() on a thread; returns a callable that waits for it and
+    raises what fn raised."""
+    err = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:      # re-raised by the caller's wait
+            err.append(e)
+    t = threading.Thread(target=run, name=name, daemon=True)
+    t.start()
+
+    def wait():
+        t.join()
+        if err:
+            raise err[0]
+    return wait
 
 
 class Machine:
@@ -83,6 +105,7 @@ class Machine:
         self._serial_out = None
         self._stuck_vcpus = []
         self.t_start = time.monotonic()
+        self._pit = None        # waits for the PIT being made on a thread (_build)
         try:
             self._build()
         except BaseException:
@@ -116,7 +139,17 @@ class Machine:
         # (VMs made in turn at low load; both orders wait in the kernel longer
         # under load).
         self.vm.add_memory(self.memory, log_dirty=c.track_dirty_pages)
-        self.vm.setup_platform()
+        self.vm.setup_platform(pit=False)
+        # The PIT's ioctl waits 1-3 ms for a kernel thread (issue #16, start-up):
+        # it runs on a thread beside the devices and boot structures below, with
+        # KVM's supported-CPUID query (also kernel time), and is waited for
+        # before the vCPUs are made (KVM_CREATE_VCPU would wait for the VM's
+        # lock it holds anyway).
+        self._pit = _on_thread(lambda: (self.vm.create_pit(), self.kvm.supported_cpuid()),
+                               "pyvmm-pit")
+        if c.seccomp:   # the vCPU's filter, built meanwhile (not on its way to KVM_RUN; the
+            from vmm import seccomp     # main and console threads build theirs once it runs)
+            seccomp.build_quietly(("vcpu",))
         if c.track_dirty_pages:
             self.memory.track_device_writes(True)
 
@@ -135,7 +168,9 @@ class Machine:
         regs.write_gdt(self.memory)
         regs.write_page_tables(self.memory)
 
-        supported = self.kvm.supported_cpuid()
+        pit, self._pit = self._pit, None
+        pit()
+        supported = self.kvm.supported_cpuid()      # read by the thread above: a copy
         for i in range(c.cpus):
             vcpu = Vcpu(self.vm, i)
             self.vcpus.append(vcpu)
@@ -247,13 +282,15 @@ class Machine:
             self.stop("poweroff", "guest halted with interrupts off (power off)")
 
     # -- running -------------------------------------------------------------
-    def run(self, start_paused=False):
+    def run(self, start_paused=False, started=None):
         """Run until the guest stops; returns the exit status.  With
-        `start_paused` the vCPUs wait for resume() (a restored VM)."""
+        `start_paused` the vCPUs wait for resume() (a restored VM).
+        `started()` is called once the vCPU threads run, before the main
+        thread's seccomp filter (threads it starts get their own filter)."""
         install_kick_handler()
         if start_paused:
             self.pause()
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             if self.config.seccomp:     # before any guest I/O can reach them
                 from vmm import seccomp
@@ -265,6 +302,14 @@ class Machine:
                 self.threads.append(t)
             for t in self.threads:
                 t.start()
+            # The rest here (console, the main filter) waits until vCPU 0 is
+            # about to enter KVM_RUN: it does not compete with it for the GIL
+            # on the way to the guest's first instruction (bounded: a vCPU
+            # thread that fails sets it too).
+            if self.threads:
+                self.threads[0].entering.wait(1.0)
+            if started is not None:
+                started()
             if self.config.restore is not None:     # bench/snapshot.py reads this line
                 log.debug("restore: vCPUs running at %.6f (%.1f ms after Machine())",
                           time.time(), (time.monotonic() - self.t_start) * 1000)
@@ -292,7 +337,7 @@ class Machine:
         return STATUS[self.stop_reason or "error"]
 
     def _on_signal(self, signum, frame):
-        self.stop("signal", f"stopped by {signal.Signals(signum).name}")
+        self.stop("signal", f"stopped by {STOP_SIGNALS.get(signum, signum)}")
 
     def _stop_ioloops(self):
         """Stop every device I/O thread, waiting IO_STOP_TIMEOUT in all.  A
@@ -314,6 +359,12 @@ class Machine:
 
     def close(self):
         """Release everything; safe to call more than once and after errors."""
+        if getattr(self, "_pit", None) is not None:   # an error came while the PIT was being made
+            pit, self._pit = self._pit, None
+            try:
+                pit()
+            except Exception:
+                pass
         if self.config.early is not None:   # not taken (an error, or a snapshot's own VM)
             self.config.early.close()
         # The handler in progress must return before the devices below are

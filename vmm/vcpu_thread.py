@@ -5,13 +5,13 @@ Other threads stop or poll a vCPU by setting `immediate_exit` and sending it
 SIGUSR1 (KVM_RUN then returns EINTR); Python's own handler for the signal
 does nothing but make that possible.
 """
-import logging
-import signal
+import _signal as signal   # the C module: signal.py's enums are ~2 ms of start-up (issue #16)
 import threading
 
+from vmm.log import getLogger
 from vmm.native import NativeError, lib
 
-log = logging.getLogger("pyvmm.vcpu")
+log = getLogger("pyvmm.vcpu")   # vmm/log.py: logging loads only if a record is written
 
 KICK_SIGNAL = signal.SIGUSR1
 RFLAGS_IF = 1 << 9
@@ -31,6 +31,7 @@ class VcpuThread(threading.Thread):
         self.exit_counts = {"io_in": 0, "io_out": 0, "mmio_read": 0, "mmio_write": 0}
         self.halted_with_irqs_off = False
         self.parked = threading.Event()      # set while held out of KVM_RUN by a pause
+        self.entering = threading.Event()    # set just before the first KVM_RUN (or on failure)
 
     def kick(self):
         """Make KVM_RUN return soon (EINTR) without losing guest state."""
@@ -50,6 +51,8 @@ class VcpuThread(threading.Thread):
         except Exception as e:  # any VMM bug or KVM failure ends the machine plainly
             log.debug("vcpu%d failed", self.vcpu.index, exc_info=True)
             self.machine.stop("error", f"vcpu{self.vcpu.index}: {e}")
+        finally:
+            self.entering.set()
 
     def _loop(self):
         vcpu, machine = self.vcpu, self.machine
@@ -63,6 +66,7 @@ class VcpuThread(threading.Thread):
         IO_OUT = lib.KVM_EXIT_IO_OUT
         gate = machine.run_gate
         counts = self.exit_counts
+        self.entering.set()
         while not machine.stopping:
             if not gate.is_set():
                 self._park(gate)

@@ -23,7 +23,7 @@ class Vmm:
         self.p = subprocess.Popen([sys.executable, "-m", "vmm", "api", "--api-sock", self.sock],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   stdin=subprocess.DEVNULL)
-        assert wait_for_socket(self.sock, 30, self.p), self.p.stderr.read()
+        assert wait_for_socket(self.sock, 60, self.p), self.p.stderr.read()
         self.out = Output(self.p.stdout)
         self.api = ApiClient(self.sock, timeout=60)
 
@@ -69,6 +69,7 @@ def test_create_and_load_through_the_api(vmms, tmp_path):
     a.api.patch("/vm", {"state": "Paused"})
     a.api.put("/snapshot/create", {"snapshot_type": "Full", "snapshot_path": state,
                                    "mem_file_path": mem})
+    a.out.caught_up(a.p.stdout)         # our reader may lag behind what the guest wrote
     seen = bytes(a.out.data)
     assert "after starting" in a.fault("put", "/snapshot/load", {
         "snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}})
@@ -116,7 +117,7 @@ def test_pyvmm_snapshot_command_then_restore(tmp_path):
                           "--api-sock", sock, "--timeout", "120"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
-        assert wait_for_socket(sock, 30, p)
+        assert wait_for_socket(sock, 60, p)
         out = Output(p.stdout)
         assert out.wait_for(3, 60)
         snap = [sys.executable, "-m", "vmm", "snapshot", "--api-sock", sock, "--snapshot", state,

@@ -47,7 +47,7 @@ def test_interactive_shell_and_quit_key(restored):
         assert b"42-marker" in out, out[-2000:]
         assert termios.tcgetattr(slave)[3] & termios.ECHO == 0     # raw mode while running
         os.write(master, b"\x01x")                                  # Ctrl-a x
-        assert r.p.wait(timeout=30) == STATUS["quit"] == 0
+        assert r.p.wait(timeout=60) == STATUS["quit"] == 0
         assert termios.tcgetattr(slave) == before                   # terminal restored
     finally:
         os.close(master)

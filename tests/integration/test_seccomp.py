@@ -19,7 +19,7 @@ from vmm import seccomp
 pytestmark = pytest.mark.usefixtures("needs_kvm")
 
 
-def boot(tmp_path, code, *extra, env=None, timeout=60):
+def boot(tmp_path, code, *extra, env=None, timeout=180):
     k = T.make_elf(code, str(tmp_path / "guest.elf"))
     p = subprocess.run([sys.executable, "-m", "vmm", "run", "--kernel", k, "--mem", "32M", *extra],
                        capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
@@ -31,7 +31,7 @@ def boot(tmp_path, code, *extra, env=None, timeout=60):
 def test_forbidden_syscall_ends_vmm_with_sigsys(tmp_path, kind):
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(1 << 20))
-    rc, _, err = boot(tmp_path, T.HLT_LOOP, "--timeout", "20", "--drive", f"file={img}",
+    rc, _, err = boot(tmp_path, T.HLT_LOOP, "--timeout", "120", "--drive", f"file={img}",
                       env={seccomp.SELFTEST_ENV: kind})
     assert rc == -signal.SIGSYS, (rc, err)
     lines = [l for l in err.splitlines() if "seccomp" in l]
@@ -43,7 +43,7 @@ def test_forbidden_syscall_ends_vmm_with_sigsys(tmp_path, kind):
 
 
 def test_no_seccomp_flag_leaves_threads_unconfined(tmp_path):
-    rc, out, err = boot(tmp_path, T.serial_text("ok\n") + T.CLI_HLT, "--timeout", "20",
+    rc, out, err = boot(tmp_path, T.serial_text("ok\n") + T.CLI_HLT, "--timeout", "120",
                         "--no-seccomp", env={seccomp.SELFTEST_ENV: "vcpu"})
     assert rc == 0 and out == b"ok\n", err
 
@@ -52,7 +52,7 @@ def test_guest_runs_and_exits_normally_with_filters(tmp_path):
     imgs = [tmp_path / "a.img", tmp_path / "b.img"]
     for img in imgs:
         img.write_bytes(bytes(1 << 20))
-    rc, out, err = boot(tmp_path, T.serial_text("confined\n") + T.CLI_HLT, "--timeout", "20",
+    rc, out, err = boot(tmp_path, T.serial_text("confined\n") + T.CLI_HLT, "--timeout", "120",
                         "--drive", f"file={imgs[0]}", "--drive", f"file={imgs[1]},transport=pci")
     assert rc == 0 and out == b"confined\n", err
 
@@ -117,7 +117,7 @@ def test_glibc_overcommit_open_is_answered_not_fatal():
 
 
 DEBUG_TB_PROBE = """
-import logging, time
+import logging, threading
 logging.basicConfig(level=logging.DEBUG, format="pyvmm: %(message)s")
 from vmm import seccomp
 from vmm.virtio.ioloop import IoLoop
@@ -126,8 +126,10 @@ seccomp.enable()
 seccomp.apply_in(loop, "io")
 def bad():
     raise ValueError("handler bug")
+after = threading.Event()
 loop.call_soon(bad)
-time.sleep(0.5)
+loop.call_soon(after.set)          # runs once bad()'s error is logged
+assert after.wait(60), "the I/O thread did not run its calls"
 print("survived", flush=True)
 loop.stop()
 """
@@ -138,7 +140,7 @@ def test_debug_traceback_on_a_confined_thread_does_not_end_the_vmm():
     reading the frames' source lines (stat/open of .py files) on the confined
     thread ended the VMM with SIGSYS.  Now the traceback comes without them."""
     p = subprocess.run([sys.executable, "-c", DEBUG_TB_PROBE], capture_output=True, text=True,
-                       timeout=60)
+                       timeout=120)
     assert p.stdout == "survived\n" and p.returncode == 0, p.stderr
     assert "Traceback" in p.stderr and "ValueError: handler bug" in p.stderr
 

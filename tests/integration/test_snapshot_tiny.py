@@ -25,6 +25,10 @@ ALPHABET = bytes.fromhex("66baf803" "b361" "88d8" "ee" "fec3" "80fb7b" "7502" "b
 
 
 def shoot(tmp_path, steps, *run_args):
+    """The console output of a snapshooter run.  Tests that compare it with
+    a restore put a `pause` before the last snap: a VM resumed after its
+    snapshot prints more letters before `stop` ends it (how many depends on
+    the host's scheduling)."""
     k = T.make_elf(ALPHABET, str(tmp_path / "alpha.elf"))
     cmd = [sys.executable, "-m", "vmm.testing.snapshooter", "--step-timeout", "120"]
     for s in steps:
@@ -49,7 +53,7 @@ def restore(state, mem, *extra, seconds=2):
 
 def test_continues_where_it_was_twice_at_once(tmp_path):
     s, m = tmp_path / "a.state", tmp_path / "a.mem"
-    out = shoot(tmp_path, ["wait:ghij", f"snap:Full:{s}:{m}", "stop"])
+    out = shoot(tmp_path, ["wait:ghij", "pause", f"snap:Full:{s}:{m}", "stop"])
     want = following(out)
     before = m.read_bytes()
     procs = [restore(s, m, seconds=4) for _ in range(2)]
@@ -62,7 +66,7 @@ def test_continues_where_it_was_twice_at_once(tmp_path):
 
 def test_diff_over_base_continues_from_the_later_point(tmp_path):
     s, m, ds, dm = (tmp_path / n for n in ("f.state", "f.mem", "d.state", "d.mem"))
-    out = shoot(tmp_path, ["wait:cdef", f"snap:Full:{s}:{m}", "wait:stuv",
+    out = shoot(tmp_path, ["wait:cdef", f"snap:Full:{s}:{m}", "wait:stuv", "pause",
                            f"snap:Diff:{ds}:{dm}", "stop"], "--track-dirty-pages")
     assert dm.stat().st_blocks * 512 < m.stat().st_size
     p = restore(ds, m, "--mem-diff", str(dm), seconds=4)
@@ -77,7 +81,8 @@ def test_two_diff_layers_rebased_continue_from_the_last_point(tmp_path):
     s, m = tmp_path / "f.state", tmp_path / "f.mem"
     d1s, d1m, d2s, d2m = (tmp_path / n for n in ("d1.state", "d1.mem", "d2.state", "d2.mem"))
     out = shoot(tmp_path, ["wait:cdef", f"snap:Full:{s}:{m}", "wait:jklm",
-                           f"snap:Diff:{d1s}:{d1m}", "wait:stuv", f"snap:Diff:{d2s}:{d2m}", "stop"],
+                           f"snap:Diff:{d1s}:{d1m}", "wait:stuv", "pause",
+                           f"snap:Diff:{d2s}:{d2m}", "stop"],
                 "--track-dirty-pages")
     merged = tmp_path / "base+d1.mem"
     p = subprocess.run([sys.executable, "-m", "vmm", "snapshot-rebase", "--base", str(m),
@@ -111,7 +116,7 @@ def test_exit_trace_reopened_for_append_on_restore(tmp_path):
 
 def test_snapshot_of_a_running_vm_is_refused(tmp_path):
     k = T.make_elf(ALPHABET, str(tmp_path / "alpha.elf"))
-    m = Machine(MachineConfig(kernel=k, mem_size=32 << 20, serial_out=io.BytesIO(), timeout=5))
+    m = Machine(MachineConfig(kernel=k, mem_size=32 << 20, serial_out=io.BytesIO(), timeout=120))
     try:
         errors = []
 

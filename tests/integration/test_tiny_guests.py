@@ -11,10 +11,10 @@ from vmm.machine import STATUS
 pytestmark = pytest.mark.usefixtures("needs_kvm")
 
 
-def boot(tmp_path, code, *extra, timeout=60):
+def boot(tmp_path, code, *extra, timeout=180):
     k = T.make_elf(code, str(tmp_path / "guest.elf"))
     p = subprocess.run([sys.executable, "-m", "vmm", "run", "--kernel", k, "--mem", "32M",
-                        "--timeout", "30", *extra], capture_output=True, timeout=timeout,
+                        "--timeout", "120", *extra], capture_output=True, timeout=timeout,
                        stdin=subprocess.DEVNULL)
     return p.returncode, p.stdout, p.stderr.decode()
 
@@ -95,7 +95,7 @@ def test_sigterm_stops_cleanly_and_releases_the_disk(tmp_path):
             with pytest.raises(BlockingIOError):
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=30) == STATUS["signal"]
+        assert p.wait(timeout=60) == STATUS["signal"]
         assert b"SIGTERM" in p.stderr.read()
         with open(img, "rb") as f:             # ... and released it on the way out
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -64,6 +64,7 @@ SCRIPT = ("dmesg > /tmp/dmesg; grep -e '\\[1af4:' -e 64bit -e 'virtio_blk virtio
           "done; echo pci-$((3*3))-listed")
 
 
+@pytest.mark.slow(40)
 def test_three_pci_transports_side_by_side(restored, guest_snapshot, tmp_path):
     """From the session snapshot (conftest.py), whose guest has a raw disk
     on legacy virtio-pci, one on modern virtio-pci with MSI-X and two

@@ -68,7 +68,7 @@ def test_msix_route_ioeventfd_and_exit(tmp_path):
     att = VirtioPciModernAttachment(lambda: BlkDevice(str(img)))
     out = open(tmp_path / "serial.out", "wb", buffering=0)
     kernel = T.make_elf(guest_code(1, cap), str(tmp_path / "guest.elf"))
-    m = Machine(MachineConfig(kernel=kernel, mem_size=32 << 20, serial_out=out, timeout=30,
+    m = Machine(MachineConfig(kernel=kernel, mem_size=32 << 20, serial_out=out, timeout=120,
                               devices=[att]))
     try:
         t = att.transport
@@ -79,7 +79,7 @@ def test_msix_route_ioeventfd_and_exit(tmp_path):
         t.write = lambda off, size, v: writes.append((off, size, v)) or real_write(off, size, v)
         t._notify_once = lambda i: notifies.append(threading.current_thread().name) or real_notify(i)
         assert m.run() == STATUS["reset"]
-        deadline = time.monotonic() + 10       # the I/O thread may not have run yet (busy host)
+        deadline = time.monotonic() + 30       # the I/O thread may not have run yet (busy host)
         while not notifies and time.monotonic() < deadline:
             time.sleep(0.01)
         assert t.msix.enabled and not t.msix.masked[0]

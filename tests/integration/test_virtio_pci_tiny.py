@@ -38,7 +38,7 @@ def test_config_read_ioeventfd_and_exit(tmp_path):
     att = VirtioPciAttachment(lambda: BlkDevice(str(img)))
     out = open(tmp_path / "serial.out", "wb", buffering=0)
     kernel = T.make_elf(guest_code(1, pb.IO_BASE), str(tmp_path / "guest.elf"))
-    m = Machine(MachineConfig(kernel=kernel, mem_size=32 << 20, serial_out=out, timeout=30,
+    m = Machine(MachineConfig(kernel=kernel, mem_size=32 << 20, serial_out=out, timeout=120,
                               devices=[att]))
     try:
         t = att.transport
@@ -51,7 +51,7 @@ def test_config_read_ioeventfd_and_exit(tmp_path):
         assert m.run() == STATUS["reset"]
         # the guest resets right after its notifies: the I/O thread may not
         # have read the eventfd yet when run() returns, so give it a moment
-        end = time.monotonic() + 5
+        end = time.monotonic() + 30
         while not notifies and time.monotonic() < end:
             time.sleep(0.005)
     finally:

@@ -29,7 +29,8 @@ def test_vm_with_vsock_snapshots_and_restores(tmp_path, clone):
     uds = str(tmp_path / "v.sock")
     s, m = tmp_path / "a.state", tmp_path / "a.mem"
     cmd = [sys.executable, "-m", "vmm.testing.snapshooter", "--step-timeout", "120",
-           "--step", "wait:ghij", "--step", f"snap:Full:{s}:{m}", "--step", "stop", "--",
+           "--step", "wait:ghij", "--step", "pause", "--step", f"snap:Full:{s}:{m}",
+           "--step", "stop", "--",
            "--kernel", k, "--mem", "32M", "--vsock", f"cid=5,uds={uds}"]
     p = subprocess.run(cmd, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr.decode()

@@ -109,3 +109,24 @@ def test_blk_limits_do_every_request(tmp_path, write):
         assert set(plain.sample(4096, sectors, 32, write)) == set(cands)
     finally:
         plain.close()
+
+
+@pytest.mark.parametrize("obeys", [True, False])
+def test_a_stopped_module_cleans_up_or_is_killed(tmp_path, obeys):
+    """A module over its time limit gets SIGTERM first, so its `finally`
+    (a network namespace, a scratch image) runs; one that ignores it is
+    SIGKILLed after the grace period."""
+    import subprocess
+    import sys
+    from bench import __main__ as bm
+    mark = tmp_path / "cleaned"
+    handler = "lambda *_: sys.exit(143)" if obeys else "signal.SIG_IGN"
+    code = (f"import signal, sys, time\nsignal.signal(signal.SIGTERM, {handler})\n"
+            f"try:\n    print('ready', flush=True)\n    time.sleep(60)\n"
+            f"finally:\n    open({str(mark)!r}, 'w').close()\n")
+    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                         stdout=subprocess.PIPE)
+    assert p.stdout.readline() == b"ready\n"
+    bm.stop_group(p, grace=1)
+    assert p.returncode == (143 if obeys else -9)
+    assert mark.exists() == obeys

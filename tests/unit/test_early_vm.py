@@ -49,11 +49,13 @@ def test_error_reaches_take_and_machine(tmp_path):
 
 @pytest.mark.usefixtures("needs_kvm")
 def test_unused_early_vm_is_released(tmp_path):
+    import gc
     import os
+    gc.collect()        # an earlier test's garbage must not close its fds during this one
     before = len(os.listdir("/proc/self/fd"))
     early = EarlyVm.start()
     early.close()                                   # possibly while it is still building
-    early._done.wait(10)
+    assert early._done.wait(60)
     with pytest.raises(RuntimeError):
         early.take()
     # a failed build (bad kernel) closes the VM it was given
@@ -61,5 +63,5 @@ def test_unused_early_vm_is_released(tmp_path):
     with pytest.raises(Exception):
         Machine(MachineConfig(kernel=str(tmp_path / "missing"), serial_out=io.BytesIO(),
                               early=early2))
-    early2._done.wait(10)
+    assert early2._done.wait(60)
     assert len(os.listdir("/proc/self/fd")) == before

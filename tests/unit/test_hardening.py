@@ -101,7 +101,7 @@ def test_needs_reset_does_not_lose_a_concurrent_status_write(mem, monkeypatch):
             value = obj.__dict__["status"]
             if threading.get_ident() == io_thread.get("id"):
                 in_read.set()
-                go_on.wait(0.5)
+                go_on.wait(30)
             return value
 
         def __set__(self, obj, value):
@@ -114,13 +114,13 @@ def test_needs_reset_does_not_lose_a_concurrent_status_write(mem, monkeypatch):
         t.needs_reset("test")
     th = threading.Thread(target=io)
     th.start()
-    assert in_read.wait(5)
+    assert in_read.wait(30)
     w = threading.Thread(target=t._write_status, args=(vd.ACKNOWLEDGE | vd.DRIVER,))
     w.start()
     w.join(0.2)         # with the fix it waits for needs_reset to finish
     go_on.set()
-    th.join(5)
-    w.join(5)
+    th.join(30)
+    w.join(30)
     st = t.status
     assert st & vd.DEVICE_NEEDS_RESET and st & vd.DRIVER, hex(st)
     t.close()
@@ -139,7 +139,7 @@ def test_handler_errors_are_one_line_traceback_only_at_debug(caplog):
     with IoLoop() as loop:
         loop.add(fd, handler)
         signal_eventfd(fd)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while not loop.errors and time.monotonic() < deadline:
             time.sleep(0.01)
     os.close(fd)

@@ -8,6 +8,7 @@ import pytest
 
 from vmm.hw.i8042 import (CMD_READ_CTR, CMD_READ_OUTP, CMD_RESET, CMD_WRITE_CTR, I8042,
                           I8042Error)
+from vmm.testing.waiting import SLOW, until
 from vmm.virtio.ioloop import IoLoop, drain_eventfd, signal_eventfd
 
 DATA, STATUS = 0, 4
@@ -61,29 +62,27 @@ def test_control_register_output_port_and_keyboard_ack():
 def test_ioloop_pause_waits_for_the_handler_and_holds_events():
     fd = os.eventfd(0, os.EFD_NONBLOCK)
     ran = []
-    gate = threading.Event()
+    started, gate = threading.Event(), threading.Event()
 
     def handler():
         drain_eventfd(fd)
-        gate.wait(2)
+        started.set()
+        gate.wait(SLOW)
         ran.append(time.monotonic())
 
     with IoLoop() as loop:
         loop.add(fd, handler)
         signal_eventfd(fd)
-        time.sleep(0.05)                 # the handler is now running (blocked on gate)
+        assert started.wait(SLOW)            # the handler is now running (blocked on gate)
         threading.Timer(0.3, gate.set).start()
-        t0 = time.monotonic()
-        loop.pause()
-        assert time.monotonic() - t0 >= 0.25      # waited for the handler in flight
-        assert len(ran) == 1 and loop.paused
+        loop.pause(timeout=SLOW)
+        # returned only after the handler in flight: the gate had to open first
+        assert gate.is_set() and len(ran) == 1 and loop.paused
         signal_eventfd(fd)
         time.sleep(0.2)
         assert len(ran) == 1                      # nothing runs while paused
         loop.resume()
-        deadline = time.monotonic() + 2
-        while len(ran) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert until(lambda: len(ran) >= 2)
         assert len(ran) == 2                      # the held event is served after resume
     os.close(fd)
 

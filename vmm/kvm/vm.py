@@ -50,11 +50,18 @@ class Vm:
         self._next_gsi = IOAPIC_PINS    # MSI GSIs come after the IOAPIC's pins
         self.routing_updates = 0        # tables sent (for tests and stats)
 
-    def setup_platform(self):
-        """TSS, identity map, PIC+IOAPIC+LAPIC in the kernel, and the PIT."""
+    def setup_platform(self, pit=True):
+        """TSS, identity map, PIC+IOAPIC+LAPIC in the kernel, and the PIT
+        (unless `pit` is false: create_pit() later)."""
         ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", ffi.new("uint64_t *", IDENTITY_MAP_ADDR))
         ioctl(self.fd, "KVM_SET_TSS_ADDR", TSS_ADDR)
         ioctl(self.fd, "KVM_CREATE_IRQCHIP")
+        if pit:
+            self.create_pit()
+
+    def create_pit(self):
+        """The in-kernel PIT (needs the irqchip).  KVM starts a kernel thread
+        for it and waits for it, holding the VM's lock: 1-3 ms here."""
         pit = ffi.new("struct kvm_pit_config *")
         pit.flags = lib.KVM_PIT_SPEAKER_DUMMY
         ioctl(self.fd, "KVM_CREATE_PIT2", pit)

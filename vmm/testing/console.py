@@ -18,6 +18,7 @@ class ConsoleReader:
         self.pos = 0                  # end of the last expect() match
         self.eof = False
         self.cond = threading.Condition()
+        self._fd = out.fileno()
         self.thread = threading.Thread(target=self._read, args=(out.fileno(),), daemon=True)
         self.thread.start()
 
@@ -60,6 +61,30 @@ class ConsoleReader:
             return False
         self.pos = i + len(marker)
         return True
+
+    def caught_up(self, quiet=0.3, timeout=60):
+        """len(buf) once everything the VMM already wrote has been read: its
+        pipe is empty and nothing arrived for `quiet` seconds.  Take this,
+        not len(buf), after pausing a guest: this reader thread may lag
+        behind the VMM on a loaded host.  (A guest that keeps writing makes
+        it time out; the caller's check of what came next then fails.)"""
+        import fcntl
+        import termios
+        avail = bytearray(4)
+        end = time.monotonic() + timeout
+        n, since = -1, time.monotonic()
+        while time.monotonic() < end and not self.eof:
+            try:
+                fcntl.ioctl(self._fd, termios.FIONREAD, avail)
+            except OSError:
+                break
+            now = time.monotonic()
+            if int.from_bytes(avail, "little") or len(self.buf) != n:
+                n, since = len(self.buf), now
+            elif now - since >= quiet:
+                break
+            time.sleep(0.05)
+        return len(self.buf)
 
     def send(self, line):
         self.stdin.write(line.encode() + b"\n")

@@ -9,7 +9,10 @@ Steps run in order on a helper thread while the machine runs:
   wait:TEXT          until TEXT appears on the console (after the last match)
   type:TEXT          send TEXT to the serial console (\\n = Enter)
   sleep:SECONDS
-  snap:TYPE:STATE:MEM  pause, snapshot (Full or Diff), resume
+  snap:TYPE:STATE:MEM  pause, snapshot (Full or Diff), resume; after a
+                     `pause` step it stays paused (the console then ends
+                     exactly where the snapshot is: a `stop` next prints
+                     nothing more)
   pause / resume
   stop               end the VM (exit status 0)
 Arguments after `--` are `pyvmm run` options, or `restore` and `pyvmm
@@ -84,12 +87,14 @@ def run_steps(machine, tee, steps, timeout):
                 time.sleep(float(arg))
             elif kind == "snap":
                 typ, state, mem = arg.split(":", 2)
+                was_paused = machine.paused
                 t0 = time.monotonic()
                 machine.pause()
                 t1 = time.monotonic()
                 figures = snapshot.create(machine, state, mem, typ)
                 figures["pause_seconds"] = t1 - t0
-                machine.resume()
+                if not was_paused:
+                    machine.resume()
                 print("snapshooter: " + json.dumps(figures), file=sys.stderr, flush=True)
             elif kind == "pause":
                 machine.pause()

@@ -15,8 +15,12 @@ from vmm.testing.mockdriver import T_IN, T_OUT
 
 
 class BlkStream:
-    def __init__(self, drv, typ=T_IN, nbytes=65536, depth=32, sector=0):
+    def __init__(self, drv, typ=T_IN, nbytes=65536, depth=32, sector=0, indirect=False):
+        """`indirect`: each request one ring descriptor (an indirect table,
+        allocated per request from the driver's arena), so up to the queue
+        size of them can be in flight instead of a third of it."""
         self.drv, self.typ, self.nbytes, self.depth = drv, typ, nbytes, depth
+        self.indirect = indirect
         self.slots = []
         data = drv.alloc(nbytes, 16, fill=0x11)      # shared by every request
         for _ in range(depth):
@@ -33,7 +37,7 @@ class BlkStream:
         if self.nbytes:
             segs.append((self.data, self.nbytes, self.typ == T_IN))
         segs.append((status, 1, True))
-        head = self.drv.queues[0].add(segs, publish=False)
+        head = self.drv.queues[0].add(segs, indirect=self.indirect, publish=False)
         self.inflight[head] = slot
 
     def reap(self):
@@ -63,7 +67,7 @@ class BlkStream:
                 time.sleep(0.0005)
         elapsed = time.monotonic() - t0
         # drain what is still queued so the device is idle afterwards
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while self.inflight and time.monotonic() < deadline:
             self.reap()
             time.sleep(0.001)

@@ -20,6 +20,7 @@ import fcntl
 import os
 import stat
 import struct
+import threading
 
 from vmm.native import ffi, lib
 from vmm.virtio import device as vd
@@ -114,6 +115,10 @@ class BlkDevice(vd.VirtioDevice):
         self._rings = []
         self._interrupt = None
         self._stats = {"kicks": 0, "requests": 0, "ioerr": 0}
+        # the I/O thread's Python paths count while others (metrics, the API,
+        # tests) read, and each read folds in the C side's counts: one lock,
+        # or a concurrent fold counts C's requests twice or loses an increment
+        self._stats_lock = threading.Lock()
         self._fastpath = None     # the transport's C fast path (vmm/virtio/fastpath.py)
         self.ioloop = None        # for timers of the slow path (set by the owner)
         self.intercept = None     # limiter/faults/trace/hook: vmm/virtio/intercept.py
@@ -180,13 +185,15 @@ class BlkDevice(vd.VirtioDevice):
 
     @property
     def stats(self):
-        """{kicks, requests, ioerr}: the Python paths' counts plus the C fast path's."""
-        st = self._stats
-        if self._fastpath is not None:
-            kicks, requests, ioerr = self._fastpath.take_counts()
-            st["kicks"] += kicks
-            st["requests"] += requests
-            st["ioerr"] += ioerr
+        """{kicks, requests, ioerr}: the Python paths' counts plus the C fast
+        path's (read-only for callers: counting goes through _count)."""
+        with self._stats_lock:
+            st = self._stats
+            if self._fastpath is not None:
+                kicks, requests, ioerr = self._fastpath.take_counts()
+                st["kicks"] += kicks
+                st["requests"] += requests
+                st["ioerr"] += ioerr
         return st
 
     @property
@@ -209,9 +216,12 @@ class BlkDevice(vd.VirtioDevice):
             return None
         return ring.vq, self._blk, ring.chain
 
-    def _count(self, completed, ioerr):
-        self.stats["requests"] += completed
-        self.stats["ioerr"] += ioerr
+    def _count(self, completed, ioerr, kicks=0):
+        with self._stats_lock:
+            st = self._stats
+            st["kicks"] += kicks
+            st["requests"] += completed
+            st["ioerr"] += ioerr
 
     def reset(self):
         super().reset()
@@ -256,7 +266,7 @@ class BlkDevice(vd.VirtioDevice):
         ring = rings[index] if 0 <= index < len(rings) else None
         if ring is None or ring.broken:
             return False
-        self.stats["kicks"] += 1
+        self._count(0, 0, kicks=1)
         if self.intercept is not None and self.native:      # the slow path, off by default
             completed, irq, err, ioerr, more = self.intercept.process(self, ring, index)
         elif self._engines and self.native:
@@ -268,8 +278,7 @@ class BlkDevice(vd.VirtioDevice):
                                                 res.ioerr, res.more)
         else:
             completed, irq, err, ioerr, more = self._process_py(ring)
-        self.stats["requests"] += completed
-        self.stats["ioerr"] += ioerr
+        self._count(completed, ioerr)
         if irq:
             self._interrupt.used(index)
         if err:

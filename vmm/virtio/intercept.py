@@ -215,8 +215,7 @@ class BlkIntercept(_Base):
                 ring.vq.broken = -s
                 irq.needs_reset(_queue_error(-s, index))
                 return
-            dev.stats["requests"] += 1
-            dev.stats["ioerr"] += s == S_IOERR
+            dev._count(1, int(s == S_IOERR))
             if lib.pv_vq_need_interrupt(ring.vq):
                 irq.used(index)
 

@@ -25,7 +25,7 @@ def server(tmp_path, ctl):
 
 @pytest.fixture
 def api(server):
-    c = ApiClient(server.path, timeout=10)
+    c = ApiClient(server.path, timeout=30)
     yield c
     c.close()
 

@@ -201,8 +201,8 @@ def test_periodic_metrics_flush(api, tmp_path, ctl, monkeypatch):
     monkeypatch.setattr(metrics, "FLUSH_INTERVAL", 0.0)
     monkeypatch.setattr(ctl.metrics, "due", lambda interval=0.0: True)
     import time
-    deadline = time.monotonic() + 5
-    while not m.read_text() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30        # (a whole first line: the flusher is a thread)
+    while not m.read_text().endswith("\n") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert json.loads(m.read_text().splitlines()[0])["put_api_requests"]["metrics_count"] == 1
     ctl.metrics.close()

@@ -12,7 +12,7 @@ from vmm.api import server as srv
 
 def raw(path, data, read=True):
     s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
+    s.settimeout(30)
     s.connect(path)
     try:
         s.sendall(data)
@@ -90,7 +90,7 @@ def test_500_concurrent_connections(server, api, many_fds):
     try:
         for _ in range(500):
             s = socket.socket(socket.AF_UNIX)
-            s.settimeout(10)
+            s.settimeout(30)
             s.connect(server.path)
             socks.append(s)
         for i, s in enumerate(socks):     # half send a partial request and stay idle

@@ -191,7 +191,7 @@ def test_through_pci_bus_ports_and_ioeventfd(mem, image):
     disk = open(image, "rb").read()
     req = d.submit(T_IN, 2, read_len=1024)
     signal_eventfd(kick)                           # what KVM does on the 2-byte notify write
-    for _ in range(500):
+    for _ in range(3000):                          # (30 s: the I/O thread raises it)
         if levels:
             break
         select.select([], [], [], 0.01)

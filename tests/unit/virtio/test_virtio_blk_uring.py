@@ -44,7 +44,7 @@ class AsyncRig:
     def kick(self):
         os.write(self.t.notify_fds[0], (1).to_bytes(8, "little"))
 
-    def wait_used(self, n, timeout=10):
+    def wait_used(self, n, timeout=30):
         """Used elements until `n` arrived, each interrupt acknowledged."""
         got = []
         while len(got) < n:
