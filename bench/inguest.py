@@ -90,7 +90,7 @@ def run_vm(cmd, timeout, log_path):
     log = open(log_path, "wb")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                          stdin=subprocess.DEVNULL, cwd=HERE)
-    chunks = []
+    chunks, tail = [], b""
     try:
         fd = p.stdout.fileno()
         import select
@@ -105,7 +105,12 @@ def run_vm(cmd, timeout, log_path):
             chunks.append(b)
             log.write(b)
             log.flush()
-            if DONE in b"".join(chunks[-3:]):
+            # QEMU's serial can arrive a few bytes per read: look at the
+            # tail of everything read, not at the last few chunks (a missed
+            # DONE left QEMU, which cannot reboot a microvm, running until
+            # the timeout)
+            tail = (tail + b)[-len(DONE) - len(b):]
+            if DONE in tail:
                 break
     finally:
         p.kill()
