@@ -23,16 +23,24 @@ NOT_IN_PLAIN_RUN = ("argparse", "logging", "re", "enum", "signal", "socket", "js
 HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def python(*args):
+    """A fresh interpreter's run of `args` (its own sys.modules)."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60)
+
+
 def loaded(code, *args):
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                         timeout=60)
+    out = python("-c", code, *args)
     assert out.returncode == 0, out.stderr
     return set(out.stdout.split())
 
 
-@pytest.mark.usefixtures("needs_kvm")
-def test_pyvmm_run_of_a_tiny_guest(tmp_path):
-    kernel = T.make_elf(T.serial_text("!") + T.CLI_HLT, str(tmp_path / "t.elf"))
+@pytest.fixture
+def kernel(needs_kvm, tmp_path):
+    """A tiny guest that writes '!' and halts."""
+    return T.make_elf(T.serial_text("!") + T.CLI_HLT, str(tmp_path / "t.elf"))
+
+
+def test_pyvmm_run_of_a_tiny_guest(kernel):
     code = ("import sys; from vmm import cli; "
             "rc = cli.main(['run', '--kernel', sys.argv[1], '--mem', '32M', '--serial', "
             "'file:/dev/null']); assert rc == 0, rc; "
@@ -56,14 +64,11 @@ def test_the_listening_socket_needs_only_os_and_socket():
     assert loaded(code) == set()
 
 
-@pytest.mark.usefixtures("needs_kvm")
-def test_the_pyvmm_script_runs_a_tiny_guest_on_that_much(tmp_path):
+def test_the_pyvmm_script_runs_a_tiny_guest_on_that_much(kernel):
     """The same through scripts/pyvmm, as `pyvmm` starts (every module it
     imports, from `python -X importtime`)."""
-    kernel = T.make_elf(T.serial_text("!") + T.CLI_HLT, str(tmp_path / "t.elf"))
-    out = subprocess.run([sys.executable, "-X", "importtime", os.path.join(HERE, "scripts", "pyvmm"),
-                          "run", "--kernel", kernel, "--mem", "32M", "--serial", "file:/dev/null"],
-                         capture_output=True, text=True, timeout=60)
+    out = python("-X", "importtime", os.path.join(HERE, "scripts", "pyvmm"),
+                 "run", "--kernel", kernel, "--mem", "32M", "--serial", "file:/dev/null")
     assert out.returncode == 0, out.stderr
     imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
                 if line.startswith("import time:")}
@@ -76,14 +81,12 @@ def test_debug_still_loads_logging(tmp_path):
     code = ("import sys; from vmm import cli; "
             "cli.main(['run', '--kernel', '/nonexistent', '--debug']); import logging; "
             "print(logging.getLogger().level, logging.getLogger().handlers[0].formatter._fmt)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = python("-c", code)
     assert out.stdout.split(None, 1) == ["10", "pyvmm: %(message)s\n"]
 
 
-@pytest.mark.usefixtures("needs_kvm")
-def test_gc_is_back_on_when_the_guest_runs(tmp_path):
+def test_gc_is_back_on_when_the_guest_runs(kernel):
     """vmm.__main__ pauses the cyclic GC for `pyvmm run`'s start-up only."""
-    kernel = T.make_elf(T.serial_text("!") + T.CLI_HLT, str(tmp_path / "t.elf"))
     code = ("import sys, gc; from vmm import machine; from vmm.__main__ import main\n"
             "seen = []; run = machine.Machine.run\n"
             "def spy(self, *a, **k):\n"
@@ -91,6 +94,5 @@ def test_gc_is_back_on_when_the_guest_runs(tmp_path):
             "machine.Machine.run = spy\n"
             "rc = main(['run', '--kernel', sys.argv[1], '--mem', '32M', '--serial', 'file:/dev/null'])\n"
             "print(rc, seen, gc.isenabled())")
-    out = subprocess.run([sys.executable, "-c", code, kernel], capture_output=True, text=True,
-                         timeout=60)
+    out = python("-c", code, kernel)
     assert out.stdout.split() == ["0", "[True]", "True"], out.stderr
