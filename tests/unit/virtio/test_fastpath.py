@@ -222,6 +222,7 @@ def test_stats_read_from_other_threads_count_each_request_once(fr):
     fold the same counts twice (here: ~20% too many requests)."""
     import sys
     settle(fr)
+    fr.t._fast.set_poll_us(0)       # one kick per read (polling would take some without)
     stop = threading.Event()
 
     def reader():
