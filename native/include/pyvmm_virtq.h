@@ -114,6 +114,10 @@ struct pv_blk_result {
 int pv_blk_process(struct pv_vq *vq, struct pv_blk *blk, struct pv_chain *scratch,
                    struct pv_blk_result *res);
 int pv_blk_request(struct pv_blk *blk, struct pv_chain *c, uint32_t *used_len);
+/* one popped chain: the request done, its used element pushed, counted in
+ * `res`; 1, or < 0 (the queue is now broken) */
+int pv_blk_complete(struct pv_vq *vq, struct pv_blk *blk, struct pv_chain *c,
+                    struct pv_blk_result *res);
 /* the physical limit for bench/blk.py: n preads of `len` at the given offsets */
 /* test seam, NULL in production: see discard_wz() in native/src/blk.c */
 extern void (*pv_blk_seg_hook)(void *arg);

@@ -298,6 +298,23 @@ void (*pv_blk_flush_hook)(int fd);
  * stopped in between).  Otherwise re-arm notifications (EVENT_IDX) and go
  * on if the driver raced us.  A guest can thus make one call do at most
  * `budget` requests, each bounded by the chain limit (< 4 GiB). */
+/* SAFETY: `c` is the chain pv_vq_pop() just returned from `vq` (its
+ * guest ranges checked there); pv_blk_request() checks the rest. */
+int pv_blk_complete(struct pv_vq *vq, struct pv_blk *blk, struct pv_chain *c,
+                    struct pv_blk_result *res)
+{
+    uint32_t used_len;
+    int s = pv_blk_request(blk, c, &used_len);
+    if (s < 0) {
+        vq->broken = (uint8_t)-s;
+        return s;
+    }
+    res->ioerr += s == S_IOERR;
+    pv_vq_push(vq, c->head, used_len);
+    res->completed++;
+    return 1;
+}
+
 int pv_blk_process(struct pv_vq *vq, struct pv_blk *blk, struct pv_chain *c,
                    struct pv_blk_result *res)
 {
@@ -305,18 +322,9 @@ int pv_blk_process(struct pv_vq *vq, struct pv_blk *blk, struct pv_chain *c,
     int r = 0;
     memset(res, 0, sizeof(*res));
     for (;;) {
-        while (res->completed < budget && (r = pv_vq_pop(vq, c)) > 0) {
-            uint32_t used_len;
-            int s = pv_blk_request(blk, c, &used_len);
-            if (s < 0) {
-                vq->broken = (uint8_t)-s;
-                r = s;
+        while (res->completed < budget && (r = pv_vq_pop(vq, c)) > 0)
+            if ((r = pv_blk_complete(vq, blk, c, res)) < 0)
                 break;
-            }
-            res->ioerr += s == S_IOERR;
-            pv_vq_push(vq, c->head, used_len);
-            res->completed++;
-        }
         if (r < 0) {
             res->error = r;
             break;

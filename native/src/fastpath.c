@@ -166,11 +166,10 @@ static int driver_rearmed(struct pv_vq *vq)
     return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
 }
 
-#define BLK_S_IOERR 1                /* VIRTIO_BLK_S_IOERR (§5.2.6) */
-
 /* One budgeted pass over the ring: pv_blk_process()'s loop (native/src/
- * blk.c), with two differences that keep the I/O thread and the driver
- * working at the same time instead of taking turns:
+ * blk.c; both serve a chain with pv_blk_complete), with two differences
+ * that keep the I/O thread and the driver working at the same time
+ * instead of taking turns:
  *
  * - Early interrupts (EVENT_IDX only).  pv_blk_process decides on the
  *   interrupt once, after the pass, so the driver refills only when the
@@ -211,16 +210,8 @@ static void serve(struct pv_fast_queue *q, struct pv_blk_result *res)
         uint16_t left = (uint16_t)(pv_vq_avail_idx(vq) - vq->last_avail);
         if (left > peak)
             peak = left;
-        uint32_t used_len;
-        int s = pv_blk_request(q->blk, q->chain, &used_len);
-        if (s < 0) {
-            vq->broken = (uint8_t)-s;
-            r = s;
+        if ((r = pv_blk_complete(vq, q->blk, q->chain, res)) < 0)
             break;
-        }
-        res->ioerr += s == BLK_S_IOERR;
-        pv_vq_push(vq, q->chain->head, used_len);
-        res->completed++;
         if (early && left <= peak / 4 && driver_rearmed(vq) && pv_vq_need_interrupt(vq)) {
             raise_irq(q);
             q->early++;
