@@ -139,40 +139,42 @@ def norm_pio(d):
     return rows
 
 
+def _blk_kind(kind):
+    """(scale, unit, words) of a blk figure kind: 64 KiB ones in MB/s."""
+    if kind == "seq64k":
+        return 65536 / 1e6, "MB/s", "64 KiB sequential"
+    return 1.0, "req/s", {"rand4k": "4 KiB random"}.get(kind, kind)
+
+
+def _blk_path_rows(d, device, family, goals):
+    """One row per (figure, transport/engine) of `device`, each against the
+    plain programs timed next to that path's runs (else the figure's limit)."""
+    rows = []
+    for key, paths in device.items():
+        kind, rw, qd = key.split()
+        scale, unit, what = _blk_kind(kind)
+        for path, st in paths.items():
+            transport, engine = path.split()
+            lim = d.get("limit_by_path", {}).get(key, {}).get(path) or d.get("limit", {}).get(key)
+            rows.append(row("blk", family.format(transport=transport, engine=engine),
+                            f"{what} {rw}s, {qd}", unit, as_stats(st, scale),
+                            f"plain {lim['how']} (limit)" if lim else None,
+                            as_stats(lim, scale) if lim else None, True, goals(qd)))
+    return rows
+
+
 def norm_blk(d):
     """bench/blk.py: {"device": {"<kind> <read|write> QD<n>": {"<transport> <engine>":
     stats req/s}}, "limit": {same key: stats + "how"}, "processing_cost":
     {"<kind> read": stats}}.  64 KiB figures are shown in MB/s."""
-    rows = []
-    for key, paths in d.get("device", {}).items():
-        kind, rw, qd = key.split()
-        scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
-        what = {"rand4k": "4 KiB random", "seq64k": "64 KiB sequential"}.get(kind, kind)
-        goal = (">=", 0.8) if qd != "QD1" else (">=", 0.5)
-        for path, st in paths.items():
-            transport, engine = path.split()
-            # the plain programs timed next to this path's runs, if recorded
-            lim = d.get("limit_by_path", {}).get(key, {}).get(path) or d.get("limit", {}).get(key)
-            rows.append(row("blk", f"virtio-blk real path ({transport}, {engine})",
-                            f"{what} {rw}s, {qd}", unit, as_stats(st, scale),
-                            f"plain {lim['how']} (limit)" if lim else None,
-                            as_stats(lim, scale) if lim else None, True, goal))
+    rows = _blk_path_rows(d, d.get("device", {}), "virtio-blk real path ({transport}, {engine})",
+                          lambda qd: (">=", 0.8) if qd != "QD1" else (">=", 0.5))
     dp = d.get("driver_polls", {})      # labelled harness variant: the driver spins too
-    for key, paths in dp.get("device", {}).items():
-        kind, rw, qd = key.split()
-        scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
-        what = {"rand4k": "4 KiB random", "seq64k": "64 KiB sequential"}.get(kind, kind)
-        for path, st in paths.items():
-            transport, engine = path.split()
-            lim = d.get("limit_by_path", {}).get(key, {}).get(path) or d.get("limit", {}).get(key)
-            rows.append(row("blk", f"virtio-blk real path ({transport}, {engine}), driver "
-                            f"polls <= {dp.get('spin_us')} us (KVM halt-polling analog)",
-                            f"{what} {rw}s, {qd}", unit, as_stats(st, scale),
-                            f"plain {lim['how']} (limit)" if lim else None,
-                            as_stats(lim, scale) if lim else None, True))
+    rows += _blk_path_rows(d, dp.get("device", {}),
+                           "virtio-blk real path ({transport}, {engine}), driver polls <= "
+                           f"{dp.get('spin_us')} us (KVM halt-polling analog)", lambda qd: None)
     for key, paths in d.get("two_core_reference", {}).items():
-        kind, rw, qd = key.split()
-        scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
+        scale, unit, _ = _blk_kind(key.split()[0])
         for path, ref in paths.items():
             st = d.get("device", {}).get(key, {}).get(path)
             rows.append(row("blk", f"virtio-blk real path ({path}) vs two cores of plain I/O",
@@ -180,15 +182,13 @@ def norm_blk(d):
                             unit, as_stats(st, scale) if st else None,
                             f"plain {ref['how']} (two-core reference)", as_stats(ref, scale), True))
     for key, b in d.get("qd1_bound", {}).items():
-        kind, rw, qd = key.split()
-        scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
+        scale, unit, _ = _blk_kind(key.split()[0])
         v = b["req_s"] * scale
         rows.append(row("blk", "QD1 wake-up bound (eventfd ping-pong + plain I/O)",
                         f"{key}: best any two-thread path can do here", unit,
                         {"min": v, "median": v, "max": v, "n": 1}))
     for key, st in d.get("processing_cost", {}).items():
-        kind = key.split()[0]
-        scale, unit = (65536 / 1e6, "MB/s") if kind == "seq64k" else (1.0, "req/s")
+        scale, unit, _ = _blk_kind(key.split()[0])
         rows.append(row("blk", "virtio-blk device processing cost only",
                         f"{key}s, in-thread (no eventfd, no I/O thread, no interrupt)", unit,
                         as_stats(st, scale)))
