@@ -23,6 +23,24 @@ struct pv_fast_queue {
     uint64_t poll_skipped;           /* windows not polled: the thread was being preempted */
     uint64_t nivcsw, contended_until;/* the I/O thread's involuntary switches, seen when */
     uint32_t poll_always;            /* poll even then (tests) */
+    uint32_t kind;
+    struct pv_fast_net *fnet;
+};
+#define PV_FAST_BLK 0
+#define PV_FAST_NET_RX 1
+#define PV_FAST_NET_TX 2
+#define PV_FAST_NET_TAP 3
+struct pv_fast_net {
+    struct pv_net *net;
+    struct pv_vq *rx, *tx;
+    struct pv_chain *rx_chain, *tx_chain;
+    struct pv_fast_queue *rxq, *txq;
+    int32_t epfd;
+    int32_t tap_fd;
+    uint32_t tap_off;
+    uint32_t early_div;
+    uint64_t tap_changes;
+    uint64_t early;
 };
 struct pv_fast_loop {
     int32_t epfd;
@@ -36,3 +54,4 @@ void pv_fast_disable(struct pv_fast_queue *q);
 void pv_fast_enable(struct pv_fast_queue *q);
 uint32_t pv_fast_isr_take(struct pv_fast_irq *irq);
 int pv_fast_handle(struct pv_fast_queue *q);
+int pv_fastnet_handle(struct pv_fast_queue *q);

@@ -240,6 +240,8 @@ static void serve(struct pv_fast_queue *q, struct pv_blk_result *res)
  * queue (error) but never make us touch memory outside guest RAM. */
 int pv_fast_handle(struct pv_fast_queue *q)
 {
+    if (q->kind != PV_FAST_BLK)
+        return pv_fastnet_handle(q);        /* virtio-net: native/src/fastnet.c */
     __atomic_store_n(&q->busy, 1, __ATOMIC_SEQ_CST);
     if (!__atomic_load_n(&q->enabled, __ATOMIC_SEQ_CST)) {
         __atomic_store_n(&q->busy, 0, __ATOMIC_SEQ_CST);
