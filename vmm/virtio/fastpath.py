@@ -115,11 +115,14 @@ class FastPath:
 
     def disable(self):
         """Every queue off the fast path until the next sync()."""
-        for i, q in enumerate(self._q):
-            lib.pv_fast_disable(q)
-            self._engines[i] = None
-        self._last = None
-        self._stopped()
+        # the lock: a hold ending on another thread must not re-enable
+        # what this turns off (it re-decides only while _last is set)
+        with self._hold_lock:
+            for i, q in enumerate(self._q):
+                lib.pv_fast_disable(q)
+                self._engines[i] = None
+            self._last = None
+            self._stopped()
 
     def _stopped(self):
         stopped = getattr(self._device, "fast_stopped", None)
