@@ -26,7 +26,8 @@ class Ring:
         self.mem, self.index = mem, index
         self.desc, self.avail, self.used = RINGS[index]
         self.vq = ffi.new("struct pv_vq *")
-        assert lib.pv_vq_init(self.vq, native_mem(mem), SIZE, self.desc, self.avail, self.used,
+        self.pm = native_mem(mem)             # the vq points at it: keep it alive
+        assert lib.pv_vq_init(self.vq, self.pm, SIZE, self.desc, self.avail, self.used,
                               lib.PV_VQ_F_EVENT_IDX) == 0
         self.chain = ffi.new("struct pv_chain *")
         self.avail_idx = 0
