@@ -283,3 +283,41 @@ def test_reset_disables_until_driver_ok(nr, mem):
     assert nr.fast(TX) and nr.fast(RX)
     nr.send([frame(1)])
     assert nr.sent_until(1)
+
+
+def test_multiqueue_pairs_go_fast_when_the_driver_turns_them_on(mem):
+    """VQ_PAIRS_SET (control queue, Python) re-decides: a pair turned on is
+    served in C on its own tap queue and vector; turned off, it is not."""
+    import struct
+    from test_virtio_net_mq import MqBackend
+    from vmm.virtio import net_ctrl as nc
+    loop = IoLoop()
+    loop.start()
+    backend = MqBackend(3)
+    dev = NetDevice(backend, queue_pairs=3, ioloop=loop)
+    t = VirtioPciModern(dev, mem, vm=FakeVm(), ioloop=loop, ioeventfd=lambda *a, **k: None)
+    try:
+        d = NetDriver(t, mem, arena_size=12 << 20, regs=lambda t: PciModernRegs(t, msix=True))
+        assert d.init()
+        fp = t._fast
+        assert fp.enabled(0) and fp.enabled(1) and not fp.enabled(4) and not fp.enabled(5)
+        assert not fp.enabled(6)                         # the control queue: Python
+        assert d.control(6, nc.CLASS_MQ, nc.MQ_VQ_PAIRS_SET, struct.pack("<H", 3)) == nc.OK
+        assert all(fp.enabled(i) for i in range(6)) and fp.enabled(dev._pairs[2].tap_index)
+        barrier(loop)
+        d.send(b"\x01" * 60, pair=2, kick=False)
+        signal_eventfd(t.notify_fds[5])
+        assert until(lambda: backend.queues[2].peer_frames() or None) == [bytes(12) + b"\x01" * 60]
+        d.add_rx(2048, pair=2)
+        signal_eventfd(t.notify_fds[4])
+        backend.queues[2].peer.send(bytes(12) + b"\x02" * 70)
+        got = []
+        assert until(lambda: got.extend(d.received(pair=2)) or got)
+        assert [f for _, f in got] == [b"\x02" * 70]
+        assert loop.fast_counts[1] >= 2 and dev.kicks[5] >= 1
+        assert d.control(6, nc.CLASS_MQ, nc.MQ_VQ_PAIRS_SET, struct.pack("<H", 1)) == nc.OK
+        assert fp.enabled(0) and not any(fp.enabled(i) for i in range(2, 6))
+        assert not fp.enabled(dev._pairs[2].tap_index)
+    finally:
+        t.close()
+        loop.close()
