@@ -78,6 +78,7 @@ class FastPath:
         self._device = None
         self._last = None                    # sync()'s (live, irq_fds), for hold ends
         self._holds = 0                      # grouped devices: holds in progress
+        self._resync = False                 # re-decide when the last hold ends
         self._hold_lock = threading.RLock()  # holds vs. sync (before any device lock)
 
     def add_queue(self, fd, irq_of):
@@ -143,6 +144,7 @@ class FastPath:
                 lib.pv_fast_disable(q)
             self._stopped()
             if self._holds:
+                self._resync = True
                 return          # the last hold re-decides
             for i, q in enumerate(self._q):
                 fd = self.irq.fd
@@ -170,6 +172,11 @@ class FastPath:
         with self._hold_lock:
             self._holds += 1
             if self._holds == 1:
+                # nothing was on the C path (the slow path is set, a vector
+                # is masked...): what could put it back syncs itself
+                # (configure, MSI-X changes, activation), so a Python-path
+                # kick does not pay for re-deciding every queue
+                self._resync = any(e is not None for e in self._engines)
                 for q in self._q:
                     lib.pv_fast_disable(q)
                 self._stopped()
@@ -178,7 +185,8 @@ class FastPath:
         finally:
             with self._hold_lock:
                 self._holds -= 1
-                if not self._holds and self._last is not None and self._device is not None:
+                if (not self._holds and self._resync and self._last is not None
+                        and self._device is not None):
                     self.sync(self._device, *self._last)
 
     @contextlib.contextmanager
