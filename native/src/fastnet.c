@@ -62,7 +62,10 @@ static void raise_irq(struct pv_fast_queue *q)
 /* Has the driver harvested since our last interrupt (its used_event in the
  * range pv_vq_need_interrupt signals for)?  A cheap look without a fence,
  * as fastpath.c's driver_rearmed: a stale answer only delays the interrupt
- * to the pass's end. */
+ * to the pass's end.
+ * SAFETY: reads used_event, inside the available ring pv_vq_init checked
+ * lies in guest RAM (size entries + flags/idx/used_event); the value is
+ * only compared, never used as an index. */
 static int driver_rearmed(struct pv_vq *vq)
 {
     uint16_t event, old = vq->signalled_used, new = vq->used_idx;
@@ -73,7 +76,9 @@ static int driver_rearmed(struct pv_vq *vq)
 }
 
 /* After a frame: the early interrupt, if due.  `peak` is the most
- * buffers (RX) or frames (TX) seen waiting in this pass. */
+ * buffers (RX) or frames (TX) seen waiting in this pass.
+ * SAFETY: avail.idx is guest-controlled; `left` only steers when the
+ * interrupt goes out (pv_vq_pop checks the index itself). */
 static void maybe_early(struct pv_fast_net *f, struct pv_vq *vq, struct pv_fast_queue *irq_q,
                         uint16_t *peak)
 {
