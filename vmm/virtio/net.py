@@ -342,7 +342,8 @@ class NetDevice(vd.VirtioDevice):
     def fast_stopped(self):
         """Every fast queue is stopped: where C took a tap out of epoll (no
         buffers), Python's view follows (not polling until a receive kick).
-        Called with or without the device lock: touches only that."""
+        Takes no lock: it also runs under the device's own (needs_reset from
+        a Python pass), and touches only the pairs' polling state."""
         for p in self._pairs:
             f = p.fnet
             if f is not None and f.tap_off:
