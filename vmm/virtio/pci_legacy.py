@@ -95,9 +95,9 @@ class VirtioPciLegacy(ResampledIntx, Transport):
         self.pci.bar_moved = self._bar_moved
         self._ioeventfd = ioeventfd
         self.port = None                # where BAR0 decodes now
-        self._intx_attach()
         if ioeventfd is not None:
             self._make_notify_fds()
+        self._intx_attach()
 
     def reset(self):
         super().reset()
