@@ -252,7 +252,10 @@ static void resample(struct pv_fast_queue *q)
  * set and `busy` is held (see the handshake above), and so is q->irq->fd:
  * with MSI-X it is the queue's vector's irqfd, which Python only hands over
  * while that vector is live (enabled, unmasked, routed) and changes only
- * after pv_fast_disable(), so no message goes out on a masked vector; every guest address the
+ * after pv_fast_disable(), so no message goes out on a masked vector (legacy
+ * virtio-pci: its INTx resample irqfd's trigger eventfd, closed only after
+ * pv_fast_disable(), and the queues are disabled while the guest has set
+ * Interrupt Disable); every guest address the
  * engine reads from the ring is range-checked by pv_vq_pop() against the
  * pv_mem regions (native/src/virtq.c), so a hostile ring can break the
  * queue (error) but never make us touch memory outside guest RAM. */
