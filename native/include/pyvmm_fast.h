@@ -42,7 +42,8 @@ struct pv_fast_queue {
     uint64_t nivcsw, contended_until;/* the I/O thread's involuntary switches, seen when */
     uint32_t poll_always;            /* poll even then (tests) */
     uint32_t resample;               /* not a queue: notify_fd is a level INTx's KVM
-                                      * resample eventfd (only irq is used; kicks counts) */
+                                      * resample eventfd (only irq is used; kicks counts
+                                      * resamples, requests re-assertions) */
 };
 
 struct pv_fast_loop {

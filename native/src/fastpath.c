@@ -239,8 +239,10 @@ static void resample(struct pv_fast_queue *q)
     drain(q->notify_fd);
     q->kicks++;
     if (__atomic_load_n(&q->irq->isr, __ATOMIC_SEQ_CST)
-            || __atomic_load_n(&q->irq->held, __ATOMIC_SEQ_CST))
+            || __atomic_load_n(&q->irq->held, __ATOMIC_SEQ_CST)) {
+        q->requests++;          /* (counts the re-assertions) */
         poke(q->irq->fd);
+    }
 }
 
 /* One kick of one queue.  Returns 1 if handled here, 0 if Python must run

@@ -5,7 +5,8 @@ It loads an IDT with one 64-bit interrupt gate (VECTOR), masks both 8259
 PICs (GSIs below 16 are wired to them too), enables its local APIC (SVR)
 and programs IOAPIC pin `gsi` as Linux does for a PCI INTx line: fixed
 delivery to APIC 0, level-triggered (active high: KVM's IOAPIC takes the
-line level as given), unmasked.  Then it writes "R" to the serial port,
+line level as given), unmasked; optionally makes a legacy virtio-pci
+device live (an empty queue 0, DRIVER_OK).  Then it writes "R" to the serial port,
 enables interrupts and halts in a loop.  Its handler, for interrupt k
 (1, 2, ...):
 
@@ -39,8 +40,14 @@ def _out_serial(ch):
     return b"\x66\xba" + struct.pack("<H", SERIAL) + b"\xb0" + ch.encode() + b"\xee"
 
 
-def code(gsi, count, isr_port=None):
-    """Machine code (loaded at tinyguest.LOAD_ADDR) for the guest above."""
+RING_PFN = 0x300                # an empty legacy ring at 3 MiB (zeroed RAM)
+
+
+def code(gsi, count, isr_port=None, live_base=None):
+    """Machine code (loaded at tinyguest.LOAD_ADDR) for the guest above.
+    `live_base`: a legacy virtio-pci BAR0 port; first queue 0's ring goes at
+    RING_PFN (QUEUE_PFN, an empty ring) and STATUS gets ACKNOWLEDGE|DRIVER|
+    DRIVER_OK (7): the device goes live (its queue on the fast path)."""
     if not 0 <= gsi < 24 or not 1 <= count < 128:
         raise ValueError("gsi 0-23, count 1-127")
     base = T.LOAD_ADDR
@@ -59,6 +66,10 @@ def code(gsi, count, isr_port=None):
         c += b"\xc7\x06" + struct.pack("<I", 0x10 + 2 * gsi)        # IOREGSEL: entry low
         c += b"\xc7\x46\x10" + struct.pack("<I", VECTOR | IOAPIC_LEVEL)
         c += b"\x4d\x31\xc0"                                        # xor r8, r8 (count)
+        if live_base is not None:     # legacy header: QUEUE_PFN at 8, STATUS at 18
+            c += b"\x66\xba" + struct.pack("<H", live_base + 8)
+            c += b"\xb8" + struct.pack("<I", RING_PFN) + b"\xef"           # out dx, eax
+            c += b"\x66\xba" + struct.pack("<H", live_base + 18) + b"\xb0\x07\xee"
         c += _out_serial("R")
         c += b"\xfb"                                                # sti
         c += b"\xf4\xeb\xfd"                                        # hlt; jmp hlt
@@ -94,8 +105,8 @@ def code(gsi, count, isr_port=None):
     return body + bytes(idt_off - len(body)) + idt + idtr
 
 
-def make(path, gsi, count, isr_port=None):
-    return T.make_elf(code(gsi, count, isr_port), path)
+def make(path, gsi, count, isr_port=None, live_base=None):
+    return T.make_elf(code(gsi, count, isr_port, live_base), path)
 
 
 def ioapic_pin(vm, gsi):
