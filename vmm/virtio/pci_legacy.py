@@ -25,8 +25,10 @@ handler has read ISR, so a still-asserted line is delivered once more and
 the handler then reads ISR 0 and returns IRQ_NONE: about one such interrupt
 per real one, seen with KVM's kvm_eoi tracepoint; harmless, no storm.)
 
-    t = VirtioPciLegacy(BlkDevice(path), mem, irq_line=lambda level: ...,
-                        ioeventfd=cb, ioloop=loop)
+    intx = IrqfdIntx(lambda trigger, resample, deassign=False:
+                     vm.irqfd(trigger, gsi, deassign=deassign, resample_fd=resample))
+    t = VirtioPciLegacy(BlkDevice(path), mem, intx=intx, ioeventfd=cb, ioloop=loop)
+    # or, no resample irqfd: irq_line=lambda level: vm.set_irq_line(gsi, level)
     pci_bus.add(t.pci, irq=gsi)
 
 `ioeventfd(fd, port, length, datamatch, deassign=False)` binds each queue's
