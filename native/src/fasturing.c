@@ -97,13 +97,17 @@ void pv_fast_uring_serve(struct pv_fast_queue *q, struct pv_blk_result *res)
             if ((r = pv_uring_prep(vq, q->blk, u, q->chain, res)) < 0)
                 break;
         }
+        /* what was prepared goes in even when the ring just broke: an SQE
+         * written but never submitted would be "in flight" for ever (a
+         * later waiting reap would sleep on it) */
+        if (u->to_submit) {
+            int e = pv_uring_flush_sq(u);
+            submitted = 1;
+            if (e < 0 && r >= 0)
+                r = e;
+        }
         if (r < 0)
             break;
-        if (u->to_submit) {
-            submitted = 1;
-            if ((r = pv_uring_flush_sq(u)) < 0)
-                break;
-        }
         reap(q, res, early, &peak);
         if (!batch)
             break;

@@ -235,9 +235,12 @@ int pv_blk_uring_reap(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u, 
                       struct pv_blk_result *res)
 {
     memset(res, 0, sizeof(*res));
+    int e = wait_all ? pv_uring_flush_sq(u) : 0;   /* nothing waited for unsubmitted */
+    if (e < 0)
+        res->error = e;
     for (;;) {
         reap(vq, blk, u, res);
-        if (!wait_all || !u->inflight)
+        if (!wait_all || !u->inflight || res->error)
             break;
         if (sys_enter(u->fd, 0, 1, IORING_ENTER_GETEVENTS) < 0 && errno != EINTR) {
             res->error = -errno;
