@@ -14,10 +14,14 @@
  * table (blk: header, data, status) or one buffer (net).  Bench-only code:
  * compiled by bench/cdriver.py, not part of pyvmm. */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE              /* RUSAGE_THREAD */
+#define _GNU_SOURCE              /* RUSAGE_THREAD, pipe2, CPU_SET */
 #endif
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/futex.h>
 #include <poll.h>
+#include <sched.h>
+#include <sys/syscall.h>
 #include <sys/resource.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
@@ -324,58 +328,193 @@ long bd_prw_threads(int fd, uint8_t *bufs, uint64_t len, const uint64_t *offsets
 }
 
 /* The QD1 wake-up reference: `n` round trips between this thread and a
- * second one through two eventfds, each side sleeping in poll() as the
- * driver and pyvmm's I/O thread do (a kick one way, an interrupt back).
- * Returns the nanoseconds per round trip, or -errno.  A request at queue
- * depth 1 through any two-thread path costs at least this plus the I/O. */
-struct pp { int a, b; long n; };
+ * second one, a kick one way and an "interrupt" back, as between the driver
+ * and pyvmm's I/O thread.  Returns the nanoseconds per round trip (after
+ * `n / 10` untimed ones, so both threads are running and their stacks and
+ * the kernel's wait queues warm), or -errno.  A request at queue depth 1
+ * through any two-thread path costs at least this plus the I/O.
+ *
+ * mech: PP_EVENTFD  two eventfds, each side sleeping in poll() (what the
+ *                   driver and the I/O loop do: irqfd/ioeventfd are eventfds);
+ *       PP_FUTEX    one shared word per direction, FUTEX_WAIT / FUTEX_WAKE
+ *                   (the cheapest blocking hand-off Linux has);
+ *       PP_PIPE     two pipes, blocking read()/write();
+ *       PP_SPIN     the same shared words, each side spinning (never
+ *                   sleeps): the cost of the hand-off itself without a
+ *                   wake-up, i.e. what polling on both sides buys (only
+ *                   with PP_PIN_APART: two spinners sharing a CPU, under
+ *                   SCHED_FIFO above all, would wait for each other).
+ * pin:  PP_PIN_NONE the threads go where the scheduler puts them (as the
+ *                   device runs: pyvmm pins neither its I/O thread nor a vCPU);
+ *       PP_PIN_APART this thread on CPU 0, the peer on CPU 1;
+ *       PP_PIN_SAME  both on CPU 0 (a wake-up is a local context switch,
+ *                   no inter-processor interrupt).
+ * The caller's CPU affinity is restored before returning. */
+enum { PP_EVENTFD, PP_FUTEX, PP_PIPE, PP_SPIN };
+enum { PP_PIN_NONE, PP_PIN_APART, PP_PIN_SAME };
 
-static int pp_wait(int fd)
+struct pp {
+    int mech, pin;
+    int a, b;                   /* eventfds, or the read ends of the pipes */
+    int aw, bw;                 /* pipes: the write ends */
+    long n;
+    uint32_t fa, fb;            /* futex / spin words: "a kick is waiting", "a reply is waiting" */
+    int err;
+};
+
+static int pp_pin(int cpu)
 {
-    struct pollfd p = {.fd = fd, .events = POLLIN};
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return sched_setaffinity(0, sizeof(set), &set) ? -errno : 0;
+}
+
+static int pp_wait(struct pp *p, int which)
+{
+    int fd = which ? p->b : p->a;
+    uint32_t *w = which ? &p->fb : &p->fa;
     uint64_t v;
-    while (poll(&p, 1, 10000) < 0)
-        if (errno != EINTR)
-            return -errno;
-    return read(fd, &v, 8) == 8 ? 0 : -errno;
+    switch (p->mech) {
+    case PP_EVENTFD: {
+        struct pollfd q = {.fd = fd, .events = POLLIN};
+        for (;;) {
+            int k = poll(&q, 1, 10000);
+            if (k > 0)
+                break;
+            if (k == 0)
+                return -ETIMEDOUT;
+            if (errno != EINTR)
+                return -errno;
+        }
+        return read(fd, &v, 8) == 8 ? 0 : -errno;
+    }
+    case PP_PIPE: {
+        char c;
+        ssize_t r;
+        while ((r = read(fd, &c, 1)) < 0 && errno == EINTR)
+            ;
+        return r == 1 ? 0 : -EIO;
+    }
+    case PP_FUTEX:
+        while (!__atomic_exchange_n(w, 0, __ATOMIC_ACQUIRE))
+            if (syscall(SYS_futex, w, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0) < 0 &&
+                errno != EAGAIN && errno != EINTR)
+                return -errno;
+        return 0;
+    default: {  /* PP_SPIN: give up after 1 s (the peer is not running) */
+        uint64_t end = 0;
+        for (uint32_t k = 1; !__atomic_exchange_n(w, 0, __ATOMIC_ACQUIRE); k++) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+            if (!(k & 0xffff)) {
+                uint64_t now = mono_ns();
+                if (!end)
+                    end = now + 1000000000u;
+                else if (now > end)
+                    return -ETIMEDOUT;
+            }
+        }
+        return 0;
+    }
+    }
+}
+
+static int pp_signal(struct pp *p, int which)
+{
+    uint64_t one = 1;
+    uint32_t *w = which ? &p->fb : &p->fa;
+    switch (p->mech) {
+    case PP_EVENTFD:
+        return write(which ? p->b : p->a, &one, 8) == 8 ? 0 : -errno;
+    case PP_PIPE:
+        return write(which ? p->bw : p->aw, "k", 1) == 1 ? 0 : -errno;
+    case PP_FUTEX:
+        __atomic_store_n(w, 1, __ATOMIC_RELEASE);
+        return syscall(SYS_futex, w, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0) < 0 ? -errno : 0;
+    default:
+        __atomic_store_n(w, 1, __ATOMIC_RELEASE);
+        return 0;
+    }
 }
 
 static void *pp_peer(void *arg)
 {
     struct pp *p = arg;
-    uint64_t one = 1;
-    for (long i = 0; i < p->n; i++)
-        if (pp_wait(p->a) < 0 || write(p->b, &one, 8) != 8)
-            break;
+    int e = p->pin == PP_PIN_APART ? pp_pin(1) : p->pin == PP_PIN_SAME ? pp_pin(0) : 0;
+    for (long i = 0; i < p->n && !e; i++)
+        if ((e = pp_wait(p, 0)) == 0)
+            e = pp_signal(p, 1);
+    p->err = e;
     return NULL;
 }
 
-long bd_pingpong(long n)
+long bd_pingpong2(long n, int mech, int pin)
 {
-    struct pp p = {eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC), eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC), n};
-    long r = 0;
+    struct pp p = {.mech = mech, .pin = pin, .a = -1, .b = -1, .aw = -1, .bw = -1};
+    long warm = n / 10, r = 0;
+    cpu_set_t saved;
     pthread_t t;
-    if (p.a < 0 || p.b < 0 || pthread_create(&t, NULL, pp_peer, &p)) {
-        r = -EIO;
-        goto out;
+    int fds[4] = {-1, -1, -1, -1};
+    if (n < 1 || mech < PP_EVENTFD || mech > PP_SPIN || pin < PP_PIN_NONE || pin > PP_PIN_SAME ||
+        (mech == PP_SPIN && pin != PP_PIN_APART))
+        return -EINVAL;
+    if (pin == PP_PIN_APART && sysconf(_SC_NPROCESSORS_ONLN) < 2)
+        return -EINVAL;
+    if (sched_getaffinity(0, sizeof(saved), &saved))
+        return -errno;
+    if (mech == PP_EVENTFD) {
+        p.a = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        p.b = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (p.a < 0 || p.b < 0)
+            r = -EIO;
+    } else if (mech == PP_PIPE) {
+        if (pipe2(fds, O_CLOEXEC) || pipe2(fds + 2, O_CLOEXEC))
+            r = -EIO;
+        p.a = fds[0], p.aw = fds[1], p.b = fds[2], p.bw = fds[3];
     }
-    struct timespec t0, t1;
-    uint64_t one = 1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (long i = 0; i < n && r == 0; i++) {
-        if (write(p.a, &one, 8) != 8)
-            r = -errno;
-        else
-            r = pp_wait(p.b);
+    p.n = n + warm;
+    if (!r && pin != PP_PIN_NONE)
+        r = pp_pin(0);
+    if (!r && pthread_create(&t, NULL, pp_peer, &p))
+        r = -EAGAIN;
+    if (r)
+        goto out;
+    struct timespec t0 = {0}, t1;
+    for (long i = 0; i < n + warm && r == 0; i++) {
+        if (i == warm)
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+        if ((r = pp_signal(&p, 0)) == 0)
+            r = pp_wait(&p, 1);
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
+    if (r) {                    /* let the peer out of its wait */
+        p.n = 0;
+        pp_signal(&p, 0);
+    }
     pthread_join(t, NULL);
+    if (r == 0 && p.err)
+        r = p.err;
     if (r == 0)
-        r = ((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec)) / (n ? n : 1);
+        r = ((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec)) / n;
 out:
-    if (p.a >= 0)
-        close(p.a);
-    if (p.b >= 0)
-        close(p.b);
+    sched_setaffinity(0, sizeof(saved), &saved);
+    for (int k = 0; k < 4; k++)
+        if (fds[k] >= 0)
+            close(fds[k]);
+    if (mech == PP_EVENTFD) {
+        if (p.a >= 0)
+            close(p.a);
+        if (p.b >= 0)
+            close(p.b);
+    }
     return r;
+}
+
+/* The original figure: eventfds and poll(), threads where the scheduler
+ * puts them. */
+long bd_pingpong(long n)
+{
+    return bd_pingpong2(n, PP_EVENTFD, PP_PIN_NONE);
 }

@@ -181,11 +181,16 @@ def norm_blk(d):
                             f"{key} (reference, not the limit: the device has one I/O thread)",
                             unit, as_stats(st, scale) if st else None,
                             f"plain {ref['how']} (two-core reference)", as_stats(ref, scale), True))
+    for label, st in d.get("wakeup", {}).get("variants", {}).items():
+        rows.append(row("blk", "Wake-up round trip between two threads (no virtio)",
+                        f"{label}, {'both sleep until woken' if st.get('blocking') else 'both spin'}",
+                        "µs", as_stats(st, 1e6), higher_is_better=False))
     for key, b in d.get("qd1_bound", {}).items():
         scale, unit, _ = _blk_kind(key.split()[0])
         v = b["req_s"] * scale
-        rows.append(row("blk", "QD1 wake-up bound (eventfd ping-pong + plain I/O)",
-                        f"{key}: best any two-thread path can do here", unit,
+        how = b.get("how", "eventfd ping-pong")
+        rows.append(row("blk", f"QD1 wake-up bound (fastest sleeping hand-off: {how}; + plain I/O)",
+                        f"{key}: best a two-thread path that sleeps when idle can do here", unit,
                         {"min": v, "median": v, "max": v, "n": 1}))
     for key, st in d.get("processing_cost", {}).items():
         scale, unit, _ = _blk_kind(key.split()[0])
