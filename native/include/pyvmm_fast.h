@@ -11,6 +11,8 @@
 #include "pyvmm_virtq.h"
 #include "pyvmm_net.h"
 
+struct pv_uring;                     /* native/src/uring.c */
+
 #define PV_FAST_MAX 64               /* fast queues per I/O loop */
 
 /* a transport's interrupt as the fast path raises it: ISR bits OR-ed into
@@ -45,6 +47,7 @@ struct pv_fast_queue {
     uint32_t resample;               /* not a queue: notify_fd is a level INTx's KVM
                                       * resample eventfd (only irq is used; kicks counts
                                       * resamples, requests re-assertions) */
+    struct pv_uring *uring;          /* io_uring engine (native/src/fasturing.c), or NULL */
     uint32_t kind;                   /* PV_FAST_*: which engine serves this fd */
     struct pv_fast_net *fnet;        /* PV_FAST_NET_*: the queue pair */
 };
@@ -87,5 +90,11 @@ void pv_fast_enable(struct pv_fast_queue *q);
 uint32_t pv_fast_isr_take(struct pv_fast_irq *irq);
 int pv_fast_handle(struct pv_fast_queue *q);
 int pv_fastnet_handle(struct pv_fast_queue *q);
+int pv_fast_handle_fd(struct pv_fast_queue *q, int fd);
+/* fastpath.c for fasturing.c */
+void pv_fast_early(struct pv_fast_queue *q);
+/* the io_uring engine's pass and its "a completion is waiting" (fasturing.c) */
+void pv_fast_uring_serve(struct pv_fast_queue *q, struct pv_blk_result *res);
+int pv_fast_uring_ready(const struct pv_fast_queue *q);
 
 #endif
