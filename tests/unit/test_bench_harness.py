@@ -168,6 +168,28 @@ def test_blk_qd1_bound_uses_the_fastest_sleeping_hand_off():
     assert res["wakeup"]["round_trip_s"]["median"] == pytest.approx(30e-6)
 
 
+def test_inguest_pools_each_read_and_ping_but_the_first():
+    """bench/inguest.py: 1 MiB reads and pings are pooled per read / reply
+    (the first reply, which waits for ARP, left out), interrupts per op."""
+    from bench import inguest
+    text = (b"iobench: disk read bs=1048576 count=2 bytes=2097152 us=300000 "
+            b"each_us=100000,200000\r\n"
+            b"iobench: disk read bs=4096 count=256 bytes=1048576 us=2000000\r\n"
+            b"iobench: irqs before-ping\r\n  5:    100   IO-APIC   5-edge   virtio0\r\n"
+            b"LOC:   1000   Local timer interrupts\r\niobench: irqs end\r\n"
+            b"64 bytes from 10.77.0.1: seq=0 ttl=64 time=40.5 ms\r\n"
+            b"64 bytes from 10.77.0.1: seq=1 ttl=64 time=19.5 ms\r\n"
+            b"64 bytes from 10.77.0.1: seq=2 ttl=64 time=20.5 ms\r\n"
+            b"round-trip min/avg/max = 19.5/26.8/40.5 ms\r\n"
+            b"iobench: irqs after-ping\r\n  5:    163   IO-APIC   5-edge   virtio0\r\n"
+            b"LOC:   1420   Local timer interrupts\r\niobench: irqs end\r\n")
+    got = inguest.parse(text)
+    assert got["disk read 1m"] == pytest.approx([10.48576, 5.24288])
+    assert got["disk read 4k"] == pytest.approx(128)
+    assert got["ping rtt"] == [19.5, 20.5]
+    assert inguest.irqs_per_op(text) == {"ping": {"virtio": 3.0, "timer": 20.0}}
+
+
 @pytest.mark.parametrize("obeys", [True, False])
 def test_a_stopped_module_cleans_up_or_is_killed(tmp_path, obeys):
     """A module over its time limit gets SIGTERM first, so its `finally`
