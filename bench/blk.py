@@ -13,10 +13,15 @@ legacy virtio-pci with INTx, or modern virtio-pci with MSI-X vectors on
 irqfds) is serviced by pyvmm's I/O thread (vmm.virtio.ioloop),
 exactly as in a VM: the queue's notify eventfd (the one KVM's ioeventfd would
 signal) wakes it, it runs the engine (sync or io_uring) and signals the
-interrupt eventfd (the one KVM's irqfd would deliver).  On virtio-mmio and
-modern virtio-pci (MSI-X) with the sync engine that is the I/O loop's C fast
-path (native/src/fastpath.c: no Python per kick); the other paths (io_uring,
-legacy virtio-pci with INTx) run the loop's Python handlers.  The driver is a C
+interrupt eventfd (the one KVM's irqfd would deliver; legacy virtio-pci: the
+trigger eventfd of its INTx resample irqfd, vmm/pci/intx_irqfd.py).  With
+the sync engine that is the I/O loop's C fast path on every transport
+(native/src/fastpath.c: no Python per kick); io_uring runs the loop's Python
+handlers.  Legacy virtio-pci's INTx is level-triggered: the driver plays
+KVM's part too, its handler's ISR read (the acknowledgement) followed by the
+EOI, at which KVM would signal the resample eventfd; the I/O thread then
+looks at the ISR in Python (re-asserting the line if bits are left), as it
+does in a VM for each EOI.  The driver is a C
 loop (bench/driver.c) on the benchmark's own thread with the GIL released:
 it keeps QD requests in flight (indirect descriptors: header, data, status,
 as Linux lays them out), kicks only when the device asks (EVENT_IDX), sleeps
@@ -94,6 +99,7 @@ from vmm.virtio.blk import BlkDevice
 from vmm.virtio.fastpath import DEFAULT_POLL_US as FP_DEFAULT_POLL_US
 from vmm.virtio.ioloop import IoLoop
 from vmm.virtio.mmio import VirtioMmio
+from vmm.pci.intx_irqfd import IrqfdIntx
 from vmm.virtio.pci_legacy import VirtioPciLegacy
 from vmm.virtio.queue import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 
@@ -115,8 +121,14 @@ class RealPath:
         self.irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.dev = BlkDevice(image, io_engine=engine, ioloop=self.loop)
         regs = None
+        self.intx = None
         if transport == "pci":
-            self.t = VirtioPciLegacy(self.dev, mem, irq_line=self._line, ioloop=self.loop,
+            # INTx on a resample irqfd (vmm/pci/intx_irqfd.py), KVM's part
+            # played here: the driver sleeps on the trigger eventfd KVM would
+            # consume, and its handler's ISR read is followed by the EOI
+            # that makes KVM signal the resample eventfd (_ack)
+            self.intx = IrqfdIntx()
+            self.t = VirtioPciLegacy(self.dev, mem, ioloop=self.loop, intx=self.intx,
                                      ioeventfd=lambda *a, **k: None)
         elif transport == "pci-modern":
             from vmm.testing.fakevm import FakeVm
@@ -150,17 +162,16 @@ class RealPath:
         r.size = q.size
         r.event_idx = int(q.event_idx)
         r.notify_fd = self.t.notify_fds[0]
-        r.irq_fd = self.irq_fd if msix else self.irq
+        r.irq_fd = (self.irq_fd if msix else
+                    self.intx.trigger_fd if self.intx is not None else self.irq)
         # the guest's interrupt handler: vm_interrupt / vp_interrupt read (and ack)
         # ISR; vp_vring_interrupt (MSI-X) reads nothing
         self.ack = self.ffi.NULL if msix else self.ffi.callback("int(void)", self._ack)
 
-    def _line(self, level):
-        if level:
-            os.write(self.irq, ONE)
-
     def _ack(self):
         self.d.ack_interrupt()
+        if self.intx is not None:       # the EOI: KVM de-asserts, signals resample
+            os.write(self.intx.resample_fd, ONE)
         return 0
 
     def layout(self, length, write):

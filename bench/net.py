@@ -18,7 +18,9 @@ Device figures ("real path"): pyvmm's NetDevice on its transport (virtio-mmio,
 legacy virtio-pci with INTx, or modern virtio-pci with MSI-X vectors on
 irqfds, whose handler acknowledges nothing) is serviced by pyvmm's I/O thread as in a VM: queue
 kicks arrive on the notify eventfds (KVM's ioeventfd), the tap is polled by
-the same thread, interrupts go out on an eventfd (KVM's irqfd).  The driver
+the same thread, interrupts go out on an eventfd (KVM's irqfd; legacy
+virtio-pci: the trigger eventfd of its INTx resample irqfd, whose EOI the
+driver signals after its ISR read, as KVM would: vmm/pci/intx_irqfd.py).  The driver
 is the C loop of bench/driver.c on the benchmark's thread (GIL released):
 TX keeps the whole ring (256 frames) in flight, refilling as frames complete;
 RX posts every buffer and re-posts each one used; it kicks when the device
@@ -50,6 +52,7 @@ from vmm.testing.netns import NetNs, packet_socket
 from vmm.virtio.ioloop import IoLoop
 from vmm.virtio.mmio import VirtioMmio
 from vmm.virtio.net import NetDevice
+from vmm.pci.intx_irqfd import IrqfdIntx
 from vmm.virtio.pci_legacy import VirtioPciLegacy
 from vmm.virtio.queue import VRING_DESC_F_WRITE
 
@@ -79,7 +82,8 @@ class Queue:
         r.event_idx = int(q.event_idx)
         r.notify_fd = rp.t.notify_fds[index]
         # MSI-X: queue n's vector is n + 1 (PciModernRegs), its irqfd what KVM injects
-        r.irq_fd = rp.t.msix._fds[index + 1] if rp.msix else rp.irq
+        r.irq_fd = (rp.t.msix._fds[index + 1] if rp.msix else
+                    rp.intx.trigger_fd if rp.intx is not None else rp.irq)
 
 
 class RealPath:
@@ -92,8 +96,14 @@ class RealPath:
         self.dev = NetDevice(tap, ioloop=self.loop)
         self.msix = transport == "pci-modern"
         regs = None
+        self.intx = None
         if transport == "pci":
-            self.t = VirtioPciLegacy(self.dev, mem, irq_line=self._line, ioloop=self.loop,
+            # INTx on a resample irqfd (vmm/pci/intx_irqfd.py), KVM's part
+            # played here: the driver sleeps on the trigger eventfd KVM would
+            # consume, and its handler's ISR read is followed by the EOI
+            # that makes KVM signal the resample eventfd (_ack)
+            self.intx = IrqfdIntx()
+            self.t = VirtioPciLegacy(self.dev, mem, ioloop=self.loop, intx=self.intx,
                                      ioeventfd=lambda *a, **k: None)
         elif self.msix:
             from vmm.testing.fakevm import FakeVm
@@ -118,12 +128,10 @@ class RealPath:
         # vp_vring_interrupt (MSI-X) reads nothing
         self.ack = self.ffi.NULL if self.msix else self.ffi.callback("int(void)", self._ack)
 
-    def _line(self, level):
-        if level:
-            os.write(self.irq, ONE)
-
     def _ack(self):
         self.d.ack_interrupt()
+        if self.intx is not None:       # the EOI: KVM de-asserts, signals resample
+            os.write(self.intx.resample_fd, ONE)
         return 0
 
     def run(self, queue, n, mode):

@@ -3,6 +3,7 @@ struct pv_fast_irq {
     uint32_t isr;
     int32_t fd;
     uint64_t count;                  /* interrupts signalled by the fast path */
+    uint32_t held;                   /* level INTx: ISR bits Python holds */
 };
 struct pv_fast_queue {
     int32_t notify_fd;
@@ -23,6 +24,7 @@ struct pv_fast_queue {
     uint64_t poll_skipped;           /* windows not polled: the thread was being preempted */
     uint64_t nivcsw, contended_until;/* the I/O thread's involuntary switches, seen when */
     uint32_t poll_always;            /* poll even then (tests) */
+    uint32_t resample;               /* a level INTx's resample eventfd, not a queue */
 };
 struct pv_fast_loop {
     int32_t epfd;

@@ -19,6 +19,7 @@ struct pv_fast_irq {
     uint32_t isr;
     int32_t fd;
     uint64_t count;                  /* interrupts signalled by the fast path */
+    uint32_t held;                   /* level INTx: ISR bits Python holds (pv_fast_handle) */
 };
 
 struct pv_fast_queue {
@@ -40,6 +41,9 @@ struct pv_fast_queue {
     uint64_t poll_skipped;           /* windows not polled: the thread was being preempted */
     uint64_t nivcsw, contended_until;/* the I/O thread's involuntary switches, seen when */
     uint32_t poll_always;            /* poll even then (tests) */
+    uint32_t resample;               /* not a queue: notify_fd is a level INTx's KVM
+                                      * resample eventfd (only irq is used; kicks counts
+                                      * resamples, requests re-assertions) */
 };
 
 struct pv_fast_loop {

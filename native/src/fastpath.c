@@ -225,6 +225,26 @@ static void serve(struct pv_fast_queue *q, struct pv_blk_result *res)
         res->interrupt = (uint32_t)pv_vq_need_interrupt(vq);
 }
 
+/* A level INTx on a KVM resample irqfd (vmm/virtio/pci_intx.py): KVM
+ * de-asserted the line at the guest's EOI and signalled q->notify_fd; if
+ * the ISR still has bits (the shared word the queues OR into, or those
+ * Python folded out of it and holds, mirrored in irq->held), assert it
+ * again.  A bit OR-ed after these loads comes with its own irqfd write.
+ *
+ * SAFETY: no guest memory is touched; q->irq and its fd are valid while
+ * the entry is enabled and `busy` is held, as for a queue (Python disables
+ * it before Interrupt Disable, a reset or close changes them). */
+static void resample(struct pv_fast_queue *q)
+{
+    drain(q->notify_fd);
+    q->kicks++;
+    if (__atomic_load_n(&q->irq->isr, __ATOMIC_SEQ_CST)
+            || __atomic_load_n(&q->irq->held, __ATOMIC_SEQ_CST)) {
+        q->requests++;          /* (counts the re-assertions) */
+        poke(q->irq->fd);
+    }
+}
+
 /* One kick of one queue.  Returns 1 if handled here, 0 if Python must run
  * the fd's handler (the queue is disabled, or its engine just failed).
  * Leaves notifications re-armed (or, budget spent, the notify eventfd
@@ -234,7 +254,10 @@ static void serve(struct pv_fast_queue *q, struct pv_blk_result *res)
  * set and `busy` is held (see the handshake above), and so is q->irq->fd:
  * with MSI-X it is the queue's vector's irqfd, which Python only hands over
  * while that vector is live (enabled, unmasked, routed) and changes only
- * after pv_fast_disable(), so no message goes out on a masked vector; every guest address the
+ * after pv_fast_disable(), so no message goes out on a masked vector (legacy
+ * virtio-pci: its INTx resample irqfd's trigger eventfd, closed only after
+ * pv_fast_disable(), and the queues are disabled while the guest has set
+ * Interrupt Disable); every guest address the
  * engine reads from the ring is range-checked by pv_vq_pop() against the
  * pv_mem regions (native/src/virtq.c), so a hostile ring can break the
  * queue (error) but never make us touch memory outside guest RAM. */
@@ -244,6 +267,11 @@ int pv_fast_handle(struct pv_fast_queue *q)
     if (!__atomic_load_n(&q->enabled, __ATOMIC_SEQ_CST)) {
         __atomic_store_n(&q->busy, 0, __ATOMIC_SEQ_CST);
         return 0;
+    }
+    if (q->resample) {
+        resample(q);
+        __atomic_store_n(&q->busy, 0, __ATOMIC_SEQ_CST);
+        return 1;
     }
     struct pv_blk_result res;
     drain(q->notify_fd);

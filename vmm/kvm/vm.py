@@ -98,13 +98,35 @@ class Vm:
         irq.level = 1 if level else 0
         ioctl(self.fd, "KVM_IRQ_LINE", irq)
 
-    def irqfd(self, fd, gsi, deassign=False):
-        """Writes to eventfd `fd` raise (edge) interrupt `gsi` inside KVM."""
+    def irqfd(self, fd, gsi, deassign=False, resample_fd=None):
+        """Writes to eventfd `fd` raise (edge) interrupt `gsi` inside KVM.
+
+        With `resample_fd` (KVM API doc 4.75, KVM_IRQFD_FLAG_RESAMPLE) the
+        irqfd is level-triggered instead: a write asserts `gsi` and it stays
+        asserted until the guest's EOI of it, when KVM de-asserts it and
+        signals `resample_fd`; the VMM asserts it again if its device still
+        wants the interrupt (PCI INTx, vmm/pci/intx_irqfd.py).  KVM lowers
+        the line itself when the last resample irqfd of a GSI is deassigned."""
         req = ffi.new("struct kvm_irqfd *")
         req.fd = fd
         req.gsi = gsi
-        req.flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        if resample_fd is not None and not deassign:
+            flags |= lib.KVM_IRQFD_FLAG_RESAMPLE
+            req.resamplefd = resample_fd
+        req.flags = flags
         ioctl(self.fd, "KVM_IRQFD", req)
+
+    def irqfd_resample_supported(self):
+        """KVM_CAP_IRQFD_RESAMPLE, asked once (on the VM fd: per-VM answer)."""
+        cap = getattr(self, "_resample_cap", None)
+        if cap is None:
+            try:
+                cap = bool(ioctl(self.fd, "KVM_CHECK_EXTENSION", lib.KVM_CAP_IRQFD_RESAMPLE))
+            except NativeError:
+                cap = False
+            self._resample_cap = cap
+        return cap
 
     def ioeventfd(self, fd, addr, length, datamatch=None, pio=False, deassign=False):
         """Guest writes of `length` bytes to `addr` signal eventfd `fd`

@@ -77,6 +77,10 @@ class PciDevice:
         self._intx = 0
         self._line = 0
         self._intx_lock = threading.Lock()
+        # callable() -> the device's interrupt request, when something other
+        # than set_intx() raises it (an irqfd written from C): status bit 3
+        # is refreshed from it on reads
+        self.intx_status = None
         self._last_cap = CAPABILITY_LIST
         self._watches = []              # (start, end, fn) called after guest writes
         self._windows = []              # (start, end, read, write) owned by the device
@@ -179,6 +183,11 @@ class PciDevice:
                 if offset < start or offset + size > end:
                     return (1 << (8 * size)) - 1
                 return read(offset - start, size) & ((1 << (8 * size)) - 1)
+        if self.intx_status is not None and offset <= STATUS < offset + size:
+            level = self.intx_status()
+            with self._intx_lock:
+                st = self.config[STATUS]
+                self.config[STATUS] = (st | STATUS_INTERRUPT) if level else (st & ~STATUS_INTERRUPT)
         data = self.config[offset:offset + size]
         return int.from_bytes(bytes(data) + b"\xff" * (size - len(data)), "little")
 

@@ -31,8 +31,14 @@ class FakeVm(Vm):
             raise NativeError("KVM_SET_GSI_ROUTING", errno.EINVAL)
         self.tables.append(list(table))
 
-    def irqfd(self, fd, gsi, deassign=False):
-        self.calls.append(("irqfd", fd, gsi, deassign))
+    resample = False            # KVM_CAP_IRQFD_RESAMPLE as this fake reports it
+
+    def irqfd_resample_supported(self):
+        return self.resample
+
+    def irqfd(self, fd, gsi, deassign=False, resample_fd=None):
+        self.calls.append(("irqfd", fd, gsi, deassign) if resample_fd is None
+                          else ("irqfd", fd, gsi, deassign, resample_fd))
         if deassign:
             self.irqfds.pop(gsi, None)
         else:

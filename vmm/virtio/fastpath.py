@@ -19,6 +19,12 @@ disables the queue (pv_fast_disable waits for a call in progress).
     fp.take_isr()                   # ISR bits the C side raised (folded by the transport)
     fp.set_poll_us(50)              # adaptive polling, at most 50 us (0: off; DEFAULT_POLL_US)
 
+Legacy virtio-pci (vmm/virtio/pci_legacy.py) gives the trigger eventfd of
+its INTx's KVM resample irqfd (vmm/pci/intx_irqfd.py, vmm/virtio/pci_intx.py):
+the queues raise it as they raise virtio-mmio's irqfd, and its resample
+eventfd has an entry of its own in the loop (`resample` set, served by
+fastpath.c resample(): the line back up if ISR bits are left).
+
 Modern virtio-pci with MSI-X (vmm/virtio/pci_modern.py) makes the FastPath
 with `irq_fd=None`: each queue then has its own interrupt, the irqfd of its
 MSI-X vector (no ISR bit: §4.1.4.5), handed over by sync(..., irq_fds=[fd or

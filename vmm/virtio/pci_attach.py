@@ -5,7 +5,8 @@ the VirtioDevice.  `attach()` takes an IRQ from machine.slots for INTx (the
 legacy device's only interrupt; for a modern one the fallback of a driver
 that cannot use MSI-X, §4.1.5.3), puts the function on the machine's PCI bus
 (created on first use), routes INTA# to that IOAPIC input through the MP
-table (machine.pci_irqs), drives the line with KVM_IRQ_LINE and binds each
+table (machine.pci_irqs), drives the line (legacy: a KVM resample irqfd if KVM has
+it, else KVM_IRQ_LINE; modern: KVM_IRQ_LINE) and binds each
 queue's notify address to an ioeventfd.  No kernel parameter is needed: the
 guest enumerates the bus.  The transports differ only in `_transport()`:
 
@@ -35,6 +36,7 @@ class PciAttachment:
             irq = machine.slots.take_irq()
             bus = pci_bus.get_or_create(machine)
             vm = machine.vm
+            self.irq = irq
             self.transport = self._transport(device, machine,
                                              lambda level: vm.set_irq_line(irq, level))
             self.slot = bus.add(self.transport.pci, irq=irq)
@@ -56,17 +58,32 @@ class PciAttachment:
 
 
 class VirtioPciAttachment(PciAttachment):
-    """A virtio device on legacy virtio-pci."""
+    """A virtio device on legacy virtio-pci.  Its INTx is a KVM resample
+    irqfd when KVM has one (KVM_CAP_IRQFD_RESAMPLE; vmm/pci/intx_irqfd.py),
+    which puts its queues on the C fast path; KVM_IRQ_LINE otherwise (or
+    with `intx_resample=False`)."""
+
+    intx_resample = True
 
     def _transport(self, device, machine, irq_line):
         from vmm.virtio.pci_legacy import VirtioPciLegacy
-        vm = machine.vm
+        vm, gsi = machine.vm, self.irq
 
         def ioeventfd(fd, port, length, datamatch, deassign=False):
             vm.ioeventfd(fd, port, length, datamatch=datamatch, pio=True, deassign=deassign)
 
-        return VirtioPciLegacy(device, machine.memory, irq_line=irq_line, ioeventfd=ioeventfd,
-                               ioloop=machine.ioloop())
+        intx = None
+        if self.intx_resample and vm.irqfd_resample_supported():
+            from vmm.pci.intx_irqfd import IrqfdIntx
+            intx = IrqfdIntx(lambda trigger, resample, deassign=False: vm.irqfd(
+                trigger, gsi, deassign=deassign, resample_fd=resample))
+        try:
+            return VirtioPciLegacy(device, machine.memory, irq_line=irq_line,
+                                   ioeventfd=ioeventfd, ioloop=machine.ioloop(), intx=intx)
+        except BaseException:
+            if intx is not None:
+                intx.close()
+            raise
 
 
 class VirtioPciModernAttachment(PciAttachment):

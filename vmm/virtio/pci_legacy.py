@@ -13,15 +13,22 @@ legacy header, then the device configuration from offset 20 (no MSI-X):
 
 Queues use the legacy layout (§2.6.2) at QUEUE_PFN * 4096 with 4096-byte
 alignment; QUEUE_NUM is the device's size, the driver cannot change it.
-Interrupts are level-triggered: the INTx line stays asserted while ISR is
-non-zero and drops when the driver reads ISR (or resets the device).  (On
+Interrupts are level-triggered INTx (vmm/virtio/pci_intx.py): with
+`intx=IrqfdIntx(...)` (a KVM resample irqfd, what pci_attach gives when KVM
+has KVM_CAP_IRQFD_RESAMPLE) the ISR holds the line up, it drops at the
+guest's EOI once the driver has read ISR, and the queues run on the I/O
+loop's C fast path; otherwise (`irq_line`: KVM_IRQ_LINE, or no VM) the line
+follows the ISR from Python, dropping when the driver reads ISR (or resets
+the device), and the queues stay on the Python path.  (On
 software KVM, kvm_pvm, an extra EOI reaches the IOAPIC before the guest's
 handler has read ISR, so a still-asserted line is delivered once more and
 the handler then reads ISR 0 and returns IRQ_NONE: about one such interrupt
 per real one, seen with KVM's kvm_eoi tracepoint; harmless, no storm.)
 
-    t = VirtioPciLegacy(BlkDevice(path), mem, irq_line=lambda level: ...,
-                        ioeventfd=cb, ioloop=loop)
+    intx = IrqfdIntx(lambda trigger, resample, deassign=False:
+                     vm.irqfd(trigger, gsi, deassign=deassign, resample_fd=resample))
+    t = VirtioPciLegacy(BlkDevice(path), mem, intx=intx, ioeventfd=cb, ioloop=loop)
+    # or, no resample irqfd: irq_line=lambda level: vm.set_irq_line(gsi, level)
     pci_bus.add(t.pci, irq=gsi)
 
 `ioeventfd(fd, port, length, datamatch, deassign=False)` binds each queue's
@@ -33,6 +40,7 @@ import struct
 
 from vmm.pci import device as pd
 from vmm.virtio import device as vd
+from vmm.virtio.pci_intx import IntxInterrupt, ResampledIntx  # noqa: F401 (IntxInterrupt: pci_modern)
 from vmm.virtio.transport import Transport
 
 log = logging.getLogger("pyvmm.virtio.pci")
@@ -66,31 +74,18 @@ def region_size(config_len):
     return size
 
 
-class IntxInterrupt:
-    """Level-triggered INTx (PCI 3.0 §2.2.6) for a virtio-pci transport: an
-    ISR bit raises the line, and it drops once the driver's ISR read (or
-    ack) has cleared every bit.  Shared by the legacy and modern transports."""
-
-    def _raise_irq(self):
-        self.pci.set_intx(1)
-
-    def ack_interrupt(self, bits=0xFFFFFFFF):
-        with self._isr_lock:
-            old = self.interrupt_status
-            self.interrupt_status = old & ~bits
-            if not self.interrupt_status:
-                self.pci.set_intx(0)
-        return old
-
-
-class VirtioPciLegacy(IntxInterrupt, Transport):
+class VirtioPciLegacy(ResampledIntx, Transport):
     NAME = "virtio-pci"
     SNAPSHOT = True
 
-    def __init__(self, device, mem, irq_line=None, ioeventfd=None, ioloop=None):
-        if ioeventfd is not None and ioloop is None:
-            raise ValueError("ioeventfd needs an ioloop to service the eventfds")
+    def __init__(self, device, mem, irq_line=None, ioeventfd=None, ioloop=None, intx=None):
+        """`intx`: an IrqfdIntx (vmm/pci/intx_irqfd.py) to raise INTx with
+        (then `irq_line` is unused, and the queues may run on the C fast
+        path: vmm/virtio/pci_intx.py); it needs the ioloop."""
+        if (ioeventfd is not None or intx is not None) and ioloop is None:
+            raise ValueError("ioeventfd and intx need an ioloop to service the eventfds")
         super().__init__(device, mem, ioloop=ioloop, legacy=True)
+        self._intx_irqfd = intx
         t = device.device_type
         if t not in TRANSITIONAL_IDS:
             raise ValueError(f"virtio device type {t} has no transitional PCI device ID")
@@ -104,10 +99,19 @@ class VirtioPciLegacy(IntxInterrupt, Transport):
         self.port = None                # where BAR0 decodes now
         if ioeventfd is not None:
             self._make_notify_fds()
+        self._intx_attach()
+
+    def reset(self):
+        super().reset()
+        self._intx_reset()
+
+    def close(self):
+        super().close()
+        self._intx_close()
 
     # --- snapshots: PCI config space (command, BAR addresses, interrupt line) ---
     def _extra_state(self):
-        return {"pci_config": bytes(self.pci.config).hex(), "intx": self.pci._intx}
+        return {"pci_config": bytes(self.pci.config).hex(), "intx": self._intx_state()}
 
     def _restore_extra(self, st):
         config = bytes.fromhex(st["pci_config"])
@@ -115,6 +119,7 @@ class VirtioPciLegacy(IntxInterrupt, Transport):
             raise vd.VirtioError("virtio-pci: snapshot config space is for another function")
         self.pci.config[:] = config
         self.pci._update_mappings()         # BARs where the guest put them (ioeventfds follow)
+        self._intx_disabled = bool(self.pci.get(pd.COMMAND, 2) & pd.CMD_INTX_DISABLE)
         self.pci._line = 0
         self.pci.set_intx(int(st.get("intx", 0)))
 

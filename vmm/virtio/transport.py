@@ -52,10 +52,10 @@ class Transport(vd.Interrupt):
         queue_index)` hands each to KVM (KVM_IOEVENTFD)."""
         if self._ioloop is None:
             raise ValueError("queue notify eventfds need an ioloop to service them")
-        if (isinstance(self._irq, int) and type(self)._raise_irq is Transport._raise_irq
-                and getattr(self.device, "fast_capable", False)):
+        irq_fd = self._fast_irq_fd()
+        if irq_fd is not None and getattr(self.device, "fast_capable", False):
             from vmm.virtio.fastpath import FastPath
-            self._fast = FastPath(self._irq, len(self.queues))
+            self._fast = FastPath(irq_fd, len(self.queues))
         try:
             for q in self.queues:
                 fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -67,6 +67,14 @@ class Transport(vd.Interrupt):
         except BaseException:
             self._close_notify_fds()    # the caller never gets a transport to close
             raise
+
+    def _fast_irq_fd(self):
+        """The interrupt eventfd the C fast path writes (None: no fast path):
+        the irqfd given as `irq`, unless a subclass raises interrupts its
+        own way (it may then offer its own eventfd: pci_legacy.py's INTx)."""
+        if isinstance(self._irq, int) and type(self)._raise_irq is Transport._raise_irq:
+            return self._irq
+        return None
 
     @property
     def notify_fds(self):
