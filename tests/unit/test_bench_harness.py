@@ -145,12 +145,14 @@ def test_wakeup_round_trips_are_timed(mech, pin):
 
 def test_blk_flags_a_device_above_its_limit():
     from bench import blk
-    res = {"device": {"seq64k write QD32": {"mmio sync": {"median": 110.0},
-                                            "pci sync": {"median": 90.0}}},
-           "limit_by_path": {"seq64k write QD32": {"mmio sync": {"median": 100.0, "how": "x"},
-                                                   "pci sync": {"median": 100.0, "how": "x"}}}}
-    assert [(a["figure"], a["path"]) for a in blk.above_limit(res)] == [
-        ("seq64k write QD32", "mmio sync")]
+    lim = {"min": 95.0, "median": 100.0, "max": 105.0, "how": "x"}
+    res = {"device": {"seq64k write QD32": {"mmio sync": {"min": 106.0, "median": 110.0},
+                                            "pci sync": {"min": 80.0, "median": 90.0},
+                                            "pci-modern sync": {"min": 98.0, "median": 102.0}}},
+           "limit_by_path": {"seq64k write QD32": {p: lim for p in
+                                                   ("mmio sync", "pci sync", "pci-modern sync")}}}
+    assert [(a["path"], a["every_sample_above"]) for a in blk.above_limit(res)] == [
+        ("mmio sync", True), ("pci-modern sync", False)]
 
 
 def test_blk_qd1_bound_uses_the_fastest_sleeping_hand_off():
