@@ -58,6 +58,11 @@ all: what polling buys).  The "qd1_bound" of each workload is 1 / (the
 fastest blocking round trip, median + the limit's time per request): about
 what a perfect two-thread device that sleeps when idle could reach at QD1
 on this host (a loaded host moves both; a reference, not a ceiling).
+The real path's QD1 figures follow the same split: run by run they land
+near the one-CPU figures when the scheduler keeps the driver and the I/O
+thread on one CPU, and 4-7x lower when it puts them on two (measured
+2026-11-24, pci-modern 4 KiB reads QD1: 100-150k vs 14-35k req/s; the
+device's polling setting did not decide it).
 
 Limit buffers are page-aligned (mmap), as the device's (guest pages): a
 16-byte-aligned numpy buffer made the kernel's copies 15-28 % slower for
