@@ -25,6 +25,7 @@ struct pv_fast_queue {
     uint64_t nivcsw, contended_until;/* the I/O thread's involuntary switches, seen when */
     uint32_t poll_always;            /* poll even then (tests) */
     uint32_t resample;               /* a level INTx's resample eventfd, not a queue */
+    struct pv_uring *uring;          /* io_uring engine (native/src/fasturing.c), or NULL */
 };
 struct pv_fast_loop {
     int32_t epfd;
@@ -38,3 +39,4 @@ void pv_fast_disable(struct pv_fast_queue *q);
 void pv_fast_enable(struct pv_fast_queue *q);
 uint32_t pv_fast_isr_take(struct pv_fast_irq *irq);
 int pv_fast_handle(struct pv_fast_queue *q);
+int pv_fast_handle_fd(struct pv_fast_queue *q, int fd);

@@ -3,7 +3,9 @@
  * eventfds, driven by the same guest inputs as fuzz_blk.c (byte layout:
  * fuzz_blk.c's; byte 15 bit0: the queue starts disabled, as Python leaves
  * it while the slow path runs; bit1: adaptive polling of 1 us on; bit2: the
- * interrupt is an MSI-X vector's irqfd, isr_bit 0: the ISR must stay 0).
+ * interrupt is an MSI-X vector's irqfd, isr_bit 0: the ISR must stay 0;
+ * bit3: the io_uring engine, native/src/fasturing.c, whose completions of
+ * requests still in flight are served on its eventfd after each kick).
  * Invariants, besides fuzz_common.h's pop/push tracking and fuzz_blk's
  * memory checks:
  * - a disabled queue is not touched: no request, no eventfd read, returns 0;
@@ -14,9 +16,12 @@
  *   takes over) and later kicks do nothing;
  * - at most the budget per kick (plus polled work), with the notify
  *   eventfd re-signalled when the budget ran out;
- * - the image never changes size. */
+ * - the image never changes size;
+ * - io_uring: nothing in flight once the completion eventfd was served (or,
+ *   queue disabled, Python's waiting reap ran), none at the end. */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/stat.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -30,7 +35,8 @@
 static struct pv_chain chain;
 static struct pv_blk blk;
 
-static int notify_fd = -1, irq_fd = -1;
+static int notify_fd = -1, irq_fd = -1, done_fd = -1;
+static struct pv_uring *ring;         /* 1024 entries: any queue's heads fit */
 
 static uint64_t take_fd(int fd)
 {
@@ -52,13 +58,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (notify_fd < 0) {
         notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         irq_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-        if (notify_fd < 0 || irq_fd < 0) {
+        done_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (notify_fd < 0 || irq_fd < 0 || done_fd < 0) {
             perror("fuzz: eventfd");
             abort();
         }
     }
     take_fd(notify_fd);
     take_fd(irq_fd);
+    take_fd(done_fd);
     fz_load_mem(data, size);
     fz_track_reset();
     fz_tr.status_last = 1;
@@ -77,6 +85,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     q.irq = &irq;
     q.isr_bit = mode & 4 ? 0 : 1;    /* 0: an MSI-X vector's irqfd (no ISR bit) */
     q.poll_us = mode & 2 ? 1 : 0;
+    if (mode & 8) {
+        int err;
+        if (!ring && !(ring = pv_uring_new(1024, done_fd, &err))) {
+            fprintf(stderr, "fuzz_fast: no io_uring here (errno %d)\n", err);
+            abort();
+        }
+        q.uring = ring;
+    }
     if (!(mode & 1))
         pv_fast_enable(&q);
 
@@ -105,11 +121,36 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fz_tr.pop_limit = q.poll_us ? 0 : budget;
         int handled = pv_fast_handle(&q);
         fz_tr.pop_limit = 0;
+        uint32_t pydone = 0;             /* reaped by "Python" (the queue is off) */
+        int async = q.uring && pv_uring_inflight(ring);
+        if (q.uring && pv_uring_inflight(ring)) {
+            /* requests in flight: their completion wakes the loop, which
+             * serves the queue on the eventfd (or Python reaps: disabled) */
+            struct pollfd pfd = {.fd = done_fd, .events = POLLIN};
+            FZ_CHECK(poll(&pfd, 1, 10000) == 1, "no completion eventfd signal");
+            if (q.enabled) {
+                fz_tr.call_pops = 0;            /* a pass of its own, budgeted */
+                fz_tr.pop_limit = q.poll_us ? 0 : budget;
+                int h = pv_fast_handle_fd(&q, done_fd);
+                fz_tr.pop_limit = 0;
+                /* handed back only when that pass found the ring broken */
+                FZ_CHECK(h == 1 || (vq.broken && !q.enabled && q.error), "completion handed back");
+                handled = handled && h;
+            }
+            if (!q.enabled && pv_uring_inflight(ring)) {
+                struct pv_blk_result res;
+                take_fd(done_fd);
+                pv_blk_uring_reap(&vq, &blk, ring, 1, &res);
+                pydone = res.completed;
+            }
+            FZ_CHECK(!pv_uring_inflight(ring) || q.enabled, "%u in flight after a waiting reap",
+                     pv_uring_inflight(ring));
+        }
         uint32_t done = (uint32_t)(q.requests - req0);
         FZ_CHECK(!q.busy, "busy left set");
         FZ_CHECK(image_size() == IMG_SECTORS * 512, "image grew to %lld bytes",
                  (long long)image_size());
-        fz_allow_used(&vq, from, done);
+        fz_allow_used(&vq, from, done + pydone);
         fz_allow_avail_event(&vq);
         uint64_t irqs = take_fd(irq_fd);
         FZ_CHECK(irqs == irq.count - irq0, "irq eventfd %llu vs counted %llu",
@@ -136,7 +177,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             continue;
         }
         FZ_CHECK(handled, "healthy queue handed back");
-        if (!q.poll_us) {
+        if (q.uring) {
+            /* completions of earlier kicks count here too, and a pass
+             * budgets what it pops: only "the ring is empty unless the
+             * budget ran out" holds, and only when nothing completed after
+             * the pass (an in-flight read may land on the ring itself) */
+            if (!rekick && !async)
+                FZ_CHECK(pv_vq_avail_idx(&vq) == vq.last_avail, "kick left requests behind");
+        } else if (!q.poll_us) {
             FZ_CHECK(done <= budget, "done %u budget %u", done, budget);
             FZ_CHECK(rekick == (done == budget), "re-kick %llu done %u budget %u",
                      (unsigned long long)rekick, done, budget);
@@ -146,6 +194,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     pv_blk_seg_hook = NULL;
     hook_in = NULL;
+    if (q.uring) {          /* what is still in flight completes (Python's finish) */
+        struct pv_blk_result res;
+        uint16_t from = vq.used_idx;
+        pv_blk_uring_reap(&vq, &blk, ring, 1, &res);
+        fz_allow_used(&vq, from, res.completed);
+        FZ_CHECK(pv_uring_inflight(ring) == 0, "%u in flight at the end", pv_uring_inflight(ring));
+        take_fd(done_fd);
+    }
     fz_track_check_mem();
     return 0;
 }

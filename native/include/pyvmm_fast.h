@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include "pyvmm_virtq.h"
 
+struct pv_uring;                     /* native/src/uring.c */
+
 #define PV_FAST_MAX 64               /* fast queues per I/O loop */
 
 /* a transport's interrupt as the fast path raises it: ISR bits OR-ed into
@@ -44,6 +46,7 @@ struct pv_fast_queue {
     uint32_t resample;               /* not a queue: notify_fd is a level INTx's KVM
                                       * resample eventfd (only irq is used; kicks counts
                                       * resamples, requests re-assertions) */
+    struct pv_uring *uring;          /* io_uring engine (native/src/fasturing.c), or NULL */
 };
 
 struct pv_fast_loop {
@@ -59,5 +62,11 @@ void pv_fast_disable(struct pv_fast_queue *q);
 void pv_fast_enable(struct pv_fast_queue *q);
 uint32_t pv_fast_isr_take(struct pv_fast_irq *irq);
 int pv_fast_handle(struct pv_fast_queue *q);
+int pv_fast_handle_fd(struct pv_fast_queue *q, int fd);
+/* fastpath.c for fasturing.c */
+void pv_fast_early(struct pv_fast_queue *q);
+/* the io_uring engine's pass and its "a completion is waiting" (fasturing.c) */
+void pv_fast_uring_serve(struct pv_fast_queue *q, struct pv_blk_result *res);
+int pv_fast_uring_ready(const struct pv_fast_queue *q);
 
 #endif

@@ -166,6 +166,17 @@ static int driver_rearmed(struct pv_vq *vq)
     return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
 }
 
+/* An early interrupt (see serve() below) if the driver has re-armed and
+ * vring_need_event says so: for the io_uring engine's pass (fasturing.c).
+ * SAFETY: as serve()'s. */
+void pv_fast_early(struct pv_fast_queue *q)
+{
+    if (driver_rearmed(q->vq) && pv_vq_need_interrupt(q->vq)) {
+        raise_irq(q);
+        q->early++;
+    }
+}
+
 /* One budgeted pass over the ring: pv_blk_process()'s loop (native/src/
  * blk.c; both serve a chain with pv_blk_complete), with two differences
  * that keep the I/O thread and the driver working at the same time
@@ -263,6 +274,13 @@ static void resample(struct pv_fast_queue *q)
  * queue (error) but never make us touch memory outside guest RAM. */
 int pv_fast_handle(struct pv_fast_queue *q)
 {
+    return pv_fast_handle_fd(q, q->notify_fd);
+}
+
+/* pv_fast_handle for a ready `fd` of the queue: its notify eventfd (a kick)
+ * or, io_uring engine, its completion eventfd (drained, counted as no kick). */
+int pv_fast_handle_fd(struct pv_fast_queue *q, int fd)
+{
     __atomic_store_n(&q->busy, 1, __ATOMIC_SEQ_CST);
     if (!__atomic_load_n(&q->enabled, __ATOMIC_SEQ_CST)) {
         __atomic_store_n(&q->busy, 0, __ATOMIC_SEQ_CST);
@@ -274,13 +292,16 @@ int pv_fast_handle(struct pv_fast_queue *q)
         return 1;
     }
     struct pv_blk_result res;
-    drain(q->notify_fd);
-    q->kicks++;
+    drain(fd);
+    q->kicks += fd == q->notify_fd;
     int handled = 1;
     uint32_t budget = q->blk->budget ? q->blk->budget : PV_BLK_BUDGET, total = 0;
     uint64_t deadline = 0, poll_ns = adapt_poll(q);
     for (;;) {
-        serve(q, &res);
+        if (q->uring)
+            pv_fast_uring_serve(q, &res);
+        else
+            serve(q, &res);
         total += res.completed;
         q->requests += res.completed;
         q->ioerr += res.ioerr;
@@ -318,7 +339,8 @@ int pv_fast_handle(struct pv_fast_queue *q)
             }
             int found = 0;
             for (unsigned spins = 1; now_ns() < deadline; spins++) {
-                if (pv_vq_avail_idx(q->vq) != q->vq->last_avail) {
+                if (pv_vq_avail_idx(q->vq) != q->vq->last_avail ||
+                    (q->uring && pv_fast_uring_ready(q))) {
                     found = 1;
                     break;
                 }
@@ -379,7 +401,7 @@ int pv_fast_wait(struct pv_fast_loop *l, int32_t *out, int max_out)
         for (int i = 0; i < n; i++) {
             int fd = ev[i].data.fd;
             struct pv_fast_queue *q = lookup(l, fd);
-            if (q && pv_fast_handle(q)) {
+            if (q && pv_fast_handle_fd(q, fd)) {
                 l->handled++;
                 continue;
             }

@@ -24,39 +24,7 @@
 #include <unistd.h>
 #include <linux/io_uring.h>
 
-#include "pyvmm_native.h"
-
-#define T_IN 0
-#define T_OUT 1
-#define T_FLUSH 4
-#define S_OK 0
-#define S_IOERR 1
-#define SECTOR 512ull
-
-struct uring_slot {
-    uint8_t busy;
-    uint8_t type;
-    uint8_t *status;                 /* the request's status byte (guest memory) */
-    uint64_t off;                    /* file offset */
-    uint64_t len;                    /* bytes the request moves */
-    uint32_t nvec, cap;
-    struct iovec *iov;               /* the payload's segments (guest memory) */
-};
-
-struct pv_uring {
-    int fd;
-    int efd;                         /* completion eventfd, or -1 */
-    uint32_t entries;
-    uint32_t inflight;
-    uint32_t to_submit;              /* SQEs written but not yet given to the kernel */
-    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
-    unsigned *cq_head, *cq_tail, *cq_mask;
-    struct io_uring_sqe *sqes;
-    struct io_uring_cqe *cqes;
-    void *sq_ring, *cq_ring;
-    size_t sq_len, cq_len, sqes_len;
-    struct uring_slot *slots;        /* indexed by descriptor head */
-};
+#include "uring_int.h"
 
 /* Test seam: called with each SQE just before it is handed to the kernel
  * (NULL in production).  A FLUSH's ordering rests on IOSQE_IO_DRAIN, which a
@@ -155,7 +123,7 @@ uint32_t pv_uring_inflight(const struct pv_uring *u)
     return u->inflight;
 }
 
-static int flush_sq(struct pv_uring *u)
+int pv_uring_flush_sq(struct pv_uring *u)
 {
     while (u->to_submit) {
         long n = sys_enter(u->fd, u->to_submit, 0, 0);
@@ -217,8 +185,8 @@ static int finish_short(int fd, struct uring_slot *s, uint64_t done, int write)
  * (pv_uring_drain), so the kernel never writes to memory that went away.
  * The guest may rewrite those bytes while the I/O is in flight: that only
  * changes what it reads back, as on real hardware. */
-static void complete(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u,
-                     uint16_t head, int32_t r, struct pv_blk_result *res)
+void pv_uring_complete(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u,
+                       uint16_t head, int32_t r, struct pv_blk_result *res)
 {
     struct uring_slot *s = &u->slots[head];
     uint32_t used_len = 1;
@@ -250,7 +218,7 @@ static int reap(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u, struct
         head++;
         /* user_data is a head we wrote; anything else is not ours to touch */
         if (id < u->entries && u->slots[id].busy && vq)
-            complete(vq, blk, u, (uint16_t)id, r, res);
+            pv_uring_complete(vq, blk, u, (uint16_t)id, r, res);
         else if (id < u->entries && u->slots[id].busy) {   /* draining: drop it */
             u->slots[id].busy = 0;
             u->inflight--;
@@ -267,9 +235,12 @@ int pv_blk_uring_reap(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u, 
                       struct pv_blk_result *res)
 {
     memset(res, 0, sizeof(*res));
+    int e = wait_all ? pv_uring_flush_sq(u) : 0;   /* nothing waited for unsubmitted */
+    if (e < 0)
+        res->error = e;
     for (;;) {
         reap(vq, blk, u, res);
-        if (!wait_all || !u->inflight)
+        if (!wait_all || !u->inflight || res->error)
             break;
         if (sys_enter(u->fd, 0, 1, IORING_ENTER_GETEVENTS) < 0 && errno != EINTR) {
             res->error = -errno;
@@ -288,7 +259,7 @@ int pv_uring_drain(struct pv_uring *u)
     struct pv_blk_result res;
     if (u->fd < 0 || !u->slots)
         return 0;
-    flush_sq(u);
+    pv_uring_flush_sq(u);
     while (u->inflight) {
         memset(&res, 0, sizeof(res));
         reap(NULL, NULL, u, &res);
@@ -313,6 +284,124 @@ static int slot_iov(struct uring_slot *s, uint32_t n)
     return 0;
 }
 
+/* SAFETY: `c` was just popped by pv_vq_pop, so every segment lies inside one
+ * guest RAM region (native/src/virtq.c); the header and the status byte are
+ * found by walking those segments, never by trusting the guest's lengths
+ * beyond them, and c->head < the ring's size (= u->entries: the ring was
+ * made as large as the queue) indexes the slot.  See pv_uring_complete() for the
+ * lifetime of the pointers kept in the slot. */
+int pv_uring_prep(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u, struct pv_chain *c,
+                  struct pv_blk_result *res)
+{
+    uint8_t hdr[16];
+    uint32_t type = 0xFFFFFFFF;
+    uint64_t sector = 0;
+    if (c->read_len >= 16 && c->write_len >= 1) {
+        /* the 16-byte header may be split across segments (§2.6.4) */
+        uint64_t got = 0;
+        for (uint32_t i = 0; i < c->nread && got < 16; i++) {
+            uint64_t l = c->iov[i].iov_len < 16 - got ? c->iov[i].iov_len : 16 - got;
+            memcpy(hdr + got, c->iov[i].iov_base, l);
+            got += l;
+        }
+        memcpy(&type, hdr, 4);
+        memcpy(&sector, hdr + 8, 8);
+    }
+    uint64_t in_len = c->read_len - 16, out_len = c->write_len - 1;
+    uint32_t k = 0;
+    int async = 0;
+    if (type == T_IN && !in_len)
+        async = out_len % SECTOR == 0 && sector <= blk->capacity &&
+                out_len / SECTOR <= blk->capacity - sector;
+    else if (type == T_OUT && !out_len)
+        async = !blk->readonly && in_len % SECTOR == 0 && sector <= blk->capacity &&
+                in_len / SECTOR <= blk->capacity - sector;
+    else if (type == T_FLUSH && !in_len && !out_len)
+        async = 1;
+    struct uring_slot *s = c->head < u->entries ? &u->slots[c->head] : NULL;
+    if (async && (!s || s->busy))
+        async = 0;            /* cannot happen with a sane ring: do it inline */
+    if (async) {
+        /* data segments: the chain minus the 16-byte header (reads
+         * side) or minus the status byte (write side) */
+        const struct iovec *src = type == T_OUT ? c->iov : c->iov + c->nread;
+        uint32_t nsrc = type == T_OUT ? c->nread : c->nseg - c->nread;
+        uint64_t skip = type == T_OUT ? 16 : 0, len = type == T_OUT ? in_len : out_len;
+        if (type != T_FLUSH && slot_iov(s, nsrc) < 0)
+            async = 0;
+        for (uint32_t i = 0; async && type != T_FLUSH && i < nsrc && len; i++) {
+            uint64_t l = src[i].iov_len;
+            if (skip >= l) {
+                skip -= l;
+                continue;
+            }
+            uint64_t take = l - skip < len ? l - skip : len;
+            s->iov[k].iov_base = (uint8_t *)src[i].iov_base + skip;
+            s->iov[k].iov_len = take;
+            k++;
+            len -= take;
+            skip = 0;
+        }
+    }
+    if (async) {
+        /* the status byte: the last byte of the writable part */
+        uint64_t pos = c->write_len - 1;
+        const struct iovec *w = c->iov + c->nread;
+        for (uint32_t i = 0; i < c->nseg - c->nread; i++) {
+            if (pos < w[i].iov_len) {
+                s->status = (uint8_t *)w[i].iov_base + pos;
+                break;
+            }
+            pos -= w[i].iov_len;
+        }
+        s->nvec = k;
+        s->type = (uint8_t)type;
+        s->off = sector * SECTOR;
+        s->len = type == T_OUT ? in_len : type == T_IN ? out_len : 0;
+        unsigned tail = *u->sq_tail;
+        unsigned idx = tail & *u->sq_mask;
+        struct io_uring_sqe *sqe = &u->sqes[idx];
+        memset(sqe, 0, sizeof(*sqe));
+        sqe->fd = blk->fd;
+        sqe->user_data = c->head;
+        if (type == T_FLUSH) {
+            sqe->opcode = IORING_OP_FSYNC;
+            sqe->fsync_flags = IORING_FSYNC_DATASYNC;
+            sqe->flags = IOSQE_IO_DRAIN;
+        } else if (k == 1) {
+            /* one segment (the common 4 KiB page): the plain opcode, no
+             * iovec for the kernel to import */
+            sqe->opcode = type == T_IN ? IORING_OP_READ : IORING_OP_WRITE;
+            sqe->addr = (uint64_t)(uintptr_t)s->iov[0].iov_base;
+            sqe->len = (uint32_t)s->iov[0].iov_len;
+            sqe->off = s->off;
+        } else {
+            sqe->opcode = type == T_IN ? IORING_OP_READV : IORING_OP_WRITEV;
+            sqe->addr = (uint64_t)(uintptr_t)s->iov;
+            sqe->len = k;
+            sqe->off = s->off;
+        }
+        u->sq_array[idx] = idx;
+        if (pv_uring_sqe_hook)
+            pv_uring_sqe_hook(sqe->opcode, sqe->flags, sqe->user_data);
+        __atomic_store_n(u->sq_tail, tail + 1, __ATOMIC_RELEASE);
+        u->to_submit++;
+        s->busy = 1;
+        u->inflight++;
+        return 1;
+    }
+    uint32_t used_len;
+    int st = pv_blk_request(blk, c, &used_len);
+    if (st < 0) {
+        vq->broken = (uint8_t)-st;
+        return st;
+    }
+    res->ioerr += st == S_IOERR;
+    pv_vq_push(vq, c->head, used_len);
+    res->completed++;
+    return 0;
+}
+
 /* Take every available chain: reads, writes and flushes go to the ring; every
  * other request (GET_ID, DISCARD, WRITE_ZEROES, out-of-range, unsupported)
  * is done at once by pv_blk_request, as the sync engine does.  Then hand the
@@ -329,106 +418,8 @@ int pv_blk_uring_submit(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u
         /* at most `budget` requests per call (issue #14), as pv_blk_process */
         while (taken < budget && (r = pv_vq_pop(vq, c)) > 0) {
             taken++;
-            uint8_t hdr[16];
-            uint32_t type = 0xFFFFFFFF;
-            uint64_t sector = 0;
-            if (c->read_len >= 16 && c->write_len >= 1) {
-                /* the 16-byte header may be split across segments (§2.6.4) */
-                uint64_t got = 0;
-                for (uint32_t i = 0; i < c->nread && got < 16; i++) {
-                    uint64_t l = c->iov[i].iov_len < 16 - got ? c->iov[i].iov_len : 16 - got;
-                    memcpy(hdr + got, c->iov[i].iov_base, l);
-                    got += l;
-                }
-                memcpy(&type, hdr, 4);
-                memcpy(&sector, hdr + 8, 8);
-            }
-            uint64_t in_len = c->read_len - 16, out_len = c->write_len - 1;
-            int async = 0;
-            if (type == T_IN && !in_len)
-                async = out_len % SECTOR == 0 && sector <= blk->capacity &&
-                        out_len / SECTOR <= blk->capacity - sector;
-            else if (type == T_OUT && !out_len)
-                async = !blk->readonly && in_len % SECTOR == 0 && sector <= blk->capacity &&
-                        in_len / SECTOR <= blk->capacity - sector;
-            else if (type == T_FLUSH && !in_len && !out_len)
-                async = 1;
-            struct uring_slot *s = &u->slots[c->head];
-            if (async && (c->head >= u->entries || s->busy))
-                async = 0;            /* cannot happen with a sane ring: do it inline */
-            if (async) {
-                /* data segments: the chain minus the 16-byte header (reads
-                 * side) or minus the status byte (write side) */
-                const struct iovec *src = type == T_OUT ? c->iov : c->iov + c->nread;
-                uint32_t nsrc = type == T_OUT ? c->nread : c->nseg - c->nread;
-                uint64_t skip = type == T_OUT ? 16 : 0, len = type == T_OUT ? in_len : out_len;
-                uint32_t k = 0;
-                if (type != T_FLUSH && slot_iov(s, nsrc) < 0)
-                    async = 0;
-                for (uint32_t i = 0; async && type != T_FLUSH && i < nsrc && len; i++) {
-                    uint64_t l = src[i].iov_len;
-                    if (skip >= l) {
-                        skip -= l;
-                        continue;
-                    }
-                    uint64_t take = l - skip < len ? l - skip : len;
-                    s->iov[k].iov_base = (uint8_t *)src[i].iov_base + skip;
-                    s->iov[k].iov_len = take;
-                    k++;
-                    len -= take;
-                    skip = 0;
-                }
-                if (async) {
-                    /* the status byte: the last byte of the writable part */
-                    uint64_t pos = c->write_len - 1;
-                    const struct iovec *w = c->iov + c->nread;
-                    for (uint32_t i = 0; i < c->nseg - c->nread; i++) {
-                        if (pos < w[i].iov_len) {
-                            s->status = (uint8_t *)w[i].iov_base + pos;
-                            break;
-                        }
-                        pos -= w[i].iov_len;
-                    }
-                    s->nvec = k;
-                    s->type = (uint8_t)type;
-                    s->off = sector * SECTOR;
-                    s->len = type == T_OUT ? in_len : type == T_IN ? out_len : 0;
-                    unsigned tail = *u->sq_tail;
-                    unsigned idx = tail & *u->sq_mask;
-                    struct io_uring_sqe *sqe = &u->sqes[idx];
-                    memset(sqe, 0, sizeof(*sqe));
-                    sqe->fd = blk->fd;
-                    sqe->user_data = c->head;
-                    if (type == T_FLUSH) {
-                        sqe->opcode = IORING_OP_FSYNC;
-                        sqe->fsync_flags = IORING_FSYNC_DATASYNC;
-                        sqe->flags = IOSQE_IO_DRAIN;
-                    } else {
-                        sqe->opcode = type == T_IN ? IORING_OP_READV : IORING_OP_WRITEV;
-                        sqe->addr = (uint64_t)(uintptr_t)s->iov;
-                        sqe->len = k;
-                        sqe->off = s->off;
-                    }
-                    u->sq_array[idx] = idx;
-                    if (pv_uring_sqe_hook)
-                        pv_uring_sqe_hook(sqe->opcode, sqe->flags, sqe->user_data);
-                    __atomic_store_n(u->sq_tail, tail + 1, __ATOMIC_RELEASE);
-                    u->to_submit++;
-                    s->busy = 1;
-                    u->inflight++;
-                    continue;
-                }
-            }
-            uint32_t used_len;
-            int st = pv_blk_request(blk, c, &used_len);
-            if (st < 0) {
-                vq->broken = (uint8_t)-st;
-                r = st;
+            if ((r = pv_uring_prep(vq, blk, u, c, res)) < 0)
                 break;
-            }
-            res->ioerr += st == S_IOERR;
-            pv_vq_push(vq, c->head, used_len);
-            res->completed++;
         }
         if (r < 0) {
             res->error = r;
@@ -441,7 +432,7 @@ int pv_blk_uring_submit(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u
         if (!pv_vq_enable_notify(vq))
             break;
     }
-    int e = flush_sq(u);
+    int e = pv_uring_flush_sq(u);
     if (e < 0 && !res->error)
         res->error = e;
     memset(&done, 0, sizeof(done));

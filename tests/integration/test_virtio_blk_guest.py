@@ -69,11 +69,20 @@ def pyvmm(*args):
 
 
 @pytest.mark.slow(40)
-def test_ext4_root_mounted_and_written(tmp_path):
+@pytest.mark.parametrize("engine", ["sync", "io_uring"])
+def test_ext4_root_mounted_and_written(tmp_path, engine):
+    """io_uring: the ring served on the I/O thread's C fast path, under its
+    seccomp filter (native/src/fasturing.c)."""
+    if engine == "io_uring":
+        from vmm.virtio import blk_uring
+        ok, why = blk_uring.available()
+        if not ok:
+            pytest.skip(f"io_uring unavailable here: {why}")
     img = make_ext4(tmp_path / "root.img", tmp_path)
     before = superblock(img)
     assert before["Mount count"] == "0" and before["Last mount time"] == "n/a"
-    rc, out, err = pyvmm("--drive", f"file={img}", "--mem", "128M",     # enough; boots faster
+    drive = f"file={img}" + (f",io_engine={engine}" if engine != "sync" else "")
+    rc, out, err = pyvmm("--drive", drive, "--mem", "128M",     # enough; boots faster
                          "--cmdline", BASE + " root=/dev/vda rw")
     assert_root_written(img, rc, out, err)
 

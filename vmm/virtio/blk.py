@@ -198,22 +198,32 @@ class BlkDevice(vd.VirtioDevice):
 
     @property
     def fast_capable(self):
-        """Whether the C fast path may ever serve this disk (the sync C
-        engine; io_uring completes on its own fd, in Python)."""
-        return self.native and not self._engines
+        """Whether the C fast path may ever serve this disk (either C
+        engine: sync, or io_uring with its completion eventfd on the same
+        loop, native/src/fasturing.c)."""
+        return self.native
 
     def fast_bind(self, fastpath):
         self._fastpath = fastpath
+        for eng in self._engines:       # completions wake the C loop too
+            eng.attach_fast(fastpath.queue_struct(eng.index))
 
     def fast_engine(self, index):
-        """(vq, blk, chain) for the C fast path (native/src/fastpath.c) when
-        queue `index` needs nothing but the sync C engine: no fault rules,
-        limiters, tracing or hooks (the slow path), not io_uring."""
+        """(vq, blk, chain[, uring]) for the C fast path (native/src/
+        fastpath.c) when queue `index` needs nothing but a C engine: no fault
+        rules, limiters, tracing or hooks (the slow path).  io_uring: the
+        ring too (the engine learns the ring and interrupt first, so its
+        Python handler can reap whatever C left in flight once the queue is
+        disabled)."""
         rings = self._rings
         ring = rings[index] if 0 <= index < len(rings) else None
-        if (ring is None or not self.native or self._engines or self.intercept is not None
+        if (ring is None or not self.native or self.intercept is not None
                 or ring.broken or self.fd < 0):
             return None
+        if self._engines:
+            eng = self._engines[index]
+            eng.bind(ring, self._interrupt)
+            return ring.vq, self._blk, ring.chain, eng.handle
         return ring.vq, self._blk, ring.chain
 
     def _count(self, completed, ioerr, kicks=0):

@@ -6,12 +6,19 @@ and only then is the used ring updated and the driver interrupted.
 
     eng = UringEngine(blk, queue_size, ioloop, index=0)   # OSError if unavailable
     eng.submit(ring, interrupt) -> (completed, irq, err, ioerr, more)
+    eng.bind(ring, interrupt); eng.attach_fast(q)   # served by the C fast path
     eng.finish()   # wait for requests in flight and complete them
     eng.drain()    # wait for them and drop them (reset)
     eng.close()
 
 Without an I/O loop (unit tests driving the device on their own thread) a
 kick waits for its own requests, so the device behaves synchronously.
+
+On the I/O loop's C fast path (vmm/virtio/fastpath.py, native/src/
+fasturing.c) C submits and reaps on this same ring while the queue is
+enabled; the completion eventfd is then mapped to the queue in the loop's C
+table, and its Python handler runs only while the queue is disabled, to reap
+what C left in flight.
 """
 import os
 import threading
@@ -47,12 +54,34 @@ class UringEngine:
         self._lock = threading.Lock()     # kicks (vCPU or I/O thread) vs. reaping vs. reset
         self._ring = self._interrupt = None
         self.stats = {"reaped": 0}
+        self._fast_q = None               # the C fast path's queue this eventfd wakes
         if ioloop is not None:
             ioloop.add(self._efd, self._on_completion)
+            # a paused I/O thread leaves nothing in flight: the kernel must not
+            # write guest RAM or the disk while the VM is paused (snapshots)
+            ioloop.on_park(self.finish)
 
     @property
     def inflight(self):
         return lib.pv_uring_inflight(self._u)
+
+    @property
+    def handle(self):
+        """The `struct pv_uring *` (for the C fast path)."""
+        return self._u
+
+    def bind(self, ring, interrupt):
+        """The ring and interrupt C serves from now on (fast path): the
+        eventfd's Python handler completes into them when C is off."""
+        with self._lock:
+            self._ring, self._interrupt = ring, interrupt
+
+    def attach_fast(self, q):
+        """Let the loop's C wait serve this ring's completions for fast
+        queue `q` (once; the mapping goes with the eventfd's removal)."""
+        if self._ioloop is not None and self._fast_q is None and self._efd >= 0:
+            self._fast_q = q
+            self._ioloop.set_fast(self._efd, q)
 
     def submit(self, ring, interrupt):
         """Take the queue's new requests (at most the device's budget);
@@ -110,6 +139,7 @@ class UringEngine:
     def close(self):
         if self._ioloop is not None and self._efd >= 0:
             self._ioloop.remove(self._efd)
+            self._ioloop.on_park(self.finish, add=False)
         self.drain()
         u, self._u = self._u, None
         if u is not None:

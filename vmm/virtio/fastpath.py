@@ -7,7 +7,8 @@ common case of a kick there: drain the eventfd, run the device's C engine
 over the ring (the same budget, the same requeue), OR the ISR bit into a
 shared word and write the irqfd.  Python runs everything else, as before:
 a queue is enabled only while its device offers a plain C engine
-(`device.fast_engine(index)`: virtio-blk with the sync engine and no fault
+(`device.fast_engine(index)`: virtio-blk with a C engine, sync or io_uring,
+and no fault
 rules, limiters, tracing or hooks) and the transport is live without
 DEVICE_NEEDS_RESET.  Anything that changes what the C side relies on first
 disables the queue (pv_fast_disable waits for a call in progress).
@@ -76,6 +77,10 @@ class FastPath:
         q.notify_fd = notify_fd
         return q
 
+    def queue_struct(self, index):
+        """Queue `index`'s struct (another fd of the queue: IoLoop.set_fast)."""
+        return self._q[index]
+
     def enabled(self, index):
         return bool(self._q[index].enabled)
 
@@ -111,7 +116,8 @@ class FastPath:
                    if live and q.notify_fd >= 0 and fd >= 0 else None)
             self._engines[i] = eng
             if eng is not None:
-                q.vq, q.blk, q.chain = eng
+                q.vq, q.blk, q.chain = eng[:3]
+                q.uring = eng[3] if len(eng) > 3 else ffi.NULL    # io_uring engine
                 lib.pv_fast_enable(q)
 
     @contextlib.contextmanager

@@ -72,6 +72,7 @@ class IoLoop:
         self._fast_keep = []
         self._ident = None                   # the thread's ident while it runs
         self._deferred = {}                  # key: fn, run before the thread sleeps
+        self._on_park = []                   # fns run on the thread as it parks (pause)
 
     @property
     def running(self):
@@ -86,6 +87,13 @@ class IoLoop:
             self._add_fast(fd, fast)
         self._handlers[fd] = callback
         self._ep.register(fd, select.EPOLLIN)
+
+    def set_fast(self, fd, fast):
+        """Map an fd already in the loop to fast queue `fast` as well (an
+        io_uring completion eventfd: C serves the queue on either fd)."""
+        if fd not in self._handlers:
+            raise ValueError(f"fd {fd} is not in the I/O loop")
+        self._add_fast(fd, fast)
 
     def _add_fast(self, fd, fast):
         from vmm.native import ffi, lib
@@ -120,6 +128,15 @@ class IoLoop:
                 self._ep.unregister(fd)
             except (OSError, ValueError):
                 pass
+
+    def on_park(self, fn, add=True):
+        """Run fn() on the loop's thread each time it parks for pause(),
+        before pause() returns (e.g. finish I/O still in flight, so a paused
+        device is quiescent); add=False removes it."""
+        if add:
+            self._on_park.append(fn)
+        elif fn in self._on_park:
+            self._on_park.remove(fn)
 
     def defer(self, key, fn):
         """On the loop's thread: run fn() just before it next waits (once,
@@ -220,6 +237,8 @@ class IoLoop:
             if self._pause_req:
                 drain_eventfd(self._wake)
                 self._run_calls()
+                for fn in list(self._on_park):
+                    self._call(fn)
                 self._parked.set()
                 self._resume.wait()
                 self._parked.clear()

@@ -19,11 +19,11 @@ from vmm.testing.waiting import SLOW, barrier, until
 
 
 class FastRig:
-    def __init__(self, mem, image):
+    def __init__(self, mem, image, io_engine="sync"):
         self.irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.loop = IoLoop()
         self.loop.start()
-        self.dev = BlkDevice(image)
+        self.dev = BlkDevice(image, io_engine=io_engine, ioloop=self.loop)
         kicks = []
         self.t = VirtioMmio(self.dev, mem, irq=self.irq, ioloop=self.loop,
                             register_ioeventfd=lambda fd, *a: kicks.append(fd))

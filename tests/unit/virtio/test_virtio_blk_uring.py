@@ -118,11 +118,11 @@ def test_flush_is_submitted_with_io_drain(arig):
         arig.wait_used(4)
     finally:
         lib.pv_uring_sqe_hook = ffi.NULL
-    IORING_OP_FSYNC, IORING_OP_WRITEV, IOSQE_IO_DRAIN = 3, 2, 1 << 1
+    IORING_OP_FSYNC, IORING_OP_WRITE, IOSQE_IO_DRAIN = 3, 23, 1 << 1
     by_head = {ud: (op, fl) for op, fl, ud in seen}
     assert by_head[flush.head] == (IORING_OP_FSYNC, IOSQE_IO_DRAIN)
-    for w in writes:
-        assert by_head[w.head] == (IORING_OP_WRITEV, 0)
+    for w in writes:        # one data segment each: the plain (not vectored) opcode
+        assert by_head[w.head] == (IORING_OP_WRITE, 0)
 
 
 def test_reset_with_requests_in_flight_completes_nothing_later(arig):
