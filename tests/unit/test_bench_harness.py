@@ -145,14 +145,17 @@ def test_wakeup_round_trips_are_timed(mech, pin):
 
 def test_blk_flags_a_device_above_its_limit():
     from bench import blk
-    lim = {"min": 95.0, "median": 100.0, "max": 105.0, "how": "x"}
-    res = {"device": {"seq64k write QD32": {"mmio sync": {"min": 106.0, "median": 110.0},
-                                            "pci sync": {"min": 80.0, "median": 90.0},
-                                            "pci-modern sync": {"min": 98.0, "median": 102.0}}},
+    lim = {"min": 95.0, "median": 100.0, "max": 105.0, "n": 5, "how": "x"}
+    res = {"device": {"seq64k write QD32": {"mmio sync": {"min": 106.0, "median": 110.0, "n": 5},
+                                            "pci sync": {"min": 80.0, "median": 90.0, "n": 5},
+                                            "pci-modern sync": {"min": 98.0, "median": 102.0,
+                                                                "n": 5}}},
            "limit_by_path": {"seq64k write QD32": {p: lim for p in
                                                    ("mmio sync", "pci sync", "pci-modern sync")}}}
     assert [(a["path"], a["every_sample_above"]) for a in blk.above_limit(res)] == [
         ("mmio sync", True), ("pci-modern sync", False)]
+    res["device"]["seq64k write QD32"]["mmio sync"]["n"] = 1     # one sample proves nothing
+    assert not blk.above_limit(res)[0]["every_sample_above"]
 
 
 def test_blk_qd1_bound_uses_the_fastest_sleeping_hand_off():
