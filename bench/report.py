@@ -173,6 +173,10 @@ def norm_blk(d):
     rows += _blk_path_rows(d, dp.get("device", {}),
                            "virtio-blk real path ({transport}, {engine}), driver polls <= "
                            f"{dp.get('spin_us')} us (KVM halt-polling analog)", lambda qd: None)
+    oc = d.get("one_cpu", {})           # labelled placement variant: both threads on CPU 0
+    rows += _blk_path_rows(d, oc.get("device", {}),
+                           "virtio-blk real path ({transport}, {engine}), driver and I/O thread "
+                           "pinned to one CPU (no cross-CPU wake-up)", lambda qd: None)
     for key, paths in d.get("two_core_reference", {}).items():
         scale, unit, _ = _blk_kind(key.split()[0])
         for path, ref in paths.items():

@@ -143,6 +143,34 @@ def test_wakeup_round_trips_are_timed(mech, pin):
     assert lib.bd_pingpong2(10, 3, 2) < 0           # two spinners on one CPU: refused
 
 
+def test_blk_one_cpu_variant_pins_both_threads_and_gives_cpus_back():
+    import threading
+    import types
+    from bench import blk
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two CPUs")
+    seen, go, done, leave = {}, threading.Event(), threading.Event(), threading.Event()
+
+    def io_thread():
+        go.wait(10)
+        seen["io"] = os.sched_getaffinity(0)
+        done.set()
+        leave.wait(10)
+        seen["io after"] = os.sched_getaffinity(0)
+    t = threading.Thread(target=io_thread)
+    t.start()
+    before = os.sched_getaffinity(0)
+    rp = types.SimpleNamespace(loop=types.SimpleNamespace(_thread=t))
+    with blk.on_one_cpu(rp):
+        seen["driver"] = os.sched_getaffinity(0)
+        go.set()
+        done.wait(10)
+    leave.set()
+    t.join()
+    assert seen == {"driver": {0}, "io": {0}, "io after": before}
+    assert os.sched_getaffinity(0) == before
+
+
 def test_blk_flags_a_device_above_its_limit():
     from bench import blk
     lim = {"min": 95.0, "median": 100.0, "max": 105.0, "n": 5, "how": "x"}
