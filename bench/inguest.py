@@ -3,13 +3,25 @@ microvm` (virtio-mmio devices), on the same guest kernel, initramfs, command
 line, disk image and tap:
 
 - O_DIRECT reads and writes on the virtio-blk disk, 4 KiB (256 of them) and
-  1 MiB (16), sequential (guests/src/iobench.c; writes end with fdatasync);
+  1 MiB (32 reads, 16 writes), sequential (guests/src/iobench.c; writes end
+  with fdatasync); 1 MiB reads are taken per read (each read's own time,
+  all reads of all runs pooled: min / median / max over them), the others
+  per run;
 - TCP throughput guest -> host (4 MiB to a receiver on the host end of the
   tap, timed until it acknowledges the last byte);
-- ping round trip guest -> host (busybox ping, 6 pings, the average).
+- ping round trip guest -> host (busybox ping, 21 pings 0.2 s apart; every
+  reply but the first, which waits for ARP, of all runs pooled: min /
+  median / max over them).  A run's mean over 6 pings, the first one
+  included, moved 17.6-21.0 ms between QEMU's own runs.
+
+Guest interrupts per operation (its own /proc/interrupts around the 1 MiB
+reads and the pings: virtio lines summed, the local timer apart) are kept
+beside the figures: the guest kernel is emulated here, so an interrupt more
+per operation would be a VMM cost the guest pays in full.
 
 pyvmm runs on its default virtio-mmio transport and on legacy virtio-pci; the
-ratio is pyvmm ÷ QEMU for each.  Everything network happens in a private
+ratio is pyvmm ÷ QEMU for each.  The VMMs take turns, boot by boot, in an
+order that reverses every rep, so a change in the host's load meets both.  Everything network happens in a private
 network namespace (tap pvig0, host end 10.77.0.1/24, guest 10.77.0.2),
 deleted at the end, as is the scratch disk image.  QEMU runs with its
 defaults for the drive (cache=writeback, aio=threads) and a tap netdev;
@@ -26,6 +38,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +68,16 @@ while True:
 DISK_RE = re.compile(rb"iobench: disk (read|write) bs=(\d+) count=(\d+) bytes=(\d+) us=(\d+)")
 TCP_RE = re.compile(rb"iobench: tcp send bytes=(\d+) us=(\d+)")
 PING_RE = re.compile(rb"round-trip min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms")
+PING_LINE_RE = re.compile(rb"seq=(\d+) ttl=\d+ time=([\d.]+) ms")
+EACH_RE = re.compile(rb"iobench: disk (read|write) bs=(\d+) count=\d+ bytes=\d+ us=\d+ "
+                     rb"each_us=([\d,]+)")
+IRQS_RE = re.compile(rb"iobench: irqs (\S+)\r?\n(.*?)iobench: irqs end", re.S)
+# guest interrupts counted around a phase (guests/initramfs/etc/rc): phase,
+# and how many operations it does (per-operation counts)
+IRQ_PHASES = {"read1m": 32, "ping": 21}
+POOLED = ("disk read 1m", "ping rtt")     # figures whose samples are single transfers / pings
+FIGURES = ("disk read 4k", "disk write 4k", "disk read 1m", "disk write 1m", "tcp guest->host",
+           "ping rtt")
 
 
 def build_guest():
@@ -78,10 +101,51 @@ def parse(text):
     m = TCP_RE.search(text)
     if m:
         out["tcp guest->host"] = int(m.group(1)) * 8 / (int(m.group(2)) / 1e6) / 1e6
-    m = PING_RE.search(text)
-    if m:
-        out["ping rtt"] = float(m.group(2))
+    # pooled figures: a list of samples (one per read, one per ping reply)
+    for rw, bs, each in EACH_RE.findall(text):
+        if rw == b"read" and int(bs) == 1 << 20:
+            out["disk read 1m"] = [int(bs) / (int(us) / 1e6) / 1e6
+                                   for us in each.split(b",") if int(us) > 0]
+    pings = [float(t) for seq, t in PING_LINE_RE.findall(text) if int(seq) > 0]
+    if pings:
+        out["ping rtt"] = pings
+    elif PING_RE.search(text):          # an older guest: only ping's own summary
+        out["ping rtt"] = [float(PING_RE.search(text).group(2))]
     return out
+
+
+def irq_counts(text):
+    """{tag: {"virtio": n, "timer": n}} from the guest's /proc/interrupts
+    lines printed around a phase: every virtio interrupt line summed, LOC
+    (the local timer) apart; counts summed over the guest's CPUs."""
+    out = {}
+    for tag, body in IRQS_RE.findall(text):
+        c = {"virtio": 0, "timer": 0}
+        for line in body.decode(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) < 2 or not parts[0].endswith(":"):
+                continue
+            n = sum(int(x) for x in parts[1:] if x.isdigit() and len(x) < 19)
+            c["timer" if parts[0] == "LOC:" else "virtio"] += n
+        out[tag.decode()] = c
+    return out
+
+
+def irqs_per_op(text):
+    """{phase: {"virtio": per op, "timer": per op}} from irq_counts()."""
+    c, out = irq_counts(text), {}
+    for phase, ops in IRQ_PHASES.items():
+        a, b = c.get(f"before-{phase}"), c.get(f"after-{phase}")
+        if a and b:
+            out[phase] = {k: (b[k] - a[k]) / ops for k in a}
+    return out
+
+
+def summary(v):
+    """A figure for the progress line: a number, or a pooled list's median (n)."""
+    if isinstance(v, list):
+        return f"{statistics.median(v):.3g} (median of {len(v)})" if v else "none"
+    return f"{v:.3g}"
 
 
 def run_vm(cmd, timeout, log_path):
@@ -138,7 +202,7 @@ def main(argv=None):
     with open(img, "wb") as f:
         f.truncate(32 << 20)
     vmms = [v for v in args.vmms.split(",") if v != "qemu" or have_qemu()]
-    samples, skipped = {}, []
+    samples, skipped, irqs = {}, [], {}
     server = None
     print(f"  guest {kernel}, consoles in {RESULTS}/inguest-*.console.txt", flush=True)
     try:
@@ -149,13 +213,12 @@ def main(argv=None):
             server = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", SERVER],
                                       stdin=subprocess.DEVNULL)
             inns = ["ip", "netns", "exec", ns.name]
-            for _ in range(args.reps):
-                for vmm in vmms:
+            for rep in range(args.reps):
+                for vmm in (vmms if rep % 2 == 0 else vmms[::-1]):
                     left = t_start + args.total - time.monotonic()
                     if left < 180:
                         print(f"  {vmm}: not started, {left:.0f} s left of --total", flush=True)
-                        for k in ("disk read 4k", "disk write 4k", "disk read 1m", "disk write 1m",
-                                  "tcp guest->host", "ping rtt"):
+                        for k in FIGURES:
                             samples.setdefault(k, {}).setdefault(vmm, []).append(None)
                         skipped.append(vmm)
                         continue
@@ -180,10 +243,18 @@ def main(argv=None):
                     got = parse(text) if text else {}
                     if not text:
                         print(f"  {vmm}: guest did not finish: ...{tail[-200:]!r}", file=sys.stderr)
-                    for k in ("disk read 4k", "disk write 4k", "disk read 1m", "disk write 1m",
-                              "tcp guest->host", "ping rtt"):
-                        samples.setdefault(k, {}).setdefault(vmm, []).append(got.get(k))
-                    print(f"  {vmm}: {got}", flush=True)
+                    for phase, per_op in (irqs_per_op(text) if text else {}).items():
+                        for k, v in per_op.items():
+                            irqs.setdefault(phase, {}).setdefault(k, {}).setdefault(
+                                vmm, []).append(v)
+                        print(f"  {vmm}: guest interrupts per {phase} operation: " +
+                              ", ".join(f"{k} {v:.2f}" for k, v in per_op.items()), flush=True)
+                    for k in FIGURES:
+                        v = got.get(k)
+                        per = samples.setdefault(k, {}).setdefault(vmm, [])
+                        per.extend(v) if isinstance(v, list) else per.append(v)
+                    print(f"  {vmm}: " + ", ".join(
+                        f"{k} {summary(v)}" for k, v in got.items()), flush=True)
     finally:
         if server is not None:
             server.kill()
@@ -195,6 +266,15 @@ def main(argv=None):
                      "disk write 1m": "MB/s", "tcp guest->host": "Mbit/s", "ping rtt": "ms"},
            "figures": {k: {v: (stats(s) or {"failed": len(s)}) for v, s in per.items()}
                        for k, per in samples.items()},
+           "pooled": {k: "one sample per " + ("1 MiB read" if k.startswith("disk") else
+                                              "ping reply (the first of each run left out)")
+                      for k in POOLED},
+           "guest_irqs_per_op": {
+               "what": "guest interrupts (its /proc/interrupts: virtio lines summed; timer = "
+                       "LOC) per operation of a phase: read1m = per 1 MiB O_DIRECT read, "
+                       "ping = per ping sent (replies wait 0.2 s apart)",
+               "phases": {ph: {k: {v: stats(xs) for v, xs in per.items()} for k, per in d.items()}
+                          for ph, d in irqs.items()}},
            "not_started_for_time": skipped}
     print("saved", save("inguest", res))
     return res

@@ -173,6 +173,10 @@ def norm_blk(d):
     rows += _blk_path_rows(d, dp.get("device", {}),
                            "virtio-blk real path ({transport}, {engine}), driver polls <= "
                            f"{dp.get('spin_us')} us (KVM halt-polling analog)", lambda qd: None)
+    oc = d.get("one_cpu", {})           # labelled placement variant: both threads on CPU 0
+    rows += _blk_path_rows(d, oc.get("device", {}),
+                           "virtio-blk real path ({transport}, {engine}), driver and I/O thread "
+                           "pinned to one CPU (no cross-CPU wake-up)", lambda qd: None)
     for key, paths in d.get("two_core_reference", {}).items():
         scale, unit, _ = _blk_kind(key.split()[0])
         for path, ref in paths.items():
@@ -263,9 +267,24 @@ def norm_inguest(d):
                      "disk read 1m": "O_DIRECT 1 MiB reads", "disk write 1m": "O_DIRECT 1 MiB writes",
                      "tcp guest->host": "TCP guest → host", "ping rtt": "ping guest → host, average RTT"
                      }.get(fig, fig)
+            if fig in d.get("pooled", {}):      # min / median / max over every read or reply
+                label = {"disk read 1m": "O_DIRECT 1 MiB reads, each read (all runs pooled)",
+                         "ping rtt": "ping guest → host, RTT of each reply but a run's first "
+                                     "(all runs pooled)"}.get(fig, label)
             rows.append(row("inguest", f"In guest ({vmm.split('-')[1]} transport)", label,
                             units.get(fig, ""), as_stats(per[vmm]), QEMU + " (virtio-mmio)", q,
                             not lower, ("<=", 1.0) if lower else (">=", 1.0)))
+    phases = d.get("guest_irqs_per_op", {}).get("phases", {})
+    for phase, what in (("ping", "per ping"), ("read1m", "per O_DIRECT 1 MiB read")):
+        for kind in ("virtio", "timer"):
+            per = phases.get(phase, {}).get(kind, {})
+            q = as_stats(per.get("qemu"))
+            for vmm in ("pyvmm-mmio", "pyvmm-pci"):
+                if vmm in per:
+                    rows.append(row("inguest", f"In guest ({vmm.split('-')[1]} transport)",
+                                    f"guest {'virtio' if kind == 'virtio' else 'local timer'} "
+                                    f"interrupts {what} (its /proc/interrupts)", "irqs",
+                                    as_stats(per[vmm]), QEMU + " (virtio-mmio)", q, False))
     return rows
 
 

@@ -143,14 +143,47 @@ def test_wakeup_round_trips_are_timed(mech, pin):
     assert lib.bd_pingpong2(10, 3, 2) < 0           # two spinners on one CPU: refused
 
 
+def test_blk_one_cpu_variant_pins_both_threads_and_gives_cpus_back():
+    import threading
+    import types
+    from bench import blk
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two CPUs")
+    seen, go, done, leave = {}, threading.Event(), threading.Event(), threading.Event()
+
+    def io_thread():
+        go.wait(10)
+        seen["io"] = os.sched_getaffinity(0)
+        done.set()
+        leave.wait(10)
+        seen["io after"] = os.sched_getaffinity(0)
+    t = threading.Thread(target=io_thread)
+    t.start()
+    before = os.sched_getaffinity(0)
+    rp = types.SimpleNamespace(loop=types.SimpleNamespace(_thread=t))
+    with blk.on_one_cpu(rp):
+        seen["driver"] = os.sched_getaffinity(0)
+        go.set()
+        done.wait(10)
+    leave.set()
+    t.join()
+    assert seen == {"driver": {0}, "io": {0}, "io after": before}
+    assert os.sched_getaffinity(0) == before
+
+
 def test_blk_flags_a_device_above_its_limit():
     from bench import blk
-    res = {"device": {"seq64k write QD32": {"mmio sync": {"median": 110.0},
-                                            "pci sync": {"median": 90.0}}},
-           "limit_by_path": {"seq64k write QD32": {"mmio sync": {"median": 100.0, "how": "x"},
-                                                   "pci sync": {"median": 100.0, "how": "x"}}}}
-    assert [(a["figure"], a["path"]) for a in blk.above_limit(res)] == [
-        ("seq64k write QD32", "mmio sync")]
+    lim = {"min": 95.0, "median": 100.0, "max": 105.0, "n": 5, "how": "x"}
+    res = {"device": {"seq64k write QD32": {"mmio sync": {"min": 106.0, "median": 110.0, "n": 5},
+                                            "pci sync": {"min": 80.0, "median": 90.0, "n": 5},
+                                            "pci-modern sync": {"min": 98.0, "median": 102.0,
+                                                                "n": 5}}},
+           "limit_by_path": {"seq64k write QD32": {p: lim for p in
+                                                   ("mmio sync", "pci sync", "pci-modern sync")}}}
+    assert [(a["path"], a["every_sample_above"]) for a in blk.above_limit(res)] == [
+        ("mmio sync", True), ("pci-modern sync", False)]
+    res["device"]["seq64k write QD32"]["mmio sync"]["n"] = 1     # one sample proves nothing
+    assert not blk.above_limit(res)[0]["every_sample_above"]
 
 
 def test_blk_qd1_bound_uses_the_fastest_sleeping_hand_off():
@@ -166,6 +199,28 @@ def test_blk_qd1_bound_uses_the_fastest_sleeping_hand_off():
     assert b["req_s"] == pytest.approx(1 / (5e-6 + 1e-6))
     assert list(res["qd1_bound"]) == ["rand4k read QD1"]
     assert res["wakeup"]["round_trip_s"]["median"] == pytest.approx(30e-6)
+
+
+def test_inguest_pools_each_read_and_ping_but_the_first():
+    """bench/inguest.py: 1 MiB reads and pings are pooled per read / reply
+    (the first reply, which waits for ARP, left out), interrupts per op."""
+    from bench import inguest
+    text = (b"iobench: disk read bs=1048576 count=2 bytes=2097152 us=300000 "
+            b"each_us=100000,200000\r\n"
+            b"iobench: disk read bs=4096 count=256 bytes=1048576 us=2000000\r\n"
+            b"iobench: irqs before-ping\r\n  5:    100   IO-APIC   5-edge   virtio0\r\n"
+            b"LOC:   1000   Local timer interrupts\r\niobench: irqs end\r\n"
+            b"64 bytes from 10.77.0.1: seq=0 ttl=64 time=40.5 ms\r\n"
+            b"64 bytes from 10.77.0.1: seq=1 ttl=64 time=19.5 ms\r\n"
+            b"64 bytes from 10.77.0.1: seq=2 ttl=64 time=20.5 ms\r\n"
+            b"round-trip min/avg/max = 19.5/26.8/40.5 ms\r\n"
+            b"iobench: irqs after-ping\r\n  5:    163   IO-APIC   5-edge   virtio0\r\n"
+            b"LOC:   1420   Local timer interrupts\r\niobench: irqs end\r\n")
+    got = inguest.parse(text)
+    assert got["disk read 1m"] == pytest.approx([10.48576, 5.24288])
+    assert got["disk read 4k"] == pytest.approx(128)
+    assert got["ping rtt"] == [19.5, 20.5]
+    assert inguest.irqs_per_op(text) == {"ping": {"virtio": 3.0, "timer": 20.0}}
 
 
 @pytest.mark.parametrize("obeys", [True, False])

@@ -42,12 +42,20 @@ class FastRig:
         return ok
 
     def read(self, sector, n=4096):
+        """One read, waited for by its used element, not by the next
+        interrupt: an interrupt left over from an earlier request (the early
+        interrupt and the end-of-pass one can both be pending) must not
+        pass for this one's."""
         req = self.d.submit(T_IN, sector, read_len=n)
         self.kick()
-        assert self.wait_irq(), "no interrupt from the I/O thread"
-        status, data = self.d.result(req)
-        self.d.queues[0].get_used()
-        return status, data
+        q = self.d.queues[0]
+        heads = []
+        deadline = time.monotonic() + SLOW
+        while req.head not in heads:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.wait_irq(left), "no interrupt from the I/O thread"
+            heads += [h for h, _ in q.get_used()]
+        return self.d.result(req)
 
     def close(self):
         self.t.close()
@@ -90,6 +98,9 @@ def test_kicks_run_in_c_with_isr_counters_and_data(fr):
     for i in range(5):
         status, data = fr.read(8 * i)
         assert status == S_OK and data == fr.disk[4096 * i:4096 * (i + 1)]
+        # the thread back asleep with kicks re-armed: a read submitted while
+        # it finishes a pass has its kick coalesced with the next (one count)
+        barrier(fr.loop)
     assert handled_in_c(fr.loop) - handled0 == 5     # no Python handler ran
     assert fr.dev.stats["kicks"] - stats0["kicks"] == 5
     assert fr.dev.stats["requests"] - stats0["requests"] == 5
@@ -242,6 +253,10 @@ def test_stats_read_from_other_threads_count_each_request_once(fr):
             th.join()
         sys.setswitchinterval(old)
     barrier(fr.loop)
-    done = fr.d.queues[0].used_idx              # every request completed so far, one per kick
+    done = fr.d.queues[0].used_idx              # every request completed so far
     st = fr.dev.stats
-    assert (st["requests"], st["kicks"]) == (done, done)
+    # One kick per read at most: the device re-arms kicks (EVENT_IDX) only
+    # before it sleeps, so a read submitted while it is still finishing a
+    # pass is found without one (a loaded host: 579 kicks for 601 reads).
+    # Counted twice, both would run past `done` (the bug: ~20 % too many).
+    assert st["requests"] == done and 0 < st["kicks"] <= done
