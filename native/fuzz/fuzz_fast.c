@@ -5,7 +5,9 @@
  * it while the slow path runs; bit1: adaptive polling of 1 us on; bit2: the
  * interrupt is an MSI-X vector's irqfd, isr_bit 0: the ISR must stay 0;
  * bit3: the io_uring engine, native/src/fasturing.c, whose completions of
- * requests still in flight are served on its eventfd after each kick).
+ * requests still in flight are served on its eventfd after each kick;
+ * the kernel finishes them first, as fuzz_uring.c's, unless bit4 asks for
+ * the free-running ring: fuzz_settle.h).
  * Invariants, besides fuzz_common.h's pop/push tracking and fuzz_blk's
  * memory checks:
  * - a disabled queue is not touched: no request, no eventfd read, returns 0;
@@ -29,6 +31,7 @@
 #define FZ_TRACK_ENGINE
 #include "fuzz_common.h"
 #include "fuzz_image.h"
+#include "fuzz_settle.h"
 
 #define MAX_KICKS 8
 
@@ -121,18 +124,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fz_tr.pop_limit = q.poll_us ? 0 : budget;
         int handled = pv_fast_handle(&q);
         fz_tr.pop_limit = 0;
+        if (q.uring && !(mode & 0x10))
+            fz_uring_settle(ring, q.error != 0);
         uint32_t pydone = 0;             /* reaped by "Python" (the queue is off) */
         int async = q.uring && pv_uring_inflight(ring);
         if (q.uring && pv_uring_inflight(ring)) {
             /* requests in flight: their completion wakes the loop, which
-             * serves the queue on the eventfd (or Python reaps: disabled) */
+             * serves the queue on the eventfd (or Python reaps: disabled).
+             * Settled, every one of them has its CQE posted by now, so the
+             * signal is due at once (the completing thread writes it right
+             * after); free-running, it waits for the kernel too */
             struct pollfd pfd = {.fd = done_fd, .events = POLLIN};
-            FZ_CHECK(poll(&pfd, 1, 10000) == 1, "no completion eventfd signal");
+            FZ_CHECK(poll(&pfd, 1, 10000) == 1, "no completion eventfd signal: %u in flight, "
+                     "%u CQEs posted", pv_uring_inflight(ring), fz_uring_ready(ring));
             if (q.enabled) {
                 fz_tr.call_pops = 0;            /* a pass of its own, budgeted */
                 fz_tr.pop_limit = q.poll_us ? 0 : budget;
                 int h = pv_fast_handle_fd(&q, done_fd);
                 fz_tr.pop_limit = 0;
+                if (!(mode & 0x10))
+                    fz_uring_settle(ring, q.error != 0);
                 /* handed back only when that pass found the ring broken */
                 FZ_CHECK(h == 1 || (vq.broken && !q.enabled && q.error), "completion handed back");
                 handled = handled && h;

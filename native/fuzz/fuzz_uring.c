@@ -7,6 +7,10 @@
  * everything), or a second vCPU rewriting guest memory while requests are
  * in flight.  At the end every request in flight is reaped (as the I/O
  * thread would) or, header byte 15 bit 0, dropped by a drain (device reset).
+ * After each submit call the harness lets the kernel finish every request in
+ * flight (fuzz_settle.h: an input runs the same way every time) unless header
+ * byte 15 bit 1 asks for the free-running ring, whose reaps find whatever
+ * the kernel finished by then.
  * Invariants, besides fuzz_common.h's pop/push tracking (a completion names
  * a chain the device took, carries a status 0/1/2 in the chain's last byte,
  * and the kernel and the device write nothing outside the chains' writable
@@ -23,6 +27,7 @@
 
 #define FZ_TRACK_ENGINE
 #include "fuzz_common.h"
+#include "fuzz_settle.h"
 
 #define IMG_SECTORS 64
 #define MAX_OPS 12
@@ -107,6 +112,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     memcpy(blk.id, "pyvmm-fuzz-uring-001", sizeof(blk.id));
     blk.budget = (uint32_t)fz_hdr(data, size, 14, 1);   /* 0: PV_BLK_BUDGET */
     uint32_t budget = blk.budget ? blk.budget : PV_BLK_BUDGET;
+    int free_running = (fz_hdr(data, size, 15, 1) >> 1) & 1;
 
     fz_ops_init(&in, data, size);
     for (int step = 0; step < MAX_OPS && fz_ops_left(&in); step++) {
@@ -124,6 +130,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             check_call(&vq, from, r, &res);
             FZ_CHECK(res.more == (r >= 0 && fz_tr.call_pops == budget), "more %u after %u of %u",
                      res.more, fz_tr.call_pops, budget);
+            if (!free_running)
+                fz_uring_settle(u, res.error != 0);
             break;
         case 2:
             r = pv_blk_uring_reap(&vq, &blk, u, op & 0x80 ? 1 : 0, &res);
