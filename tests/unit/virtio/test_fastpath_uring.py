@@ -11,6 +11,7 @@ import pytest
 from vmm.testing.mockdriver import T_FLUSH, T_IN, T_OUT
 from vmm.testing.waiting import SLOW, barrier, until
 from vmm.virtio import blk_uring
+from vmm.virtio import device as vd
 from vmm.virtio.blk import S_IOERR, S_OK
 from test_fastpath import FastRig, handled_in_c, settle
 
@@ -234,3 +235,30 @@ def test_reset_with_requests_in_flight_drops_them(ur):
         pytest.skip("every read completed inside io_uring_enter (tmpfs or cached image)")
     ur.t.reset()
     assert ur.dev._engines[0].inflight == 0 and not ur.t._fast.enabled(0)
+
+
+def test_broken_ring_leaves_nothing_in_flight_once_paused(ur):
+    """A guest breaks its ring while reads are in flight (a head out of the
+    table, as fuzz corpus uring-broken-mid-batch does): the queue needs a
+    reset and no used element can go out, but the kernel still owns those
+    buffers; pausing (what a snapshot does) must wait for them, not leave
+    them writing guest RAM behind a paused VM."""
+    settle(ur)
+    eng = ur.dev._engines[0]
+    reqs, base = in_flight(ur)
+    if reqs is None:
+        pytest.skip("every read completed inside io_uring_enter (tmpfs or cached image)")
+    q = ur.d.queues[0]
+    q.put_avail(q.size + 3)                            # head index out of the table
+    ur.kick()
+    assert until(lambda: ur.t.status & vd.DEVICE_NEEDS_RESET)
+    ur.loop.pause()
+    try:
+        assert eng.inflight == 0
+        assert ur.t.state()["device"] is not None      # the snapshot path: nothing in flight
+        assert eng.inflight == 0
+    finally:
+        ur.loop.resume()
+    assert ur.d.init()                                 # the driver starts over
+    assert ur.t._fast.enabled(0)
+    assert ur.read(8) == (S_OK, ur.disk[4096:8192])
