@@ -6,10 +6,10 @@ plain read/write loop on the same tap.
 What is measured: frames per second a driver thread gets through pyvmm's
 virtio-net device and a tap (kick -> I/O thread -> tap -> interrupt), against
 one thread doing plain write()s/read()s of the same frames on the same tap.
-The device's per-frame work is C (native/src/net.c); its I/O thread runs
-Python once per kick or tap wake-up (a batch of up to 256 frames): virtio-net
-is not on the I/O loop's C fast path (native/src/fastpath.c serves
-virtio-blk).
+The device's per-frame work is C (native/src/net.c), and on every
+transport here the I/O thread serves kicks and tap wake-ups in C too (the
+I/O loop's fast path, native/src/fastnet.c: no Python per kick or per batch
+of up to 256 frames, interrupts written from C).
 
 Everything happens in a private network namespace (deleted at the end): a
 tap with MTU 65521, up, and an AF_PACKET socket on it as the peer.

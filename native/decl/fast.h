@@ -26,6 +26,24 @@ struct pv_fast_queue {
     uint32_t poll_always;            /* poll even then (tests) */
     uint32_t resample;               /* a level INTx's resample eventfd, not a queue */
     struct pv_uring *uring;          /* io_uring engine (native/src/fasturing.c), or NULL */
+    uint32_t kind;
+    struct pv_fast_net *fnet;
+};
+#define PV_FAST_BLK 0
+#define PV_FAST_NET_RX 1
+#define PV_FAST_NET_TX 2
+#define PV_FAST_NET_TAP 3
+struct pv_fast_net {
+    struct pv_net *net;
+    struct pv_vq *rx, *tx;
+    struct pv_chain *rx_chain, *tx_chain;
+    struct pv_fast_queue *rxq, *txq;
+    int32_t epfd;
+    int32_t tap_fd;
+    uint32_t tap_off;
+    uint32_t early_div;
+    uint64_t tap_changes;
+    uint64_t early;
 };
 struct pv_fast_loop {
     int32_t epfd;
@@ -39,4 +57,5 @@ void pv_fast_disable(struct pv_fast_queue *q);
 void pv_fast_enable(struct pv_fast_queue *q);
 uint32_t pv_fast_isr_take(struct pv_fast_irq *irq);
 int pv_fast_handle(struct pv_fast_queue *q);
+int pv_fastnet_handle(struct pv_fast_queue *q);
 int pv_fast_handle_fd(struct pv_fast_queue *q, int fd);

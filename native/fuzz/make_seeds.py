@@ -187,7 +187,10 @@ def blk_seeds():
 
 def net_seeds():
     SEND, RUN, WR = 0, 1, 2
-    for name, flags in (("rx", 0), ("rx-mrg", 1), ("rx-legacy-hdr", 2), ("tx", 4)):
+    # bit3: through the fast path (native/src/fastnet.c), bit4: an MSI-X interrupt
+    for name, flags in (("rx", 0), ("rx-mrg", 1), ("rx-legacy-hdr", 2), ("tx", 4),
+                        ("fast-rx", 8), ("fast-rx-mrg-msix", 1 | 8 | 16), ("fast-tx", 4 | 8),
+                        ("fast-tx-msix", 4 | 8 | 16)):
         g = Guest(extra=bytes([flags]))
         if flags & 4:
             for ln in (60, 200):

@@ -9,6 +9,7 @@
 
 #include <stdint.h>
 #include "pyvmm_virtq.h"
+#include "pyvmm_net.h"
 
 struct pv_uring;                     /* native/src/uring.c */
 
@@ -47,6 +48,32 @@ struct pv_fast_queue {
                                       * resample eventfd (only irq is used; kicks counts
                                       * resamples, requests re-assertions) */
     struct pv_uring *uring;          /* io_uring engine (native/src/fasturing.c), or NULL */
+    uint32_t kind;                   /* PV_FAST_*: which engine serves this fd */
+    struct pv_fast_net *fnet;        /* PV_FAST_NET_*: the queue pair */
+};
+
+/* pv_fast_queue.kind: what a ready fd means (native/src/fastnet.c for net) */
+#define PV_FAST_BLK 0                /* a virtio-blk queue's notify eventfd */
+#define PV_FAST_NET_RX 1             /* a virtio-net receive queue's notify eventfd */
+#define PV_FAST_NET_TX 2             /* a virtio-net transmit queue's notify eventfd */
+#define PV_FAST_NET_TAP 3            /* a virtio-net queue pair's tap fd is readable */
+
+/* One virtio-net queue pair as its three fast fds share it (rx kick, tx
+ * kick, tap).  The tap is in the I/O loop's epoll while the guest has
+ * receive buffers; the fast path takes it out when they run out (tap_off)
+ * and puts it back once a receive kick brought some, as the Python path
+ * does with IoLoop.remove/add (vmm/virtio/net.py _set_polling). */
+struct pv_fast_net {
+    struct pv_net *net;
+    struct pv_vq *rx, *tx;
+    struct pv_chain *rx_chain, *tx_chain;
+    struct pv_fast_queue *rxq, *txq; /* whose interrupts the frames raise */
+    int32_t epfd;                    /* the I/O loop's epoll */
+    int32_t tap_fd;
+    uint32_t tap_off;                /* the fast path took the tap out of epoll */
+    uint32_t early_div;              /* early interrupts at 1/early_div of the ring left (0: off) */
+    uint64_t tap_changes;            /* times it did (or put it back) */
+    uint64_t early;                  /* interrupts raised before a pass ended */
 };
 
 struct pv_fast_loop {
@@ -62,6 +89,7 @@ void pv_fast_disable(struct pv_fast_queue *q);
 void pv_fast_enable(struct pv_fast_queue *q);
 uint32_t pv_fast_isr_take(struct pv_fast_irq *irq);
 int pv_fast_handle(struct pv_fast_queue *q);
+int pv_fastnet_handle(struct pv_fast_queue *q);
 int pv_fast_handle_fd(struct pv_fast_queue *q, int fd);
 /* fastpath.c for fasturing.c */
 void pv_fast_early(struct pv_fast_queue *q);

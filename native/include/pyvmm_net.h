@@ -40,6 +40,13 @@ int pv_net_rx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *scratch,
               struct pv_net_result *res);
 int pv_net_tx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *scratch,
               struct pv_net_result *res);
+/* one frame each (the loops of pv_net_rx/pv_net_tx; native/src/fastnet.c
+ * runs its own around them): a chain popped and served, *state as
+ * pv_net_result.state.  1 done, 0 nothing to do, -PV_VQ_E_* malformed. */
+int pv_net_rx_frame(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c, uint32_t *state);
+int pv_net_rx_held_frame(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c,
+                         uint32_t *state);
+int pv_net_tx_frame(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c);
 /* TUNSETIFF: attach fd to tap `name` (created if absent); the kernel's name
  * is copied to name_out (16 bytes).  TUNGETIFF flags.  -errno on failure. */
 int pv_net_rx_held(struct pv_vq *vq, struct pv_net *net, struct pv_chain *scratch,

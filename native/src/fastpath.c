@@ -281,6 +281,8 @@ int pv_fast_handle(struct pv_fast_queue *q)
  * or, io_uring engine, its completion eventfd (drained, counted as no kick). */
 int pv_fast_handle_fd(struct pv_fast_queue *q, int fd)
 {
+    if (q->kind != PV_FAST_BLK)
+        return pv_fastnet_handle(q);        /* virtio-net: native/src/fastnet.c */
     __atomic_store_n(&q->busy, 1, __ATOMIC_SEQ_CST);
     if (!__atomic_load_n(&q->enabled, __ATOMIC_SEQ_CST)) {
         __atomic_store_n(&q->busy, 0, __ATOMIC_SEQ_CST);

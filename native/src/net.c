@@ -202,6 +202,31 @@ static int rx_one(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c, uint
     return r;
 }
 
+/* SAFETY: the chain was popped by pv_vq_pop (every segment range-checked
+ * against guest RAM); rx_one checks it is device-writable and holds a
+ * header before the readv into it. */
+int pv_net_rx_frame(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c, uint32_t *state)
+{
+    int r = pv_vq_pop(vq, c);
+    if (r == 0) {
+        /* §2.6.7.1: ask for a kick when buffers come, then re-check */
+        if (pv_vq_enable_notify(vq))
+            return 1;
+        *state = PV_NET_RX_NOBUF;
+        return 0;
+    }
+    return r > 0 ? rx_one(vq, net, c, state) : r;
+}
+
+/* SAFETY: as pv_net_rx_frame; `pending` never exceeds PV_NET_SINK_SIZE (rx_one). */
+int pv_net_rx_held_frame(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c, uint32_t *state)
+{
+    int r = rx_deliver_held_or_wait(vq, net, c);
+    if (r == 0)
+        *state = PV_NET_RX_NOBUF;
+    return r;
+}
+
 int pv_net_rx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c,
               struct pv_net_result *res)
 {
@@ -214,22 +239,10 @@ int pv_net_rx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c,
         res->error = -vq->broken;
         return res->error;
     }
-    if (net->pending) {
-        r = rx_deliver_held_or_wait(vq, net, c);
-        if (r == 0)
-            res->state = PV_NET_RX_NOBUF;
-    }
+    if (net->pending)
+        r = pv_net_rx_held_frame(vq, net, c, &res->state);
     while (r >= 0 && res->state == PV_NET_RX_MORE && frames < budget) {
-        r = pv_vq_pop(vq, c);
-        if (r == 0) {
-            /* §2.6.7.1: ask for a kick when buffers come, then re-check */
-            if (pv_vq_enable_notify(vq))
-                continue;
-            res->state = PV_NET_RX_NOBUF;
-            break;
-        }
-        if (r > 0)
-            r = rx_one(vq, net, c, &res->state);
+        r = pv_net_rx_frame(vq, net, c, &res->state);
         frames++;
     }
     if (r < 0)
@@ -240,6 +253,35 @@ int pv_net_rx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c,
     return res->error;
 }
 
+/* One transmit chain just popped: header + frame, all device-readable
+ * (§5.1.6.2), one writev, completed (a frame the tap refuses is counted).
+ * Returns 1, or -PV_VQ_E_REQ for a malformed chain (the queue is broken).
+ * SAFETY: the chain comes from pv_vq_pop (segments range-checked against
+ * guest RAM); at most IOV_MAX segments reach writev. */
+int pv_net_tx_frame(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c)
+{
+    if (c->nread != c->nseg || c->read_len < net->hdr_len || c->nseg > IOV_MAX) {
+        vq->broken = PV_VQ_E_REQ;
+        return -PV_VQ_E_REQ;
+    }
+    ssize_t n;
+    do
+        n = writev(net->fd, c->iov, (int)c->nseg);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        net->last_errno = errno;
+        if (errno == EAGAIN || errno == ENOBUFS || errno == EIO)
+            net->tx_drops++;                 /* full, or the interface is down */
+        else
+            net->tx_errors++;                /* e.g. EINVAL: a bad header from the guest */
+    } else {
+        net->tx_packets++;
+        net->tx_bytes += c->read_len - net->hdr_len;
+    }
+    pv_vq_push(vq, c->head, 0);
+    return 1;
+}
+
 int pv_net_tx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c,
               struct pv_net_result *res)
 {
@@ -248,27 +290,8 @@ int pv_net_tx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c,
     memset(res, 0, sizeof(*res));
     for (;;) {
         while (res->completed < budget && (r = pv_vq_pop(vq, c)) > 0) {
-            /* §5.1.6.2: header + frame, all device-readable */
-            if (c->nread != c->nseg || c->read_len < net->hdr_len || c->nseg > IOV_MAX) {
-                vq->broken = PV_VQ_E_REQ;
-                r = -PV_VQ_E_REQ;
+            if ((r = pv_net_tx_frame(vq, net, c)) < 0)
                 break;
-            }
-            ssize_t n;
-            do
-                n = writev(net->fd, c->iov, (int)c->nseg);
-            while (n < 0 && errno == EINTR);
-            if (n < 0) {
-                net->last_errno = errno;
-                if (errno == EAGAIN || errno == ENOBUFS || errno == EIO)
-                    net->tx_drops++;         /* full, or the interface is down */
-                else
-                    net->tx_errors++;        /* e.g. EINVAL: a bad header from the guest */
-            } else {
-                net->tx_packets++;
-                net->tx_bytes += c->read_len - net->hdr_len;
-            }
-            pv_vq_push(vq, c->head, 0);
             res->completed++;
         }
         if (r < 0) {

@@ -14,8 +14,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FUZZ = os.path.join(ROOT, "native", "fuzz")
 SRC = os.path.join(ROOT, "native", "src")
 WRAP = "-Wl,--wrap=pv_vq_pop,--wrap=pv_vq_push"
-TARGETS = {"virtq": ["virtq.c"], "blk": ["virtq.c", "blk.c"], "net": ["virtq.c", "net.c"],
-           "fast": ["virtq.c", "blk.c", "fastpath.c", "fasturing.c", "uring.c"],
+TARGETS = {"virtq": ["virtq.c"], "blk": ["virtq.c", "blk.c"],
+           "net": ["virtq.c", "net.c", "fastnet.c", "fastpath.c", "blk.c", "fasturing.c",
+                   "uring.c"],
+           "fast": ["virtq.c", "blk.c", "fastpath.c", "fasturing.c", "uring.c", "fastnet.c",
+                    "net.c"],
            "vsock": ["virtq.c", "vsock.c", "vsock_tx.c"], "uring": ["virtq.c", "blk.c", "uring.c"]}
 
 

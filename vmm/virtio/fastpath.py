@@ -32,8 +32,17 @@ MSI-X vector (no ISR bit: §4.1.4.5), handed over by sync(..., irq_fds=[fd or
 None per queue]) only while the vector is live; a queue whose fd is None
 (no vector, masked, MSI-X off: INTx) stays on the Python path, which sets
 pending bits and drives INTx.
+
+virtio-net (native/src/fastnet.c): `fast_engine(i)` returns (kind, struct
+pv_fast_net *) instead of blk's (vq, blk, chain), and the device adds one
+queue per pair for its tap fd (add_queue(tap_fd, irq_of=rx index)).  A
+pair's queues share its rings, so a device with `fast_grouped` set is held
+as a whole: held(i) stops every queue (nested holds counted) and, once the
+last one ends, re-decides with sync's last arguments; `device.fast_stopped()`
+runs whenever everything was stopped (the device folds in what C changed).
 """
 import contextlib
+import threading
 
 from vmm.native import ffi, lib
 from vmm.virtio import device as vd
@@ -71,6 +80,27 @@ class FastPath:
             self._q.append(q)
         self._engines = [None] * nqueues     # keeps the cdata the C side points at alive
         self._seen = [(0, 0, 0)] * nqueues
+        self._irq_of = list(range(nqueues))  # whose interrupt each queue raises
+        self._kicks_seen = [0] * nqueues
+        self._device = None
+        self._last = None                    # sync()'s (live, irq_fds), for hold ends
+        self._holds = 0                      # grouped devices: holds in progress
+        self._resync = False                 # re-decide when the last hold ends
+        self._hold_lock = threading.RLock()  # holds vs. sync (before any device lock)
+
+    def add_queue(self, fd, irq_of):
+        """One more fast fd (a NIC's tap) raising queue `irq_of`'s interrupt;
+        returns its index (for fast_engine and queue_struct)."""
+        q = ffi.new("struct pv_fast_queue *")
+        q.notify_fd = fd
+        q.irq = self._irqs[irq_of]
+        q.isr_bit = self._q[irq_of].isr_bit
+        self._q.append(q)
+        self._engines.append(None)
+        self._seen.append((0, 0, 0))
+        self._irq_of.append(irq_of)
+        self._kicks_seen.append(0)
+        return len(self._q) - 1
 
     def queue(self, index, notify_fd):
         q = self._q[index]
@@ -94,36 +124,88 @@ class FastPath:
 
     def disable(self):
         """Every queue off the fast path until the next sync()."""
-        for i, q in enumerate(self._q):
-            lib.pv_fast_disable(q)
-            self._engines[i] = None
+        # the lock: a hold ending on another thread must not re-enable
+        # what this turns off (it re-decides only while _last is set)
+        with self._hold_lock:
+            for i, q in enumerate(self._q):
+                lib.pv_fast_disable(q)
+                self._engines[i] = None
+            self._last = None
+            self._stopped()
+
+    def _stopped(self):
+        stopped = getattr(self._device, "fast_stopped", None)
+        if stopped is not None:
+            stopped()
 
     def sync(self, device, live, irq_fds=None):
         """(Re)decide every queue: enabled iff `live` and the device offers a
         C engine for it now (and, per-queue interrupts, irq_fds[i] is not
         None: the live vector's irqfd)."""
-        bind = getattr(device, "fast_bind", None)
-        if bind is not None:
-            bind(self)          # the device folds take_counts() into its counters
-        for i, q in enumerate(self._q):
-            lib.pv_fast_disable(q)
-            fd = self.irq.fd
-            if self.per_queue:
-                fd = irq_fds[i] if irq_fds is not None and i < len(irq_fds) else None
-                fd = -1 if fd is None else fd
-                q.irq.fd = fd
-            eng = (getattr(device, "fast_engine", lambda i: None)(i)
-                   if live and q.notify_fd >= 0 and fd >= 0 else None)
-            self._engines[i] = eng
-            if eng is not None:
-                q.vq, q.blk, q.chain = eng[:3]
-                q.uring = eng[3] if len(eng) > 3 else ffi.NULL    # io_uring engine
-                lib.pv_fast_enable(q)
+        with self._hold_lock:
+            self._device = device
+            bind = getattr(device, "fast_bind", None)
+            if bind is not None:
+                bind(self)      # the device folds take_counts() into its counters
+            self._last = (live, irq_fds)
+            for q in self._q:
+                lib.pv_fast_disable(q)
+            self._stopped()
+            if self._holds:
+                self._resync = True
+                return          # the last hold re-decides
+            for i, q in enumerate(self._q):
+                fd = self.irq.fd
+                if self.per_queue:
+                    j = self._irq_of[i]
+                    fd = irq_fds[j] if irq_fds is not None and j < len(irq_fds) else None
+                    fd = -1 if fd is None else fd
+                    q.irq.fd = fd
+                eng = (getattr(device, "fast_engine", lambda i: None)(i)
+                       if live and q.notify_fd >= 0 and fd >= 0 else None)
+                self._engines[i] = eng
+                if eng is not None:
+                    if len(eng) == 2:   # virtio-net: (kind, struct pv_fast_net *)
+                        q.kind, q.fnet = eng
+                    else:
+                        q.vq, q.blk, q.chain = eng[:3]
+                        q.uring = eng[3] if len(eng) > 3 else ffi.NULL    # io_uring engine
+                    lib.pv_fast_enable(q)
+
+    @contextlib.contextmanager
+    def hold_all(self):
+        """Every queue off the fast path for the duration (nested holds
+        counted); the last one to end re-decides with sync's arguments, unless
+        disable() came meanwhile (a reset, DEVICE_NEEDS_RESET: the transport
+        syncs when it is live again)."""
+        with self._hold_lock:
+            self._holds += 1
+            if self._holds == 1:
+                # nothing was on the C path (the slow path is set, a vector
+                # is masked...): what could put it back syncs itself
+                # (configure, MSI-X changes, activation), so a Python-path
+                # kick does not pay for re-deciding every queue
+                self._resync = any(e is not None for e in self._engines)
+                for q in self._q:
+                    lib.pv_fast_disable(q)
+                self._stopped()
+        try:
+            yield
+        finally:
+            with self._hold_lock:
+                self._holds -= 1
+                if (not self._holds and self._resync and self._last is not None
+                        and self._device is not None):
+                    self.sync(self._device, *self._last)
 
     @contextlib.contextmanager
     def held(self, index):
         """Queue `index` off the fast path for the duration (another thread
         processes it in Python); re-enabled after if it was."""
+        if getattr(self._device, "fast_grouped", False):
+            with self.hold_all():
+                yield
+            return
         q = self._q[index] if 0 <= index < len(self._q) else None
         was = q is not None and q.enabled
         if was:
@@ -160,6 +242,15 @@ class FastPath:
                 out[k] += now[k] - self._seen[i][k]
             self._seen[i] = now
         return tuple(out)
+
+    def take_kicks(self):
+        """Kicks counted in C per queue since the last call."""
+        out = []
+        for i, q in enumerate(self._q):
+            k = q.kicks
+            out.append(k - self._kicks_seen[i])
+            self._kicks_seen[i] = k
+        return out
 
     @property
     def polled(self):

@@ -109,7 +109,8 @@ class IoLoop:
             i = fl.n
         else:
             return          # table full: this fd just takes the Python path
-        self._fast_keep.append(fast)    # C may still hold the pointer
+        if not any(k == fast for k in self._fast_keep):
+            self._fast_keep.append(fast)    # C may still hold the pointer
         fl.q[i] = fast
         fl.fds[i] = fd
         if i == fl.n:
@@ -270,6 +271,11 @@ class IoLoop:
                 raise InterruptedError
             raise OSError(-n, os.strerror(-n))
         return [(self._fast_out[i], 0) for i in range(n)]
+
+    @property
+    def epoll_fd(self):
+        """The loop's epoll (C fast paths add and remove fds in it)."""
+        return self._ep.fileno()
 
     @property
     def fast_counts(self):

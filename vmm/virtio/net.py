@@ -17,12 +17,22 @@ only while the guest has receive buffers: when they run out, polling stops
 until the driver kicks the receive queue (it does, since the device asks
 for that notification, §2.6.7.1).
 
+On a transport that hands its queues' kicks to the I/O loop's C fast path
+(virtio-mmio with an irqfd, modern virtio-pci with MSI-X: vmm/virtio/
+fastpath.py), the common case runs entirely in C with the GIL released
+(native/src/fastnet.c): a transmit kick, a readable tap, a receive kick, the
+tap leaving epoll when buffers run out, the interrupts.  Python takes the
+pair back (every queue of the device stopped first) for anything else: the
+slow path (limiters, faults, pcap, hooks), the control queue, another
+thread's notify, resets, pause and snapshots.
+
 `backend` is a vmm.tap.Tap, or any object with `fd`, `offload_ok`,
 `set_vnet_hdr_len(n)`, `set_offload(flags)` and `close()` (the tests use a
 datagram socketpair); with several pairs also `fds` (one per pair) and
 `set_queue_enabled(index, on)`.  Without an `ioloop`, the owner calls `poll_rx()` when
 the backend is readable.
 """
+import contextlib
 import hashlib
 import struct
 import threading
@@ -46,6 +56,10 @@ F_STATUS = 16
 F_CTRL_VQ, F_CTRL_RX, F_MQ, F_CTRL_MAC_ADDR = 17, 18, 22, 23
 MAX_PAIRS = 64
 CTRL_QUEUE_SIZE = 64
+
+# early interrupts on the fast path once a quarter of a pass's backlog is
+# left (native/src/fastnet.c; 0: only at the end of a pass)
+EARLY_DIV = 4
 
 S_LINK_UP = 1                     # §5.1.4 status
 QUEUE_SIZE = 256
@@ -80,6 +94,8 @@ class _Pair:
         self.net.sink = self.sink
         self.rx = self.tx = None
         self.polling = False
+        self.fnet = None                  # struct pv_fast_net (fast path bound)
+        self.tap_index = None             # its tap's queue in the FastPath
 
 
 class NetDevice(vd.VirtioDevice):
@@ -124,6 +140,8 @@ class NetDevice(vd.VirtioDevice):
         self._net = self._pairs[0].net    # pair 0's C state (tests tune its budget)
         self._res = ffi.new("struct pv_net_result *")
         self._lock = threading.Lock()     # rings vs. reset; tap wake-ups vs. kicks
+        self._fastpath = None             # the transport's C fast path (vmm/virtio/fastpath.py)
+        self._count_lock = threading.Lock()   # kicks: Python's and C's folded in
         self._interrupt = None
         self._ctrl = None
         self.intercept = None             # limiters/faults/pcap/hook: vmm/virtio/intercept.py
@@ -132,12 +150,21 @@ class NetDevice(vd.VirtioDevice):
         self.rx_mode = {}                 # VIRTIO_NET_CTRL_RX state the driver set
         self.mac_tables = ([], [])        # VIRTIO_NET_CTRL_MAC_TABLE_SET: unicast, multicast
         self.polling_changes = 0          # times a tap queue left/rejoined the poll set
-        self.kicks = [0] * len(self.queue_max_sizes)
+        self._kicks = [0] * len(self.queue_max_sizes)
 
     # --- configuration (§5.1.4: mac, status, max_virtqueue_pairs, mtu) ---
     def config_bytes(self):
         link = S_LINK_UP if self.intercept is None or self.intercept.link_up else 0
         return struct.pack("<6sHHH", self.mac, link, self.max_pairs, 0)
+
+    @property
+    def kicks(self):
+        """Driver notifications per queue (Python's and the C fast path's)."""
+        with self._count_lock:
+            if self._fastpath is not None:
+                for i, k in enumerate(self._fastpath.take_kicks()[:len(self._kicks)]):
+                    self._kicks[i] += k
+            return list(self._kicks)
 
     @property
     def stats(self):
@@ -210,12 +237,18 @@ class NetDevice(vd.VirtioDevice):
         """rx_limiter=, tx_limiter=, faults=, pcap=, hook= (None removes), also
         while running (a link change raises a config interrupt): intercept.py."""
         from vmm.virtio.intercept_net import configure_net
-        configure_net(self, **changes)
+        hold = getattr(self._interrupt, "fast_hold", None)
+        if hold is None or self._fastpath is None:
+            configure_net(self, **changes)
+            return
+        with hold():            # the C fast path stops, then re-decides (slow path set?)
+            configure_net(self, **changes)
 
     def queue_notify(self, index):
-        if not 0 <= index < len(self.kicks):
+        if not 0 <= index < len(self._kicks):
             return
-        self.kicks[index] += 1
+        with self._count_lock:
+            self._kicks[index] += 1
         if index == self.ctrl_index:
             with self._lock:
                 if self._ctrl is not None:
@@ -235,7 +268,7 @@ class NetDevice(vd.VirtioDevice):
         an I/O loop one batch per call (epoll is level-triggered and calls
         again); without, until the backend is drained or buffers run out.
         `pair` None: every active pair."""
-        with self._lock:
+        with self._fast_held(), self._lock:
             pairs = self._pairs[:self.active_pairs] if pair is None else [self._pairs[pair]]
             for p in pairs:
                 while (self._process_rx(p) == lib.PV_NET_RX_MORE and self.ioloop is None
@@ -246,7 +279,80 @@ class NetDevice(vd.VirtioDevice):
     def polling(self):
         """Whether pair 0's backend queue is watched (False while the guest
         has no buffers)."""
-        return self._pairs[0].polling
+        p = self._pairs[0]
+        return p.polling and not (p.fnet is not None and p.fnet.tap_off)
+
+    # --- the C fast path (vmm/virtio/fastpath.py, native/src/fastnet.c) ---
+    fast_grouped = True           # a pair's queues share rings: held as a whole
+
+    @property
+    def fast_capable(self):
+        """The fast path needs the I/O loop (it polls the tap there)."""
+        return self.ioloop is not None
+
+    def fast_bind(self, fastpath):
+        """First sync: a pv_fast_net per pair and a fast queue for its tap."""
+        if self._fastpath is fastpath:
+            return
+        with self._lock:
+            self._fastpath = fastpath
+            for p in self._pairs:
+                f = p.fnet = ffi.new("struct pv_fast_net *")
+                f.net = p.net
+                f.rxq = fastpath.queue_struct(2 * p.index + RX)
+                f.txq = fastpath.queue_struct(2 * p.index + TX)
+                f.epfd = self.ioloop.epoll_fd
+                f.tap_fd = p.fd
+                f.early_div = EARLY_DIV
+                p.tap_index = fastpath.add_queue(p.fd, irq_of=2 * p.index + RX)
+                if p.polling:                 # watched already: again, as a fast fd
+                    self._set_polling(p, False)
+                    self._set_polling(p, True)
+
+    def _fast_held(self):
+        fp = self._fastpath
+        return fp.hold_all() if fp is not None else contextlib.nullcontext()
+
+    def fast_engine(self, index):
+        """(kind, pv_fast_net) for queue `index` (or a pair's tap) when the
+        pair needs nothing but C: active, rings intact, no slow path."""
+        if (self._fastpath is None or self.intercept is not None or self.backend is None
+                or index == self.ctrl_index):
+            return None
+        taps = {p.tap_index: p for p in self._pairs}
+        if index in taps:
+            p, kind = taps[index], lib.PV_FAST_NET_TAP
+        elif 0 <= index < 2 * len(self._pairs):
+            p = self._pairs[index // 2]
+            kind = lib.PV_FAST_NET_TX if index % 2 else lib.PV_FAST_NET_RX
+        else:
+            return None
+        with self._lock:
+            if (p.rx is None or p.tx is None or p.index >= self.active_pairs
+                    or p.rx.broken or p.tx.broken or p.fnet is None):
+                return None
+            f = p.fnet
+            f.rx, f.rx_chain = p.rx.vq, p.rx.chain
+            f.tx, f.tx_chain = p.tx.vq, p.tx.chain
+            f.tap_off = 0
+            if kind == lib.PV_FAST_NET_TAP:
+                self._set_polling(p, True)    # in epoll; C takes it out when buffers run out
+        return kind, f
+
+    def fast_stopped(self):
+        """Every fast queue is stopped: where C took a tap out of epoll (no
+        buffers), Python's view follows (not polling until a receive kick).
+        Takes no lock: it also runs under the device's own (needs_reset from
+        a Python pass), and touches only the pairs' polling state."""
+        for p in self._pairs:
+            f = p.fnet
+            if f is not None and f.tap_off:
+                f.tap_off = 0
+                if p.polling:
+                    if self.ioloop is not None:
+                        self.ioloop.remove(p.fd)
+                    p.polling = False
+                    self.polling_changes += 1
 
     def set_queue_pairs(self, n):
         """VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (lock held by the control queue).
@@ -264,7 +370,7 @@ class NetDevice(vd.VirtioDevice):
         counts as a drop, as when the link loses a packet."""
         st = super().state()
         st.update(mac=self.mac.hex(), tap=getattr(self.backend, "name", None),
-                  stats=self.stats, kicks=list(getattr(self, "kicks", [])),
+                  stats=self.stats, kicks=self.kicks,
                   max_pairs=self.max_pairs, active_pairs=self.active_pairs,
                   # control queue state (net_ctrl.py): §5.1.6.5.2 rx mode and MAC tables
                   rx_mode=sorted([int(k), bool(v)] for k, v in self.rx_mode.items()),
@@ -328,7 +434,9 @@ class NetDevice(vd.VirtioDevice):
             return
         if self.ioloop is not None:
             if on:
-                self.ioloop.add(p.fd, lambda: self.poll_rx(p.index))
+                fq = (self._fastpath.queue_struct(p.tap_index)
+                      if self._fastpath is not None and p.tap_index is not None else None)
+                self.ioloop.add(p.fd, lambda: self.poll_rx(p.index), fast=fq)
             else:
                 self.ioloop.remove(p.fd)
         p.polling = on
