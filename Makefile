@@ -79,11 +79,11 @@ $(FUZZ_BIN)/blk: native/fuzz/fuzz_blk.c native/fuzz/fuzz_common.h native/fuzz/fu
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_blk.c native/src/virtq.c native/src/blk.c -o $@
 
-$(FUZZ_BIN)/fast: native/fuzz/fuzz_fast.c native/fuzz/fuzz_common.h native/fuzz/fuzz_settle.h native/fuzz/fuzz_image.h native/src/virtq.c native/src/blk.c native/src/fastpath.c native/src/fasturing.c native/src/uring.c native/src/uring_int.h native/src/fastnet.c native/src/net.c native/include/*.h
+$(FUZZ_BIN)/fast: native/fuzz/fuzz_fast.c native/fuzz/fuzz_common.h native/fuzz/fuzz_settle.h native/fuzz/fuzz_image.h native/src/virtq.c native/src/blk.c native/src/fastpath.c native/src/fasturing.c native/src/uring.c native/src/uring_int.h native/src/fast_int.h native/src/fastnet.c native/src/net.c native/include/*.h
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_fast.c native/src/virtq.c native/src/blk.c native/src/fastpath.c native/src/fasturing.c native/src/uring.c native/src/fastnet.c native/src/net.c -o $@
 
-$(FUZZ_BIN)/net: native/fuzz/fuzz_net.c native/fuzz/fuzz_common.h native/src/virtq.c native/src/net.c native/src/fastnet.c native/src/fastpath.c native/src/blk.c native/src/fasturing.c native/src/uring.c native/src/uring_int.h native/include/*.h
+$(FUZZ_BIN)/net: native/fuzz/fuzz_net.c native/fuzz/fuzz_common.h native/src/virtq.c native/src/net.c native/src/fastnet.c native/src/fastpath.c native/src/blk.c native/src/fasturing.c native/src/uring.c native/src/uring_int.h native/src/fast_int.h native/include/*.h
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_net.c native/src/virtq.c native/src/net.c native/src/fastnet.c native/src/fastpath.c native/src/blk.c native/src/fasturing.c native/src/uring.c -o $@
 
@@ -91,7 +91,7 @@ $(FUZZ_BIN)/vsock: native/fuzz/fuzz_vsock.c native/fuzz/fuzz_common.h native/src
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_vsock.c native/src/virtq.c native/src/vsock.c native/src/vsock_tx.c -o $@
 
-$(FUZZ_BIN)/uring: native/fuzz/fuzz_uring.c native/fuzz/fuzz_common.h native/fuzz/fuzz_settle.h native/src/virtq.c native/src/blk.c native/src/uring.c native/src/uring_int.h native/include/*.h
+$(FUZZ_BIN)/uring: native/fuzz/fuzz_uring.c native/fuzz/fuzz_common.h native/fuzz/fuzz_settle.h native/src/virtq.c native/src/blk.c native/src/uring.c native/src/uring_int.h native/src/fast_int.h native/include/*.h
 	@mkdir -p $(FUZZ_BIN)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_WRAP) native/fuzz/fuzz_uring.c native/src/virtq.c native/src/blk.c native/src/uring.c -o $@
 

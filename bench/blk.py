@@ -634,21 +634,16 @@ def bench(args):
                                             f"two-core reference {two[1]['median']:,.0f}"
                                 line += ")"
                             print(line, flush=True)
-                            if spun:
-                                st = stats(spun)
-                                res["driver_polls"]["device"].setdefault(key, {})[
+                            for samples, section, how in (
+                                    (spun, "driver_polls", f"driver polls <= {spin} us"),
+                                    (pinned, "one_cpu", "driver and I/O thread on one CPU")):
+                                if not samples:
+                                    continue
+                                st = stats(samples)
+                                res[section]["device"].setdefault(key, {})[
                                     f"{transport} {engine}"] = st
                                 line = f"  {key:22s} {transport:4s} {engine:8s} {st['median']:>10,.0f} " \
-                                       f"req/s  driver polls <= {spin} us"
-                                if mine:
-                                    line += f"  ({st['median'] / ls_['median']:.2f} of {label})"
-                                print(line, flush=True)
-                            if pinned:
-                                st = stats(pinned)
-                                res["one_cpu"]["device"].setdefault(key, {})[
-                                    f"{transport} {engine}"] = st
-                                line = f"  {key:22s} {transport:4s} {engine:8s} {st['median']:>10,.0f} " \
-                                       f"req/s  driver and I/O thread on one CPU"
+                                       f"req/s  {how}"
                                 if mine:
                                     line += f"  ({st['median'] / ls_['median']:.2f} of {label})"
                                 print(line, flush=True)

@@ -38,7 +38,6 @@ long bd_tap_loop(int fd, uint8_t *buf, uint64_t len, uint64_t n, int write_, uin
                  uint32_t nslots);
 long bd_prw_threads(int fd, uint8_t *bufs, uint64_t len, const uint64_t *offsets, uint64_t n,
                     int write_, uint32_t threads);
-long bd_pingpong(long n);
 long bd_pingpong2(long n, int mech, int pin);
 """
 

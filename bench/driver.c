@@ -511,10 +511,3 @@ out:
     }
     return r;
 }
-
-/* The original figure: eventfds and poll(), threads where the scheduler
- * puts them. */
-long bd_pingpong(long n)
-{
-    return bd_pingpong2(n, PP_EVENTFD, PP_PIN_NONE);
-}

@@ -35,45 +35,7 @@
 #include <unistd.h>
 
 #include "pyvmm_native.h"
-
-static void poke(int fd)
-{
-    uint64_t one = 1;
-    while (write(fd, &one, 8) < 0 && errno == EINTR)
-        ;
-}
-
-static void drain(int fd)
-{
-    uint64_t v;
-    while (read(fd, &v, 8) < 0 && errno == EINTR)
-        ;
-}
-
-/* The interrupt of queue q: ISR bit (none with MSI-X, §4.1.4.5), count, irqfd. */
-static void raise_irq(struct pv_fast_queue *q)
-{
-    if (q->isr_bit)
-        __atomic_fetch_or(&q->irq->isr, q->isr_bit, __ATOMIC_SEQ_CST);
-    __atomic_fetch_add(&q->irq->count, 1, __ATOMIC_RELAXED);
-    poke(q->irq->fd);
-}
-
-/* Has the driver harvested since our last interrupt (its used_event in the
- * range pv_vq_need_interrupt signals for)?  A cheap look without a fence,
- * as fastpath.c's driver_rearmed: a stale answer only delays the interrupt
- * to the pass's end.
- * SAFETY: reads used_event, inside the available ring pv_vq_init checked
- * lies in guest RAM (size entries + flags/idx/used_event); the value is
- * only compared, never used as an index. */
-static int driver_rearmed(struct pv_vq *vq)
-{
-    uint16_t event, old = vq->signalled_used, new = vq->used_idx;
-    if (!vq->signalled_valid)
-        return 1;
-    memcpy(&event, (const void *)(vq->avail + 4 + 2 * (size_t)vq->size), 2);
-    return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
-}
+#include "fast_int.h"
 
 /* After a frame: the early interrupt, if due.  `peak` is the most
  * buffers (RX) or frames (TX) seen waiting in this pass.
@@ -86,8 +48,8 @@ static void maybe_early(struct pv_fast_net *f, struct pv_vq *vq, struct pv_fast_
     if (left > *peak)
         *peak = left;
     if (f->early_div && (vq->flags & PV_VQ_F_EVENT_IDX) && left <= *peak / f->early_div
-        && driver_rearmed(vq) && pv_vq_need_interrupt(vq)) {
-        raise_irq(irq_q);
+        && pv_driver_rearmed(vq) && pv_vq_need_interrupt(vq)) {
+        pv_fast_raise_irq(irq_q);
         f->early++;
     }
 }
@@ -203,23 +165,23 @@ int pv_fastnet_handle(struct pv_fast_queue *q)
     struct pv_net_result res;
     int handled = 1;
     if (q->kind == PV_FAST_NET_TX) {
-        drain(q->notify_fd);
+        pv_drain(q->notify_fd);
         q->kicks++;
         tx_pass(f, &res);
         q->requests += res.completed;
         if (res.interrupt)
-            raise_irq(f->txq);
+            pv_fast_raise_irq(f->txq);
         if (!res.error && res.state)
-            poke(q->notify_fd);         /* budget spent: again after the other fds */
+            pv_poke(q->notify_fd);         /* budget spent: again after the other fds */
     } else {
         if (q->kind == PV_FAST_NET_RX) {
-            drain(q->notify_fd);
+            pv_drain(q->notify_fd);
             q->kicks++;
         }
         rx_pass(f, &res);
         q->requests += res.completed;
         if (res.interrupt)
-            raise_irq(f->rxq);
+            pv_fast_raise_irq(f->rxq);
         /* budget spent (MORE): the tap stays readable in epoll, so the
          * loop comes back after its other fds */
         if (!res.error)

@@ -27,23 +27,9 @@
 #include <unistd.h>
 
 #include "pyvmm_native.h"
+#include "fast_int.h"
 
 #define MAX_EVENTS 32
-
-static void poke(int fd)
-{
-    uint64_t one = 1;
-    /* EAGAIN: the counter is saturated, the fd is readable anyway */
-    while (write(fd, &one, 8) < 0 && errno == EINTR)
-        ;
-}
-
-static void drain(int fd)
-{
-    uint64_t v;
-    while (read(fd, &v, 8) < 0 && errno == EINTR)
-        ;
-}
 
 void pv_fast_enable(struct pv_fast_queue *q)
 {
@@ -143,36 +129,13 @@ static int contended(struct pv_fast_queue *q)
     return now < q->contended_until;
 }
 
-/* The interrupt of a queue: ISR bit (not with MSI-X: §4.1.4.5), count, irqfd. */
-static void raise_irq(struct pv_fast_queue *q)
-{
-    if (q->isr_bit)
-        __atomic_fetch_or(&q->irq->isr, q->isr_bit, __ATOMIC_SEQ_CST);
-    __atomic_fetch_add(&q->irq->count, 1, __ATOMIC_RELAXED);
-    poke(q->irq->fd);
-}
-
-/* A cheap look (no fence) at whether the driver's used_event lies in the
- * range pv_vq_need_interrupt() would signal for: true only when the driver
- * has harvested since our last interrupt.  A stale answer only delays the
- * interrupt to the next completion or to the pass's end, where
- * pv_vq_need_interrupt() decides with a full fence. */
-static int driver_rearmed(struct pv_vq *vq)
-{
-    uint16_t event, old = vq->signalled_used, new = vq->used_idx;
-    if (!vq->signalled_valid)
-        return 1;
-    memcpy(&event, (const void *)(vq->avail + 4 + 2 * (size_t)vq->size), 2);
-    return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
-}
-
 /* An early interrupt (see serve() below) if the driver has re-armed and
  * vring_need_event says so: for the io_uring engine's pass (fasturing.c).
  * SAFETY: as serve()'s. */
 void pv_fast_early(struct pv_fast_queue *q)
 {
-    if (driver_rearmed(q->vq) && pv_vq_need_interrupt(q->vq)) {
-        raise_irq(q);
+    if (pv_driver_rearmed(q->vq) && pv_vq_need_interrupt(q->vq)) {
+        pv_fast_raise_irq(q);
         q->early++;
     }
 }
@@ -223,8 +186,8 @@ static void serve(struct pv_fast_queue *q, struct pv_blk_result *res)
             peak = left;
         if ((r = pv_blk_complete(vq, q->blk, q->chain, res)) < 0)
             break;
-        if (early && left <= peak / 4 && driver_rearmed(vq) && pv_vq_need_interrupt(vq)) {
-            raise_irq(q);
+        if (early && left <= peak / 4 && pv_driver_rearmed(vq) && pv_vq_need_interrupt(vq)) {
+            pv_fast_raise_irq(q);
             q->early++;
         }
     }
@@ -247,12 +210,12 @@ static void serve(struct pv_fast_queue *q, struct pv_blk_result *res)
  * it before Interrupt Disable, a reset or close changes them). */
 static void resample(struct pv_fast_queue *q)
 {
-    drain(q->notify_fd);
+    pv_drain(q->notify_fd);
     q->kicks++;
     if (__atomic_load_n(&q->irq->isr, __ATOMIC_SEQ_CST)
             || __atomic_load_n(&q->irq->held, __ATOMIC_SEQ_CST)) {
         q->requests++;          /* (counts the re-assertions) */
-        poke(q->irq->fd);
+        pv_poke(q->irq->fd);
     }
 }
 
@@ -294,7 +257,7 @@ int pv_fast_handle_fd(struct pv_fast_queue *q, int fd)
         return 1;
     }
     struct pv_blk_result res;
-    drain(fd);
+    pv_drain(fd);
     q->kicks += fd == q->notify_fd;
     int handled = 1;
     uint32_t budget = q->blk->budget ? q->blk->budget : PV_BLK_BUDGET, total = 0;
@@ -308,7 +271,7 @@ int pv_fast_handle_fd(struct pv_fast_queue *q, int fd)
         q->requests += res.completed;
         q->ioerr += res.ioerr;
         if (res.interrupt)
-            raise_irq(q);
+            pv_fast_raise_irq(q);
         if (res.error) {
             /* Python reports DEVICE_NEEDS_RESET (it owns the status) */
             q->error = res.error;
@@ -321,7 +284,7 @@ int pv_fast_handle_fd(struct pv_fast_queue *q, int fd)
              * come back after the loop's other fds (pause, stop, other
              * devices), as the Python path does (level-triggered epoll sees
              * it again); the next call re-arms if the ring is empty */
-            poke(q->notify_fd);
+            pv_poke(q->notify_fd);
             break;
         }
         /* adaptive polling (QEMU's poll-max-ns): the ring is empty and,

@@ -44,28 +44,28 @@ static uint32_t pending(struct pv_vq *vq, struct pv_uring *u)
     return (uint16_t)(pv_vq_avail_idx(vq) - vq->last_avail) + u->inflight;
 }
 
-/* Every CQE posted so far: the request finished (pv_uring_complete), and the
- * early-interrupt rule checked after each.
+/* the early-interrupt rule, checked after each completion (reap below) */
+struct reap_ctx {
+    struct pv_fast_queue *q;
+    uint32_t *peak;
+};
+
+static void after_one(void *arg)
+{
+    struct reap_ctx *c = arg;
+    if (pending(c->q->vq, c->q->uring) <= *c->peak / 4)
+        pv_fast_early(c->q);
+}
+
+/* Every CQE posted so far: the request finished (pv_uring_complete), and,
+ * with EVENT_IDX, the early-interrupt rule checked after each.
  *
- * SAFETY: user_data is a descriptor head this engine wrote; a CQE whose slot
- * is not busy is not ours and is skipped, so a slot is completed once. */
+ * SAFETY: pv_uring_reap_each's (uring.c): a CQE whose slot is not busy is
+ * not ours and is skipped, so a slot is completed once. */
 static void reap(struct pv_fast_queue *q, struct pv_blk_result *res, int early, uint32_t *peak)
 {
-    struct pv_uring *u = q->uring;
-    unsigned head = *u->cq_head;
-    unsigned tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
-    while (head != tail) {
-        struct io_uring_cqe *cqe = &u->cqes[head & *u->cq_mask];
-        uint64_t id = cqe->user_data;
-        int32_t r = cqe->res;
-        head++;
-        if (id >= u->entries || !u->slots[id].busy)
-            continue;
-        pv_uring_complete(q->vq, q->blk, u, (uint16_t)id, r, res);
-        if (early && pending(q->vq, u) <= *peak / 4)
-            pv_fast_early(q);
-    }
-    __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+    struct reap_ctx c = {q, peak};
+    pv_uring_reap_each(q->vq, q->blk, q->uring, res, early ? after_one : NULL, &c);
 }
 
 /* One budgeted pass (see the top of the file); `res` as serve()'s.

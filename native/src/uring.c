@@ -206,7 +206,11 @@ void pv_uring_complete(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u,
     res->completed++;
 }
 
-static int reap(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u, struct pv_blk_result *res)
+/* SAFETY: user_data is a head this engine wrote; a CQE whose slot is not
+ * busy (or out of range) is not ours and is skipped, so a slot is completed
+ * (or, vq NULL, dropped) once. */
+int pv_uring_reap_each(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u,
+                       struct pv_blk_result *res, void (*after)(void *), void *arg)
 {
     int n = 0;
     unsigned head = *u->cq_head;
@@ -216,17 +220,25 @@ static int reap(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u, struct
         uint64_t id = cqe->user_data;
         int32_t r = cqe->res;
         head++;
-        /* user_data is a head we wrote; anything else is not ours to touch */
-        if (id < u->entries && u->slots[id].busy && vq)
+        n++;
+        if (id >= u->entries || !u->slots[id].busy)
+            continue;
+        if (vq) {
             pv_uring_complete(vq, blk, u, (uint16_t)id, r, res);
-        else if (id < u->entries && u->slots[id].busy) {   /* draining: drop it */
+            if (after)
+                after(arg);
+        } else {                      /* draining: drop it */
             u->slots[id].busy = 0;
             u->inflight--;
         }
-        n++;
     }
     __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
     return n;
+}
+
+static int reap(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u, struct pv_blk_result *res)
+{
+    return pv_uring_reap_each(vq, blk, u, res, NULL, NULL);
 }
 
 /* Completed requests so far: push them to the used ring (wait_all: first

@@ -50,5 +50,9 @@ int pv_uring_flush_sq(struct pv_uring *u);
 /* one CQE's request finished: status byte, used element, counts in `res` */
 void pv_uring_complete(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u,
                        uint16_t head, int32_t r, struct pv_blk_result *res);
+/* every CQE posted so far: its request completed into `vq` (NULL: dropped,
+ * draining), then after(arg) if given; returns CQEs consumed */
+int pv_uring_reap_each(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u,
+                       struct pv_blk_result *res, void (*after)(void *), void *arg);
 
 #endif

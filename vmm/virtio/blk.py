@@ -8,14 +8,12 @@ Each queue is drained by the C engine (native/src/blk.c: one call per kick
 for the whole batch); with `num_queues` > 1 the device offers
 VIRTIO_BLK_F_MQ (§5.2.3) and num_queues in its configuration, each queue
 with its own ring and interrupt; `native=False` runs the same algorithm in Python
-(`PyRing` + `_request_py`), for the benchmark and as a cross-check.
+(`PyRing` + vmm/virtio/blk_py.py), for the benchmark and as a cross-check.
 `io_engine="io_uring"` submits reads, writes and flushes to an io_uring (one
 per queue) instead and completes them when they finish
 (vmm/virtio/blk_uring.py); the default "sync" engine performs each request
 during the kick.
 """
-import ctypes
-import errno
 import fcntl
 import os
 import stat
@@ -25,45 +23,15 @@ import threading
 from vmm.native import ffi, lib
 from vmm.virtio import device as vd
 from vmm.virtio import intercept_persist
-from vmm.virtio.queue import E_REQ, NativeRing, PyRing, QueueError
+from vmm.virtio.blk_spec import (  # noqa: F401 (re-exported: vmm.virtio.blk.S_OK, ...)
+    VIRTIO_ID_BLOCK, SECTOR, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_WRITE_ZEROES, T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES, S_OK,
+    S_IOERR, S_UNSUPP, WZ_F_UNMAP, ID_BYTES, QUEUE_SIZE, IO_ENGINES, SIZE_MAX,
+    MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, DISCARD_ALIGNMENT, CONFIG_FORMAT, MAX_QUEUES,
+    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE)
+from vmm.virtio.queue import NativeRing, PyRing, QueueError
 
-VIRTIO_ID_BLOCK = 2
-SECTOR = 512
-
-# §5.2.3 feature bits
-VIRTIO_BLK_F_SIZE_MAX = 1
-VIRTIO_BLK_F_SEG_MAX = 2
-VIRTIO_BLK_F_RO = 5
-VIRTIO_BLK_F_BLK_SIZE = 6
-VIRTIO_BLK_F_FLUSH = 9
-VIRTIO_BLK_F_MQ = 12
-VIRTIO_BLK_F_DISCARD = 13
-VIRTIO_BLK_F_WRITE_ZEROES = 14
-
-# §5.2.6 request types and status values
-T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
-S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
-WZ_F_UNMAP = 1
-ID_BYTES = 20
-
-QUEUE_SIZE = 256
-IO_ENGINES = ("sync", "io_uring")
-SIZE_MAX = 1 << 20                # largest single segment we advertise
-MAX_DISCARD_SECTORS = 0x3FFFFF    # per segment (2 GiB - 512)
-MAX_DISCARD_SEG = 32
-DISCARD_ALIGNMENT = 8             # sectors (4 KiB)
-
-# §5.2.4 struct virtio_blk_config: capacity, size_max, seg_max, geometry
-# (cylinders, heads, sectors), blk_size, topology (exp, offset, min_io,
-# opt_io), writeback, 3 unused, max_discard_sectors, max_discard_seg,
-# discard_sector_alignment, max_write_zeroes_sectors, max_write_zeroes_seg,
-# writeback, unused, num_queues, max_discard_sectors, max_discard_seg,
-# discard_sector_alignment, max_write_zeroes_sectors, max_write_zeroes_seg,
-# write_zeroes_may_unmap, 3 unused: 60 bytes.
-CONFIG_FORMAT = "<QIIHBBIBBHIBxHIIIIIB3x"
-MAX_QUEUES = 64
-
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 1, 2, 0x10
 
 
 class BlkError(vd.VirtioError):
@@ -287,7 +255,8 @@ class BlkDevice(vd.VirtioDevice):
             completed, irq, err, ioerr, more = (res.completed, res.interrupt, -res.error,
                                                 res.ioerr, res.more)
         else:
-            completed, irq, err, ioerr, more = self._process_py(ring)
+            from vmm.virtio import blk_py       # native=False only: not at start-up
+            completed, irq, err, ioerr, more = blk_py.process(self, ring)
         self._count(completed, ioerr)
         if irq:
             self._interrupt.used(index)
@@ -365,157 +334,3 @@ class BlkDevice(vd.VirtioDevice):
                     os.fdatasync(fd)
             finally:
                 os.close(fd)
-
-    # --- the same engine in Python ---
-    def _process_py(self, ring):
-        completed = ioerr = err = more = 0
-        budget = self.budget
-        try:
-            while True:
-                chain = ring.pop() if completed < budget else None
-                while chain is not None:
-                    status, used_len = self._request_py(chain)
-                    ioerr += status == S_IOERR
-                    ring.push(chain.head, used_len)
-                    completed += 1
-                    chain = ring.pop() if completed < budget else None
-                if completed >= budget:
-                    more = 1
-                    break
-                if not ring.enable_notify():
-                    break
-        except QueueError as e:
-            ring.fail(e.code)
-            err = e.code
-        irq = bool(completed) and ring.need_interrupt()
-        return completed, irq, err, ioerr, more
-
-    def _request_py(self, chain):
-        rd, wr = chain.readable, chain.writable
-        read_len, write_len = chain.read_len, chain.write_len
-        if read_len < 16 or write_len < 1:
-            raise QueueError(E_REQ, 0)
-        in_len, out_len = read_len - 16, write_len - 1
-        typ, _, sector = struct.unpack("<IIQ", b"".join(v.tobytes() for v in _slice(rd, 0, 16)))
-        status_view = _slice(wr, out_len, 1)[0]
-        used_len, s = 1, S_UNSUPP
-        if typ in (T_IN, T_GET_ID) and in_len:
-            raise QueueError(E_REQ, 0)
-        if typ in (T_OUT, T_DISCARD, T_WRITE_ZEROES, T_FLUSH) and out_len:
-            raise QueueError(E_REQ, 0)
-        if typ == T_FLUSH and in_len:
-            raise QueueError(E_REQ, 0)
-        if typ == T_IN:
-            s = S_IOERR
-            if out_len % SECTOR == 0 and self._in_range(sector, out_len // SECTOR):
-                if _rw_all(self.fd, _slice(wr, 0, out_len), sector * SECTOR, False):
-                    s, used_len = S_OK, out_len + 1
-        elif typ == T_OUT:
-            s = S_IOERR
-            if (not self.readonly and in_len % SECTOR == 0
-                    and self._in_range(sector, in_len // SECTOR)
-                    and _rw_all(self.fd, _slice(rd, 16, in_len), sector * SECTOR, True)):
-                s = S_OK
-        elif typ == T_FLUSH:
-            try:
-                os.fdatasync(self.fd)
-                s = S_OK
-            except OSError:
-                s = S_IOERR
-        elif typ == T_GET_ID:
-            n = min(out_len, ID_BYTES)
-            ident = self.serial.ljust(ID_BYTES, b"\0")[:n]
-            pos = 0
-            for v in _slice(wr, 0, n):
-                v[:] = memoryview(ident)[pos:pos + len(v)]
-                pos += len(v)
-            s, used_len = S_OK, n + 1
-        elif typ in (T_DISCARD, T_WRITE_ZEROES):
-            payload = b"".join(v.tobytes() for v in _slice(rd, 16, in_len))
-            s = self._discard_wz_py(payload, typ)
-        status_view[0] = s
-        return s, used_len
-
-    def _in_range(self, sector, nsectors):
-        return sector <= self.capacity and nsectors <= self.capacity - sector
-
-    def _discard_wz_py(self, payload, typ):
-        if self.readonly or len(payload) % 16 or len(payload) // 16 > MAX_DISCARD_SEG:
-            return S_IOERR
-        segs = [struct.unpack_from("<QII", payload, i) for i in range(0, len(payload), 16)]
-        for sector, num, flags in segs:
-            if flags & ~WZ_F_UNMAP or (typ == T_DISCARD and flags & WZ_F_UNMAP):
-                return S_UNSUPP
-            if num > MAX_DISCARD_SECTORS or not self._in_range(sector, num):
-                return S_IOERR
-        for sector, num, flags in segs:
-            off, length = sector * SECTOR, num * SECTOR
-            if not length:
-                continue
-            if typ == T_DISCARD:
-                e = _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length)
-                if e not in (0, errno.EOPNOTSUPP, errno.ENOSYS):
-                    return S_IOERR
-                continue
-            if flags & WZ_F_UNMAP and not _fallocate(
-                    self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length):
-                continue
-            if not _fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, length):
-                continue
-            try:
-                for pos in range(0, length, 1 << 16):
-                    os.pwrite(self.fd, bytes(min(1 << 16, length - pos)), off + pos)
-            except OSError:
-                return S_IOERR
-        return S_OK
-
-
-def _slice(views, skip, length):
-    """Views covering bytes [skip, skip+length) of a list of buffers."""
-    out = []
-    for v in views:
-        n = len(v)
-        if skip >= n:
-            skip -= n
-            continue
-        take = min(n - skip, length)
-        if take:
-            out.append(v[skip:skip + take])
-        length -= take
-        skip = 0
-        if not length:
-            break
-    return out
-
-
-def _rw_all(fd, bufs, off, write):
-    """preadv/pwritev until done; a read past the end of file reads zeros."""
-    bufs = [memoryview(b) for b in bufs]
-    try:
-        while bufs:
-            n = os.pwritev(fd, bufs, off) if write else os.preadv(fd, bufs, off)
-            if n == 0:
-                if write:
-                    return False
-                for b in bufs:
-                    b[:] = bytes(len(b))
-                return True
-            off += n
-            while bufs and n >= len(bufs[0]):
-                n -= len(bufs.pop(0))
-            if bufs and n:
-                bufs[0] = bufs[0][n:]
-    except OSError:
-        return False
-    return True
-
-
-# dlopen(NULL): libc is already mapped in every Python process; find_library("c")
-# would run /sbin/ldconfig -p in a child process at import (milliseconds of start-up).
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def _fallocate(fd, mode, off, length):
-    """fallocate(2) with a mode (os has none); returns 0 or the errno."""
-    return 0 if _libc.fallocate(fd, mode, off, length) == 0 else ctypes.get_errno()

@@ -114,10 +114,16 @@ class UringEngine:
             interrupt.used(self.index)
 
     def finish(self):
-        """Wait for every request in flight and complete it (used ring, interrupt)."""
+        """Wait for every request in flight and complete it (used ring,
+        interrupt); on a broken ring (the driver must reset: no used
+        element may go out) wait for them and drop them, as a reset would,
+        so nothing is left writing guest RAM (a pause, a snapshot)."""
         with self._lock:
             ring, interrupt = self._ring, self._interrupt
-            if ring is None or ring.broken or self._u is None:
+            if self._u is None:
+                return
+            if ring is None or ring.broken:
+                lib.pv_uring_drain(self._u)
                 return
             res = self._res
             lib.pv_blk_uring_reap(ring.vq, self._blk, self._u, 1, res)

@@ -40,7 +40,7 @@ import struct
 
 from vmm.pci import device as pd
 from vmm.virtio import device as vd
-from vmm.virtio.pci_intx import IntxInterrupt, ResampledIntx  # noqa: F401 (IntxInterrupt: pci_modern)
+from vmm.virtio.pci_intx import ResampledIntx
 from vmm.virtio.transport import Transport
 
 log = logging.getLogger("pyvmm.virtio.pci")

@@ -40,6 +40,7 @@ from vmm.pci.msix import Msix
 from vmm.virtio import device as vd
 from vmm.virtio import pci_legacy as pl
 from vmm.virtio import pci_persist
+from vmm.virtio.pci_intx import IntxInterrupt
 from vmm.virtio.transport import Transport
 
 log = logging.getLogger("pyvmm.virtio.pci")
@@ -82,7 +83,7 @@ def _vendor_cap(cfg_type, bar, offset, length, extra=b""):
     return struct.pack("<BBBBxxII", 16 + len(extra), cfg_type, bar, 0, offset, length) + extra
 
 
-class VirtioPciModern(pl.IntxInterrupt, Transport):
+class VirtioPciModern(IntxInterrupt, Transport):
     NAME = "virtio-pci"
     SNAPSHOT = True                     # registers, config space, MSI-X: pci_persist.py
 
