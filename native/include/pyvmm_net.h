@@ -40,8 +40,13 @@ int pv_net_rx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *scratch,
               struct pv_net_result *res);
 int pv_net_tx(struct pv_vq *vq, struct pv_net *net, struct pv_chain *scratch,
               struct pv_net_result *res);
-/* one frame each (the loops of pv_net_rx/pv_net_tx; native/src/fastnet.c
- * runs its own around them): a chain popped and served, *state as
+/* the same, calling after(arg) after each frame that used buffers
+ * (native/src/fastnet.c: early interrupts) */
+int pv_net_rx_each(struct pv_vq *vq, struct pv_net *net, struct pv_chain *scratch,
+                   struct pv_net_result *res, void (*after)(void *), void *arg);
+int pv_net_tx_each(struct pv_vq *vq, struct pv_net *net, struct pv_chain *scratch,
+                   struct pv_net_result *res, void (*after)(void *), void *arg);
+/* one frame each (the loops of pv_net_rx/pv_net_tx): a chain popped and served, *state as
  * pv_net_result.state.  1 done, 0 nothing to do, -PV_VQ_E_* malformed. */
 int pv_net_rx_frame(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c, uint32_t *state);
 int pv_net_rx_held_frame(struct pv_vq *vq, struct pv_net *net, struct pv_chain *c,

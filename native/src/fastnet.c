@@ -54,41 +54,33 @@ static void maybe_early(struct pv_fast_net *f, struct pv_vq *vq, struct pv_fast_
     }
 }
 
+/* maybe_early() as net.c's per-frame hook. */
+struct early_arg {
+    struct pv_fast_net *f;
+    struct pv_vq *vq;
+    struct pv_fast_queue *irq_q;
+    uint16_t peak;
+};
+
+static void early_hook(void *p)
+{
+    struct early_arg *a = p;
+    maybe_early(a->f, a->vq, a->irq_q, &a->peak);
+}
+
 /* One budgeted transmit pass: pv_net_tx()'s loop with early interrupts.
  * SAFETY: f's pointers are valid while the calling queue is enabled and
  * busy (pv_fast_disable handshake); every guest address comes through
  * pv_vq_pop's range checks, every chain through pv_net_tx_frame's. */
 static void tx_pass(struct pv_fast_net *f, struct pv_net_result *res)
 {
-    struct pv_vq *vq = f->tx;
-    uint32_t budget = f->net->budget ? f->net->budget : PV_NET_BUDGET;
-    uint16_t peak = 0;
-    int r = 0;
-    memset(res, 0, sizeof(*res));
-    if (vq->broken) {
-        res->error = -vq->broken;
+    struct early_arg a = {f, f->tx, f->txq, 0};
+    if (f->tx->broken) {
+        memset(res, 0, sizeof(*res));
+        res->error = -f->tx->broken;
         return;
     }
-    for (;;) {
-        while (res->completed < budget && (r = pv_vq_pop(vq, f->tx_chain)) > 0) {
-            if ((r = pv_net_tx_frame(vq, f->net, f->tx_chain)) < 0)
-                break;
-            res->completed++;
-            maybe_early(f, vq, f->txq, &peak);
-        }
-        if (r < 0) {
-            res->error = r;
-            break;
-        }
-        if (res->completed >= budget) {
-            res->state = 1;
-            break;
-        }
-        if (!pv_vq_enable_notify(vq))   /* §2.6.7.1: kick me for the next one */
-            break;
-    }
-    if (res->completed)
-        res->interrupt = (uint32_t)pv_vq_need_interrupt(vq);
+    pv_net_tx_each(f->tx, f->net, f->tx_chain, res, early_hook, &a);
 }
 
 /* One budgeted receive pass: pv_net_rx()'s loop with early interrupts.
@@ -96,31 +88,8 @@ static void tx_pass(struct pv_fast_net *f, struct pv_net_result *res)
  * rx_chain_ok (native/src/net.c), plus the device's own sink. */
 static void rx_pass(struct pv_fast_net *f, struct pv_net_result *res)
 {
-    struct pv_vq *vq = f->rx;
-    struct pv_net *net = f->net;
-    uint32_t budget = net->budget ? net->budget : PV_NET_BUDGET, frames = 0;
-    uint16_t used_before = vq->used_idx, peak = 0;
-    int r = 0;
-    memset(res, 0, sizeof(*res));
-    res->state = PV_NET_RX_MORE;
-    if (vq->broken) {
-        res->error = -vq->broken;
-        return;
-    }
-    if (net->pending)
-        r = pv_net_rx_held_frame(vq, net, f->rx_chain, &res->state);
-    while (r >= 0 && res->state == PV_NET_RX_MORE && frames < budget) {
-        uint16_t before = vq->used_idx;
-        r = pv_net_rx_frame(vq, net, f->rx_chain, &res->state);
-        frames++;
-        if (vq->used_idx != before)
-            maybe_early(f, vq, f->rxq, &peak);
-    }
-    if (r < 0)
-        res->error = r;
-    res->completed = (uint16_t)(vq->used_idx - used_before);
-    if (res->completed)
-        res->interrupt = (uint32_t)pv_vq_need_interrupt(vq);
+    struct early_arg a = {f, f->rx, f->rxq, 0};
+    pv_net_rx_each(f->rx, f->net, f->rx_chain, res, early_hook, &a);
 }
 
 /* The tap in the loop's epoll or not (see the top).  A failed
