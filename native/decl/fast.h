@@ -57,5 +57,4 @@ void pv_fast_disable(struct pv_fast_queue *q);
 void pv_fast_enable(struct pv_fast_queue *q);
 uint32_t pv_fast_isr_take(struct pv_fast_irq *irq);
 int pv_fast_handle(struct pv_fast_queue *q);
-int pv_fastnet_handle(struct pv_fast_queue *q);
 int pv_fast_handle_fd(struct pv_fast_queue *q, int fd);

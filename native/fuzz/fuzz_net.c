@@ -65,7 +65,7 @@ static int tap_watched(void)
     return epoll_ctl(epfd, EPOLL_CTL_MOD, sv[0], &ev) == 0;
 }
 
-/* One kick (or tap wake-up) through pv_fastnet_handle, with its checks;
+/* One kick (or tap wake-up) through pv_fast_handle (fastnet.c), with its checks;
  * fills res as pv_net_tx/pv_net_rx would (completed, error). */
 static int fast_call(struct pv_vq *vq, struct pv_fast_queue *q, struct pv_fast_queue *tap,
                      struct pv_fast_irq *irq, int tx, int use_tap, uint32_t budget,

@@ -89,7 +89,8 @@ void pv_fast_disable(struct pv_fast_queue *q);
 void pv_fast_enable(struct pv_fast_queue *q);
 uint32_t pv_fast_isr_take(struct pv_fast_irq *irq);
 int pv_fast_handle(struct pv_fast_queue *q);
-int pv_fastnet_handle(struct pv_fast_queue *q);
+/* fastnet.c for fastpath.c: a net queue's ready fd, enabled and busy held */
+int pv_fastnet_serve(struct pv_fast_queue *q);
 int pv_fast_handle_fd(struct pv_fast_queue *q, int fd);
 /* fastpath.c for fasturing.c */
 void pv_fast_early(struct pv_fast_queue *q);

@@ -1,5 +1,5 @@
 /* virtio-net on the I/O loop's C fast path (native/src/fastpath.c calls
- * pv_fastnet_handle for a queue whose kind is PV_FAST_NET_*; Python side:
+ * pv_fastnet_serve for a queue whose kind is PV_FAST_NET_*; Python side:
  * vmm/virtio/fastpath.py and NetDevice.fast_engine in vmm/virtio/net.py).
  *
  * A queue pair has three fds in the loop's epoll: the receive queue's
@@ -113,9 +113,10 @@ static void tap_watch(struct pv_fast_net *f, int on)
     f->tap_changes++;
 }
 
-/* One ready fd of a net queue pair.  Returns 1 if handled here, 0 if
- * Python must run the fd's handler (the queue is disabled, or the ring
- * just turned out malformed: error recorded, queue disabled).
+/* One ready fd of a net queue pair, called by pv_fast_handle_fd with the
+ * queue enabled and `busy` held.  Returns 1 if handled here, 0 if Python
+ * must run the fd's handler (the ring just turned out malformed: error
+ * recorded, queue disabled).
  *
  * SAFETY: q->fnet and everything it points to (rings, chains, pv_net and
  * its sink, the interrupts' fds) are valid while q is enabled and `busy`
@@ -123,13 +124,8 @@ static void tap_watch(struct pv_fast_net *f, int on)
  * every queue of the pair (vmm/virtio/fastpath.py).  With MSI-X the irqfds
  * are the live vectors' (handed over only while live).  Guest addresses
  * are range-checked by pv_vq_pop (native/src/virtq.c). */
-int pv_fastnet_handle(struct pv_fast_queue *q)
+int pv_fastnet_serve(struct pv_fast_queue *q)
 {
-    __atomic_store_n(&q->busy, 1, __ATOMIC_SEQ_CST);
-    if (!__atomic_load_n(&q->enabled, __ATOMIC_SEQ_CST)) {
-        __atomic_store_n(&q->busy, 0, __ATOMIC_SEQ_CST);
-        return 0;
-    }
     struct pv_fast_net *f = q->fnet;
     struct pv_net_result res;
     int handled = 1;
@@ -162,6 +158,5 @@ int pv_fastnet_handle(struct pv_fast_queue *q)
         __atomic_store_n(&q->enabled, 0, __ATOMIC_SEQ_CST);
         handled = 0;
     }
-    __atomic_store_n(&q->busy, 0, __ATOMIC_SEQ_CST);
     return handled;
 }

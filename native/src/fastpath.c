@@ -244,17 +244,20 @@ int pv_fast_handle(struct pv_fast_queue *q)
  * or, io_uring engine, its completion eventfd (drained, counted as no kick). */
 int pv_fast_handle_fd(struct pv_fast_queue *q, int fd)
 {
-    if (q->kind != PV_FAST_BLK)
-        return pv_fastnet_handle(q);        /* virtio-net: native/src/fastnet.c */
     __atomic_store_n(&q->busy, 1, __ATOMIC_SEQ_CST);
     if (!__atomic_load_n(&q->enabled, __ATOMIC_SEQ_CST)) {
         __atomic_store_n(&q->busy, 0, __ATOMIC_SEQ_CST);
         return 0;
     }
-    if (q->resample) {
-        resample(q);
+    if (q->kind != PV_FAST_BLK || q->resample) {
+        /* virtio-net (native/src/fastnet.c) or a legacy INTx resample */
+        int handled = 1;
+        if (q->kind != PV_FAST_BLK)
+            handled = pv_fastnet_serve(q);
+        else
+            resample(q);
         __atomic_store_n(&q->busy, 0, __ATOMIC_SEQ_CST);
-        return 1;
+        return handled;
     }
     struct pv_blk_result res;
     pv_drain(fd);

@@ -402,16 +402,8 @@ int pv_uring_prep(struct pv_vq *vq, struct pv_blk *blk, struct pv_uring *u, stru
         u->inflight++;
         return 1;
     }
-    uint32_t used_len;
-    int st = pv_blk_request(blk, c, &used_len);
-    if (st < 0) {
-        vq->broken = (uint8_t)-st;
-        return st;
-    }
-    res->ioerr += st == S_IOERR;
-    pv_vq_push(vq, c->head, used_len);
-    res->completed++;
-    return 0;
+    int st = pv_blk_complete(vq, blk, c, res);     /* served at once, as the sync engine */
+    return st < 0 ? st : 0;
 }
 
 /* Take every available chain: reads, writes and flushes go to the ring; every
