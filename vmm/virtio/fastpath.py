@@ -81,7 +81,6 @@ class FastPath:
         self._engines = [None] * nqueues     # keeps the cdata the C side points at alive
         self._seen = [(0, 0, 0)] * nqueues
         self._irq_of = list(range(nqueues))  # whose interrupt each queue raises
-        self._kicks_seen = [0] * nqueues
         self._device = None
         self._last = None                    # sync()'s (live, irq_fds), for hold ends
         self._holds = 0                      # grouped devices: holds in progress
@@ -99,7 +98,6 @@ class FastPath:
         self._engines.append(None)
         self._seen.append((0, 0, 0))
         self._irq_of.append(irq_of)
-        self._kicks_seen.append(0)
         return len(self._q) - 1
 
     def queue(self, index, notify_fd):
@@ -233,24 +231,20 @@ class FastPath:
             return sum(irq.count for irq in self._irqs)
         return self.irq.count
 
-    def take_counts(self):
-        """(kicks, requests, ioerr) done in C since the last call."""
-        out = [0, 0, 0]
-        for i, q in enumerate(self._q):
-            now = (q.kicks, q.requests, q.ioerr)
-            for k in range(3):
-                out[k] += now[k] - self._seen[i][k]
-            self._seen[i] = now
-        return tuple(out)
-
-    def take_kicks(self):
-        """Kicks counted in C per queue since the last call."""
+    def take_counts_by_queue(self):
+        """Per queue, (kicks, requests, ioerr) done in C since the last call
+        (of this or take_counts: one baseline)."""
         out = []
         for i, q in enumerate(self._q):
-            k = q.kicks
-            out.append(k - self._kicks_seen[i])
-            self._kicks_seen[i] = k
+            now = (q.kicks, q.requests, q.ioerr)
+            out.append(tuple(n - s for n, s in zip(now, self._seen[i])))
+            self._seen[i] = now
         return out
+
+    def take_counts(self):
+        """(kicks, requests, ioerr) done in C since the last call, all queues."""
+        per = self.take_counts_by_queue()
+        return tuple(sum(c[k] for c in per) for k in range(3))
 
     @property
     def polled(self):

@@ -162,7 +162,8 @@ class NetDevice(vd.VirtioDevice):
         """Driver notifications per queue (Python's and the C fast path's)."""
         with self._count_lock:
             if self._fastpath is not None:
-                for i, k in enumerate(self._fastpath.take_kicks()[:len(self._kicks)]):
+                counts = self._fastpath.take_counts_by_queue()
+                for i, (k, _, _) in enumerate(counts[:len(self._kicks)]):
                     self._kicks[i] += k
             return list(self._kicks)
 
