@@ -349,11 +349,7 @@ class NetDevice(vd.VirtioDevice):
             f = p.fnet
             if f is not None and f.tap_off:
                 f.tap_off = 0
-                if p.polling:
-                    if self.ioloop is not None:
-                        self.ioloop.remove(p.fd)
-                    p.polling = False
-                    self.polling_changes += 1
+                self._set_polling(p, False)
 
     def set_queue_pairs(self, n):
         """VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (lock held by the control queue).
